@@ -1,0 +1,49 @@
+# smtpgate: the two first commands on a fresh machine are `make serve` and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CONFIG ?= config/smtpgate.yaml
+FUZZ_SECONDS ?= 60
+
+.PHONY: venv serve test system-deps bench fuzz check-config clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+serve: venv
+	$(BIN)/smtpgate serve -c $(CONFIG)
+
+check-config: venv
+	$(BIN)/smtpgate check-config -c $(CONFIG)
+
+# Debian packages the integration tests use (Postfix as a real upstream).
+# Installed only when running as root and missing; otherwise those tests skip
+# (and fail under CI).
+system-deps:
+	@if [ "$$(id -u)" = 0 ] && ! command -v postfix >/dev/null 2>&1 && [ ! -x /usr/sbin/postfix ]; then \
+		echo "installing Debian package postfix"; \
+		apt-get update -qq; \
+		echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix >/dev/null; \
+	fi
+
+test: venv system-deps
+	$(BIN)/pytest --cov=smtpgate --cov-report=term-missing:skip-covered
+
+bench: venv
+	$(BIN)/python -m bench
+
+fuzz: venv
+	$(BIN)/pip install -q -e '.[fuzz]'
+	for target in tests/fuzz/fuzz_*.py; do \
+		$(BIN)/python $$target -max_total_time=$(FUZZ_SECONDS) || exit 1; \
+	done
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .coverage

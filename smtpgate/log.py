@@ -1,0 +1,71 @@
+"""Logging: one JSON object per line on stdout (DESIGN.md section 10).
+
+Every event has `timestamp` (ISO 8601 UTC), `level` and `event`; session-scoped
+events carry `session`. Message bodies and secrets are never passed to a
+logger, and the redaction processor below drops any field named like a secret
+as a second line of defence.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+_SECRET_KEYS = {"password", "token", "secret", "authorization", "auth_data"}
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def _redact(_logger, _name, event_dict):
+    for key in list(event_dict):
+        if key.lower() in _SECRET_KEYS:
+            event_dict[key] = "[redacted]"
+    return event_dict
+
+
+class _StdoutLogger:
+    """Writes each rendered event as one line to the current sys.stdout.
+
+    Looked up at every write (not bound once), and never raising: a closed or
+    broken stdout must not break an SMTP session.
+    """
+
+    def __init__(self, stream=None):
+        self.stream = stream
+
+    def msg(self, message: str) -> None:
+        try:
+            stream = self.stream or sys.stdout
+            stream.write(message + "\n")
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    debug = info = warning = warn = error = critical = exception = fatal = log = msg
+
+
+def setup_logging(fmt: str = "json", level: str = "info", stream=None) -> None:
+    """Configure structlog for the process; safe to call again on reload."""
+    renderer = (
+        structlog.processors.JSONRenderer(sort_keys=False)
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _redact,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
+        logger_factory=lambda *args: _StdoutLogger(stream),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(**bound):
+    return structlog.get_logger().bind(**bound) if bound else structlog.get_logger()

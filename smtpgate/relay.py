@@ -1,0 +1,308 @@
+"""One SMTP transaction relayed in lockstep with the upstream (DESIGN.md section 2).
+
+The client's MAIL opens an upstream transaction, each RCPT is relayed and the
+upstream's verdict is the client's reply, and the client hears 250 for its
+message only after the upstream said 250 to the final dot. At the end of DATA
+the message is checked, linked and rewritten (smtpgate.linking); when the
+envelope changed, the upstream transaction is replayed with the rewritten
+recipients before the data is sent.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from email.utils import format_datetime, localtime
+from typing import TYPE_CHECKING
+
+from smtpgate import replies
+from smtpgate.addresses import Address
+from smtpgate.dataguard import scan_data
+from smtpgate.headers import parse_header_block
+from smtpgate.params import Param, xtext
+from smtpgate.replies import SMTPReply
+from smtpgate.upstream import UpstreamError, UpstreamSession, Verdict
+
+if TYPE_CHECKING:
+    from smtpgate.gate import Gate
+
+# MAIL parameters passed upstream only when the upstream has the extension.
+_MAIL_PARAM_EXTENSION = {"SIZE": "size", "BODY": "8bitmime", "SMTPUTF8": "smtputf8",
+                         "RET": "dsn", "ENVID": "dsn", "AUTH": "auth"}
+_RCPT_PARAM_EXTENSION = {"NOTIFY": "dsn", "ORCPT": "dsn"}
+MAIL_PARAMS = set(_MAIL_PARAM_EXTENSION)
+RCPT_PARAMS = set(_RCPT_PARAM_EXTENSION)
+
+
+@dataclass
+class Recipient:
+    address: Address
+    params: dict[str, Param]
+    relayed: Address  # what the upstream was last asked to accept
+    target: Address | None = None  # what linking wants the upstream to get
+
+    def upstream_params(self, extensions: frozenset[str]) -> list[str]:
+        out = [str(p) for k, p in self.params.items() if _RCPT_PARAM_EXTENSION[k] in extensions]
+        if "dsn" in extensions and "ORCPT" not in self.params and self.relayed != self.address:
+            # DESIGN.md 6: ORCPT keeps the original address, so a DSN names what the client sent.
+            out.append(f"ORCPT=rfc822;{xtext(str(self.address))}")
+        return out
+
+
+@dataclass
+class ClientInfo:
+    session_id: str
+    ip: str
+    helo: str
+    authenticated_as: str | None
+    tls: bool
+    listener: str
+
+
+@dataclass
+class Transaction:
+    """The state of one client transaction and its upstream twin."""
+
+    gate: Gate
+    client: ClientInfo
+    log: object
+    mail_from: Address | None = None
+    mail_params: dict[str, Param] = field(default_factory=dict)
+    recipients: list[Recipient] = field(default_factory=list)
+    upstream: UpstreamSession | None = None
+    broken: str | None = None  # why the upstream transaction can no longer be used
+    started: float = field(default_factory=time.monotonic)
+    refused: list[tuple[str, str]] = field(default_factory=list)
+
+    # ----------------------------------------------------------------- MAIL
+
+    async def open(self, sender: Address | None, params: dict[str, Param]) -> str:
+        """MAIL: take an upstream connection and relay MAIL; returns the reply line."""
+        limits = self.gate.config.limits
+        if "SIZE" in params and int(params["SIZE"].value or 0) > limits.max_message_size:
+            raise SMTPReply(replies.MESSAGE_TOO_BIG, "declared SIZE over limits.max_message_size")
+        try:
+            self.upstream = await self.gate.pool.acquire()
+        except UpstreamError as exc:
+            self.log.warning("upstream.error", stage="connect", reason=exc.reason,
+                             upstream=self.gate.pool.config.label)
+            raise SMTPReply(replies.UPSTREAM_UNREACHABLE, exc.reason) from None
+        ext = self.upstream.extensions
+        if "SMTPUTF8" in params and "smtputf8" not in ext and sender and not str(sender).isascii():
+            await self.release(reusable=True)
+            raise SMTPReply(replies.SMTPUTF8_UNSUPPORTED, "non-ASCII sender, upstream lacks SMTPUTF8")
+        self.mail_from, self.mail_params = sender, params
+        verdict = await self._upstream_call(self.upstream.mail(self._sender_text(), self._mail_params()))
+        if not verdict.ok:
+            await self.release(reusable=True)
+        return _client_line(verdict)
+
+    def _sender_text(self) -> str:
+        return "" if self.mail_from is None else str(self.mail_from)
+
+    def _mail_params(self) -> list[str]:
+        assert self.upstream is not None
+        ext = self.upstream.extensions
+        return [str(p) for k, p in self.mail_params.items() if _MAIL_PARAM_EXTENSION[k] in ext]
+
+    # ----------------------------------------------------------------- RCPT
+
+    async def add_recipient(self, address: Address, params: dict[str, Param]) -> str:
+        """RCPT: relay it as given; the upstream's verdict is the client's reply."""
+        if self.broken or self.upstream is None:
+            raise SMTPReply(replies.UPSTREAM_LOST, self.broken or "no upstream transaction")
+        if len(self.recipients) >= self.gate.config.limits.max_recipients:
+            raise SMTPReply(replies.TOO_MANY_RECIPIENTS, "limits.max_recipients reached")
+        if "smtputf8" not in self.upstream.extensions and not str(address).isascii():
+            raise SMTPReply(replies.SMTPUTF8_UNSUPPORTED, "non-ASCII recipient, upstream lacks SMTPUTF8")
+        rcpt = Recipient(address=address, params=params, relayed=address)
+        verdict = await self._upstream_call(
+            self.upstream.rcpt(str(address), rcpt.upstream_params(self.upstream.extensions))
+        )
+        if verdict.ok:
+            self.recipients.append(rcpt)
+        else:
+            self.refused.append((str(address), f"{verdict.code} {verdict.text}"))
+        return _rcpt_line(verdict)
+
+    async def _upstream_call(self, call) -> Verdict:
+        try:
+            return await call
+        except UpstreamError as exc:
+            self.broken = exc.reason
+            self.log.warning("upstream.error", stage="transaction", reason=exc.reason,
+                             upstream=self.gate.pool.config.label)
+            raise SMTPReply(replies.UPSTREAM_LOST, exc.reason) from None
+
+    # ----------------------------------------------------------------- DATA
+
+    async def finish(self, raw: bytes) -> str:
+        """End of DATA: check, link, rewrite, replay if needed, send; returns the reply line.
+
+        Raises SMTPReply for every refusal; the caller aborts the transaction then.
+        """
+        if self.broken or self.upstream is None:
+            raise SMTPReply(replies.UPSTREAM_LOST, self.broken or "no upstream transaction")
+        limits = self.gate.config.limits
+        if len(raw) > limits.max_message_size:
+            raise SMTPReply(replies.MESSAGE_TOO_BIG, f"{len(raw)} octets")
+        problem = scan_data(raw)
+        if problem is not None:
+            raise SMTPReply(replies.BAD_LINE_ENDINGS, f"{problem.kind} at octet {problem.offset}")
+        headers = parse_header_block(raw)
+        hops = len(headers.get_all("Received"))
+        if hops > limits.max_hops:
+            raise SMTPReply(replies.TOO_MANY_HOPS, f"{hops} Received fields")
+
+        message_id = headers.get("Message-ID")
+        added_id = None
+        if not message_id or not message_id.strip():
+            added_id = f"<{uuid.uuid4().hex}@{self.gate.config.hostname}>"
+            message_id = added_id
+        message_id = message_id.strip()
+
+        linked = await self.gate.linker.link(self, raw, headers, message_id)
+        for rcpt in self.recipients:
+            rcpt.target = linked.relayed.get(str(rcpt.address), rcpt.address)
+        await self._replay_if_changed(linked)
+
+        content = self._trace_fields(added_id) + linked.content
+        verdict = await self._send(content)
+        if not verdict.ok:
+            self.log.info("message.rejected", code=verdict.code, reason=f"upstream: {verdict.text}",
+                          message_id=message_id, mail_from=self._sender_text(), stage="data")
+            await self.release(reusable=True)
+            return _client_line(verdict)
+        await self.release(reusable=True)
+        await self.gate.linker.recorded(self, linked, headers, message_id)
+        self.log.info(
+            "message.relayed",
+            message_id=message_id,
+            mail_from=self._sender_text(),
+            recipients=[{"original": str(r.address), "relayed": str(r.relayed)} for r in self.recipients],
+            refused=[{"recipient": a, "reply": why} for a, why in self.refused] or None,
+            source_reference=linked.source_reference,
+            source_found_in=linked.source_found_in,
+            links_created=linked.links_created,
+            links_reused=linked.links_reused,
+            size=len(content),
+            upstream=self.upstream.label if self.upstream else None,
+            upstream_reply=f"{verdict.code} {verdict.text}",
+            duration_ms=round((time.monotonic() - self.started) * 1000, 1),
+        )
+        return _client_line(verdict)
+
+    async def _replay_if_changed(self, linked) -> None:
+        """Replay MAIL and the rewritten RCPTs upstream when the envelope changed (DESIGN.md 2.3)."""
+        assert self.upstream is not None
+        if all(r.target == r.relayed for r in self.recipients):
+            return
+        upstream = self.upstream
+        verdict = await self._upstream_call(upstream.rset())
+        if verdict.ok:
+            verdict = await self._upstream_call(upstream.mail(self._sender_text(), self._mail_params()))
+        if not verdict.ok:
+            self.broken = f"replay MAIL: {verdict.code} {verdict.text}"
+            raise SMTPReply(replies.TEMPORARY_FAILURE, self.broken)
+        seen: set[str] = set()
+        kept: list[Recipient] = []
+        for rcpt in self.recipients:
+            target = rcpt.target or rcpt.address
+            key = _envelope_key(target)
+            if key in seen:  # DESIGN.md 6: duplicates after rewriting are sent once
+                continue
+            rcpt.relayed = target
+            verdict = await self._upstream_call(upstream.rcpt(str(target), rcpt.upstream_params(upstream.extensions)))
+            if verdict.code >= 500 and target != rcpt.address:
+                # The upstream refuses the tag (plus addressing off): delivery matters more.
+                self.log.warning("upstream.tag_refused", recipient=str(rcpt.address), tagged=str(target),
+                                 reply=f"{verdict.code} {verdict.text}")
+                linked.tag_refused(rcpt.address, target)
+                rcpt.relayed = rcpt.address
+                key = _envelope_key(rcpt.address)
+                if key in seen:
+                    continue
+                verdict = await self._upstream_call(
+                    upstream.rcpt(str(rcpt.address), rcpt.upstream_params(upstream.extensions)))
+            if not verdict.ok:
+                self.broken = f"replay RCPT {rcpt.relayed}: {verdict.code} {verdict.text}"
+                raise SMTPReply(replies.TEMPORARY_FAILURE, self.broken)
+            seen.add(key)
+            kept.append(rcpt)
+        self.recipients = kept
+
+    async def _send(self, content: bytes) -> Verdict:
+        assert self.upstream is not None
+        try:
+            return await self.upstream.data(content)
+        except UpstreamError as exc:
+            self.broken = exc.reason
+            self.log.warning("upstream.error", stage="data", reason=exc.reason,
+                             upstream=self.gate.pool.config.label)
+            raise SMTPReply(replies.UPSTREAM_LOST, exc.reason) from None
+
+    def _trace_fields(self, added_id: str | None) -> bytes:
+        """The Received field (RFC 5321 4.4) and, when the message had none, a Message-ID.
+
+        No `for` clause: it would name a recipient's tag to every reader.
+        """
+        c = self.client
+        proto = "ESMTP" + ("S" if c.tls else "") + ("A" if c.authenticated_as else "")  # RFC 3848
+        helo = _safe(c.helo) or "unknown"
+        date = format_datetime(localtime())
+        received = (
+            f"Received: from {helo} ([{c.ip}])\r\n"
+            f"\tby {self.gate.config.hostname} (smtpgate) with {proto} id {c.session_id};\r\n"
+            f"\t{date}\r\n"
+        )
+        if added_id:
+            received += f"Message-ID: {added_id}\r\n"
+        return received.encode("ascii", errors="replace")
+
+    # ----------------------------------------------------------------- end
+
+    async def release(self, reusable: bool) -> None:
+        """Give the upstream connection back (after RSET when the transaction is unfinished)."""
+        upstream, self.upstream = self.upstream, None
+        if upstream is None:
+            return
+        if self.broken:
+            reusable = False
+        await upstream.release(reusable)
+
+    async def abort(self) -> None:
+        """RSET, QUIT, a dropped client or a refusal: no final dot is ever sent."""
+        upstream = self.upstream
+        if upstream is None:
+            return
+        reusable = False
+        if not self.broken:
+            try:
+                reusable = (await upstream.rset()).ok
+            except UpstreamError:
+                reusable = False
+        self.upstream = None
+        await upstream.release(reusable)
+
+
+def _client_line(verdict: Verdict) -> str:
+    return replies.upstream_line(verdict.code, verdict.text)
+
+
+def _envelope_key(address: Address) -> str:
+    # Local parts are case-sensitive in general (RFC 5321 2.4); domains are not.
+    return f"{address.local}@{address.canonical.rpartition('@')[2]}"
+
+
+def _rcpt_line(verdict: Verdict) -> str:
+    """An upstream RCPT verdict for the client: 552 becomes 452 (RFC 5321 4.5.3.1.10)."""
+    if verdict.code == 552:
+        _, text = replies.split_reply(552, verdict.text.splitlines()[0] if verdict.text else "")
+        return f"452 4.5.3 {text or 'Too many recipients'}"
+    return replies.upstream_line(verdict.code, verdict.text)
+
+
+def _safe(text: str) -> str:
+    """A HELO name fit for a header: printable ASCII, no parentheses or folding."""
+    return "".join(ch for ch in text if "!" <= ch <= "~" and ch not in "()")[:255]

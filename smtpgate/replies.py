@@ -1,0 +1,107 @@
+"""Every SMTP reply smtpgate makes up itself, in one place.
+
+A reply is (code, enhanced status code, client text). `SMTPReply` also carries
+the internal reason that goes to the log and never to the client, so an
+internal fault cannot leak through a reply line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    enhanced: str
+    text: str
+
+    def line(self) -> str:
+        return f"{self.code} {self.enhanced} {self.text}"
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+
+class SMTPReply(Exception):
+    """An SMTP failure with its client face (reply) and its log face (reason)."""
+
+    def __init__(self, reply: Reply, reason: str | None = None, **log_fields: object):
+        super().__init__(reason or reply.text)
+        self.reply = reply
+        self.reason = reason or reply.text
+        self.log_fields = log_fields
+
+    def line(self) -> str:
+        return self.reply.line()
+
+
+# RFC 4954 section 6: MAIL without the needed authentication.
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+# RFC 3463 5.7.1: relaying denied.
+RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
+# RFC 5321 4.5.3.1.10 and 3.3: too many recipients is temporary for the client.
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
+# RFC 3463 4.4.1: no answer from host.
+UPSTREAM_UNREACHABLE = Reply(451, "4.4.1", "Upstream mail server not reachable, try again later")
+# RFC 3463 4.4.2: bad connection (dropped or timed out after the dot).
+UPSTREAM_LOST = Reply(451, "4.4.2", "Connection to the upstream mail server lost, try again later")
+# RFC 3463 4.3.0: other or undefined mail system status (store, allocator, internal fault).
+TEMPORARY_FAILURE = Reply(451, "4.3.0", "Temporary failure, try again later")
+# Smuggling defence (bare CR/LF, NUL): RFC 5321 2.3.8 and 4.1.4.
+BAD_LINE_ENDINGS = Reply(550, "5.5.2", "Bare CR, bare LF or NUL in message data refused")
+# RFC 5321 6.3: mail loop.
+TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops, mail loop suspected")
+# RFC 1870: message size exceeds fixed maximum.
+MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+# RFC 5321 4.5.3.1.6: line length limit.
+LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
+# RFC 5321 3.3 / RFC 3463 5.1.3 and 5.1.7: bad destination/sender address syntax.
+BAD_RECIPIENT = Reply(501, "5.1.3", "Bad recipient address syntax")
+BAD_SENDER = Reply(501, "5.1.7", "Bad sender address syntax")
+# RFC 5321 4.2.4 / RFC 1869: parameter not recognised.
+BAD_PARAMETER = Reply(555, "5.5.4", "Parameter not recognized or not implemented")
+BAD_SYNTAX = Reply(501, "5.5.4", "Syntax error in parameters or arguments")
+BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
+NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
+# RFC 3030/6531: the upstream cannot carry what the message needs.
+SMTPUTF8_UNSUPPORTED = Reply(553, "5.6.7", "SMTPUTF8 not supported by the upstream")
+# RFC 2034 codes for the plain OKs.
+OK = Reply(250, "2.0.0", "OK")
+SENDER_OK = Reply(250, "2.1.0", "Sender OK")
+RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
+SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
+TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
+TIMEOUT = Reply(421, "4.4.2", "Timeout, closing connection")
+
+
+def split_reply(code: int, message: str) -> tuple[str | None, str]:
+    """Split an upstream reply's text into (enhanced status code, rest)."""
+    parts = message.split(None, 1)
+    if parts and _is_enhanced(parts[0], code):
+        return parts[0], parts[1] if len(parts) > 1 else ""
+    return None, message
+
+
+def _is_enhanced(token: str, code: int) -> bool:
+    bits = token.split(".")
+    return (
+        len(bits) == 3
+        and all(b.isdigit() for b in bits)
+        and bits[0] == str(code)[0]
+    )
+
+
+def upstream_line(code: int, message: str) -> str:
+    """An upstream reply as one line for the client, multi-line text folded to its first line.
+
+    aiosmtpd pushes a single status line; a multi-line upstream reply keeps its
+    first line, which carries the code and enhanced code.
+    """
+    first = message.splitlines()[0] if message else ""
+    enhanced, rest = split_reply(code, first)
+    if enhanced is None:
+        enhanced = {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(code // 100, "")
+        rest = first
+    return f"{code} {enhanced} {rest}".rstrip()

@@ -1,0 +1,336 @@
+"""The SMTP front end: aiosmtpd's protocol on smtpgate's own asyncio loop.
+
+`GateSMTP` keeps aiosmtpd's command loop, STARTTLS, AUTH and DATA reader, and
+replaces MAIL and RCPT (to keep parameters as written and to relay each one in
+lockstep), so every reply comes from smtpgate.replies or from the upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import uuid
+from typing import TYPE_CHECKING
+
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, syntax
+
+from smtpgate import replies
+from smtpgate.addresses import AddressError, parse_path
+from smtpgate.config import Listener
+from smtpgate.log import get_logger
+from smtpgate.params import parse_params, split_argument
+from smtpgate.relay import MAIL_PARAMS, RCPT_PARAMS, ClientInfo, Transaction
+from smtpgate.replies import SMTPReply
+
+if TYPE_CHECKING:
+    from smtpgate.gate import Gate
+
+# aiosmtpd's own reply lines, translated to smtpgate's (code, enhanced code, text).
+_TRANSLATE = {
+    "552 Error: Too much mail data": replies.MESSAGE_TOO_BIG.line(),
+    "500 Line too long (see RFC5321 4.5.3.1.6)": replies.LINE_TOO_LONG.line(),
+    "503 Error: need RCPT command": replies.NO_VALID_RECIPIENTS.line(),
+    "503 Error: need MAIL command": "503 5.5.1 Error: need MAIL command",
+    "503 Error: send HELO first": "503 5.5.1 Error: send HELO first",
+    "500 Command line too long": "500 5.5.6 Command line too long",
+    "500 Error: bad syntax": "500 5.5.2 Error: bad syntax",
+    "500 Error: strict ASCII mode": "500 5.6.7 Error: non-ASCII without SMTPUTF8",
+    "221 Bye": "221 2.0.0 Bye",
+    "250 OK": "250 2.0.0 OK",
+}
+
+
+class GateSMTP(SMTP):
+    """One client connection."""
+
+    def __init__(self, gate: Gate, listener: Listener, handler: Handler, **kwargs):
+        self.gate = gate
+        self.listener = listener
+        self.session_id = uuid.uuid4().hex[:16]
+        self.log = get_logger(session=self.session_id, listener=listener.name)
+        self.tx: Transaction | None = None
+        self.finishing = False  # between the client's final dot and smtpgate's reply
+        self.counted = False
+        super().__init__(handler, **kwargs)
+
+    # -------------------------------------------------------- connection life
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None
+        super().connection_made(transport)
+        if first:
+            self.gate.sessions.add(self)
+            self.counted = True
+            peer = transport.get_extra_info("peername") or ("?", 0)
+            self.log.info("session.opened", peer=str(peer[0]), port=peer[1] if len(peer) > 1 else None)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        was_tls = self._original_transport is not None
+        super().connection_lost(error)
+        if was_tls and self.transport is not None:
+            return
+        self._abort_in_background()
+        if self.counted:
+            self.counted = False
+            self.gate.sessions.discard(self)
+            self.log.info("session.closed", reason=str(error) if error else "closed")
+
+    async def _handle_client(self) -> None:
+        if self.gate.draining:
+            await self.push(replies.SHUTTING_DOWN.line())
+            self.transport.close()
+            return
+        if len(self.gate.sessions) > self.gate.config.limits.max_connections:
+            await self.push(replies.TOO_MANY_CONNECTIONS.line())
+            self.log.warning("session.refused", reason="limits.max_connections reached")
+            self.transport.close()
+            return
+        await super()._handle_client()
+
+    @property
+    def busy(self) -> bool:
+        """A transaction is in flight: a drain waits for it."""
+        return self.tx is not None or self.finishing
+
+    def say_goodbye(self, line: str) -> None:
+        """Shutdown: tell the client and close, whatever state the session is in."""
+        if self.transport is not None:
+            self.transport.write(line.encode("ascii") + b"\r\n")
+            self.transport.close()
+
+    async def push(self, status) -> None:
+        if isinstance(status, str):
+            status = _TRANSLATE.get(status, status)
+        await super().push(status)
+
+    def _abort_in_background(self) -> None:
+        tx, self.tx = self.tx, None
+        if tx is not None:
+            self.gate.spawn(tx.abort())
+
+    def _set_rset_state(self) -> None:
+        # HELO, EHLO and RSET end a transaction: the upstream one ends too.
+        self._abort_in_background()
+        super()._set_rset_state()
+
+    def _set_post_data_state(self) -> None:
+        # Also reached when aiosmtpd refuses the data itself (size, line length).
+        self._abort_in_background()
+        super()._set_post_data_state()
+
+    # -------------------------------------------------------- client identity
+
+    @property
+    def client_ip(self) -> str:
+        proxy = getattr(self.session, "proxy_data", None)
+        if proxy is not None and getattr(proxy, "src_addr", None):
+            return str(proxy.src_addr)
+        peer = self.session.peer if self.session else None
+        return str(peer[0]) if peer else "?"
+
+    def client_info(self) -> ClientInfo:
+        user = self.session.auth_data if self.session.authenticated else None
+        return ClientInfo(
+            session_id=self.session_id,
+            ip=self.client_ip,
+            helo=self.session.host_name or "",
+            authenticated_as=str(user) if user else None,
+            tls=self._tls_protocol is not None or self.listener.tls == "implicit",
+            listener=self.listener.name,
+        )
+
+    # -------------------------------------------------------- commands
+
+    async def _reply(self, error: SMTPReply, **fields) -> None:
+        self.log.info("command.refused", code=error.reply.code, reason=error.reason, **fields)
+        await self.push(error.line())
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if await self.check_helo_needed() or await self.check_auth_needed("MAIL"):
+            return
+        if self.tx is not None:
+            await self.push("503 5.5.1 Error: nested MAIL command")
+            return
+        if not (self.session.authenticated or self.listener.relays_for(self.client_ip)):
+            # No open relay: strangers must authenticate first (DESIGN.md 2.1).
+            self.log.info("message.rejected", code=530, reason="not authenticated, not in relay_networks",
+                          client=self.client_ip, stage="mail")
+            await self.push(replies.AUTH_REQUIRED.line())
+            return
+        parts = split_argument(arg, "FROM:")
+        if parts is None:
+            await self.push("501 5.5.4 Syntax: MAIL FROM:<address> [parameters]")
+            return
+        path, words = parts
+        try:
+            sender = parse_path(path)
+            if words and not self.session.extended_smtp:
+                raise SMTPReply(replies.BAD_SYNTAX, "parameters need EHLO")
+            params = parse_params(words, MAIL_PARAMS)
+            if "SMTPUTF8" not in params and sender is not None and not str(sender).isascii():
+                raise SMTPReply(replies.BAD_SENDER, "non-ASCII sender without SMTPUTF8")
+        except AddressError as exc:
+            await self._reply(SMTPReply(replies.BAD_SENDER, str(exc)), stage="mail")
+            return
+        except SMTPReply as exc:
+            await self._reply(exc, stage="mail")
+            return
+        tx = Transaction(gate=self.gate, client=self.client_info(), log=self.log)
+        try:
+            line = await tx.open(sender, params)
+        except SMTPReply as exc:
+            await self._reply(exc, stage="mail")
+            return
+        if line.startswith("2"):
+            self.tx = tx
+            self.envelope.mail_from = str(sender) if sender else "<>"
+            self.envelope.mail_options.extend(words)
+        await self.push(line)
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if await self.check_helo_needed() or await self.check_auth_needed("RCPT"):
+            return
+        if self.tx is None:
+            await self.push("503 5.5.1 Error: need MAIL command")
+            return
+        parts = split_argument(arg, "TO:")
+        if parts is None:
+            await self.push("501 5.5.4 Syntax: RCPT TO:<address> [parameters]")
+            return
+        path, words = parts
+        try:
+            address = parse_path(path)
+            if address is None:
+                raise AddressError("the null path is not a recipient")
+            if words and not self.session.extended_smtp:
+                raise SMTPReply(replies.BAD_SYNTAX, "parameters need EHLO")
+            params = parse_params(words, RCPT_PARAMS)
+            if not str(address).isascii() and "SMTPUTF8" not in self.tx.mail_params:
+                raise SMTPReply(replies.BAD_RECIPIENT, "non-ASCII recipient without SMTPUTF8")
+            line = await self.tx.add_recipient(address, params)
+        except AddressError as exc:
+            await self._reply(SMTPReply(replies.BAD_RECIPIENT, str(exc)), stage="rcpt")
+            return
+        except SMTPReply as exc:
+            await self._reply(exc, stage="rcpt")
+            return
+        if line.startswith("2"):
+            self.envelope.rcpt_tos.append(str(address))
+        await self.push(line)
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        if self.listener.auth == "none":
+            await self.push("502 5.5.1 AUTH not available on this listener")
+            return
+        if self.tx is not None:
+            await self.push("503 5.5.1 AUTH not allowed during a mail transaction")
+            return
+        await super().smtp_AUTH(arg)
+
+
+class Handler:
+    """aiosmtpd hooks for EHLO, DATA and errors; MAIL and RCPT live in GateSMTP."""
+
+    def __init__(self, gate: Gate, listener: Listener):
+        self.gate = gate
+        self.listener = listener
+
+    async def handle_EHLO(self, server: GateSMTP, session, envelope, hostname: str, responses: list[str]):
+        session.host_name = hostname
+        out = [responses[0]]
+        extensions = self.gate.pool.extensions
+        for line in responses[1:-1]:
+            keyword = line[4:].split(" ", 1)[0].upper()
+            if keyword == "AUTH" and self.listener.auth == "none":
+                continue
+            if keyword == "SMTPUTF8" and extensions is not None and "smtputf8" not in extensions:
+                continue
+            if keyword == "8BITMIME" and extensions is not None and "8bitmime" not in extensions:
+                continue
+            out.append(line)
+        out.append("250-PIPELINING")
+        out.append("250-ENHANCEDSTATUSCODES")
+        if extensions is not None and "dsn" in extensions:
+            out.append("250-DSN")
+        out.append("250 HELP")
+        return out
+
+    async def handle_DATA(self, server: GateSMTP, session, envelope) -> str:
+        tx, server.tx = server.tx, None
+        if tx is None:
+            return replies.BAD_SEQUENCE.line()
+        server.finishing = True
+        try:
+            return await tx.finish(envelope.original_content)
+        except SMTPReply as exc:
+            server.log.info("message.rejected", code=exc.reply.code, reason=exc.reason,
+                            mail_from=tx._sender_text(), stage="data", **exc.log_fields)
+            await tx.abort()
+            return exc.line()
+        except Exception:
+            server.log.exception("message.rejected", code=451, reason="internal error", stage="data")
+            await tx.abort()
+            return replies.TEMPORARY_FAILURE.line()
+        finally:
+            server.finishing = False
+
+    async def handle_PROXY(self, server, session, envelope, proxy_data) -> bool:
+        return bool(proxy_data)
+
+    async def handle_exception(self, error: Exception) -> str:
+        # Never aiosmtpd's "500 Error: (ClassName)": an internal fault is temporary.
+        get_logger().exception("session.error", reason=type(error).__name__)
+        return replies.TEMPORARY_FAILURE.line()
+
+
+def _tls_context(listener: Listener) -> ssl.SSLContext | None:
+    if listener.tls == "none" or listener.tls_cert is None or listener.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(listener.tls_cert), str(listener.tls_key))
+    return context
+
+
+def make_factory(gate: Gate, listener: Listener):
+    """A protocol factory for loop.create_server, and the TLS context for implicit TLS."""
+    tls = _tls_context(listener)
+    handler = Handler(gate, listener)
+    authenticator = gate.authenticator if listener.auth != "none" else None
+
+    def factory() -> GateSMTP:
+        cfg = gate.config
+        return GateSMTP(
+            gate,
+            listener,
+            handler,
+            data_size_limit=cfg.limits.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=cfg.hostname,
+            ident="smtpgate ESMTP",
+            tls_context=tls if listener.tls == "starttls" else None,
+            require_starttls=False,
+            timeout=300,
+            auth_required=listener.auth == "required",
+            auth_require_tls=True,
+            authenticator=authenticator,
+            proxy_protocol_timeout=10 if listener.proxy_protocol else None,
+        )
+
+    return factory, (tls if listener.tls == "implicit" else None)
+
+
+def file_authenticator(gate: Gate) -> object:
+    """An aiosmtpd authenticator checking LOGIN/PLAIN against the gate's users file."""
+
+    def authenticate(server, session, envelope, mechanism, auth_data) -> AuthResult:
+        if not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        name = auth_data.login.decode("utf-8", "replace")
+        ok = gate.users.verify(name, auth_data.password.decode("utf-8", "replace"))
+        get_logger().info("auth.result", user=name, success=ok, mechanism=mechanism)
+        return AuthResult(success=ok, handled=False, auth_data=name if ok else None)
+
+    return authenticate

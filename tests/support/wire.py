@@ -1,0 +1,59 @@
+"""A plain SMTP client over asyncio streams, for tests that need exact bytes on the wire.
+
+It reads whole replies (multi-line included) and never rewrites what it sends,
+so tests can send bare LFs, pipelined commands and protocol violations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+
+class Wire:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, port: int, host: str = "127.0.0.1", *, source: str | None = None,
+                   timeout: float = 10) -> tuple["Wire", str]:
+        local = (source, 0) if source else None
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, local_addr=local), timeout)
+        wire = cls(reader, writer)
+        greeting = await wire.reply()
+        return wire, greeting
+
+    async def reply(self, timeout: float = 15) -> str:
+        """One whole reply; its lines joined with newlines. '' when the server closed."""
+        lines = []
+        while True:
+            line = await asyncio.wait_for(self.reader.readline(), timeout)
+            if not line:
+                return "\n".join(lines)
+            text = line.decode("utf-8", "replace").rstrip("\r\n")
+            lines.append(text)
+            if len(text) < 4 or text[3] != "-":
+                return "\n".join(lines)
+
+    async def send(self, data: bytes | str) -> None:
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def cmd(self, line: str) -> str:
+        await self.send(line + "\r\n")
+        return await self.reply()
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass
+
+
+def code(reply: str) -> int:
+    """The reply code of a (possibly multi-line) reply; 0 when the server hung up."""
+    return int(reply[:3]) if reply[:3].isdigit() else 0
