@@ -1,0 +1,154 @@
+"""TLS and AUTH on both sides: STARTTLS + AUTH for clients, smtps/starttls/login to the upstream."""
+
+from __future__ import annotations
+
+import aiosmtplib
+import pytest
+
+from smtpgate.users import Users, add_user
+from tests.support.sink import Sink, client_tls_context, make_test_cert, make_test_tls
+from tests.support.smtp import send
+from tests.support.wire import Wire, code
+
+BODY = b"Subject: tls\r\nMessage-ID: <tls@corp.example>\r\n\r\nbody\r\n"
+
+
+def listener_yaml(tmp_path, auth: str, networks: str = "[127.0.0.1/32]") -> str:
+    cert, key = make_test_cert(tmp_path / "tls")
+    add_user(tmp_path / "users", "jane", "s3cret pass")
+    return f"""\
+hostname: relay.test.example
+listeners:
+  - name: submission
+    address: 127.0.0.1:0
+    tls: starttls
+    tls_cert: {cert}
+    tls_key: {key}
+    auth: {auth}
+    relay_networks: {networks}
+users_file: users
+"""
+
+
+def config_with_listener(tmp_path, sink_port: int, auth: str, networks: str = "[127.0.0.1/32]"):
+    from smtpgate.config import load_config
+    from tests.conftest import write_config
+
+    text = listener_yaml(tmp_path, auth, networks) + f"""\
+upstream:
+  url: smtp://127.0.0.1:{sink_port}
+internal_domains: [corp.example]
+store:
+  url: sqlite:smtpgate.db
+  auto_upgrade: true
+"""
+    return load_config(write_config(tmp_path, text))
+
+
+async def test_auth_required_over_starttls(tmp_path, sink, start_gate, log_lines):
+    gate, port = await start_gate(config_with_listener(tmp_path, sink.port, "required", "[]"))
+    cafile = str(tmp_path / "tls" / "test-cert.pem")  # made by config_with_listener
+    tls = client_tls_context(cafile)
+    # Without AUTH: 530 at MAIL, even from loopback.
+    refused = await send("127.0.0.1", port, mail_from="jane@corp.example", rcpt_tos=["b@x.example"],
+                         data=BODY, starttls=True, tls_context=tls)
+    assert refused.mail[0] == 530
+    # Wrong password: 535, still nothing relayed.
+    with pytest.raises(aiosmtplib.SMTPAuthenticationError) as info:
+        await send("127.0.0.1", port, mail_from="jane@corp.example", rcpt_tos=["b@x.example"],
+                   data=BODY, starttls=True, tls_context=tls, login=("jane", "wrong"))
+    assert info.value.code == 535
+    good = await send("127.0.0.1", port, mail_from="jane@corp.example", rcpt_tos=["b@x.example"],
+                      data=BODY, starttls=True, tls_context=tls, login=("jane", "s3cret pass"))
+    assert good.data is not None and good.data[0] == 250
+    [msg] = sink.messages
+    assert b"with ESMTPSA id" in msg.data.split(b"\r\n\r\n")[0]
+    log_text = str(log_lines())
+    assert "s3cret" not in log_text
+
+
+async def test_auth_not_offered_without_tls(tmp_path, sink, start_gate, log_lines):
+    gate, port = await start_gate(config_with_listener(tmp_path, sink.port, "optional"))
+    wire, _ = await Wire.open(port)
+    ehlo = await wire.cmd("EHLO client.test")
+    assert "250-STARTTLS" in ehlo and "AUTH" not in ehlo
+    # Passwords never cross in clear: AUTH before STARTTLS is refused.
+    assert code(await wire.cmd("AUTH PLAIN AGphbmUAczNjcmV0IHBhc3M=")) >= 500
+    # relay_networks still lets loopback relay without AUTH on an optional listener.
+    assert code(await wire.cmd("MAIL FROM:<a@corp.example>")) == 250
+
+
+def test_users_file_roundtrip(tmp_path):
+    path = tmp_path / "users"
+    assert add_user(path, "jane", "one") is True
+    assert add_user(path, "bob", "two") is True
+    assert add_user(path, "jane", "three") is False
+    users = Users.load(path)
+    assert users.verify("jane", "three") and not users.verify("jane", "one")
+    assert users.verify("bob", "two") and not users.verify("eve", "two")
+    assert "three" not in path.read_text()
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+
+async def upstream_config(tmp_path, url: str, extra: str = ""):
+    from smtpgate.config import load_config
+    from tests.conftest import write_config
+
+    return load_config(write_config(tmp_path, f"""\
+listeners:
+  - name: submission
+    address: 127.0.0.1:0
+    relay_networks: [127.0.0.1/32]
+upstream:
+  url: {url}
+{extra}internal_domains: [corp.example]
+store:
+  url: sqlite:smtpgate.db
+  auto_upgrade: true
+"""))
+
+
+async def relay_one(port: int) -> tuple[int, str]:
+    result = await send("127.0.0.1", port, mail_from="a@corp.example", rcpt_tos=["b@x.example"], data=BODY)
+    return result.data if result.data else result.mail
+
+
+async def test_upstream_smtps_with_ca_file(tmp_path, start_gate, log_lines):
+    context, cafile = make_test_tls(tmp_path / "up")
+    async with Sink(implicit_tls=context) as up:
+        gate, port = await start_gate(await upstream_config(
+            tmp_path, f"smtps://localhost:{up.port}", f"  ca_file: {cafile}\n"))
+        assert (await relay_one(port))[0] == 250
+        assert len(up.messages) == 1
+
+
+async def test_upstream_starttls_and_login(tmp_path, start_gate, log_lines):
+    context, cafile = make_test_tls(tmp_path / "up")
+    (tmp_path / "up.secret").write_text("relay-pw\n")
+    async with Sink(starttls_context=context, auth={"relay@corp.example": "relay-pw"}, require_auth=True) as up:
+        gate, port = await start_gate(await upstream_config(
+            tmp_path, f"smtp+starttls://localhost:{up.port}",
+            f"  ca_file: {cafile}\n  username: relay@corp.example\n  password_file: up.secret\n"))
+        assert (await relay_one(port))[0] == 250
+        assert len(up.messages) == 1
+        assert "relay-pw" not in str(log_lines())
+
+
+async def test_upstream_certificate_verified_by_default(tmp_path, start_gate, log_lines):
+    context, _ = make_test_tls(tmp_path / "up")
+    async with Sink(implicit_tls=context) as up:
+        gate, port = await start_gate(await upstream_config(tmp_path, f"smtps://localhost:{up.port}"))
+        code_, text = await relay_one(port)
+        assert code_ == 451 and text.startswith("4.4.1")
+        assert up.messages == []
+
+
+async def test_upstream_login_refused_is_temporary(tmp_path, start_gate, log_lines):
+    (tmp_path / "up.secret").write_text("wrong\n")
+    async with Sink(auth={"relay@corp.example": "relay-pw"}, require_auth=True) as up:
+        gate, port = await start_gate(await upstream_config(
+            tmp_path, f"smtp://127.0.0.1:{up.port}",
+            "  username: relay@corp.example\n  password_file: up.secret\n"))
+        code_, _ = await relay_one(port)
+        assert code_ == 451
+        assert up.messages == []
