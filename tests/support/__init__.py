@@ -1,0 +1,1 @@
+"""Test support for smtpgate: an upstream SMTP sink and private Postfix instances."""
