@@ -81,6 +81,9 @@ class Gate:
     async def start(self) -> None:
         if self.store is None:
             self.store = await open_configured_store(self.config)
+        if self.config.upstream.scheme == "mx":
+            raise StartupError("upstream.url: mx: upstreams are not available yet; use smtp://, "
+                               "smtp+starttls://, smtps:// or maildir:")
         await self.pool.probe()
         loop = asyncio.get_running_loop()
         for listener in self.config.listeners:

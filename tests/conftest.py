@@ -95,3 +95,28 @@ async def start_gate():
 async def relay(sink, config_for, start_gate, log_lines):
     """smtpgate relaying to the sink: (gate, port)."""
     return await start_gate(config_for(f"smtp://127.0.0.1:{sink.port}"))
+
+
+@pytest.fixture
+def postfix_ok():
+    """Skip (fail under CI) when a private Postfix instance cannot run here."""
+    from tests.support.postfix import postfix_available
+
+    why = postfix_available()
+    if why:
+        if IN_CI:
+            pytest.fail(f"Postfix needed under CI: {why}")
+        pytest.skip(why)
+
+
+@pytest.fixture
+async def corp_postfix(postfix_ok, tmp_path):
+    """A private Postfix for corp.example with plus addressing and Maildirs for both mailboxes."""
+    import asyncio
+
+    from tests.support.postfix import PostfixInstance
+
+    instance = PostfixInstance(tmp_path)
+    await asyncio.to_thread(instance.start)
+    yield instance
+    await asyncio.to_thread(instance.stop)

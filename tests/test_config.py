@@ -53,6 +53,14 @@ def test_shipped_configs_are_valid():
     assert len(demo.mailboxes) == 2
 
 
+def test_example_config_documents_only_known_keys():
+    """The production example names real files under /etc; apart from those, it must be valid."""
+    try:
+        load_config(ROOT / "config" / "smtpgate.example.yaml")
+    except ConfigError as exc:
+        assert all(": cannot read /etc/smtpgate/" in p for p in exc.problems), exc.problems
+
+
 def test_wrong_type_names_file_line_and_key(tmp_path):
     text = MINIMAL.replace("  url: smtp://mail.corp.example:25\n",
                            "  url: smtp://mail.corp.example:25\n  timeout: soon\n")
