@@ -1,0 +1,453 @@
+"""The link decision for one message: source activity, recipient classes, rewriting.
+
+Pure: the relay shell gathers the envelope and the header block, asks the
+store what the plan says to look up, and hands the answers to
+``Plan.resolve``, which says what to relay and how to rewrite the header.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import itertools
+import re
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+from smtpgate.addresses import (
+    Address,
+    AddressError,
+    join_tag,
+    normalize_domain,
+    parse_address_list,
+    parse_path,
+    split_tag,
+)
+from smtpgate.headers import HeaderBlock, decode_text
+from smtpgate.references import ReferenceMatcher
+
+__all__ = [
+    "CoreSettings",
+    "Directory",
+    "LinkLookup",
+    "MailboxInfo",
+    "Plan",
+    "RecipientClass",
+    "RecipientPlan",
+    "Resolution",
+    "Source",
+    "find_source",
+    "is_automatic",
+    "make_plan",
+    "thread_message_ids",
+]
+
+_MSG_ID = re.compile(r"<[^<>\s]+>")
+_AUTOMATIC_PRECEDENCE = frozenset({"bulk", "junk", "list"})
+
+
+@dataclass(frozen=True)
+class MailboxInfo:
+    """A configured work-management mailbox; ``address`` is its canonical base address."""
+
+    address: str
+    team: str
+    new_links: str = "create"  # "create" | "never"
+    new_reference: str = "{n}-T"
+
+
+@dataclass(frozen=True)
+class CoreSettings:
+    """The part of the configuration the core needs."""
+
+    internal_domains: tuple[str, ...]
+    separator: str = "+"
+    reference_pattern: str = "[0-9]{1,12}-[TCA]"
+    reference_headers: tuple[str, ...] = ("X-Enate-Reference",)
+    subject: bool = True
+    mailboxes: tuple[MailboxInfo, ...] = ()
+
+
+class RecipientClass(enum.Enum):
+    """The classes of DESIGN.md section 4."""
+
+    TAGGED_MAILBOX = "tagged_mailbox"
+    UNTAGGED_MAILBOX = "untagged_mailbox"
+    SOURCE_MAILBOX = "source_mailbox"
+    INTERNAL = "internal"
+    EXTERNAL = "external"
+
+
+@dataclass(frozen=True)
+class Source:
+    """The source activity: its reference, its mailbox when known, and where it was found."""
+
+    reference: str
+    mailbox: str | None
+    found_in: str  # "envelope" | "from" | "header" | "subject" | "thread"
+
+
+class _MailboxMatch:
+    __slots__ = ("info", "base", "tag")
+
+    def __init__(self, info: MailboxInfo, base: str, tag: str | None) -> None:
+        self.info, self.base, self.tag = info, base, tag
+
+
+class Directory:
+    """The configured mailboxes, internal domains and reference pattern, compiled once.
+
+    Raises ValueError for a mailbox address that is not a valid address, a
+    mailbox configured twice, an empty separator or an invalid pattern.
+    """
+
+    def __init__(self, settings: CoreSettings) -> None:
+        if not settings.separator or re.search(r"[\s@\"]", settings.separator):
+            raise ValueError(f"invalid separator {settings.separator!r}")
+        self.settings = settings
+        self.separator = settings.separator
+        self.matcher = ReferenceMatcher(settings.reference_pattern)
+        try:
+            self._internal = frozenset(normalize_domain(d) for d in settings.internal_domains)
+        except AddressError as exc:
+            raise ValueError(f"invalid internal domain: {exc}") from None
+        self._mailboxes: dict[str, MailboxInfo] = {}
+        for info in settings.mailboxes:
+            try:
+                address = parse_path(info.address)
+            except AddressError as exc:
+                raise ValueError(f"invalid mailbox address {info.address!r}: {exc}") from None
+            if address is None or not address.domain:
+                raise ValueError(f"invalid mailbox address {info.address!r}")
+            key = address.canonical
+            if key in self._mailboxes:
+                raise ValueError(f"mailbox {key} configured twice")
+            self._mailboxes[key] = dataclasses.replace(info, address=key)
+        self._mailbox_domains = frozenset(key.rpartition("@")[2] for key in self._mailboxes)
+
+    @property
+    def mailboxes(self) -> tuple[MailboxInfo, ...]:
+        """The configured mailboxes, their addresses canonical."""
+        return tuple(self._mailboxes.values())
+
+    def mailbox_info(self, canonical: str) -> MailboxInfo | None:
+        """The mailbox whose canonical base address is ``canonical``, or None."""
+        return self._mailboxes.get(canonical)
+
+    def _match(self, address: Address) -> _MailboxMatch | None:
+        try:
+            domain = normalize_domain(address.domain) if address.domain else ""
+        except AddressError:
+            return None
+        if domain not in self._mailbox_domains:
+            return None
+        info = self._mailboxes.get(address.canonical)
+        if info is not None:
+            return _MailboxMatch(info, address.local, None)
+        base, tag = split_tag(address.local, self.separator)
+        if tag is None:
+            return None
+        info = self._mailboxes.get(Address(base, address.domain).canonical)
+        if info is None:
+            return None
+        return _MailboxMatch(info, base, tag or None)  # "base+" carries no tag
+
+    def mailbox(self, address: Address) -> tuple[MailboxInfo, str | None] | None:
+        """The mailbox ``address`` belongs to and its tag (None when untagged), or None."""
+        match = self._match(address)
+        return None if match is None else (match.info, match.tag)
+
+    def is_internal(self, address: Address) -> bool:
+        """True when every domain the address routes through is an internal domain.
+
+        The bare ``postmaster`` path is internal: it is the upstream's own postmaster.
+        """
+        if not address.domain:
+            return True
+        return all(domain in self._internal for domain in address.route_domains)
+
+    def classify(self, address: Address, source: Source | None) -> RecipientClass:
+        """The section 4 class of ``address``; ``source.mailbox`` is the source's own mailbox."""
+        return self._classify(self._match(address), address, source.mailbox if source else None)
+
+    def _classify(self, match: _MailboxMatch | None, address: Address, own: str | None) -> RecipientClass:
+        if match is not None:
+            if match.tag is not None:
+                return RecipientClass.TAGGED_MAILBOX
+            if match.info.address == own:
+                return RecipientClass.SOURCE_MAILBOX
+            return RecipientClass.UNTAGGED_MAILBOX
+        return RecipientClass.INTERNAL if self.is_internal(address) else RecipientClass.EXTERNAL
+
+    def tag_reference(self, address: Address) -> tuple[MailboxInfo, str] | None:
+        """(mailbox, reference) when ``address`` is a mailbox tagged with a reference."""
+        match = self._match(address)
+        if match is None or match.tag is None:
+            return None
+        reference = self.matcher.normalize(match.tag)
+        return None if reference is None else (match.info, reference)
+
+
+def _header_addresses(headers: HeaderBlock, *names: str) -> list[Address]:
+    return [a for name in names for value in headers.get_all(name) for a in parse_address_list(value, strict=False)]
+
+
+def find_source(mail_from: Address | None, headers: HeaderBlock, directory: Directory) -> Source | None:
+    """The source activity from DESIGN.md section 3 steps 1-3, first match wins.
+
+    1. the envelope sender, then each From: mailbox, tagged with a reference;
+    2. the headers of ``references.headers``, in configured order;
+    3. the Subject, RFC 2047 decoded, when ``references.subject`` is on.
+    Step 4 (In-Reply-To/References) needs the store: see thread_message_ids().
+    """
+    candidates = [(mail_from, "envelope")] if mail_from is not None else []
+    candidates += [(a, "from") for a in _header_addresses(headers, "From")]
+    for address, where in candidates:
+        tagged = directory.tag_reference(address)
+        if tagged is not None:
+            return Source(tagged[1], tagged[0].address, where)
+    settings = directory.settings
+    for name in settings.reference_headers:
+        for value in headers.get_all(name):
+            reference = directory.matcher.search(decode_text(value))
+            if reference is not None:
+                return Source(reference, None, "header")
+    if settings.subject:
+        for value in headers.get_all("Subject"):
+            reference = directory.matcher.search(decode_text(value))
+            if reference is not None:
+                return Source(reference, None, "subject")
+    return None
+
+
+def thread_message_ids(headers: HeaderBlock) -> list[str]:
+    """Message-IDs to look up for section 3 step 4, angle brackets kept, each once:
+    those of In-Reply-To first, then those of References newest (last) first."""
+    ids = [m for v in headers.get_all("In-Reply-To") for m in _MSG_ID.findall(v)]
+    ids += reversed([m for v in headers.get_all("References") for m in _MSG_ID.findall(v)])
+    return list(dict.fromkeys(ids))
+
+
+def is_automatic(headers: HeaderBlock) -> bool:
+    """True for ``Auto-Submitted:`` other than ``no`` or ``Precedence: bulk|junk|list`` (RFC 3834)."""
+    for value in headers.get_all("Auto-Submitted"):
+        keyword = re.sub(r"\([^)]*\)", "", value).split(";")[0].strip().lower()
+        if keyword != "no":
+            return True
+    return any(v.strip().lower() in _AUTOMATIC_PRECEDENCE for v in headers.get_all("Precedence"))
+
+
+@dataclass(frozen=True)
+class RecipientPlan:
+    """One envelope recipient: the address as given, its class, its mailbox and tag."""
+
+    address: Address
+    cls: RecipientClass
+    mailbox: MailboxInfo | None
+    tag: str | None
+    base: str | None = field(default=None, repr=False)  # the local part without the tag
+
+
+@dataclass(frozen=True)
+class LinkLookup:
+    """Ask the store for the activity of ``mailbox`` linked to the source; create one if allowed."""
+
+    mailbox: MailboxInfo
+    allow_create: bool
+
+
+@dataclass
+class Resolution:
+    """What to relay and how to rewrite the header (see Plan.resolve)."""
+
+    envelope: list[tuple[Address, Address]]
+    header_mapping: dict[str, str]
+    mapping: dict[str, str]
+    untaggable: list[str]
+    changed: bool
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The core's decision for one message; the relay executes it.
+
+    ``lookups`` are the store questions to ask, ``explicit_links`` the
+    (reference, mailbox) links named by tagged mailbox recipients, to record.
+    """
+
+    source: Source | None
+    recipients: tuple[RecipientPlan, ...]
+    lookups: tuple[LinkLookup, ...]
+    explicit_links: tuple[tuple[str, MailboxInfo], ...]
+    automatic: bool
+    separator: str = field(default="+", repr=False)
+    # Untagged mailboxes in To/Cc/From/Reply-To, canonical, in order of appearance.
+    header_mailboxes: tuple[MailboxInfo, ...] = field(default=(), repr=False)
+    thread_mapping: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+
+    @property
+    def source_mailbox(self) -> str | None:
+        """The canonical address of the source activity's own mailbox, when known."""
+        return self.source.mailbox if self.source else None
+
+    def resolve(self, found: Mapping[str, str | None]) -> Resolution:
+        """Apply the store's answers: ``found`` maps a mailbox's canonical address to the
+        reference found or created for it (None: it stays untagged).
+
+        An untagged mailbox gets the thread's reference for it, else the found one;
+        the source's own mailbox gets the source reference. A tagged local part
+        over 64 octets is not produced: that address stays as it was and is listed
+        in ``untaggable``. With no source nothing changes.
+        """
+        if self.source is None:
+            envelope = [(r.address, r.address) for r in self.recipients]
+            return Resolution(envelope, {}, {}, [], False)
+        refs: dict[str, str] = {}
+        for mailbox, reference in self.thread_mapping:
+            refs[mailbox] = reference
+        for mailbox, reference in found.items():
+            if reference is not None:
+                refs.setdefault(mailbox, reference)
+        if self.source.mailbox is not None:
+            refs[self.source.mailbox] = self.source.reference
+        untaggable: list[str] = []
+
+        def tagged(base: str, domain: str, mailbox: str) -> Address | None:
+            reference = refs.get(mailbox)
+            if reference is None:
+                return None
+            local = join_tag(base, reference, self.separator)
+            if local is None:
+                if mailbox not in untaggable:
+                    untaggable.append(mailbox)
+                return None
+            return Address(local, domain)
+
+        envelope: list[tuple[Address, Address]] = []
+        seen: set[tuple[str, str]] = set()
+        mapping: dict[str, str] = {}
+        for rcpt in self.recipients:
+            relayed = rcpt.address
+            if rcpt.cls in (RecipientClass.UNTAGGED_MAILBOX, RecipientClass.SOURCE_MAILBOX):
+                assert rcpt.mailbox is not None and rcpt.base is not None
+                relayed = tagged(rcpt.base, rcpt.address.domain, rcpt.mailbox.address) or relayed
+                if relayed is not rcpt.address:
+                    mapping[rcpt.mailbox.address] = refs[rcpt.mailbox.address]
+            key = _dedup_key(relayed, rcpt.mailbox is not None)
+            if key not in seen:
+                seen.add(key)
+                envelope.append((rcpt.address, relayed))
+        header_mapping: dict[str, str] = {}
+        for info in self.header_mailboxes:
+            address = parse_path(info.address)
+            assert address is not None
+            new = tagged(address.local, address.domain, info.address)
+            if new is not None:
+                header_mapping[info.address] = str(new)
+                mapping[info.address] = refs[info.address]
+        if self.source.mailbox is not None:
+            mapping[self.source.mailbox] = self.source.reference
+        for reference, info in self.explicit_links:
+            mapping.setdefault(info.address, reference)
+        changed = bool(header_mapping) or any(o != r for o, r in envelope) or len(envelope) != len(self.recipients)
+        return Resolution(envelope, header_mapping, mapping, untaggable, changed)
+
+
+def _dedup_key(address: Address, mailbox: bool) -> tuple[str, str]:
+    # Mailbox local parts are case-insensitive; any other local part may not be.
+    try:
+        domain = normalize_domain(address.domain) if address.domain else ""
+    except AddressError:
+        domain = address.domain
+    return (address.local.lower() if mailbox else address.local, domain)
+
+
+def make_plan(
+    mail_from: Address | None,
+    recipients: Sequence[Address],
+    headers: HeaderBlock,
+    source: Source | None,
+    directory: Directory,
+    *,
+    source_owner: str | None = None,
+    thread_mapping: Mapping[str, str] | None = None,
+) -> Plan:
+    """The plan for one message (DESIGN.md sections 4-6).
+
+    The source's own mailbox is ``source.mailbox``, else ``source_owner``
+    (the store's owner of the source reference), else the From: address when
+    it is an untagged mailbox; ``Plan.source`` carries it. Lookups are the
+    distinct untagged mailboxes, other than the source's, among the envelope
+    recipients and To/Cc with no ``thread_mapping`` entry.
+    """
+    automatic = is_automatic(headers)
+    if source is not None and source.mailbox is None:
+        own = _canonical(source_owner) or _from_mailbox(headers, directory)
+        source = dataclasses.replace(source, mailbox=own)
+    own = source.mailbox if source else None
+    thread = dict(thread_mapping or {})
+
+    rcpt_plans = []
+    for address in recipients:
+        match = directory._match(address)
+        rcpt_plans.append(
+            RecipientPlan(
+                address,
+                directory._classify(match, address, own),
+                match.info if match else None,
+                match.tag if match else None,
+                match.base if match else None,
+            )
+        )
+    if source is None:
+        return Plan(None, tuple(rcpt_plans), (), (), automatic, directory.separator)
+
+    visible = _header_addresses(headers, "To", "Cc")
+    lookups: dict[str, LinkLookup] = {}
+    links: dict[tuple[str, str], tuple[str, MailboxInfo]] = {}
+    for address in itertools.chain((r.address for r in rcpt_plans), visible):
+        match = directory._match(address)
+        if match is None or match.info.address == own:
+            continue
+        if match.tag is None:
+            if match.info.address not in thread and match.info.address not in lookups:
+                allow = match.info.new_links == "create" and not automatic
+                lookups[match.info.address] = LinkLookup(match.info, allow)
+            continue
+        reference = directory.matcher.normalize(match.tag)
+        if reference is not None and reference != source.reference:
+            links.setdefault((reference, match.info.address), (reference, match.info))
+
+    header_mailboxes: dict[str, MailboxInfo] = {}
+    for address in _header_addresses(headers, "From", "Reply-To", "To", "Cc"):
+        match = directory._match(address)
+        if match is not None and match.tag is None:
+            header_mailboxes.setdefault(match.info.address, match.info)
+    return Plan(
+        source,
+        tuple(rcpt_plans),
+        tuple(lookups.values()),
+        tuple(links.values()),
+        automatic,
+        directory.separator,
+        tuple(header_mailboxes.values()),
+        tuple(thread.items()),
+    )
+
+
+def _canonical(address: str | None) -> str | None:
+    if address is None:
+        return None
+    try:
+        parsed = parse_path(address)
+    except AddressError:
+        return address
+    return parsed.canonical if parsed is not None else None
+
+
+def _from_mailbox(headers: HeaderBlock, directory: Directory) -> str | None:
+    for address in _header_addresses(headers, "From")[:1]:
+        match = directory._match(address)
+        if match is not None and match.tag is None:
+            return match.info.address
+    return None

@@ -1,0 +1,55 @@
+"""Locating header fields without changing them."""
+
+from __future__ import annotations
+
+from smtpgate.headers import decode_text, parse_header_block
+
+RAW = (
+    b"Received: from a\r\n\tby b\r\n"
+    b"From: =?utf-8?q?Smith=2C_J?= <a@b>\r\n"
+    b"To: x@y,\r\n z@w\r\n"
+    b"Subject: =?utf-8?q?caf=C3=A9?= 101203-T\r\n"
+    b"X-Empty:\r\n"
+    b"X-Bytes: \xc3\xa9 \xff\r\n"
+    b"\r\n"
+    b"body\r\n"
+)
+
+
+def test_fields_and_offsets() -> None:
+    block = parse_header_block(RAW)
+    assert [f.name for f in block.fields] == ["Received", "From", "To", "Subject", "X-Empty", "X-Bytes"]
+    assert b"".join(f.raw for f in block.fields) + b"\r\n" == RAW[: block.header_end]
+    assert RAW[block.header_end :] == b"body\r\n"
+    for field in block.fields:
+        assert RAW[field.start : field.end] == field.raw
+        assert RAW[field.start : field.value_start].rstrip(b" \t:").decode() == field.name
+
+
+def test_values_are_unfolded_but_not_decoded() -> None:
+    block = parse_header_block(RAW)
+    assert block.get_all("to") == ["x@y, z@w"]
+    assert block.get("FROM") == "=?utf-8?q?Smith=2C_J?= <a@b>"
+    assert block.get("Received") == "from a\tby b"
+    assert block.get("X-Empty") == ""
+    assert block.get("X-Bytes") == "é \ufffd"
+    assert block.get("Missing") is None
+    assert block.get_all("Missing") == []
+
+
+def test_get_text_decodes_rfc_2047() -> None:
+    block = parse_header_block(RAW)
+    assert block.get_text("Subject") == "café 101203-T"
+    assert block.get_text("From") == "Smith, J <a@b>"
+    assert block.get_text("Missing") is None
+
+
+def test_decode_text_keeps_what_does_not_decode() -> None:
+    assert decode_text("=?x-unknown?q?abc?=") == "=?x-unknown?q?abc?="
+    assert decode_text("plain") == "plain"
+
+
+def test_lf_only_lines_are_located_too() -> None:
+    block = parse_header_block(b"To: a@b\n c@d\nSubject: s\n\nbody")
+    assert block.get_all("To") == ["a@b c@d"]
+    assert block.header_end == len(b"To: a@b\n c@d\nSubject: s\n\n")
