@@ -1,0 +1,157 @@
+"""The linked-activities view of `smtpgate links show|list` (DESIGN.md section 9).
+
+Pure formatting: the store supplies ActivityView and LinkRow values, the
+config supplies the mailbox -> team mapping.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+
+from smtpgate.store.base import ActivityView, LinkRow
+
+__all__ = ["format_list", "format_show", "iso_utc", "parse_since"]
+
+
+def iso_utc(value: datetime) -> str:
+    """ISO 8601 UTC to the second with a Z: `2026-11-27T17:00:00Z`."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_since(text: str) -> datetime:
+    """`--since DATE`: `YYYY-MM-DD` (midnight UTC) or an ISO 8601 date-time
+    (UTC when it has no offset). Raises ValueError for anything else."""
+    text = text.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    value = datetime.fromisoformat(text)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc)
+
+
+def _team(teams: Mapping[str, str], mailbox: str | None) -> str | None:
+    return teams.get(mailbox) if mailbox else None
+
+
+def _show_object(view: ActivityView, teams: Mapping[str, str]) -> dict:
+    return {
+        "reference": view.reference,
+        "mailbox": view.mailbox,
+        "team": _team(teams, view.mailbox),
+        "links": [
+            {
+                "reference": link.reference,
+                "mailbox": link.mailbox,
+                "team": _team(teams, link.mailbox),
+                "created_at": iso_utc(link.created_at),
+            }
+            for link in view.links
+        ],
+        "messages": [
+            {
+                "message_id": message.message_id,
+                "date": message.date,
+                "from": message.from_,
+                "subject": message.subject,
+                "recipients": list(message.recipients),
+            }
+            for message in view.messages
+        ],
+    }
+
+
+def _list_object(row: LinkRow, teams: Mapping[str, str]) -> dict:
+    return {
+        "source": {
+            "reference": row.source_reference,
+            "mailbox": row.source_mailbox,
+            "team": _team(teams, row.source_mailbox),
+        },
+        "target": {
+            "reference": row.target_reference,
+            "mailbox": row.target_mailbox,
+            "team": _team(teams, row.target_mailbox),
+        },
+        "created_at": iso_utc(row.created_at),
+        "message_id": row.message_id,
+    }
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "") -> list[str]:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    lines = []
+    for row in (header, *rows):
+        cells = [str(cell).ljust(width) for cell, width in zip(row, widths)]
+        lines.append((indent + "  ".join(cells)).rstrip())
+    return lines
+
+
+def _or_dash(value: str | None) -> str:
+    return value if value else "-"
+
+
+def format_show(view: ActivityView, teams: Mapping[str, str], as_json: bool) -> str:
+    """`links show`: one JSON object (DESIGN.md 9), or a readable report."""
+    if as_json:
+        return json.dumps(_show_object(view, teams), ensure_ascii=False)
+    team = _team(teams, view.mailbox)
+    owner = _or_dash(view.mailbox) + (f" ({team})" if team else "")
+    lines = [f"{view.reference}  {owner}", ""]
+    if view.links:
+        lines.append("Linked activities:")
+        lines += _table(
+            ("REFERENCE", "MAILBOX", "TEAM", "CREATED"),
+            [
+                (
+                    link.reference,
+                    _or_dash(link.mailbox),
+                    _or_dash(_team(teams, link.mailbox)),
+                    iso_utc(link.created_at),
+                )
+                for link in view.links
+            ],
+            indent="  ",
+        )
+    else:
+        lines.append("Linked activities: none")
+    lines.append("")
+    if view.messages:
+        lines.append("Messages:")
+        for message in view.messages:
+            lines.append(f"  {_or_dash(message.date)}  {_or_dash(message.message_id)}")
+            lines.append(f"    From:    {_or_dash(message.from_)}")
+            lines.append(f"    Subject: {_or_dash(message.subject)}")
+            lines.append(f"    To:      {', '.join(message.recipients) or '-'}")
+    else:
+        lines.append("Messages: none")
+    return "\n".join(lines)
+
+
+def format_list(rows: Sequence[LinkRow], teams: Mapping[str, str], as_json: bool) -> str:
+    """`links list`: a JSON array of links (source and target sides each with
+    reference, mailbox, team; created_at; message_id), or a table."""
+    if as_json:
+        return json.dumps([_list_object(row, teams) for row in rows], ensure_ascii=False)
+    if not rows:
+        return "No links."
+    return "\n".join(
+        _table(
+            ("CREATED", "SOURCE", "MAILBOX", "TARGET", "MAILBOX", "TEAM"),
+            [
+                (
+                    iso_utc(row.created_at),
+                    row.source_reference,
+                    _or_dash(row.source_mailbox),
+                    row.target_reference,
+                    _or_dash(row.target_mailbox),
+                    _or_dash(_team(teams, row.target_mailbox)),
+                )
+                for row in rows
+            ],
+        )
+    )

@@ -1,0 +1,214 @@
+"""The link store's value types and the interface every backend provides."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from smtpgate.allocator import Allocator
+
+
+@dataclass(frozen=True)
+class LinkTarget:
+    """An untagged mailbox recipient that may get a linked activity (DESIGN.md 5)."""
+
+    mailbox: str  # canonical address of the work-management mailbox
+    team: str
+    new_reference: str  # the mailbox's template, e.g. "{n}-T"
+    allow_create: bool  # new_links is `create` and the message is not automatic
+
+
+@dataclass(frozen=True)
+class AllocationContext:
+    """Header facts about the message, handed to the http allocator."""
+
+    subject: str | None
+    from_: str | None
+    message_id: str | None
+
+
+@dataclass(frozen=True)
+class LinkOutcome:
+    """The linked activity's reference, and whether this call created the link."""
+
+    reference: str
+    created: bool
+
+
+@dataclass(frozen=True)
+class AllocationRequest:
+    """Everything an allocator may use to pick a new activity's reference."""
+
+    source_reference: str
+    mailbox: str
+    team: str
+    new_reference: str
+    subject: str | None
+    from_: str | None
+    message_id: str | None
+
+
+class NumberSource(Protocol):
+    """The store's local sequence, bound to the transaction that creates the link."""
+
+    async def next_number(self, first_number: int) -> int:
+        """Take the next number, never below first_number; rolled back with the transaction."""
+
+    async def is_known(self, reference: str) -> bool:
+        """True when the store already knows an activity with this reference."""
+
+
+@dataclass(frozen=True)
+class ThreadHit:
+    """An earlier relayed message named by In-Reply-To/References (DESIGN.md 3 step 4)."""
+
+    message_id: str
+    source_reference: str
+    source_mailbox: str | None
+    mapping: dict[str, str]  # mailbox canonical address -> reference used
+
+
+@dataclass(frozen=True)
+class MessageRecord:
+    """Header facts of one relayed message; never its body."""
+
+    message_id: str
+    date: str | None
+    from_: str | None
+    subject: str | None
+    source_reference: str | None
+    recipients: list[str]  # envelope recipients as relayed
+    mapping: dict[str, str]  # mailbox canonical address -> reference used
+    relayed_at: datetime
+
+
+@dataclass(frozen=True)
+class LinkedActivity:
+    """The other side of a link, seen from one activity."""
+
+    reference: str
+    mailbox: str | None
+    created_at: datetime
+    message_id: str | None = None
+
+
+@dataclass(frozen=True)
+class MessageView:
+    """A relayed message as the linked-activities view shows it."""
+
+    message_id: str
+    date: str | None
+    from_: str | None
+    subject: str | None
+    recipients: list[str]
+    source_reference: str | None
+    relayed_at: datetime
+
+
+@dataclass(frozen=True)
+class ActivityView:
+    """One activity, its links (from either side) and its relayed messages."""
+
+    reference: str
+    mailbox: str | None
+    links: list[LinkedActivity] = field(default_factory=list)
+    messages: list[MessageView] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LinkRow:
+    """One link as `smtpgate links list` shows it, in the direction it was created."""
+
+    source_reference: str
+    source_mailbox: str | None
+    target_reference: str
+    target_mailbox: str | None
+    created_at: datetime
+    message_id: str | None
+
+
+class Store(abc.ABC):
+    """The link store: activities, links, relayed messages and the local sequence.
+
+    Every method raises StoreError (or a subclass) when the backend fails;
+    the relay answers such a failure with `451 4.3.0`.
+    """
+
+    allocator: Allocator | None
+
+    @abc.abstractmethod
+    async def schema_version(self) -> int:
+        """The schema version of the database; 0 for a database smtpgate never used."""
+
+    @abc.abstractmethod
+    async def upgrade(self) -> tuple[int, int]:
+        """Apply pending migrations; return (version before, version after)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections; safe to call twice."""
+
+    @abc.abstractmethod
+    async def activity_mailbox(self, reference: str) -> str | None:
+        """The canonical address of the mailbox owning the activity, when known."""
+
+    @abc.abstractmethod
+    async def record_activity(self, reference: str, mailbox: str) -> None:
+        """Remember the activity's owner unless an owner is already known."""
+
+    @abc.abstractmethod
+    async def get_or_create_link(
+        self,
+        source_reference: str,
+        source_mailbox: str | None,
+        target: LinkTarget,
+        context: AllocationContext,
+    ) -> LinkOutcome | None:
+        """The activity of target.mailbox linked to the source, created when allowed.
+
+        The newest existing link to an activity owned by target.mailbox wins
+        (created=False). Otherwise, with target.allow_create, a reference is
+        allocated and the activity and link are committed before returning
+        (created=True); without it, None. Racers for the same (source,
+        mailbox), in any process or node, all get the one reference.
+        """
+
+    @abc.abstractmethod
+    async def record_link(
+        self,
+        source_reference: str,
+        source_mailbox: str | None,
+        target_reference: str,
+        target_mailbox: str,
+        message_id: str | None,
+    ) -> bool:
+        """Record an explicitly tagged link and its owners; True when the link is new."""
+
+    @abc.abstractmethod
+    async def find_thread(self, message_ids: Sequence[str]) -> ThreadHit | None:
+        """The first of message_ids (in order) that smtpgate relayed with a source activity."""
+
+    @abc.abstractmethod
+    async def record_message(self, record: MessageRecord) -> None:
+        """Store the message's header facts; a second call for the same
+        (Message-ID, source reference) changes nothing."""
+
+    @abc.abstractmethod
+    async def show(self, reference: str) -> ActivityView | None:
+        """The linked-activities view of one activity; None when the store never saw it."""
+
+    @abc.abstractmethod
+    async def list_links(
+        self, mailbox: str | None = None, since: datetime | None = None
+    ) -> list[LinkRow]:
+        """Links, oldest first; with mailbox, those with either side owned by it;
+        with since, those created at or after it."""
+
+    @abc.abstractmethod
+    async def prune_messages(self, keep_days: int) -> int:
+        """Delete message records relayed more than keep_days ago; links stay.
+        Returns how many records were deleted."""

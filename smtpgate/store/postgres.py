@@ -1,0 +1,170 @@
+"""The PostgreSQL backend (`store.url: postgresql://...`), for several
+smtpgate nodes sharing one database, through asyncpg.
+
+Get-or-create for one (source activity, mailbox) pair runs under a
+transaction-scoped advisory lock named after the pair, so racers on any node
+wait for the first one's commit and then find its link. The lock is held
+around the allocator call (local sequence or HTTP): only that pair waits.
+The local sequence is a row updated in the same transaction, so a rollback
+or a crashed node gives its number back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+
+from smtpgate.store import migrations
+from smtpgate.store.errors import StoreError
+from smtpgate.store.sql import SCHEMA_LOCK_KEY, SqlStore, Tx
+
+if TYPE_CHECKING:
+    from smtpgate.allocator import Allocator
+
+_PLACEHOLDER = re.compile(r"\?")
+
+# Everything asyncpg and the network raise for a failing server or connection.
+_FAILURES = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
+
+
+def _numbered(sql: str) -> str:
+    """`?` placeholders as PostgreSQL's `$1, $2, ...` (the shared SQL has no `?` in literals)."""
+    count = 0
+
+    def number(_match: re.Match[str]) -> str:
+        nonlocal count
+        count += 1
+        return f"${count}"
+
+    return _PLACEHOLDER.sub(number, sql)
+
+
+class _PgTx:
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+
+    async def execute(self, sql: str, *args: Any) -> None:
+        await self._conn.execute(_numbered(sql), *args)
+
+    async def fetchall(self, sql: str, *args: Any) -> list[Sequence[Any]]:
+        return list(await self._conn.fetch(_numbered(sql), *args))
+
+    async def fetchone(self, sql: str, *args: Any) -> Sequence[Any] | None:
+        return await self._conn.fetchrow(_numbered(sql), *args)
+
+
+def _safe_dsn(dsn: str) -> str:
+    """The DSN without its password, for error messages."""
+    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", dsn)
+
+
+class PostgresStore(SqlStore):
+    """A Store in a PostgreSQL database shared by several smtpgate nodes."""
+
+    NEXT_NUMBER_SQL = (
+        "INSERT INTO allocator_sequence AS s (name, next_number) VALUES ('local', ?::bigint + 1)"
+        " ON CONFLICT (name) DO UPDATE SET next_number = GREATEST(s.next_number, ?::bigint) + 1"
+        " RETURNING next_number - 1"
+    )
+
+    def __init__(
+        self,
+        dsn: str,
+        allocator: Allocator | None,
+        timeout: float = 30.0,
+        pool_size: int = 10,
+    ) -> None:
+        super().__init__(allocator)
+        self.dsn = dsn
+        self._timeout = timeout
+        self._pool_size = pool_size
+        self._pool: asyncpg.Pool | None = None
+
+    async def connect(self) -> None:
+        """Open the connection pool; StoreError when the server cannot be reached."""
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.dsn,
+                min_size=1,
+                max_size=self._pool_size,
+                timeout=self._timeout,
+                command_timeout=self._timeout,
+            )
+        except (*_FAILURES, ValueError) as exc:
+            raise StoreError(f"postgresql {_safe_dsn(self.dsn)}: {exc}") from exc
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), self._timeout)
+            except _FAILURES:
+                pool.terminate()
+
+    def _pool_or_fail(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise StoreError("postgresql: store is closed")
+        return self._pool
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[Tx]:
+        pool = self._pool_or_fail()
+        try:
+            async with pool.acquire(timeout=self._timeout) as conn:
+                yield _PgTx(conn)
+        except _FAILURES as exc:
+            raise StoreError(f"postgresql: {exc.__class__.__name__}: {exc}") from exc
+
+    @asynccontextmanager
+    async def _write(self, lock_key: str | None = None) -> AsyncIterator[Tx]:
+        pool = self._pool_or_fail()
+        try:
+            async with pool.acquire(timeout=self._timeout) as conn:
+                async with conn.transaction():
+                    if lock_key is not None:
+                        # Released by COMMIT/ROLLBACK, or when a crashed
+                        # node's connection drops.
+                        await conn.execute(
+                            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", lock_key
+                        )
+                    yield _PgTx(conn)
+        except _FAILURES as exc:
+            raise StoreError(f"postgresql: {exc.__class__.__name__}: {exc}") from exc
+
+    @asynccontextmanager
+    async def _schema_write(self) -> AsyncIterator[Tx]:
+        # A session lock taken before the transaction starts: a transaction
+        # that began before another node's migration committed could still
+        # see the old catalog after waiting for an in-transaction lock.
+        pool = self._pool_or_fail()
+        try:
+            async with pool.acquire(timeout=self._timeout) as conn:
+                await conn.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", SCHEMA_LOCK_KEY)
+                try:
+                    async with conn.transaction():
+                        yield _PgTx(conn)
+                finally:
+                    await conn.execute(
+                        "SELECT pg_advisory_unlock(hashtextextended($1, 0))", SCHEMA_LOCK_KEY
+                    )
+        except _FAILURES as exc:
+            raise StoreError(f"postgresql: {exc.__class__.__name__}: {exc}") from exc
+
+    def _migrations(self) -> list[migrations.Migration]:
+        return migrations.POSTGRES
+
+    async def _has_schema_table(self, tx: Tx) -> bool:
+        row = await tx.fetchone("SELECT to_regclass('smtpgate_schema') IS NOT NULL")
+        return bool(row and row[0])
+
+    def _ts(self, value: datetime) -> datetime:
+        return value.astimezone(timezone.utc)
+
+    def _dt(self, value: Any) -> datetime:
+        return value.astimezone(timezone.utc)

@@ -1,0 +1,472 @@
+"""The link logic shared by the SQL backends, written once against a small
+transaction interface; the backends supply connections, locking and the
+dialect's few differences."""
+
+from __future__ import annotations
+
+import abc
+import json
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, Protocol
+
+import structlog
+
+from smtpgate.store import migrations as migrations_module
+from smtpgate.store.base import (
+    ActivityView,
+    AllocationContext,
+    AllocationRequest,
+    LinkedActivity,
+    LinkOutcome,
+    LinkRow,
+    LinkTarget,
+    MessageRecord,
+    MessageView,
+    Store,
+    ThreadHit,
+)
+from smtpgate.store.errors import AllocationError, StoreError
+
+if TYPE_CHECKING:
+    from smtpgate.allocator import Allocator
+
+log = structlog.get_logger()
+
+# Serialises schema migrations across processes and nodes.
+SCHEMA_LOCK_KEY = "smtpgate:schema"
+
+
+class Tx(Protocol):
+    """One connection, inside or outside a transaction; SQL uses `?` placeholders."""
+
+    async def execute(self, sql: str, *args: Any) -> None: ...
+
+    async def fetchall(self, sql: str, *args: Any) -> list[Sequence[Any]]: ...
+
+    async def fetchone(self, sql: str, *args: Any) -> Sequence[Any] | None: ...
+
+
+def utcnow() -> datetime:
+    """Now, timezone-aware UTC."""
+    return datetime.now(timezone.utc)
+
+
+def as_utc(value: datetime) -> datetime:
+    """value in UTC; a naive datetime is taken to be UTC already."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc)
+
+
+def normalize_message_id(value: str) -> str:
+    """A Message-ID as stored and looked up: trimmed, inside one pair of angle brackets."""
+    value = value.strip()
+    if not value:
+        return value
+    if not value.startswith("<"):
+        value = "<" + value
+    if not value.endswith(">"):
+        value = value + ">"
+    return value
+
+
+def link_lock_key(source_reference: str, mailbox: str) -> str:
+    """The lock name that serialises get-or-create for one (source, mailbox) pair."""
+    return f"smtpgate:link:{source_reference} {mailbox}"
+
+
+class _Numbers:
+    """The local sequence, bound to one write transaction."""
+
+    def __init__(self, store: SqlStore, tx: Tx) -> None:
+        self._store = store
+        self._tx = tx
+
+    async def next_number(self, first_number: int) -> int:
+        row = await self._tx.fetchone(self._store.NEXT_NUMBER_SQL, first_number, first_number)
+        assert row is not None
+        return int(row[0])
+
+    async def is_known(self, reference: str) -> bool:
+        row = await self._tx.fetchone("SELECT 1 FROM activities WHERE reference = ?", reference)
+        return row is not None
+
+
+class SqlStore(Store):
+    """A Store over SQL; subclasses provide `_read`, `_write` and the dialect."""
+
+    # Takes the next number atomically; parameters: first_number twice.
+    NEXT_NUMBER_SQL: str
+
+    def __init__(self, allocator: Allocator | None) -> None:
+        self.allocator = allocator
+
+    # -- what a backend provides ------------------------------------------
+
+    @abc.abstractmethod
+    def _read(self) -> AbstractAsyncContextManager[Tx]:
+        """A connection for reads, outside any write transaction."""
+
+    @abc.abstractmethod
+    def _write(self, lock_key: str | None = None) -> AbstractAsyncContextManager[Tx]:
+        """A write transaction, committed on normal exit, rolled back on any
+        exception; with lock_key, no other transaction holding the same key
+        runs at the same time (in any process or node)."""
+
+    @abc.abstractmethod
+    def _migrations(self) -> list[migrations_module.Migration]:
+        """The dialect's migrations."""
+
+    @abc.abstractmethod
+    async def _has_schema_table(self, tx: Tx) -> bool:
+        """True when the smtpgate_schema table exists."""
+
+    @abc.abstractmethod
+    def _ts(self, value: datetime) -> Any:
+        """A timestamp as the database stores it."""
+
+    @abc.abstractmethod
+    def _dt(self, value: Any) -> datetime:
+        """A stored timestamp as an aware UTC datetime."""
+
+    # -- schema -----------------------------------------------------------
+
+    def latest_version(self) -> int:
+        """The schema version this smtpgate expects."""
+        return migrations_module.latest(self._migrations())
+
+    async def _version(self, tx: Tx) -> int:
+        if not await self._has_schema_table(tx):
+            return 0
+        row = await tx.fetchone("SELECT MAX(version) FROM smtpgate_schema")
+        return int(row[0]) if row and row[0] is not None else 0
+
+    async def schema_version(self) -> int:
+        async with self._read() as tx:
+            return await self._version(tx)
+
+    def _schema_write(self) -> AbstractAsyncContextManager[Tx]:
+        """The write transaction migrations run in, exclusive across processes and nodes."""
+        return self._write(SCHEMA_LOCK_KEY)
+
+    async def upgrade(self) -> tuple[int, int]:
+        async with self._schema_write() as tx:
+            # Read again under the lock: another process may have just upgraded.
+            before = await self._version(tx)
+            if before > self.latest_version():
+                raise StoreError(
+                    f"database schema version {before} is newer than this smtpgate "
+                    f"(version {self.latest_version()}); upgrade smtpgate"
+                )
+            if before == 0 and not await self._has_schema_table(tx):
+                await tx.execute(
+                    "CREATE TABLE smtpgate_schema ("
+                    " version INTEGER PRIMARY KEY, description TEXT NOT NULL,"
+                    " applied_at TEXT NOT NULL)"
+                )
+            after = before
+            for version, description, statements in sorted(self._migrations()):
+                if version <= before:
+                    continue
+                for statement in statements:
+                    await tx.execute(statement)
+                await tx.execute(
+                    "INSERT INTO smtpgate_schema (version, description, applied_at) VALUES (?, ?, ?)",
+                    version,
+                    description,
+                    utcnow().isoformat(),
+                )
+                after = version
+        if after != before:
+            log.info("store.upgraded", from_version=before, to_version=after)
+        return before, after
+
+    # -- activities -------------------------------------------------------
+
+    async def activity_mailbox(self, reference: str) -> str | None:
+        async with self._read() as tx:
+            row = await tx.fetchone("SELECT mailbox FROM activities WHERE reference = ?", reference)
+        return row[0] if row else None
+
+    async def _remember(self, tx: Tx, owners: dict[str, str | None], now: datetime) -> None:
+        # Sorted, so that concurrent transactions lock activity rows in one
+        # order and cannot deadlock each other.
+        for reference in sorted(owners):
+            mailbox = owners[reference]
+            await tx.execute(
+                "INSERT INTO activities (reference, mailbox, created_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (reference) DO UPDATE SET mailbox = excluded.mailbox "
+                "WHERE activities.mailbox IS NULL AND excluded.mailbox IS NOT NULL",
+                reference,
+                mailbox,
+                self._ts(now),
+            )
+
+    async def record_activity(self, reference: str, mailbox: str) -> None:
+        async with self._read() as tx:
+            row = await tx.fetchone("SELECT mailbox FROM activities WHERE reference = ?", reference)
+        if row is not None and row[0] is not None:
+            return  # the common case needs no write lock
+        async with self._write() as tx:
+            await self._remember(tx, {reference: mailbox}, utcnow())
+
+    # -- links ------------------------------------------------------------
+
+    async def _linked_owned_by(self, tx: Tx, reference: str, mailbox: str) -> str | None:
+        row = await tx.fetchone(
+            "SELECT a.reference FROM links l JOIN activities a"
+            " ON a.reference = (CASE WHEN l.lo = ? THEN l.hi ELSE l.lo END)"
+            " WHERE (l.lo = ? OR l.hi = ?) AND a.mailbox = ?"
+            " ORDER BY l.created_at DESC, l.id DESC LIMIT 1",
+            reference,
+            reference,
+            reference,
+            mailbox,
+        )
+        return row[0] if row else None
+
+    async def _insert_link(
+        self, tx: Tx, source: str, target: str, message_id: str | None, now: datetime
+    ) -> bool:
+        lo, hi = sorted((source, target))
+        rows = await tx.fetchall(
+            "INSERT INTO links (source_reference, target_reference, lo, hi, created_at, message_id)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (lo, hi) DO NOTHING RETURNING id",
+            source,
+            target,
+            lo,
+            hi,
+            self._ts(now),
+            message_id,
+        )
+        return bool(rows)
+
+    async def get_or_create_link(
+        self,
+        source_reference: str,
+        source_mailbox: str | None,
+        target: LinkTarget,
+        context: AllocationContext,
+    ) -> LinkOutcome | None:
+        async with self._read() as tx:
+            existing = await self._linked_owned_by(tx, source_reference, target.mailbox)
+        if existing is not None:
+            return LinkOutcome(existing, created=False)
+        if not target.allow_create:
+            return None
+        if self.allocator is None:
+            raise AllocationError("no allocator configured; cannot create a linked activity")
+        async with self._write(link_lock_key(source_reference, target.mailbox)) as tx:
+            # Again under the lock: a racer may have created it meanwhile.
+            existing = await self._linked_owned_by(tx, source_reference, target.mailbox)
+            if existing is not None:
+                return LinkOutcome(existing, created=False)
+            request = AllocationRequest(
+                source_reference=source_reference,
+                mailbox=target.mailbox,
+                team=target.team,
+                new_reference=target.new_reference,
+                subject=context.subject,
+                from_=context.from_,
+                message_id=context.message_id,
+            )
+            reference = await self.allocator.allocate(request, _Numbers(self, tx))
+            if reference == source_reference:
+                raise AllocationError(f"allocator answered the source reference {reference}")
+            row = await tx.fetchone("SELECT mailbox FROM activities WHERE reference = ?", reference)
+            if row is not None and row[0] is not None and row[0] != target.mailbox:
+                raise AllocationError(
+                    f"allocated reference {reference} belongs to {row[0]}, not {target.mailbox}"
+                )
+            now = utcnow()
+            await self._remember(tx, {reference: target.mailbox, source_reference: source_mailbox}, now)
+            await self._insert_link(tx, source_reference, reference, context.message_id, now)
+        log.info(
+            "link.created",
+            source_reference=source_reference,
+            reference=reference,
+            mailbox=target.mailbox,
+        )
+        return LinkOutcome(reference, created=True)
+
+    async def record_link(
+        self,
+        source_reference: str,
+        source_mailbox: str | None,
+        target_reference: str,
+        target_mailbox: str,
+        message_id: str | None,
+    ) -> bool:
+        if source_reference == target_reference:
+            return False  # an activity is not linked to itself
+        async with self._write() as tx:
+            now = utcnow()
+            await self._remember(
+                tx, {source_reference: source_mailbox, target_reference: target_mailbox}, now
+            )
+            created = await self._insert_link(tx, source_reference, target_reference, message_id, now)
+        if created:
+            log.info(
+                "link.created",
+                source_reference=source_reference,
+                reference=target_reference,
+                mailbox=target_mailbox,
+            )
+        return created
+
+    # -- messages ---------------------------------------------------------
+
+    async def find_thread(self, message_ids: Sequence[str]) -> ThreadHit | None:
+        wanted = [normalize_message_id(m) for m in message_ids if m and m.strip()]
+        if not wanted:
+            return None
+        unique = list(dict.fromkeys(wanted))
+        marks = ", ".join("?" for _ in unique)
+        async with self._read() as tx:
+            rows = await tx.fetchall(
+                "SELECT m.message_id, m.source_reference, m.mapping, a.mailbox"
+                " FROM messages m LEFT JOIN activities a ON a.reference = m.source_reference"
+                f" WHERE m.message_id IN ({marks}) AND m.source_reference IS NOT NULL"
+                " ORDER BY m.relayed_at DESC, m.id DESC",
+                *unique,
+            )
+        newest: dict[str, Sequence[Any]] = {}
+        for row in rows:
+            newest.setdefault(row[0], row)
+        for message_id in unique:
+            row = newest.get(message_id)
+            if row is not None:
+                return ThreadHit(
+                    message_id=message_id,
+                    source_reference=row[1],
+                    source_mailbox=row[3],
+                    mapping=dict(json.loads(row[2])),
+                )
+        return None
+
+    async def record_message(self, record: MessageRecord) -> None:
+        message_id = normalize_message_id(record.message_id)
+        references = {ref for ref in record.mapping.values() if ref}
+        if record.source_reference:
+            references.add(record.source_reference)
+        async with self._write() as tx:
+            rows = await tx.fetchall(
+                "INSERT INTO messages (message_id, source_reference, source_key, date, from_addr,"
+                " subject, recipients, mapping, relayed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (message_id, source_key) DO NOTHING RETURNING id",
+                message_id,
+                record.source_reference,
+                record.source_reference or "",
+                record.date,
+                record.from_,
+                record.subject,
+                json.dumps(list(record.recipients)),
+                json.dumps(dict(record.mapping), sort_keys=True),
+                self._ts(as_utc(record.relayed_at)),
+            )
+            if not rows:
+                return  # a retry of a message already recorded
+            for reference in sorted(references):
+                await tx.execute(
+                    "INSERT INTO message_activities (message, reference) VALUES (?, ?)",
+                    rows[0][0],
+                    reference,
+                )
+
+    async def prune_messages(self, keep_days: int) -> int:
+        if keep_days < 0:
+            raise ValueError("keep_days must not be negative")
+        cutoff = self._ts(utcnow() - timedelta(days=keep_days))
+        async with self._write() as tx:
+            await tx.execute(
+                "DELETE FROM message_activities WHERE message IN"
+                " (SELECT id FROM messages WHERE relayed_at < ?)",
+                cutoff,
+            )
+            rows = await tx.fetchall("DELETE FROM messages WHERE relayed_at < ? RETURNING id", cutoff)
+        if rows:
+            log.info("store.pruned", messages=len(rows), keep_days=keep_days)
+        return len(rows)
+
+    # -- views ------------------------------------------------------------
+
+    async def show(self, reference: str) -> ActivityView | None:
+        async with self._read() as tx:
+            activity = await tx.fetchone("SELECT mailbox FROM activities WHERE reference = ?", reference)
+            link_rows = await tx.fetchall(
+                "SELECT x.other, a.mailbox, x.created_at, x.message_id FROM"
+                " (SELECT CASE WHEN lo = ? THEN hi ELSE lo END AS other, created_at, message_id, id"
+                "  FROM links WHERE lo = ? OR hi = ?) x"
+                " LEFT JOIN activities a ON a.reference = x.other"
+                " ORDER BY x.created_at, x.id",
+                reference,
+                reference,
+                reference,
+            )
+            message_rows = await tx.fetchall(
+                "SELECT m.message_id, m.date, m.from_addr, m.subject, m.recipients,"
+                " m.source_reference, m.relayed_at"
+                " FROM messages m JOIN message_activities ma ON ma.message = m.id"
+                " WHERE ma.reference = ? ORDER BY m.relayed_at, m.id",
+                reference,
+            )
+        if activity is None and not link_rows and not message_rows:
+            return None
+        return ActivityView(
+            reference=reference,
+            mailbox=activity[0] if activity else None,
+            links=[
+                LinkedActivity(reference=r[0], mailbox=r[1], created_at=self._dt(r[2]), message_id=r[3])
+                for r in link_rows
+            ],
+            messages=[
+                MessageView(
+                    message_id=r[0],
+                    date=r[1],
+                    from_=r[2],
+                    subject=r[3],
+                    recipients=list(json.loads(r[4])),
+                    source_reference=r[5],
+                    relayed_at=self._dt(r[6]),
+                )
+                for r in message_rows
+            ],
+        )
+
+    async def list_links(
+        self, mailbox: str | None = None, since: datetime | None = None
+    ) -> list[LinkRow]:
+        where: list[str] = []
+        args: list[Any] = []
+        if mailbox is not None:
+            where.append("(s.mailbox = ? OR t.mailbox = ?)")
+            args += [mailbox, mailbox]
+        if since is not None:
+            where.append("l.created_at >= ?")
+            args.append(self._ts(as_utc(since)))
+        sql = (
+            "SELECT l.source_reference, s.mailbox, l.target_reference, t.mailbox,"
+            " l.created_at, l.message_id FROM links l"
+            " LEFT JOIN activities s ON s.reference = l.source_reference"
+            " LEFT JOIN activities t ON t.reference = l.target_reference"
+        )
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY l.created_at, l.id"
+        async with self._read() as tx:
+            rows = await tx.fetchall(sql, *args)
+        return [
+            LinkRow(
+                source_reference=r[0],
+                source_mailbox=r[1],
+                target_reference=r[2],
+                target_mailbox=r[3],
+                created_at=self._dt(r[4]),
+                message_id=r[5],
+            )
+            for r in rows
+        ]
+
+

@@ -1,0 +1,193 @@
+"""The embedded SQLite backend (`store.url: sqlite:PATH`).
+
+WAL mode lets readers run beside the one writer; every write is a
+`BEGIN IMMEDIATE` transaction, which takes SQLite's database write lock
+at once, so get-or-create is atomic across all worker processes on the
+machine. Each process keeps two aiosqlite connections (each with its own
+thread, so the event loop never blocks): one for reads and one for writes,
+the latter guarded by an asyncio lock because a connection carries one
+transaction at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiosqlite
+
+from smtpgate.store import migrations
+from smtpgate.store.errors import StoreError
+from smtpgate.store.sql import SqlStore, Tx
+
+if TYPE_CHECKING:
+    from smtpgate.allocator import Allocator
+
+# Fixed width, so that text order is time order.
+_TS_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
+class _SqliteTx:
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self._conn = conn
+
+    async def execute(self, sql: str, *args: Any) -> None:
+        await self._conn.execute(sql, args)
+
+    async def fetchall(self, sql: str, *args: Any) -> list[Sequence[Any]]:
+        async with self._conn.execute(sql, args) as cursor:
+            return list(await cursor.fetchall())
+
+    async def fetchone(self, sql: str, *args: Any) -> Sequence[Any] | None:
+        async with self._conn.execute(sql, args) as cursor:
+            return await cursor.fetchone()
+
+
+class SqliteStore(SqlStore):
+    """A Store in one SQLite file, shared safely by the processes of one machine."""
+
+    NEXT_NUMBER_SQL = (
+        "INSERT INTO allocator_sequence (name, next_number) VALUES ('local', ? + 1)"
+        " ON CONFLICT (name) DO UPDATE SET"
+        " next_number = max(allocator_sequence.next_number, ?) + 1"
+        " RETURNING next_number - 1"
+    )
+
+    def __init__(self, path: Path, allocator: Allocator | None, busy_timeout: float = 30.0) -> None:
+        super().__init__(allocator)
+        self.path = path
+        self._busy_timeout_ms = int(busy_timeout * 1000)
+        self._reader: aiosqlite.Connection | None = None
+        self._writer: aiosqlite.Connection | None = None
+        self._write_lock = asyncio.Lock()
+        self._cleanups: set[asyncio.Task[None]] = set()
+
+    async def connect(self) -> None:
+        """Open both connections and switch the file to WAL mode."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = await self._open()
+            await self._use_wal(self._writer)
+            self._reader = await self._open()
+        except (sqlite3.Error, OSError) as exc:
+            await self.close()
+            raise StoreError(f"sqlite {self.path}: {exc}") from exc
+
+    async def _use_wal(self, conn: aiosqlite.Connection) -> None:
+        # Switching a new file to WAL needs an exclusive lock and SQLite does
+        # not always call the busy handler for it: another process opening
+        # the same new file gets "database is locked", so try again.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._busy_timeout_ms / 1000
+        delay = 0.01
+        while True:
+            try:
+                row = await (await conn.execute("PRAGMA journal_mode=WAL")).fetchone()
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                if loop.time() >= deadline:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+        if row is None or str(row[0]).lower() != "wal":
+            raise StoreError(f"sqlite {self.path}: cannot switch to WAL mode")
+
+    async def _open(self) -> aiosqlite.Connection:
+        # isolation_level=None: no implicit transactions; this module says BEGIN.
+        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        # busy_timeout first: the other pragmas may already need the lock.
+        await conn.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+        # A committed link must survive a power cut: the tagged mail is already relayed.
+        await conn.execute("PRAGMA synchronous = FULL")
+        await conn.execute("PRAGMA foreign_keys = ON")
+        return conn
+
+    async def close(self) -> None:
+        if self._cleanups:
+            await asyncio.gather(*self._cleanups, return_exceptions=True)
+        for name in ("_reader", "_writer"):
+            conn = getattr(self, name)
+            setattr(self, name, None)
+            if conn is not None:
+                try:
+                    await conn.close()
+                except sqlite3.Error:
+                    pass
+
+    def _conn(self, conn: aiosqlite.Connection | None) -> aiosqlite.Connection:
+        if conn is None:
+            raise StoreError(f"sqlite {self.path}: store is closed")
+        return conn
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[Tx]:
+        conn = self._conn(self._reader)
+        try:
+            yield _SqliteTx(conn)
+        except sqlite3.Error as exc:
+            raise StoreError(f"sqlite {self.path}: {exc}") from exc
+
+    @asynccontextmanager
+    async def _write(self, lock_key: str | None = None) -> AsyncIterator[Tx]:
+        # lock_key needs no lock of its own: BEGIN IMMEDIATE already excludes
+        # every other writer of the file.
+        await self._write_lock.acquire()
+        release = True
+        try:
+            conn = self._conn(self._writer)
+            try:
+                await conn.execute("BEGIN IMMEDIATE")
+                yield _SqliteTx(conn)
+                await conn.execute("COMMIT")
+            except asyncio.CancelledError:
+                # The statement in flight still runs on aiosqlite's thread
+                # (BEGIN may wait out busy_timeout): roll back behind it
+                # without making the cancelled caller wait.
+                release = False
+                task = asyncio.get_running_loop().create_task(self._rollback_and_release(conn))
+                self._cleanups.add(task)
+                task.add_done_callback(self._cleanups.discard)
+                raise
+            except BaseException as exc:
+                await self._rollback(conn)
+                if isinstance(exc, sqlite3.Error):
+                    raise StoreError(f"sqlite {self.path}: {exc}") from exc
+                raise
+        finally:
+            if release:
+                self._write_lock.release()
+
+    async def _rollback_and_release(self, conn: aiosqlite.Connection) -> None:
+        try:
+            await self._rollback(conn)
+        finally:
+            self._write_lock.release()
+
+    async def _rollback(self, conn: aiosqlite.Connection) -> None:
+        # Unconditional: statements queued before it may still open a transaction.
+        try:
+            await conn.execute("ROLLBACK")
+        except (sqlite3.Error, ValueError):
+            pass  # no transaction was open, or the connection is gone
+
+    def _migrations(self) -> list[migrations.Migration]:
+        return migrations.SQLITE
+
+    async def _has_schema_table(self, tx: Tx) -> bool:
+        row = await tx.fetchone(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'smtpgate_schema'"
+        )
+        return row is not None
+
+    def _ts(self, value: datetime) -> str:
+        return value.astimezone(timezone.utc).strftime(_TS_FORMAT)
+
+    def _dt(self, value: Any) -> datetime:
+        return datetime.strptime(value, _TS_FORMAT).replace(tzinfo=timezone.utc)

@@ -1,0 +1,165 @@
+"""The http allocator (DESIGN.md 7) against a real HTTP server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from smtpgate.allocator import AllocationError, HttpAllocator
+from smtpgate.store import AllocationContext, LinkOutcome, LinkTarget, StoreError, open_store
+from tests.store_helpers import pg_database, store_url  # noqa: F401
+
+UK = "uk-payroll@corp.example"
+PL = "pl-payroll@corp.example"
+PATTERN = re.compile(r"[0-9]{1,12}-[TCA]")
+TARGET = LinkTarget(PL, "Team B (Poland)", "{n}-T", True)
+CTX = AllocationContext(subject="Payroll 101203-T", from_="anna@corp.example", message_id="<m1@corp.example>")
+
+
+class Allocation:
+    """A loopback HTTP allocator whose answer each test chooses."""
+
+    def __init__(self) -> None:
+        self.answer: web.Response | None = None
+        self.requests: list[tuple[dict, str | None]] = []
+        self.release = asyncio.Event()  # a hanging answer waits for this
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.requests.append((await request.json(), request.headers.get("Authorization")))
+        if self.answer is None:
+            await self.release.wait()
+            return web.json_response({"reference": "1-T"})
+        return self.answer
+
+
+@pytest.fixture
+async def service():
+    allocation = Allocation()
+    app = web.Application()
+    app.router.add_post("/api/linked-activities", allocation.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    allocation.url = f"http://{host}:{port}/api/linked-activities"
+    yield allocation
+    allocation.release.set()
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def store(store_url, tmp_path: Path, service):  # noqa: F811
+    allocator = HttpAllocator(service.url, "s3cret-token", timeout=0.5, matcher=PATTERN.fullmatch)
+    s = await open_store(store_url, base_dir=tmp_path, allocator=allocator)
+    yield s
+    await s.close()
+
+
+async def assert_nothing_written(store) -> None:
+    assert await store.show("101203-T") is None
+    assert await store.list_links() == []
+
+
+async def test_a_good_answer_creates_the_link(store, service):
+    service.answer = web.json_response({"reference": "5512-C"}, status=201)
+    outcome = await store.get_or_create_link("101203-T", UK, TARGET, CTX)
+    assert outcome == LinkOutcome("5512-C", created=True)
+    assert await store.activity_mailbox("5512-C") == PL
+    body, authorization = service.requests[0]
+    assert body == {
+        "source_reference": "101203-T",
+        "mailbox": PL,
+        "team": "Team B (Poland)",
+        "subject": "Payroll 101203-T",
+        "from": "anna@corp.example",
+        "message_id": "<m1@corp.example>",
+    }
+    assert authorization == "Bearer s3cret-token"
+    # Reused afterwards without asking again.
+    assert await store.get_or_create_link("101203-T", UK, TARGET, CTX) == LinkOutcome("5512-C", False)
+    assert len(service.requests) == 1
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(lambda: web.json_response({"error": "no"}, status=403), id="refusal"),
+        pytest.param(lambda: web.json_response({"reference": "T-5512"}), id="pattern-mismatch"),
+        pytest.param(lambda: web.json_response({"reference": "5512-C trailing"}), id="partial-match"),
+        pytest.param(lambda: web.json_response({"reference": 5512}), id="not-a-string"),
+        pytest.param(lambda: web.Response(text="<html>ok</html>"), id="not-json"),
+        pytest.param(lambda: web.json_response(["5512-C"]), id="not-an-object"),
+        pytest.param(lambda: web.Response(status=500), id="server-error"),
+    ],
+)
+async def test_a_bad_answer_fails_and_writes_nothing(store, service, answer):
+    service.answer = answer()
+    with pytest.raises(AllocationError) as caught:
+        await store.get_or_create_link("101203-T", UK, TARGET, CTX)
+    assert isinstance(caught.value, StoreError)
+    assert "s3cret-token" not in str(caught.value)
+    await assert_nothing_written(store)
+
+
+async def test_a_timeout_fails_and_writes_nothing(store, service):
+    service.answer = None  # the service never answers in time
+    with pytest.raises(AllocationError, match="did not answer"):
+        await store.get_or_create_link("101203-T", UK, TARGET, CTX)
+    await assert_nothing_written(store)
+    # The store is usable afterwards: nothing stayed locked.
+    service.answer = web.json_response({"reference": "5512-C"})
+    assert (await store.get_or_create_link("101203-T", UK, TARGET, CTX)).reference == "5512-C"
+
+
+async def test_an_unreachable_allocator_fails_and_writes_nothing(store_url, tmp_path):  # noqa: F811
+    allocator = HttpAllocator("http://127.0.0.1:9/none", None, timeout=2, matcher=PATTERN.fullmatch)
+    s = await open_store(store_url, base_dir=tmp_path, allocator=allocator)
+    try:
+        with pytest.raises(AllocationError):
+            await s.get_or_create_link("101203-T", UK, TARGET, CTX)
+        await assert_nothing_written(s)
+    finally:
+        await s.close()
+
+
+async def test_a_reference_owned_by_another_mailbox_is_refused(store, service):
+    await store.record_activity("5512-C", "de-payroll@corp.example")
+    service.answer = web.json_response({"reference": "5512-C"})
+    with pytest.raises(AllocationError, match="belongs to"):
+        await store.get_or_create_link("101203-T", UK, TARGET, CTX)
+    await assert_nothing_written(store)
+
+
+async def test_racing_nodes_ask_the_allocator_once(store_url, tmp_path, service):  # noqa: F811
+    service.answer = web.json_response({"reference": "5512-C"})
+    nodes = [
+        await open_store(
+            store_url,
+            base_dir=tmp_path,
+            allocator=HttpAllocator(service.url, "t", timeout=5, matcher=PATTERN.fullmatch),
+        )
+        for _ in range(2)
+    ]
+    try:
+        outcomes = await asyncio.gather(
+            *(n.get_or_create_link("101203-T", UK, TARGET, CTX) for n in nodes for _ in range(10))
+        )
+        assert {o.reference for o in outcomes} == {"5512-C"}
+        assert sum(o.created for o in outcomes) == 1
+        assert len(service.requests) == 1
+    finally:
+        for n in nodes:
+            await n.close()
+
+
+def test_the_token_stays_out_of_the_repr():
+    allocator = HttpAllocator("http://127.0.0.1/x", "s3cret-token", 1, PATTERN.fullmatch)
+    assert "s3cret" not in repr(allocator)
+    assert json.dumps({"a": repr(allocator)})

@@ -1,0 +1,106 @@
+"""Store URLs, schema versions and migrations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from smtpgate.store import SchemaOutdated, StoreError, migrations, open_store, sqlite_path
+from tests.store_helpers import pg_database, store_url  # noqa: F401
+
+
+@pytest.fixture
+def next_version(monkeypatch):
+    """Pretend this smtpgate ships a version 2 migration."""
+    extra = (2, "an index for tests", ["CREATE INDEX links_message_id ON links (message_id)"])
+    monkeypatch.setattr(migrations, "SQLITE", [*migrations.SQLITE, extra])
+    monkeypatch.setattr(migrations, "POSTGRES", [*migrations.POSTGRES, extra])
+
+
+async def test_a_new_database_is_initialised_on_open(store_url, tmp_path):  # noqa: F811
+    store = await open_store(store_url, base_dir=tmp_path)
+    try:
+        assert await store.schema_version() == store.latest_version() == 1
+        assert await store.upgrade() == (1, 1)
+    finally:
+        await store.close()
+
+
+async def test_an_old_schema_is_refused_until_upgraded(store_url, tmp_path, next_version):  # noqa: F811
+    old = await open_store(store_url, base_dir=tmp_path, check_schema=False)
+    # Build a version 1 database with the version 1 migrations only.
+    old._migrations = lambda: [m for m in type(old)._migrations(old) if m[0] == 1]
+    assert await old.upgrade() == (0, 1)
+    await old.close()
+
+    with pytest.raises(SchemaOutdated, match="smtpgate db upgrade"):
+        await open_store(store_url, base_dir=tmp_path)
+
+    cli = await open_store(store_url, base_dir=tmp_path, check_schema=False)
+    assert await cli.upgrade() == (1, 2)
+    assert await cli.upgrade() == (2, 2)
+    await cli.close()
+    store = await open_store(store_url, base_dir=tmp_path)
+    assert await store.schema_version() == 2
+    await store.close()
+
+
+async def test_auto_upgrade_applies_pending_migrations(store_url, tmp_path, next_version):  # noqa: F811
+    old = await open_store(store_url, base_dir=tmp_path, check_schema=False)
+    old._migrations = lambda: [m for m in type(old)._migrations(old) if m[0] == 1]
+    await old.upgrade()
+    await old.close()
+    store = await open_store(store_url, base_dir=tmp_path, auto_upgrade=True)
+    try:
+        assert await store.schema_version() == 2
+    finally:
+        await store.close()
+
+
+async def test_a_newer_schema_is_refused(store_url, tmp_path, monkeypatch):  # noqa: F811
+    extra = (2, "from the future", ["CREATE TABLE future (x INTEGER)"])
+    monkeypatch.setattr(migrations, "SQLITE", [*migrations.SQLITE, extra])
+    monkeypatch.setattr(migrations, "POSTGRES", [*migrations.POSTGRES, extra])
+    store = await open_store(store_url, base_dir=tmp_path)
+    await store.close()
+    monkeypatch.undo()
+    with pytest.raises(StoreError, match="newer than this smtpgate") as caught:
+        await open_store(store_url, base_dir=tmp_path)
+    assert not isinstance(caught.value, SchemaOutdated)
+
+
+def test_sqlite_paths_are_relative_to_the_config_folder(tmp_path):
+    assert sqlite_path("sqlite:var/smtpgate.db", tmp_path) == tmp_path / "var/smtpgate.db"
+    assert sqlite_path("sqlite:/srv/s.db", tmp_path) == Path("/srv/s.db")
+    assert sqlite_path("sqlite:///srv/s.db", tmp_path) == Path("/srv/s.db")
+
+
+async def test_sqlite_creates_parent_folders_and_uses_wal(tmp_path):
+    store = await open_store("sqlite:a/b/smtpgate.db", base_dir=tmp_path)
+    await store.close()
+    assert (tmp_path / "a/b/smtpgate.db").exists()
+    with open(tmp_path / "a/b/smtpgate.db", "rb") as f:
+        header = f.read(20)
+    assert header[18:20] == b"\x02\x02"  # file format 2 = WAL
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["mysql://x/y", "var/smtpgate.db", "sqlite:", "sqlite::memory:", "sqlite://host/x.db", ""],
+)
+async def test_bad_urls_are_store_errors(url, tmp_path):
+    with pytest.raises(StoreError, match="store.url"):
+        await open_store(url, base_dir=tmp_path)
+
+
+async def test_an_unreachable_postgresql_is_a_store_error(tmp_path):
+    with pytest.raises(StoreError) as caught:
+        await open_store("postgresql://postgres:pw@127.0.0.1:9/none", base_dir=tmp_path, timeout=5)
+    assert "pw" not in str(caught.value).replace("postgresql", "")
+
+
+async def test_an_unwritable_sqlite_path_is_a_store_error(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(StoreError):
+        await open_store("sqlite:file/smtpgate.db", base_dir=tmp_path)
