@@ -14,6 +14,7 @@ from pathlib import Path
 
 from smtpgate import __version__
 from smtpgate.config import ConfigError, config_path, load_config
+from smtpgate.log import setup_logging
 
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
@@ -74,12 +75,12 @@ def _since(text: str | None) -> datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
-async def _with_store(config, action):
+async def _with_store(config, action, **open_args):
     from smtpgate.gate import open_configured_store
     from smtpgate.store import StoreError
 
     try:
-        store = await open_configured_store(config)
+        store = await open_configured_store(config, **open_args)
     except StoreError as exc:
         print(f"smtpgate: store {config.store.url}: {exc}", file=sys.stderr)
         return 1
@@ -102,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     config, status = _load(args)
     if config is None:
         return status
+    # Commands print their results on stdout; their log events go to stderr.
+    setup_logging(config.logging.format, config.logging.level, stream=sys.stderr)
 
     if args.command == "check-config":
         print(config.summary())
@@ -153,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                 before, after = await store.upgrade()
                 print(f"schema version {before} -> {after}" if before != after else f"schema is current (version {after})")
                 return 0
-            return asyncio.run(_with_store_upgrading(config, upgrade))
+            # An old schema must open to be upgraded: no schema check here.
+            return asyncio.run(_with_store(config, upgrade, check_schema=False))
 
         async def prune(store):
             count = await store.prune_messages(config.store.keep_messages_days)
@@ -162,9 +166,3 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_with_store(config, prune))
     return 2
 
-
-async def _with_store_upgrading(config, action):
-    """`db upgrade` must open a store whose schema is old: open it with auto_upgrade."""
-    from dataclasses import replace
-
-    return await _with_store(replace(config, store=replace(config.store, auto_upgrade=True)), action)

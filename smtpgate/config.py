@@ -116,6 +116,7 @@ class Store:
     url: str
     keep_messages_days: int
     auto_upgrade: bool
+    timeout: float
 
 
 @dataclass(frozen=True)
@@ -665,6 +666,7 @@ def _build(ctx: _Ctx, root: yaml.Node | None, path: Path) -> Config | None:
     store_url = st.get("url", _str, "sqlite:var/smtpgate.db")
     keep_days = st.get("keep_messages_days", _positive_int, 400)
     auto_upgrade = st.get("auto_upgrade", _bool, False)
+    store_timeout = st.get("timeout", _number, 30.0)
     st.finish()
     if store_url and not re.match(r"^(sqlite:.+|postgres(ql)?://.*)$", store_url):
         ctx.error(st.raw("url"), "store.url", f"expected sqlite:PATH or postgresql://..., got \"{store_url}\"")
@@ -730,7 +732,8 @@ def _build(ctx: _Ctx, root: yaml.Node | None, path: Path) -> Config | None:
         mailboxes=tuple(mailboxes),
         allocator=Allocator(kind=alloc_kind, first_number=first_number, url=alloc_url,
                             token_file=token_file, timeout=alloc_timeout),
-        store=Store(url=store_url, keep_messages_days=keep_days, auto_upgrade=auto_upgrade),
+        store=Store(url=store_url, keep_messages_days=keep_days, auto_upgrade=auto_upgrade,
+                    timeout=store_timeout),
         inbound=Inbound(unknown_tags=unknown_tags),
         limits=Limits(max_message_size=max_size, max_recipients=max_rcpt, max_hops=max_hops,
                       max_connections=max_conn),

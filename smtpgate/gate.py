@@ -21,7 +21,7 @@ from smtpgate.notify import sd_notify
 from smtpgate.plan import Directory
 from smtpgate.references import ReferenceMatcher
 from smtpgate.server import file_authenticator, make_factory
-from smtpgate.store import Store, open_store
+from smtpgate.store import Store, open_store, run_pruner
 from smtpgate.upstream import UpstreamPool
 from smtpgate.users import Users
 
@@ -40,12 +40,14 @@ def make_allocator(config: Config):
     return LocalAllocator(alloc.first_number)
 
 
-async def open_configured_store(config: Config) -> Store:
+async def open_configured_store(config: Config, **kwargs) -> Store:
     return await open_store(
         config.store.url,
         base_dir=config.base_dir,
         allocator=make_allocator(config),
         auto_upgrade=config.store.auto_upgrade,
+        timeout=config.store.timeout,
+        **kwargs,
     )
 
 
@@ -62,6 +64,7 @@ class Gate:
         self.draining = False
         self.servers: list[asyncio.AbstractServer] = []
         self.tasks: set[asyncio.Task] = set()
+        self.pruner: asyncio.Task | None = None
 
     def spawn(self, coro: Coroutine) -> None:
         """Run coro in the background, keeping a reference until it ends."""
@@ -85,6 +88,8 @@ class Gate:
             raise StartupError("upstream.url: mx: upstreams are not available yet; use smtp://, "
                                "smtp+starttls://, smtps:// or maildir:")
         await self.pool.probe()
+        self.pruner = asyncio.get_running_loop().create_task(
+            run_pruner(self.store, self.config.store.keep_messages_days))
         loop = asyncio.get_running_loop()
         for listener in self.config.listeners:
             if listener.kind != "smtp":
@@ -132,6 +137,8 @@ class Gate:
             await asyncio.sleep(0.05)
         for session in list(self.sessions):
             session.say_goodbye(replies.SHUTTING_DOWN.line())
+        if self.pruner is not None:
+            self.pruner.cancel()
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=5)
         await self.pool.close()

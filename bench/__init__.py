@@ -1,0 +1,1 @@
+"""smtpgate benchmarks: `make bench`."""
