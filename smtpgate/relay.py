@@ -252,7 +252,7 @@ class Transaction:
         helo = _safe(c.helo) or "unknown"
         date = format_datetime(localtime())
         received = (
-            f"Received: from {helo} ([{c.ip}])\r\n"
+            f"Received: from {helo} ([{_address_literal(c.ip)}])\r\n"
             f"\tby {self.gate.config.hostname} (smtpgate) with {proto} id {c.session_id};\r\n"
             f"\t{date}\r\n"
         )
@@ -301,6 +301,11 @@ def _rcpt_line(verdict: Verdict) -> str:
         _, text = replies.split_reply(552, verdict.text.splitlines()[0] if verdict.text else "")
         return f"452 4.5.3 {text or 'Too many recipients'}"
     return replies.upstream_line(verdict.code, verdict.text)
+
+
+def _address_literal(ip: str) -> str:
+    """RFC 5321 4.1.3: an IPv6 address literal carries the "IPv6:" tag."""
+    return f"IPv6:{ip}" if ":" in ip else ip
 
 
 def _safe(text: str) -> str:

@@ -65,10 +65,7 @@ class GateSMTP(SMTP):
             self.log.info("session.opened", peer=str(peer[0]), port=peer[1] if len(peer) > 1 else None)
 
     def connection_lost(self, error: Exception | None) -> None:
-        was_tls = self._original_transport is not None
         super().connection_lost(error)
-        if was_tls and self.transport is not None:
-            return
         self._abort_in_background()
         if self.counted:
             self.counted = False

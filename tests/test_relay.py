@@ -351,3 +351,36 @@ async def wait_until(predicate, timeout: float = 10.0) -> None:
         if loop.time() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.01)
+
+
+async def test_sessions_are_released_after_close(relay, sink):
+    gate, port = relay
+    for _ in range(3):
+        wire = await session(port)
+        await wire.cmd("QUIT")
+        await wire.close()
+    await wait_until(lambda: not gate.sessions)
+
+
+async def test_max_connections(sink, config_for, start_gate, log_lines):
+    gate, port = await start_gate(config_for(f"smtp://127.0.0.1:{sink.port}", "limits:\n  max_connections: 1\n"))
+    first = await session(port)
+    second, greeting = await Wire.open(port)
+    assert greeting.startswith("421 4.7.0")
+    await first.cmd("QUIT")
+
+
+@pytest.mark.parametrize("source,expected", [("10.1.2.3", 530), ("127.0.0.1", 250)])
+async def test_proxy_protocol_client_address_judged(sink, config_for, start_gate, log_lines, source, expected):
+    config = config_for(f"smtp://127.0.0.1:{sink.port}")
+    import dataclasses
+
+    listener = dataclasses.replace(config.listeners[0], proxy_protocol=True)
+    gate, port = await start_gate(dataclasses.replace(config, listeners=(listener,)))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"PROXY TCP4 {source} 127.0.0.1 40000 25\r\n".encode())
+    wire = Wire(reader, writer)
+    assert code(await wire.reply()) == 220
+    await wire.cmd("EHLO proxied.test")
+    assert code(await wire.cmd("MAIL FROM:<a@corp.example>")) == expected
+    await wire.cmd("QUIT")
