@@ -1,0 +1,67 @@
+"""Several smtpgate nodes sharing one PostgreSQL store: racing messages make one link."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import pytest
+
+from smtpgate.config import load_config
+from tests.conftest import write_config
+from tests.store_helpers import fresh_pg_url, pg_database  # noqa: F401  (fixture)
+from tests.support.smtp import send
+
+pytestmark = pytest.mark.postgres
+
+NODE = """\
+hostname: {name}.test.example
+listeners:
+  - name: submission
+    address: 127.0.0.1:0
+    relay_networks: [127.0.0.1/32]
+upstream:
+  url: smtp://127.0.0.1:{sink_port}
+internal_domains: [corp.example]
+mailboxes:
+  - address: uk-payroll@corp.example
+    team: Team A (UK)
+  - address: pl-payroll@corp.example
+    team: Team B (Poland)
+store:
+  url: {store}
+  auto_upgrade: true
+"""
+
+
+@pytest.fixture
+def shared_store(pg_database):  # noqa: F811
+    return fresh_pg_url(pg_database)
+
+
+async def test_two_nodes_racing_create_one_link(shared_store, sink, start_gate, log_lines, tmp_path):
+    ports = []
+    for name in ("node-a", "node-b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        config = load_config(write_config(folder, NODE.format(name=name, sink_port=sink.port, store=shared_store)))
+        ports.append((await start_gate(config))[1])
+
+    async def one(i: int):
+        data = (b"From: uk-payroll+424242-C@corp.example\r\nTo: pl-payroll@corp.example\r\n"
+                b"Subject: race %d\r\n\r\nbody\r\n" % i)
+        return await send("127.0.0.1", ports[i % 2], mail_from="uk-payroll+424242-C@corp.example",
+                          rcpt_tos=["pl-payroll@corp.example"], data=data)
+
+    results = await asyncio.gather(*(one(i) for i in range(20)))
+    assert all(r.data is not None and r.data[0] == 250 for r in results)
+    tags = {rcpt for msg in sink.messages for rcpt in msg.rcpt_tos}
+    assert len(sink.messages) == 20
+    assert len(tags) == 1
+    [tag] = tags
+    assert re.fullmatch(r"pl-payroll\+\d+-T@corp\.example", tag)
+    created = [e for e in log_lines() if e["event"] == "link.created"]
+    assert len(created) == 1
+    relayed = [e for e in log_lines() if e["event"] == "message.relayed"]
+    assert sum(len(e["links_created"]) for e in relayed) == 1
+    assert {e["session"] for e in relayed} and len(relayed) == 20
