@@ -58,6 +58,7 @@ class ClientInfo:
     authenticated_as: str | None
     tls: bool
     listener: str
+    esmtp: bool = True  # EHLO, not HELO
 
 
 @dataclass
@@ -93,7 +94,11 @@ class Transaction:
             await self.release(reusable=True)
             raise SMTPReply(replies.SMTPUTF8_UNSUPPORTED, "non-ASCII sender, upstream lacks SMTPUTF8")
         self.mail_from, self.mail_params = sender, params
-        verdict = await self._upstream_call(self.upstream.mail(self._sender_text(), self._mail_params()))
+        try:
+            verdict = await self._upstream_call(self.upstream.mail(self._sender_text(), self._mail_params()))
+        except SMTPReply:
+            await self.release(reusable=False)
+            raise
         if not verdict.ok:
             await self.release(reusable=True)
         return _client_line(verdict)
@@ -172,7 +177,8 @@ class Transaction:
         if not verdict.ok:
             self.log.info("message.rejected", code=verdict.code, reason=f"upstream: {verdict.text}",
                           message_id=message_id, mail_from=self._sender_text(), stage="data")
-            await self.release(reusable=True)
+            # A refused DATA command leaves MAIL and RCPT open upstream: reset before reuse.
+            await self.abort()
             return _client_line(verdict)
         await self.release(reusable=True)
         await self.gate.linker.recorded(self, linked, headers, message_id)
@@ -249,6 +255,8 @@ class Transaction:
         """
         c = self.client
         proto = "ESMTP" + ("S" if c.tls else "") + ("A" if c.authenticated_as else "")  # RFC 3848
+        if not c.esmtp:
+            proto = "SMTP"  # HELO: RFC 3848 registers no SMTPS/SMTPA
         helo = _safe(c.helo) or "unknown"
         date = format_datetime(localtime())
         received = (

@@ -39,6 +39,12 @@ _TRANSLATE = {
     "250 OK": "250 2.0.0 OK",
 }
 
+# aiosmtpd's refusals of the message data itself: each is the message's one message.rejected.
+_DATA_REFUSALS = {
+    "552 Error: Too much mail data": "data over limits.max_message_size",
+    "500 Line too long (see RFC5321 4.5.3.1.6)": "line over 1000 octets",
+}
+
 
 class GateSMTP(SMTP):
     """One client connection."""
@@ -97,6 +103,9 @@ class GateSMTP(SMTP):
 
     async def push(self, status) -> None:
         if isinstance(status, str):
+            if status in _DATA_REFUSALS and self.tx is not None:
+                self.log.info("message.rejected", code=int(status[:3]), reason=_DATA_REFUSALS[status],
+                              mail_from=self.tx._sender_text(), stage="data")
             status = _TRANSLATE.get(status, status)
         await super().push(status)
 
@@ -134,6 +143,7 @@ class GateSMTP(SMTP):
             authenticated_as=str(user) if user else None,
             tls=self._tls_protocol is not None or self.listener.tls == "implicit",
             listener=self.listener.name,
+            esmtp=bool(self.session.extended_smtp),
         )
 
     # -------------------------------------------------------- commands
@@ -259,8 +269,19 @@ class Handler:
         if tx is None:
             return replies.BAD_SEQUENCE.line()
         server.finishing = True
+        # The client's final dot is in: the relay runs to its end even if the client hangs
+        # up now, so the upstream's verdict is logged and recorded and the upstream released.
+        task = asyncio.ensure_future(self._finish(server, tx, envelope.original_content))
+        self.gate.tasks.add(task)
+        task.add_done_callback(self.gate.tasks.discard)
         try:
-            return await tx.finish(envelope.original_content)
+            return await asyncio.shield(task)
+        finally:
+            server.finishing = False
+
+    async def _finish(self, server: GateSMTP, tx, raw: bytes) -> str:
+        try:
+            return await tx.finish(raw)
         except SMTPReply as exc:
             server.log.info("message.rejected", code=exc.reply.code, reason=exc.reason,
                             mail_from=tx._sender_text(), stage="data", **exc.log_fields)
@@ -270,8 +291,6 @@ class Handler:
             server.log.exception("message.rejected", code=451, reason="internal error", stage="data")
             await tx.abort()
             return replies.TEMPORARY_FAILURE.line()
-        finally:
-            server.finishing = False
 
     async def handle_PROXY(self, server, session, envelope, proxy_data) -> bool:
         return bool(proxy_data)

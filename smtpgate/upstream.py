@@ -80,6 +80,10 @@ class SmtpSession(UpstreamSession):
     async def _command(self, *parts: bytes) -> Verdict:
         try:
             response = await self.client.execute_command(*parts)
+        except asyncio.CancelledError:
+            # The reply is still in flight: it would be paired with a later command.
+            self.client.close()
+            raise
         except aiosmtplib.SMTPException as exc:
             raise UpstreamError(f"{parts[0].decode()}: {type(exc).__name__}: {exc}") from None
         except (OSError, asyncio.TimeoutError) as exc:
@@ -101,6 +105,9 @@ class SmtpSession(UpstreamSession):
     async def data(self, content: bytes) -> Verdict:
         try:
             response = await self.client.data(content)
+        except asyncio.CancelledError:
+            self.client.close()
+            raise
         except aiosmtplib.SMTPDataError as exc:
             return Verdict(exc.code, exc.message)
         except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
@@ -266,6 +273,9 @@ class UpstreamPool:
         except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
             client.close()
             raise UpstreamError(f"connect to {cfg.label}: {type(exc).__name__}: {exc}") from None
+        except asyncio.CancelledError:
+            client.close()
+            raise
         session = SmtpSession(self, client)
         self.extensions = session.extensions
         return session
