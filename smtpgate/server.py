@@ -172,6 +172,7 @@ class GateSMTP(SMTP):
         path, words = parts
         try:
             sender = parse_path(path)
+            _check_sendable(sender)
             if words and not self.session.extended_smtp:
                 raise SMTPReply(replies.BAD_SYNTAX, "parameters need EHLO")
             params = parse_params(words, MAIL_PARAMS)
@@ -211,6 +212,7 @@ class GateSMTP(SMTP):
             address = parse_path(path)
             if address is None:
                 raise AddressError("the null path is not a recipient")
+            _check_sendable(address)
             if words and not self.session.extended_smtp:
                 raise SMTPReply(replies.BAD_SYNTAX, "parameters need EHLO")
             params = parse_params(words, RCPT_PARAMS)
@@ -235,6 +237,12 @@ class GateSMTP(SMTP):
             await self.push("503 5.5.1 AUTH not allowed during a mail transaction")
             return
         await super().smtp_AUTH(arg)
+
+
+def _check_sendable(address) -> None:
+    """RFC 5321 4.1.2: no control character in a path, not even TAB in a quoted string."""
+    if address is not None and any(ch < " " or ch == "\x7f" for ch in str(address)):
+        raise AddressError("control character in address")
 
 
 class Handler:

@@ -216,6 +216,27 @@ async def test_upstream_garbling_mail_reply_gets_its_connection_closed(scripted_
     await wire.cmd("QUIT")
 
 
+@pytest.mark.parametrize("command,expected", [
+    ('MAIL FROM:<"a\tb"@corp.example>', "501 5.1.7"),
+    ('RCPT TO:<"a\tb"@x.example>', "501 5.1.3"),
+])
+async def test_control_character_in_quoted_local_part_is_a_syntax_error(relay, sink, command, expected):
+    """RFC 5321 qtextSMTP has no TAB: refused as syntax, not relayed into an upstream
+    client that cannot send it (which left a 451 and an unreleased upstream connection)."""
+    gate, port = relay
+    wire = await session(port)
+    if command.startswith("RCPT"):
+        assert code(await wire.cmd("MAIL FROM:<jane@corp.example>")) == 250
+    reply = await wire.cmd(command)
+    assert reply.startswith(expected), reply
+    if command.startswith("MAIL"):
+        assert len(gate.pool.idle) == 1  # the probed connection is still there for the next MAIL
+        assert code(await wire.cmd("MAIL FROM:<jane@corp.example>")) == 250
+    assert code(await wire.cmd("RCPT TO:<b@x.example>")) == 250
+    assert code(await send_data(wire, MESSAGE)) == 250
+    await wire.cmd("QUIT")
+
+
 # ---------------------------------------------------------------- logs and trace
 
 
