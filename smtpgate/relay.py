@@ -169,7 +169,11 @@ class Transaction:
 
         linked = await self.gate.linker.link(self, raw, headers, message_id)
         for rcpt in self.recipients:
-            rcpt.target = linked.relayed.get(str(rcpt.address), rcpt.address)
+            if linked.source_reference is None:
+                rcpt.target = rcpt.address
+            else:
+                # Missing from the core's envelope: merged into an earlier spelling of the same mailbox.
+                rcpt.target = linked.relayed.get(str(rcpt.address))
         await self._replay_if_changed(linked)
 
         content = self._trace_fields(added_id) + linked.content
@@ -214,7 +218,9 @@ class Transaction:
         seen: set[str] = set()
         kept: list[Recipient] = []
         for rcpt in self.recipients:
-            target = rcpt.target or rcpt.address
+            target = rcpt.target
+            if target is None:
+                continue
             key = _envelope_key(target)
             if key in seen:  # DESIGN.md 6: duplicates after rewriting are sent once
                 continue

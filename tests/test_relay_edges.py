@@ -265,3 +265,23 @@ async def test_received_says_smtp_for_a_helo_client(relay, sink):
     added, _ = strip_trace(sink.messages[0].data)
     assert b" with SMTP id " in added[0], added[0]
     await wire.cmd("QUIT")
+
+
+# ---------------------------------------------------------------- replay
+
+
+async def test_replay_sends_a_mailbox_once_whatever_the_case_of_its_local_part(relay, sink, log_lines):
+    """DESIGN.md 6: duplicates after rewriting are sent once; mailbox local parts match
+    case-insensitively (DESIGN.md 4), so two spellings of one mailbox are one recipient."""
+    gate, port = relay
+    wire = await session(port)
+    assert code(await wire.cmd("MAIL FROM:<uk-payroll+101203-T@corp.example>")) == 250
+    assert code(await wire.cmd("RCPT TO:<pl-payroll@corp.example>")) == 250
+    assert code(await wire.cmd("RCPT TO:<PL-Payroll@corp.example>")) == 250
+    message = (b"From: uk-payroll+101203-T@corp.example\r\nTo: pl-payroll@corp.example\r\n"
+               b"Subject: twice\r\n\r\nbody\r\n")
+    assert code(await send_data(wire, message)) == 250
+    [got] = sink.messages
+    assert len(got.rcpt_tos) == 1, got.rcpt_tos
+    assert got.rcpt_tos[0].startswith("pl-payroll+"), got.rcpt_tos  # tagged, not delivered untagged too
+    await wire.cmd("QUIT")
