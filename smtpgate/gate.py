@@ -66,11 +66,12 @@ class Gate:
         self.tasks: set[asyncio.Task] = set()
         self.pruner: asyncio.Task | None = None
 
-    def spawn(self, coro: Coroutine) -> None:
-        """Run coro in the background, keeping a reference until it ends."""
+    def spawn(self, coro: Coroutine) -> asyncio.Task:
+        """Run coro in the background, keeping a reference until it ends (a drain waits for it)."""
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        return task
 
     @property
     def bound(self) -> list[tuple[str, int]]:

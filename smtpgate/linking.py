@@ -32,6 +32,8 @@ class Linked:
     """What linking decided for one message."""
 
     content: bytes
+    raw: bytes = b""
+    header_mapping: dict[str, str] = field(default_factory=dict)
     relayed: dict[str, Address] = field(default_factory=dict)  # str(original) -> relayed
     source_reference: str | None = None
     source_found_in: str | None = None
@@ -40,8 +42,16 @@ class Linked:
     links_reused: list[str] = field(default_factory=list)
 
     def tag_refused(self, original: Address, tagged: Address) -> None:
-        """The upstream refused the tagged form: what is recorded is what was relayed."""
+        """The upstream refused the tagged form: relay, show and record the untagged one.
+
+        The tag leaves the header fields too, so a reply-all does not hit the
+        address the upstream refuses.
+        """
         self.relayed[str(original)] = original
+        kept = {k: v for k, v in self.header_mapping.items() if v.lower() != str(tagged).lower()}
+        if kept != self.header_mapping:
+            self.header_mapping = kept
+            self.content = rewrite_headers(self.raw, kept) if kept else self.raw
 
 
 class Linker:
@@ -103,6 +113,8 @@ class Linker:
         content = rewrite_headers(raw, resolution.header_mapping) if resolution.header_mapping else raw
         return Linked(
             content=content,
+            raw=raw,
+            header_mapping=dict(resolution.header_mapping),
             relayed={str(orig): new for orig, new in resolution.envelope},
             source_reference=source.reference,
             source_found_in=source.found_in,
@@ -132,5 +144,6 @@ class Linker:
         )
         try:
             await store.record_message(record)
-        except StoreError as exc:
-            tx.log.error("store.error", stage="record_message", reason=str(exc), message_id=message_id)
+        except Exception as exc:  # noqa: BLE001 - delivered already: a failure here must not become a 451
+            tx.log.error("store.error", stage="record_message", reason=f"{type(exc).__name__}: {exc}",
+                         message_id=message_id)

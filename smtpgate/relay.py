@@ -10,6 +10,7 @@ recipients before the data is sent.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -184,6 +185,7 @@ class Transaction:
             # A refused DATA command leaves MAIL and RCPT open upstream: reset before reuse.
             await self.abort()
             return _client_line(verdict)
+        upstream_label = self.upstream.label if self.upstream else None
         await self.release(reusable=True)
         await self.gate.linker.recorded(self, linked, headers, message_id)
         self.log.info(
@@ -197,7 +199,7 @@ class Transaction:
             links_created=linked.links_created,
             links_reused=linked.links_reused,
             size=len(content),
-            upstream=self.upstream.label if self.upstream else None,
+            upstream=upstream_label,
             upstream_reply=f"{verdict.code} {verdict.text}",
             duration_ms=round((time.monotonic() - self.started) * 1000, 1),
         )
@@ -322,6 +324,9 @@ def _address_literal(ip: str) -> str:
     return f"IPv6:{ip}" if ":" in ip else ip
 
 
+_HELO = re.compile(r"[A-Za-z0-9][A-Za-z0-9.\-_]{0,254}|\[[0-9A-Fa-f:.IPv]{1,60}\]")
+
+
 def _safe(text: str) -> str:
-    """A HELO name fit for a header: printable ASCII, no parentheses or folding."""
-    return "".join(ch for ch in text if "!" <= ch <= "~" and ch not in "()")[:255]
+    """The HELO name when it is a domain or an address literal, else "" (Received stays well-formed)."""
+    return text if _HELO.fullmatch(text) else ""

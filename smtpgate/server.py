@@ -279,9 +279,7 @@ class Handler:
         server.finishing = True
         # The client's final dot is in: the relay runs to its end even if the client hangs
         # up now, so the upstream's verdict is logged and recorded and the upstream released.
-        task = asyncio.ensure_future(self._finish(server, tx, envelope.original_content))
-        self.gate.tasks.add(task)
-        task.add_done_callback(self.gate.tasks.discard)
+        task = self.gate.spawn(self._finish(server, tx, envelope.original_content))
         try:
             return await asyncio.shield(task)
         finally:

@@ -304,9 +304,12 @@ async def test_upstream_refusing_tags_gets_untagged_delivery(mission):
     assert code == 250
     msg = mission.sink.messages[-1]
     assert msg.rcpt_tos == ["pl-payroll@corp.example"]
+    # The header shows what was relayed, so a reply-all does not bounce on the refused tag.
+    assert body_of(msg.data) == data
     assert any(e["event"] == "upstream.tag_refused" for e in mission.log_lines())
     event = mission.relayed_events()[-1]
     assert event["recipients"] == [{"original": "pl-payroll@corp.example", "relayed": "pl-payroll@corp.example"}]
+    assert event["upstream"] == mission.gate.config.upstream.url
 
 
 async def test_replay_refused_temporarily_gives_451_and_no_dot(mission):

@@ -384,3 +384,14 @@ async def test_proxy_protocol_client_address_judged(sink, config_for, start_gate
     await wire.cmd("EHLO proxied.test")
     assert code(await wire.cmd("MAIL FROM:<a@corp.example>")) == expected
     await wire.cmd("QUIT")
+
+
+async def test_odd_helo_keeps_received_well_formed(relay, sink):
+    gate, port = relay
+    wire, _ = await Wire.open(port)
+    assert code(await wire.cmd("EHLO bad;helo(with)parts")) == 250
+    await wire.cmd("MAIL FROM:<jane@corp.example>")
+    await wire.cmd("RCPT TO:<client@supplier.example>")
+    assert code(await send_data(wire, MESSAGE)) == 250
+    added, rest = strip_trace(sink.messages[0].data)
+    assert added[0].startswith(b"Received: from unknown ([127.0.0.1])\r\n\tby relay.test.example (smtpgate)")
