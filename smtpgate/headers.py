@@ -106,9 +106,44 @@ def count_received(block: HeaderBlock) -> int:
     return sum(1 for f in block.fields if f.name.lower() == "received")
 
 
+_ENCODED_WORD = r"=\?[^?\s]+\?[QqBb]\?[^?\s]*\?="
+_ENCODED_RUN = re.compile(rf"{_ENCODED_WORD}(?:[ \t]*{_ENCODED_WORD})*")
+_LANGUAGE = re.compile(r"^(=\?[^?*]+)\*[^?]*\?")  # RFC 2231 section 5: =?charset*lang?
+
+
 def decode_text(value: str) -> str:
-    """``value`` with RFC 2047 encoded words decoded; the value itself when they do not decode."""
+    """``value`` with RFC 2047 encoded words decoded, for reading.
+
+    When the whole value does not decode (raw 8-bit text next to encoded
+    words, an unknown charset, bytes the declared charset does not have),
+    each run of adjacent encoded words is decoded on its own, undecodable
+    bytes replaced; a word that still does not decode is kept as it is.
+    """
     try:
         return str(email.header.make_header(email.header.decode_header(value)))
     except (email.errors.HeaderParseError, LookupError, UnicodeError, ValueError):
-        return value
+        return _ENCODED_RUN.sub(_decode_run, value)
+
+
+def _decode_run(run: re.Match[str]) -> str:
+    # (charset, bytes) for decodable words, adjacent ones of one charset merged (a
+    # character may span two words); (None, the word) for one kept as it is.
+    segments: list[tuple[str | None, bytes | str]] = []
+    for word in re.findall(_ENCODED_WORD, run.group()):
+        try:
+            [(chunk, charset)] = email.header.decode_header(_LANGUAGE.sub(r"\1?", word))
+            "".encode(charset)  # LookupError for an unknown charset
+        except (email.errors.HeaderParseError, LookupError, TypeError, ValueError):
+            segments.append((None, word))
+            continue
+        if segments and segments[-1][0] == charset:
+            segments[-1] = (charset, segments[-1][1] + chunk)
+        else:
+            segments.append((charset, chunk))
+    text = ""
+    for i, (charset, data) in enumerate(segments):
+        # RFC 2047 6.2: white space between encoded words goes; a word kept as it is keeps a space.
+        if i and (charset is None or segments[i - 1][0] is None):
+            text += " "
+        text += data if isinstance(data, str) else data.decode(str(charset), "replace")
+    return text

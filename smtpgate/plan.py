@@ -294,8 +294,9 @@ class Plan:
         """Apply the store's answers: ``found`` maps a mailbox's canonical address to the
         reference found or created for it (None: it stays untagged).
 
-        An untagged mailbox gets the thread's reference for it, else the found one;
-        the source's own mailbox gets the source reference. A tagged local part
+        An untagged mailbox gets the reference this message tags it with elsewhere,
+        else the thread's reference for it, else the found one; the source's own
+        mailbox gets the source reference. A tagged local part
         over 64 octets is not produced: that address stays as it was and is listed
         in ``untaggable``. With no source nothing changes.
         """
@@ -303,8 +304,10 @@ class Plan:
             envelope = [(r.address, r.address) for r in self.recipients]
             return Resolution(envelope, {}, {}, [], False)
         refs: dict[str, str] = {}
+        for reference, info in self.explicit_links:
+            refs.setdefault(info.address, reference)
         for mailbox, reference in self.thread_mapping:
-            refs[mailbox] = reference
+            refs.setdefault(mailbox, reference)
         for mailbox, reference in found.items():
             if reference is not None:
                 refs.setdefault(mailbox, reference)
@@ -378,7 +381,8 @@ def make_plan(
     (the store's owner of the source reference), else the From: address when
     it is an untagged mailbox; ``Plan.source`` carries it. Lookups are the
     distinct untagged mailboxes, other than the source's, among the envelope
-    recipients and To/Cc with no ``thread_mapping`` entry.
+    recipients and To/Cc with no ``thread_mapping`` entry and no tagged form
+    in the message naming a reference (that activity is shared instead).
     """
     automatic = is_automatic(headers)
     if source is not None and source.mailbox is None:
@@ -403,20 +407,25 @@ def make_plan(
         return Plan(None, tuple(rcpt_plans), (), (), automatic, directory.separator)
 
     visible = _header_addresses(headers, "To", "Cc")
-    lookups: dict[str, LinkLookup] = {}
+    untagged: dict[str, MailboxInfo] = {}
     links: dict[tuple[str, str], tuple[str, MailboxInfo]] = {}
     for address in itertools.chain((r.address for r in rcpt_plans), visible):
         match = directory._match(address)
         if match is None or match.info.address == own:
             continue
         if match.tag is None:
-            if match.info.address not in thread and match.info.address not in lookups:
-                allow = match.info.new_links == "create" and not automatic
-                lookups[match.info.address] = LinkLookup(match.info, allow)
+            untagged.setdefault(match.info.address, match.info)
             continue
         reference = directory.matcher.normalize(match.tag)
         if reference is not None and reference != source.reference:
             links.setdefault((reference, match.info.address), (reference, match.info))
+    # A mailbox this message tags explicitly shares that activity with its untagged copies.
+    named = {info.address for _, info in links.values()}
+    lookups = [
+        LinkLookup(info, info.new_links == "create" and not automatic)
+        for address, info in untagged.items()
+        if address not in thread and address not in named
+    ]
 
     header_mailboxes: dict[str, MailboxInfo] = {}
     for address in _header_addresses(headers, "From", "Reply-To", "To", "Cc"):
@@ -426,7 +435,7 @@ def make_plan(
     return Plan(
         source,
         tuple(rcpt_plans),
-        tuple(lookups.values()),
+        tuple(lookups),
         tuple(links.values()),
         automatic,
         directory.separator,
