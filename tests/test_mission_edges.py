@@ -381,3 +381,32 @@ def test_decode_text_decodes_what_it_can_word_by_word():
     assert decode_text("é =?utf-8?q?R=C3?= =?utf-8?q?=A9f?= =?iso-8859-1?q?_=E9?=") == "é Réf é"
     assert decode_text("é =?utf-8?q?a?= =?x-unknown?q?b?= =?utf-8?q?c?= d") == "é a =?x-unknown?q?b?= c d"
     assert decode_text("=?x-unknown?q?abc?=") == "=?x-unknown?q?abc?="
+
+
+async def test_reply_to_group_and_quoted_display_name_rewritten_only_in_addr_spec(mission):
+    new = await mission.step1()
+    data = (b"From: \"uk-payroll@corp.example\" <uk-payroll@corp.example>\r\n"
+            b"Reply-To: Teams: uk-payroll@corp.example, \"PL\" <pl-payroll@corp.example>;\r\n"
+            b"To: client@supplier.example\r\nCc: pl-payroll@corp.example\r\n"
+            b"Subject: [101203-T] groups\r\n\r\nbody\r\n")
+    await mission.send("noreply@corp.example", ["client@supplier.example", "pl-payroll@corp.example"], data)
+    msg = mission.sink.messages[-1]
+    assert msg.rcpt_tos == ["client@supplier.example", f"pl-payroll+{new}@corp.example"]
+    expected = (b"From: \"uk-payroll@corp.example\" <uk-payroll+101203-T@corp.example>\r\n"
+                b"Reply-To: Teams: uk-payroll+101203-T@corp.example, \"PL\" <pl-payroll+" + new.encode()
+                + b"@corp.example>;\r\n"
+                b"To: client@supplier.example\r\nCc: pl-payroll+" + new.encode() + b"@corp.example\r\n"
+                b"Subject: [101203-T] groups\r\n\r\nbody\r\n")
+    assert body_of(msg.data) == expected
+
+
+async def test_automatic_thread_reply_adds_no_link_for_a_new_mailbox(mission):
+    new = await mission.step1()
+    data = (b"From: client@supplier.example\r\nTo: uk-payroll@corp.example, de-payroll@corp.example\r\n"
+            b"Cc: pl-payroll@corp.example\r\nAuto-Submitted: auto-replied\r\nSubject: Out of office\r\n"
+            b"In-Reply-To: <step1.101203@corp.example>\r\n\r\naway\r\n")
+    await mission.send("client@supplier.example",
+                       ["uk-payroll@corp.example", "de-payroll@corp.example", "pl-payroll@corp.example"], data)
+    assert mission.sink.messages[-1].rcpt_tos == ["uk-payroll+101203-T@corp.example", "de-payroll@corp.example",
+                                                  f"pl-payroll+{new}@corp.example"]
+    assert {link["mailbox"] for link in mission.links_show("101203-T")["links"]} == {"pl-payroll@corp.example"}
