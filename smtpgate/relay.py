@@ -166,7 +166,9 @@ class Transaction:
         if not message_id or not message_id.strip():
             added_id = f"<{uuid.uuid4().hex}@{self.gate.config.hostname}>"
             message_id = added_id
-        message_id = message_id.strip()
+        # Only the <id> itself: a trailing comment would never match a later In-Reply-To.
+        bracketed = _MESSAGE_ID.search(message_id)
+        message_id = bracketed.group(0) if bracketed else message_id.strip()
 
         linked = await self.gate.linker.link(self, raw, headers, message_id)
         for rcpt in self.recipients:
@@ -324,6 +326,7 @@ def _address_literal(ip: str) -> str:
     return f"IPv6:{ip}" if ":" in ip else ip
 
 
+_MESSAGE_ID = re.compile(r"<[^<>\s]+>")
 _HELO = re.compile(r"[A-Za-z0-9][A-Za-z0-9.\-_]{0,254}|\[[0-9A-Fa-f:.IPv]{1,60}\]")
 
 
