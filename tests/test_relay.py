@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import pytest
 
-from tests.support.wire import Wire, code
+from tests.support.wire import Wire, code, free_port, strip_trace
 
 MESSAGE = (
     b"From: Jane <jane@corp.example>\r\n"
@@ -39,18 +38,6 @@ async def send_data(wire: Wire, data: bytes) -> str:
     assert code(await wire.cmd("DATA")) == 354
     await wire.send(dot_stuff(data) + b".\r\n")
     return await wire.reply()
-
-
-def strip_trace(data: bytes) -> tuple[list[bytes], bytes]:
-    """Split off the fields smtpgate prepends: (Received/Message-ID lines, the rest)."""
-    added = []
-    while data.startswith(b"Received:") or data.startswith(b"Message-ID:"):
-        end = data.index(b"\r\n")
-        while data[end + 2:end + 3] in (b" ", b"\t"):
-            end = data.index(b"\r\n", end + 2)
-        added.append(data[: end + 2])
-        data = data[end + 2:]
-    return added, data
 
 
 async def test_message_arrives_unchanged_plus_one_received(relay, sink):
@@ -136,12 +123,6 @@ async def test_upstream_drops_after_dot_gives_451(relay, sink):
     await wire.cmd("RCPT TO:<client@supplier.example>")
     reply = await send_data(wire, MESSAGE)
     assert reply.startswith("451 4.4.2")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def test_no_upstream_listening_gives_4xx_at_mail(config_for, start_gate, log_lines):

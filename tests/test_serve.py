@@ -11,15 +11,9 @@ import sys
 from pathlib import Path
 
 from tests.conftest import write_config
-from tests.support.wire import Wire, code
+from tests.support.wire import Wire, code, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def config_text(port: int, extra: str = "") -> str:

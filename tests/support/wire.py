@@ -7,6 +7,7 @@ so tests can send bare LFs, pipelined commands and protocol violations.
 from __future__ import annotations
 
 import asyncio
+import socket
 
 
 class Wire:
@@ -57,3 +58,22 @@ class Wire:
 def code(reply: str) -> int:
     """The reply code of a (possibly multi-line) reply; 0 when the server hung up."""
     return int(reply[:3]) if reply[:3].isdigit() else 0
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def strip_trace(data: bytes) -> tuple[list[bytes], bytes]:
+    """Split off the fields smtpgate prepends: (Received/Message-ID fields, the rest)."""
+    added = []
+    while data.startswith(b"Received:") or data.startswith(b"Message-ID:"):
+        end = data.index(b"\r\n")
+        while data[end + 2:end + 3] in (b" ", b"\t"):
+            end = data.index(b"\r\n", end + 2)
+        added.append(data[: end + 2])
+        data = data[end + 2:]
+    return added, data
