@@ -19,9 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from smtpgate.config import load_config  # noqa: E402
-from smtpgate.gate import Gate  # noqa: E402
+from smtpgate.runtime.gate import Gate  # noqa: E402
 from smtpgate.log import setup_logging  # noqa: E402
-from smtpgate.rewrite import rewrite_headers  # noqa: E402
+from smtpgate.mail.rewrite import rewrite_headers  # noqa: E402
 from tests.support.sink import Sink  # noqa: E402
 
 SENDER = "uk-payroll+101203-T@corp.example"

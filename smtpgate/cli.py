@@ -76,7 +76,7 @@ def _since(text: str | None) -> datetime | None:
 
 
 async def _with_store(config, action, **open_args):
-    from smtpgate.gate import open_configured_store
+    from smtpgate.runtime.gate import open_configured_store
     from smtpgate.store import StoreError
 
     try:
@@ -96,7 +96,7 @@ async def _with_store(config, action, **open_args):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        from smtpgate.gate import serve
+        from smtpgate.runtime.gate import serve
 
         return asyncio.run(serve(config_path(args.config)))
 
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.command == "links":
-        from smtpgate.linkview import format_list, format_show
+        from smtpgate.views import format_list, format_show
 
         teams = config.teams()
         if args.links_command == "show":

@@ -19,8 +19,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from smtpgate.addresses import AddressError, normalize_domain, parse_path
-from smtpgate.plan import CoreSettings, MailboxInfo
+from smtpgate.mail.addresses import AddressError, normalize_domain, parse_path
+from smtpgate.linking.plan import CoreSettings, MailboxInfo
 
 DEFAULT_CONFIG = "/etc/smtpgate/smtpgate.yaml"
 

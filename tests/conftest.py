@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from smtpgate.config import load_config
-from smtpgate.gate import Gate
+from smtpgate.runtime.gate import Gate
 from smtpgate.log import setup_logging
 from tests.support.sink import Sink
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from smtpgate.addresses import (
+from smtpgate.mail.addresses import (
     Address,
     AddressError,
     join_tag,

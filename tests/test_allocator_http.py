@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from smtpgate.allocator import AllocationError, HttpAllocator
+from smtpgate.store.allocation import AllocationError, HttpAllocator
 from smtpgate.store import AllocationContext, LinkOutcome, LinkTarget, StoreError, open_store
 from tests.store_helpers import pg_database, store_url  # noqa: F401
 

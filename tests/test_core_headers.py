@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from smtpgate.headers import decode_text, parse_header_block
+from smtpgate.mail.headers import decode_text, parse_header_block
 
 RAW = (
     b"Received: from a\r\n\tby b\r\n"

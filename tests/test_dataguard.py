@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from smtpgate.dataguard import DataProblem, find_header_end, scan_data
+from smtpgate.mail.dataguard import DataProblem, find_header_end, scan_data
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from smtpgate.linkview import format_list, format_show, iso_utc, parse_since
+from smtpgate.views import format_list, format_show, iso_utc, parse_since
 from smtpgate.store import ActivityView, LinkedActivity, LinkRow, MessageView
 
 TEAMS = {"uk-payroll@corp.example": "Team A (UK)", "pl-payroll@corp.example": "Team B (Poland)"}

@@ -372,7 +372,7 @@ async def test_subject_reference_in_encoded_word_with_language(mission):
 
 
 def test_decode_text_decodes_what_it_can_word_by_word():
-    from smtpgate.headers import decode_text
+    from smtpgate.mail.headers import decode_text
 
     assert decode_text("Réclamation =?utf-8?q?=5B101203-T=5D?=") == "Réclamation [101203-T]"
     assert decode_text("=?utf-8?q?M=E4rz_=5B1-T=5D?=") == "M\ufffdrz [1-T]"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from smtpgate.addresses import Address, parse_path
-from smtpgate.headers import HeaderBlock, parse_header_block
-from smtpgate.plan import (
+from smtpgate.mail.addresses import Address, parse_path
+from smtpgate.mail.headers import HeaderBlock, parse_header_block
+from smtpgate.linking.plan import (
     CoreSettings,
     Directory,
     LinkLookup,
@@ -18,7 +18,7 @@ from smtpgate.plan import (
     make_plan,
     thread_message_ids,
 )
-from smtpgate.rewrite import rewrite_headers
+from smtpgate.mail.rewrite import rewrite_headers
 
 UK = MailboxInfo("uk-payroll@corp.example", "Team A (UK)")
 PL = MailboxInfo("pl-payroll@corp.example", "Team B (Poland)", "create", "{n}-T")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from smtpgate.references import DEFAULT_PATTERN, ReferenceMatcher
+from smtpgate.linking.references import DEFAULT_PATTERN, ReferenceMatcher
 
 DEFAULT = ReferenceMatcher(DEFAULT_PATTERN)
 

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smtpgate.headers import count_received, parse_header_block
-from smtpgate.rewrite import rewrite_headers
+from smtpgate.mail.headers import count_received, parse_header_block
+from smtpgate.mail.rewrite import rewrite_headers
 
 PL = {"pl-payroll@corp.example": "pl-payroll+900001-T@corp.example"}
 BODY = b"\r\nTo: pl-payroll@corp.example\r\nFrom: pl-payroll@corp.example\r\n"

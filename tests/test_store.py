@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from smtpgate.allocator import LocalAllocator
+from smtpgate.store.allocation import LocalAllocator
 from smtpgate.store import (
     AllocationContext,
     AllocationError,

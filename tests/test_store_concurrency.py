@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from smtpgate.allocator import LocalAllocator
+from smtpgate.store.allocation import LocalAllocator
 from smtpgate.store import AllocationContext, LinkOutcome, LinkTarget, open_store
 from tests.store_helpers import PYTHON, helper_env, pg_database, store_url  # noqa: F401
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smtpgate.allocator import LocalAllocator
+from smtpgate.store.allocation import LocalAllocator
 from smtpgate.store import AllocationContext, LinkOutcome, LinkTarget, open_store
 
 REFS = [f"{n}-T" for n in range(1, 6)]

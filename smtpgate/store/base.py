@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from smtpgate.allocator import Allocator
+    from smtpgate.store.allocation import Allocator
 
 
 @dataclass(frozen=True)

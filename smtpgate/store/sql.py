@@ -30,7 +30,7 @@ from smtpgate.store.base import (
 from smtpgate.store.errors import AllocationError, StoreError
 
 if TYPE_CHECKING:
-    from smtpgate.allocator import Allocator
+    from smtpgate.store.allocation import Allocator
 
 log = structlog.get_logger()
 

@@ -8,7 +8,7 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from smtpgate.addresses import AddressError, locate_addresses, parse_address_list, parse_path, split_tag
+    from smtpgate.mail.addresses import AddressError, locate_addresses, parse_address_list, parse_path, split_tag
 
 
 def check_stable(address, envelope: bool) -> None:

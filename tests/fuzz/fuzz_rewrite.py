@@ -8,9 +8,9 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from smtpgate.dataguard import scan_data
-    from smtpgate.headers import parse_header_block
-    from smtpgate.rewrite import rewrite_headers
+    from smtpgate.mail.dataguard import scan_data
+    from smtpgate.mail.headers import parse_header_block
+    from smtpgate.mail.rewrite import rewrite_headers
 
 MAPPING = {
     "pl-payroll@corp.example": "pl-payroll+900001-T@corp.example",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import structlog
 
-from smtpgate.allocator import LocalAllocator
+from smtpgate.store.allocation import LocalAllocator
 from smtpgate.store import AllocationContext, LinkTarget, open_store
 
 

@@ -12,17 +12,17 @@ import time
 from collections.abc import Coroutine
 from pathlib import Path
 
-from smtpgate import replies
-from smtpgate.allocator import HttpAllocator, LocalAllocator
+from smtpgate.mail import replies
+from smtpgate.store.allocation import HttpAllocator, LocalAllocator
 from smtpgate.config import Config, ConfigError, load_config
-from smtpgate.linking import Linker
+from smtpgate.linking.service import Linker
 from smtpgate.log import get_logger, setup_logging
-from smtpgate.notify import sd_notify
-from smtpgate.plan import Directory
-from smtpgate.references import ReferenceMatcher
-from smtpgate.server import file_authenticator, make_factory
+from smtpgate.runtime.notify import sd_notify
+from smtpgate.linking.plan import Directory
+from smtpgate.linking.references import ReferenceMatcher
+from smtpgate.frontends.smtp.server import file_authenticator, make_factory
 from smtpgate.store import Store, open_store, run_pruner
-from smtpgate.upstream import UpstreamPool
+from smtpgate.upstream.client import UpstreamPool
 from smtpgate.users import Users
 
 log = get_logger()

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from smtpgate.addresses import AddressError, locate_addresses, parse_path
-from smtpgate.headers import count_received, parse_header_block
+from smtpgate.mail.addresses import AddressError, locate_addresses, parse_path
+from smtpgate.mail.headers import count_received, parse_header_block
 
 __all__ = ["REWRITTEN_FIELDS", "count_received", "rewrite_headers"]
 

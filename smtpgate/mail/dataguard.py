@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from smtpgate.headers import parse_header_block
+from smtpgate.mail.headers import parse_header_block
 
 __all__ = ["DataProblem", "find_header_end", "scan_data"]
 

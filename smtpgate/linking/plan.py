@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from smtpgate.addresses import (
+from smtpgate.mail.addresses import (
     Address,
     AddressError,
     join_tag,
@@ -23,8 +23,8 @@ from smtpgate.addresses import (
     parse_path,
     split_tag,
 )
-from smtpgate.headers import HeaderBlock, decode_text
-from smtpgate.references import ReferenceMatcher
+from smtpgate.mail.headers import HeaderBlock, decode_text
+from smtpgate.linking.references import ReferenceMatcher
 
 __all__ = [
     "CoreSettings",

@@ -14,17 +14,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-from smtpgate import replies
-from smtpgate.addresses import Address
-from smtpgate.headers import HeaderBlock
-from smtpgate.plan import Source, find_source, make_plan, thread_message_ids
-from smtpgate.replies import SMTPReply
-from smtpgate.rewrite import rewrite_headers
+from smtpgate.mail import replies
+from smtpgate.mail.addresses import Address
+from smtpgate.mail.headers import HeaderBlock
+from smtpgate.linking.plan import Source, find_source, make_plan, thread_message_ids
+from smtpgate.mail.replies import SMTPReply
+from smtpgate.mail.rewrite import rewrite_headers
 from smtpgate.store import AllocationContext, LinkTarget, MessageRecord, StoreError
 
 if TYPE_CHECKING:
-    from smtpgate.gate import Gate
-    from smtpgate.relay import Transaction
+    from smtpgate.runtime.gate import Gate
+    from smtpgate.frontends.smtp.relay import Transaction
 
 
 @dataclass

@@ -3,7 +3,7 @@
 The client's MAIL opens an upstream transaction, each RCPT is relayed and the
 upstream's verdict is the client's reply, and the client hears 250 for its
 message only after the upstream said 250 to the final dot. At the end of DATA
-the message is checked, linked and rewritten (smtpgate.linking); when the
+the message is checked, linked and rewritten (smtpgate.linking.service); when the
 envelope changed, the upstream transaction is replayed with the rewritten
 recipients before the data is sent.
 """
@@ -17,16 +17,16 @@ from dataclasses import dataclass, field
 from email.utils import format_datetime, localtime
 from typing import TYPE_CHECKING
 
-from smtpgate import replies
-from smtpgate.addresses import Address
-from smtpgate.dataguard import scan_data
-from smtpgate.headers import parse_header_block
-from smtpgate.params import Param, xtext
-from smtpgate.replies import SMTPReply
-from smtpgate.upstream import UpstreamError, UpstreamSession, Verdict
+from smtpgate.mail import replies
+from smtpgate.mail.addresses import Address
+from smtpgate.mail.dataguard import scan_data
+from smtpgate.mail.headers import parse_header_block
+from smtpgate.mail.params import Param, xtext
+from smtpgate.mail.replies import SMTPReply
+from smtpgate.upstream.client import UpstreamError, UpstreamSession, Verdict
 
 if TYPE_CHECKING:
-    from smtpgate.gate import Gate
+    from smtpgate.runtime.gate import Gate
 
 # MAIL parameters passed upstream only when the upstream has the extension.
 _MAIL_PARAM_EXTENSION = {"SIZE": "size", "BODY": "8bitmime", "SMTPUTF8": "smtputf8",

@@ -3,7 +3,7 @@
 An `UpstreamSession` is one SMTP transaction's worth of an upstream
 connection. Every method returns the upstream's verdict as `(code, text)`;
 network faults become `UpstreamError`, never a made-up success. The relay
-decides what the client sees (smtpgate.relay).
+decides what the client sees (smtpgate.frontends.smtp.relay).
 """
 
 from __future__ import annotations

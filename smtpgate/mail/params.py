@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from smtpgate import replies
-from smtpgate.replies import SMTPReply
+from smtpgate.mail import replies
+from smtpgate.mail.replies import SMTPReply
 
 # RFC 5321 4.1.2 esmtp-keyword and esmtp-value (printable ASCII except "=" and SP;
 # UTF-8 allowed under SMTPUTF8, RFC 6531 3.3).

@@ -2,7 +2,7 @@
 
 `GateSMTP` keeps aiosmtpd's command loop, STARTTLS, AUTH and DATA reader, and
 replaces MAIL and RCPT (to keep parameters as written and to relay each one in
-lockstep), so every reply comes from smtpgate.replies or from the upstream.
+lockstep), so every reply comes from smtpgate.mail.replies or from the upstream.
 """
 
 from __future__ import annotations
@@ -14,16 +14,16 @@ from typing import TYPE_CHECKING
 
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, syntax
 
-from smtpgate import replies
-from smtpgate.addresses import AddressError, parse_path
+from smtpgate.mail import replies
+from smtpgate.mail.addresses import AddressError, parse_path
 from smtpgate.config import Listener
 from smtpgate.log import get_logger
-from smtpgate.params import parse_params, split_argument
-from smtpgate.relay import MAIL_PARAMS, RCPT_PARAMS, ClientInfo, Transaction
-from smtpgate.replies import SMTPReply
+from smtpgate.mail.params import parse_params, split_argument
+from smtpgate.frontends.smtp.relay import MAIL_PARAMS, RCPT_PARAMS, ClientInfo, Transaction
+from smtpgate.mail.replies import SMTPReply
 
 if TYPE_CHECKING:
-    from smtpgate.gate import Gate
+    from smtpgate.runtime.gate import Gate
 
 # aiosmtpd's own reply lines, translated to smtpgate's (code, enhanced code, text).
 _TRANSLATE = {

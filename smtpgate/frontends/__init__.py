@@ -1,0 +1,1 @@
+"""Front ends: each translates its protocol into the link service's Envelope and back."""

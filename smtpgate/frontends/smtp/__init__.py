@@ -1,0 +1,1 @@
+"""The SMTP front end: aiosmtpd glue and the lockstep relay session."""

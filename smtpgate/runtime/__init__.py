@@ -1,0 +1,1 @@
+"""Wiring from config: listeners, signals, sd_notify, reload (the composition root)."""
