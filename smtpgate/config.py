@@ -8,6 +8,7 @@ Relative paths are resolved against the config file's folder.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
@@ -50,6 +51,9 @@ class Listener:
     relay_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     proxy_protocol: bool
     direction: str  # outbound | inbound
+    mode: str = "enforce"  # enforce | observe (the top-level mode unless the listener sets one)
+    tls_ciphers: str = ""  # OpenSSL cipher string for TLS 1.2; empty: Mozilla "intermediate"
+    allow_public_relay_networks: bool = False
 
     def relays_for(self, ip: str) -> bool:
         """True when a client at ip may relay without authenticating."""
@@ -60,6 +64,17 @@ class Listener:
         if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
             addr = addr.ipv4_mapped
         return any(addr.version == net.version and addr in net for net in self.relay_networks)
+
+
+@dataclass(frozen=True)
+class OAuth2:
+    token_url: str
+    client_id: str
+    client_secret_file: Path
+    scope: str
+
+    def client_secret(self) -> str:
+        return self.client_secret_file.read_text(encoding="utf-8").strip()
 
 
 @dataclass(frozen=True)
@@ -78,6 +93,11 @@ class Upstream:
     verify_tls: bool
     ca_file: Path | None
     resolver: str | None
+    auth: str = "none"  # none | password | xoauth2
+    oauth2: OAuth2 | None = None
+    tls_client_cert: Path | None = None
+    tls_client_key: Path | None = None
+    max_connections: int = 100
 
     @property
     def label(self) -> str:
@@ -130,6 +150,9 @@ class Limits:
     max_recipients: int
     max_hops: int
     max_connections: int
+    max_connections_per_client: int = 20
+    idle_timeout: float = 300.0
+    max_bad_commands: int = 20
 
 
 @dataclass(frozen=True)
@@ -171,6 +194,7 @@ class Config:
     logging: Logging
     admin: Admin
     core: CoreSettings = field(repr=False)
+    mode: str = "enforce"  # enforce | observe
 
     @property
     def base_dir(self) -> Path:
@@ -479,6 +503,9 @@ def _listener(ctx: _Ctx, node: yaml.Node, key: str) -> Listener | None:
     networks = m.get("relay_networks", _list(_network), ())
     proxy = m.get("proxy_protocol", _bool, False)
     direction = m.get("direction", _choice("outbound", "inbound"), "outbound")
+    mode = m.get("mode", _choice("enforce", "observe"), None)
+    ciphers = m.get("tls_ciphers", _str, "")
+    public = m.get("allow_public_relay_networks", _bool, False)
     m.finish()
     if tls in ("starttls", "implicit") and (m.has("tls_cert") is False or m.has("tls_key") is False):
         ctx.error(node, f"{key}.tls", f"tls: {tls} needs tls_cert and tls_key")
@@ -487,7 +514,8 @@ def _listener(ctx: _Ctx, node: yaml.Node, key: str) -> Listener | None:
     return Listener(
         name=name, kind=kind, host=host, port=port, path=path, tls=tls, tls_cert=tls_cert,
         tls_key=tls_key, auth=auth, relay_networks=networks or (), proxy_protocol=proxy,
-        direction=direction,
+        direction=direction, mode=mode or "", tls_ciphers=ciphers or "",
+        allow_public_relay_networks=bool(public),
     )
 
 
@@ -539,8 +567,20 @@ def _upstream(ctx: _Ctx, m: _Mapping) -> Upstream | None:
     verify = m.get("verify_tls", _bool, True)
     ca_file = m.get("ca_file", _readable_file, None)
     resolver = m.get("resolver", _str, None)
+    auth = m.get("auth", _choice("none", "password", "xoauth2"), "password" if username else "none")
+    oauth2 = _oauth2(ctx, m.sub("oauth2")) if m.has("oauth2") else None
+    client_cert = m.get("tls_client_cert", _readable_file, None)
+    client_key = m.get("tls_client_key", _readable_file, None)
+    max_connections = m.get("max_connections", _positive_int, 100)
     m.finish()
-    if username and password_file is None and m.has("password_file") is False:
+    if auth == "xoauth2" and m.has("oauth2") is False:
+        ctx.error(m.node, "upstream.oauth2", "auth: xoauth2 needs oauth2: {token_url, client_id, "
+                  "client_secret_file, scope}")
+    if auth == "xoauth2" and not username:
+        ctx.error(m.node, "upstream.username", "auth: xoauth2 needs username (the mailbox the token acts as)")
+    if m.has("tls_client_cert") != m.has("tls_client_key"):
+        ctx.error(m.node, "upstream.tls_client_cert", "tls_client_cert and tls_client_key go together")
+    if auth == "password" and username and password_file is None and m.has("password_file") is False:
         ctx.error(m.node, "upstream.password_file", "username is set but password_file is missing")
     if url is None or scheme is None or timeout is None or pool_size is None:
         return None
@@ -548,7 +588,23 @@ def _upstream(ctx: _Ctx, m: _Mapping) -> Upstream | None:
         url=url, scheme=scheme, host=host, port=port, path=path, mx_domain=mx_domain,
         username=username, password_file=password_file, timeout=timeout, pool_size=pool_size,
         tls=tls, verify_tls=bool(verify), ca_file=ca_file, resolver=resolver,
+        auth=auth or "none", oauth2=oauth2, tls_client_cert=client_cert, tls_client_key=client_key,
+        max_connections=max_connections or 100,
     )
+
+
+def _oauth2(ctx: _Ctx, m: _Mapping) -> OAuth2 | None:
+    token_url = m.get("token_url", _str)
+    client_id = m.get("client_id", _str)
+    secret = m.get("client_secret_file", _readable_file)
+    scope = m.get("scope", _str, "https://outlook.office365.com/.default")
+    m.finish()
+    if token_url is not None and urlsplit(token_url).scheme not in ("http", "https"):
+        ctx.error(m.raw("token_url"), "upstream.oauth2.token_url", f"expected an http(s) URL, got \"{token_url}\"")
+        return None
+    if None in (token_url, client_id, secret, scope):
+        return None
+    return OAuth2(token_url=token_url, client_id=client_id, client_secret_file=secret, scope=scope)
 
 
 def _mailbox(ctx: _Ctx, node: yaml.Node, key: str, separator: str) -> MailboxInfo | None:
@@ -616,6 +672,7 @@ def _build(ctx: _Ctx, root: yaml.Node | None, path: Path) -> Config | None:
         ctx.error(top.raw("listeners"), "listeners", f"duplicate listener name \"{dup}\"")
     workers = top.get("workers", _positive_int, 1)
     grace = top.get("shutdown_grace", _number, 30.0)
+    mode = top.get("mode", _choice("enforce", "observe"), "enforce")
     auth_backend = top.get("auth_backend", _choice("file", "upstream"), "file")
     users_file = top.get("users_file", _path, None)
     upstream = _upstream(ctx, top.sub("upstream"))
@@ -680,6 +737,9 @@ def _build(ctx: _Ctx, root: yaml.Node | None, path: Path) -> Config | None:
     max_rcpt = lim.get("max_recipients", _positive_int, 500)
     max_hops = lim.get("max_hops", _positive_int, 50)
     max_conn = lim.get("max_connections", _positive_int, 1000)
+    per_client = lim.get("max_connections_per_client", _positive_int, 20)
+    idle_timeout = lim.get("idle_timeout", _number, 300.0)
+    bad_commands = lim.get("max_bad_commands", _positive_int, 20)
     lim.finish()
 
     lg = top.sub("logging")
@@ -709,6 +769,9 @@ def _build(ctx: _Ctx, root: yaml.Node | None, path: Path) -> Config | None:
 
     if ctx.problems:
         return None
+    listeners = tuple(
+        dataclasses.replace(lst, mode=lst.mode or mode) for lst in listeners
+    )
     core = CoreSettings(
         internal_domains=tuple(internal),
         separator=separator,
@@ -736,11 +799,13 @@ def _build(ctx: _Ctx, root: yaml.Node | None, path: Path) -> Config | None:
                     timeout=store_timeout),
         inbound=Inbound(unknown_tags=unknown_tags),
         limits=Limits(max_message_size=max_size, max_recipients=max_rcpt, max_hops=max_hops,
-                      max_connections=max_conn),
+                      max_connections=max_conn, max_connections_per_client=per_client,
+                      idle_timeout=idle_timeout, max_bad_commands=bad_commands),
         logging=Logging(format=log_format, level=log_level),
         admin=Admin(listen=f"{admin_listen[0]}:{admin_listen[1]}" if admin_listen else None,
                     tokens=tuple(tokens)),
         core=core,
+        mode=mode,
     )
 
 

@@ -8,12 +8,13 @@ other field and the body keep their exact bytes.
 
 from __future__ import annotations
 
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 from smtpgate.mail.addresses import AddressError, locate_addresses, parse_path
-from smtpgate.mail.headers import count_received, parse_header_block
+from smtpgate.mail.headers import HeaderBlock, count_received, parse_header_block
 
-__all__ = ["REWRITTEN_FIELDS", "count_received", "rewrite_headers"]
+__all__ = ["REWRITTEN_FIELDS", "HeaderEdit", "apply_edits", "count_received", "header_edits", "rewrite_headers"]
 
 REWRITTEN_FIELDS = frozenset({"to", "cc", "from", "reply-to"})
 
@@ -32,8 +33,23 @@ def _canonical_mapping(mapping: Mapping[str, str]) -> dict[str, bytes]:
     return result
 
 
-def rewrite_headers(raw: bytes, mapping: Mapping[str, str]) -> bytes:
-    """``raw`` with the addr-specs in To, Cc, From and Reply-To replaced per ``mapping``.
+@dataclass(frozen=True)
+class HeaderEdit:
+    """One header field's new value: a front end splices it (SMTP) or sends it (milter CHGHEADER).
+
+    ``index`` counts the fields called ``name`` (case-insensitive) from 1, in
+    order; ``old`` and ``new`` are the raw bytes after the colon, folding and
+    the final line end included.
+    """
+
+    name: str
+    index: int
+    old: bytes
+    new: bytes
+
+
+def header_edits(block: HeaderBlock, mapping: Mapping[str, str]) -> tuple[HeaderEdit, ...]:
+    """The edits that replace the addr-specs in To, Cc, From and Reply-To per ``mapping``.
 
     Keys are compared by ``Address.canonical`` (case and IDNA form do not
     matter); each value is the full addr-spec written in place of the old
@@ -42,25 +58,64 @@ def rewrite_headers(raw: bytes, mapping: Mapping[str, str]) -> bytes:
     ValueError when a key or value is not a valid address.
     """
     if not mapping:
-        return raw
+        return ()
     try:
         replacements = _canonical_mapping(mapping)
     except AddressError as exc:
         raise ValueError(f"invalid rewrite mapping: {exc}") from None
-    pieces: list[bytes] = []
-    done = 0
-    for field in parse_header_block(raw).fields:
-        if field.name.lower() not in REWRITTEN_FIELDS:
+    edits: list[HeaderEdit] = []
+    seen: dict[str, int] = {}
+    for field in block.fields:
+        key = field.name.lower()
+        seen[key] = seen.get(key, 0) + 1
+        if key not in REWRITTEN_FIELDS:
             continue
-        value = field.raw_value.decode("latin-1")  # one character per byte: offsets stay byte offsets
+        old = field.raw_value
+        value = old.decode("latin-1")  # one character per byte: offsets stay byte offsets
+        pieces: list[bytes] = []
+        done = 0
         for located in locate_addresses(value, _utf8):
             new = replacements.get(located.address.canonical)
             if new is None:
                 continue
-            pieces.append(raw[done : field.value_start + located.start])
-            pieces.append(new)
-            done = field.value_start + located.end
-    if not pieces:
+            pieces += [old[done : located.start], new]
+            done = located.end
+        if pieces:
+            edits.append(HeaderEdit(field.name, seen[key], old, b"".join(pieces) + old[done:]))
+    return tuple(edits)
+
+
+def apply_edits(raw: bytes, block: HeaderBlock, edits: Sequence[HeaderEdit]) -> bytes:
+    """``raw`` (whose header ``block`` is) with each edit's field value replaced.
+
+    Raises ValueError when an edit names a field the block does not have or
+    whose value is not ``old``.
+    """
+    if not edits:
         return raw
+    wanted = {(e.name.lower(), e.index): e for e in edits}
+    pieces: list[bytes] = []
+    done = 0
+    seen: dict[str, int] = {}
+    for field in block.fields:
+        key = field.name.lower()
+        seen[key] = seen.get(key, 0) + 1
+        edit = wanted.pop((key, seen[key]), None)
+        if edit is None:
+            continue
+        if field.raw_value != edit.old:
+            raise ValueError(f"header edit for {edit.name} #{edit.index} does not match the message")
+        pieces += [raw[done : field.value_start], edit.new]
+        done = field.end
+    if wanted:
+        name, index = next(iter(wanted))
+        raise ValueError(f"header edit for {name} #{index}: no such field")
     pieces.append(raw[done:])
     return b"".join(pieces)
+
+
+def rewrite_headers(raw: bytes, mapping: Mapping[str, str]) -> bytes:
+    """``raw`` with the addr-specs in To, Cc, From and Reply-To replaced per ``mapping``
+    (see header_edits); only those addr-spec bytes change."""
+    block = parse_header_block(raw)
+    return apply_edits(raw, block, header_edits(block, mapping))

@@ -1,0 +1,134 @@
+"""The seam between front ends and the link service: plain values, no I/O.
+
+A front end (the SMTP relay session, the milter session) builds an
+`Envelope` from its protocol, hands it and the message's header block to
+`LinkService.decide`, and applies the `LinkDecision` in its own protocol:
+the SMTP session splices the header edits into the bytes and replays the
+envelope; the milter sends DELRCPT/ADDRCPT_PAR and CHGHEADER.
+See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from smtpgate.mail.addresses import Address
+from smtpgate.mail.headers import HeaderBlock
+from smtpgate.mail.rewrite import HeaderEdit, apply_edits, header_edits
+
+__all__ = ["ClientInfo", "Envelope", "EnvelopeRecipient", "HeaderEdit", "LinkDecision", "RecipientDecision"]
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """Who handed the message to smtpgate (for logs and the Received field)."""
+
+    session_id: str = ""
+    ip: str = "?"
+    helo: str = ""
+    authenticated_as: str | None = None
+    tls: bool = False
+    listener: str = ""
+    esmtp: bool = True  # EHLO, not HELO
+
+
+@dataclass(frozen=True)
+class EnvelopeRecipient:
+    """One envelope recipient as the client gave it, with its RCPT parameters as written."""
+
+    address: Address
+    params: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A front-end-neutral envelope: what every front end knows at end of message."""
+
+    mail_from: Address | None
+    recipients: tuple[EnvelopeRecipient, ...]
+    mail_params: tuple[str, ...] = ()
+    client: ClientInfo = field(default_factory=ClientInfo)
+    direction: str = "outbound"  # "outbound" | "inbound"
+
+    @property
+    def addresses(self) -> list[Address]:
+        return [r.address for r in self.recipients]
+
+
+@dataclass(frozen=True)
+class RecipientDecision:
+    """One envelope recipient: ``target`` is what to relay, None when it merges into an
+    earlier spelling of the same mailbox (sent once, DESIGN.md 6)."""
+
+    original: Address
+    target: Address | None
+    recipient_class: str | None = None  # a RecipientClass value, None without a source
+
+    @property
+    def rewritten(self) -> bool:
+        return self.target is not None and self.target != self.original
+
+
+@dataclass(frozen=True)
+class LinkDecision:
+    """What the link service decided for one message (DESIGN.md 3-6).
+
+    ``header_mapping`` maps a mailbox's canonical address to the tagged
+    addr-spec written in To/Cc/From/Reply-To; ``header_edits`` are the
+    resulting field edits for ``headers``. ``mapping`` (mailbox -> reference)
+    is what the message record keeps for thread look-ups.
+    """
+
+    message_id: str
+    headers: HeaderBlock = field(repr=False)
+    recipients: tuple[RecipientDecision, ...] = ()
+    source_reference: str | None = None
+    source_found_in: str | None = None
+    source_mailbox: str | None = None
+    header_mapping: dict[str, str] = field(default_factory=dict)
+    header_edits: tuple[HeaderEdit, ...] = ()
+    mapping: dict[str, str] = field(default_factory=dict)
+    links_created: tuple[str, ...] = ()
+    links_reused: tuple[str, ...] = ()
+    would_create: tuple[str, ...] = ()  # observe mode: mailboxes that would get a new activity
+    untaggable: tuple[str, ...] = ()
+    automatic: bool = False
+    date: str | None = None
+    from_: str | None = None
+    subject: str | None = None
+
+    @property
+    def changed(self) -> bool:
+        """True when the envelope or the header differ from what the client sent."""
+        return bool(self.header_edits) or any(r.target != r.original for r in self.recipients)
+
+    def targets(self) -> list[Address]:
+        """The envelope to relay: each recipient's target, merged ones left out."""
+        return [r.target for r in self.recipients if r.target is not None]
+
+    def target_of(self, original: Address) -> Address | None:
+        for r in self.recipients:
+            if r.original == original:
+                return r.target
+        return original
+
+    def apply(self, raw: bytes) -> bytes:
+        """The message bytes with the header edits spliced in; every other byte kept."""
+        return apply_edits(raw, self.headers, self.header_edits)
+
+    def without_tag(self, original: Address) -> LinkDecision:
+        """The decision with ``original`` relayed untagged (its upstream refused the tag).
+
+        The tag leaves the header fields too, so a reply-all does not hit the
+        address the upstream refuses.
+        """
+        tagged = self.target_of(original)
+        recipients = tuple(
+            dataclasses.replace(r, target=r.original) if r.original == original else r for r in self.recipients
+        )
+        kept = self.header_mapping
+        if tagged is not None:
+            kept = {k: v for k, v in self.header_mapping.items() if v.lower() != str(tagged).lower()}
+        edits = header_edits(self.headers, kept) if kept != self.header_mapping else self.header_edits
+        return dataclasses.replace(self, recipients=recipients, header_mapping=kept, header_edits=edits)
