@@ -96,9 +96,9 @@ async def _with_store(config, action, **open_args):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        from smtpgate.runtime.gate import serve
+        from smtpgate.runtime.supervisor import serve_main
 
-        return asyncio.run(serve(config_path(args.config)))
+        return serve_main(config_path(args.config))
 
     config, status = _load(args)
     if config is None:

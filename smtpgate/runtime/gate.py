@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 
 from smtpgate.mail import replies
 from smtpgate.store.allocation import HttpAllocator, LocalAllocator
-from smtpgate.config import Config, ConfigError, load_config
+from smtpgate.config import Config, ConfigError, Listener, load_config
 from smtpgate.linking.service import Linker
 from smtpgate.log import get_logger, setup_logging
 from smtpgate.runtime.notify import sd_notify
@@ -82,29 +83,42 @@ class Gate:
                 out.append(sock.getsockname()[:2])
         return out
 
-    async def start(self) -> None:
+    async def start(self, sockets: Sequence[tuple[Listener, Sequence[socket.socket]]] | None = None,
+                    *, prune: bool = True) -> None:
+        """Open the store, probe the upstream and serve every listener.
+
+        sockets: listening sockets a supervisor bound (runtime/supervisor.py),
+        served instead of binding each configured listener's address. prune:
+        False when another process runs the store's background pruning.
+        """
         if self.store is None:
             self.store = await open_configured_store(self.config)
         if self.config.upstream.scheme == "mx":
             raise StartupError("upstream.url: mx: upstreams are not available yet; use smtp://, "
                                "smtp+starttls://, smtps:// or maildir:")
         await self.pool.probe()
-        self.pruner = asyncio.get_running_loop().create_task(
-            run_pruner(self.store, self.config.store.keep_messages_days))
+        if prune:
+            self.pruner = asyncio.get_running_loop().create_task(
+                run_pruner(self.store, self.config.store.keep_messages_days))
         loop = asyncio.get_running_loop()
-        for listener in self.config.listeners:
+        if sockets is None:
+            sockets = [(listener, ()) for listener in self.config.listeners]
+        for listener, bound in sockets:
             if listener.kind != "smtp":
                 raise StartupError(f"listener {listener.name}: kind {listener.kind} is not available yet")
             if listener.direction != "outbound":
                 raise StartupError(f"listener {listener.name}: direction {listener.direction} is not available yet")
             factory, tls = make_factory(self, listener)
             try:
-                server = await loop.create_server(factory, listener.host, listener.port, ssl=tls,
-                                                  reuse_address=True)
+                if bound:
+                    servers = [await loop.create_server(factory, sock=sock, ssl=tls) for sock in bound]
+                else:
+                    servers = [await loop.create_server(factory, listener.host, listener.port, ssl=tls,
+                                                        reuse_address=True)]
             except OSError as exc:
                 raise StartupError(f"listener {listener.name}: cannot listen on "
                                    f"{listener.host}:{listener.port}: {exc.strerror or exc}") from None
-            self.servers.append(server)
+            self.servers.extend(servers)
             log.info("listener.started", listener=listener.name, address=f"{listener.host}:{listener.port}",
                      tls=listener.tls, auth=listener.auth)
 
@@ -158,9 +172,6 @@ async def serve(config_path: Path) -> int:
             log.error("config.rejected", error=problem)
         return 2
     setup_logging(config.logging.format, config.logging.level)
-    if config.workers != 1:
-        log.warning("config.unsupported", key="workers", value=config.workers,
-                    detail="one worker process is run; several are not available yet")
     gate = Gate(config)
     try:
         await gate.start()
