@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import os
 import re
@@ -82,15 +83,29 @@ class Supervised:
     async def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
         status = await asyncio.wait_for(self.proc.wait(), 60)
-        await self._reader
+        assert await self.ended(30)
         return status
 
+    async def ended(self, timeout: float) -> bool:
+        """True once stdout is closed: the supervisor and every worker have exited."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self._reader), timeout)
+        except TimeoutError:
+            return False
+        return True
+
     async def kill(self) -> None:
+        """End the supervisor and every worker it started, whatever state they are in."""
         if self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
-        # The workers get SIGTERM from the kernel when the supervisor dies (PR_SET_PDEATHSIG).
-        await asyncio.wait_for(self._reader, 60)
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+        if not await self.ended(30):
+            for pid in {e["pid"] for e in self.named("worker.started")}:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            await self.ended(10)
+        # (Python 3.11's Process.wait also waits for stdout to close, so only now.)
+        await asyncio.wait_for(self.proc.wait(), 10)
 
 
 async def start(config: Path, notify_path: str | None = None) -> Supervised:
@@ -246,7 +261,7 @@ async def test_two_workers_one_port_kill9_mid_transactions_restart_and_drain(tmp
             assert code(await wire.reply()) == 250
             await wire.cmd("QUIT")
         assert await asyncio.wait_for(served.proc.wait(), 60) == 0
-        await served._reader
+        assert await served.ended(30)
         for pid in workers:
             assert served.named("shutdown.complete", pid=pid)
             assert served.named("worker.exited", pid=pid)[0]["exit_status"] == 0
@@ -397,10 +412,24 @@ async def test_start_up_failures_stop_everything(tmp_path):
     served = await start(config)
     try:
         assert await asyncio.wait_for(served.proc.wait(), 60) == 1
-        await served._reader
+        assert await served.ended(30)
         failed = served.named("startup.failed")
         assert any("smtpgate.db" in e["reason"] for e in failed if "pid" in e)
         assert any("worker" in e["reason"] for e in failed if "pid" not in e)
         assert not served.named("smtpgate.ready")
+    finally:
+        await served.kill()
+
+
+async def test_workers_drain_when_the_supervisor_is_killed(tmp_path):
+    config = write_config(tmp_path, CONFIG.format(port=free_port(), upstream="maildir:outbox",
+                                                  store="sqlite:smtpgate.db", extra=""))
+    served = await start(config)
+    try:
+        workers = (await served.event("smtpgate.ready"))["workers"]
+        served.proc.kill()
+        # stdout ends only when every worker has exited too.
+        assert await served.ended(60), "workers outlived the supervisor"
+        assert sorted(e["pid"] for e in served.named("shutdown.complete")) == sorted(workers)
     finally:
         await served.kill()
