@@ -13,9 +13,10 @@ import socket
 import struct
 import sys
 from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from smtpgate.store import open_store
+from smtpgate.store import MessageRecord, open_store
 from tests.conftest import write_config
 from tests.store_helpers import pg_database, store_url  # noqa: F401  (fixtures)
 from tests.support.wire import Wire, code, free_port
@@ -387,6 +388,45 @@ async def test_a_worker_dying_again_soon_waits_longer(tmp_path):
             seen.add(pid)
             await served.event("listener.started", pid=pid)
         assert delays[1] == 2 * delays[0]
+        assert await served.stop() == 0
+    finally:
+        await served.kill()
+
+
+async def test_only_worker_0_prunes_the_store(tmp_path):
+    url = f"sqlite:{tmp_path / 'smtpgate.db'}"
+
+    async def old_record(n: int) -> None:
+        store = await open_store(url, base_dir=tmp_path)
+        try:
+            await store.record_message(MessageRecord(
+                message_id=f"<old-{n}@corp.example>", date=None, from_=None, subject=None,
+                source_reference=None, recipients=["client@supplier.example"], mapping={},
+                relayed_at=datetime.now(timezone.utc) - timedelta(days=500)))
+        finally:
+            await store.close()
+
+    async def replace(worker: int, pid: int, seen: set[int]) -> int:
+        os.kill(pid, signal.SIGKILL)
+        started = await served.until(
+            lambda: [e for e in served.named("worker.started", worker=worker) if e["pid"] not in seen],
+            f"a new worker {worker}")
+        await served.event("listener.started", pid=started[0]["pid"])
+        return started[0]["pid"]
+
+    await old_record(1)
+    config = write_config(tmp_path, CONFIG.format(port=free_port(), upstream="maildir:outbox", store=url, extra=""))
+    served = await start(config)
+    try:
+        ready = await served.event("smtpgate.ready")
+        seen = set(ready["workers"])
+        assert (await served.event("store.pruned"))["pid"] == ready["workers"][0]
+        # A second old record survives a new worker 1 and goes with the next worker 0.
+        await old_record(2)
+        seen.add(await replace(1, ready["workers"][1], seen))
+        new_0 = await replace(0, ready["workers"][0], seen)
+        await served.event("store.pruned", pid=new_0)
+        assert [e["worker"] for e in served.named("store.pruned")] == [0, 0]
         assert await served.stop() == 0
     finally:
         await served.kill()
