@@ -23,7 +23,7 @@ from smtpgate.mail.dataguard import scan_data
 from smtpgate.mail.headers import parse_header_block
 from smtpgate.mail.params import Param, xtext
 from smtpgate.mail.replies import SMTPReply
-from smtpgate.upstream.client import UpstreamError, UpstreamSession, Verdict
+from smtpgate.upstream.client import UpstreamAuthError, UpstreamError, UpstreamSession, Verdict
 
 if TYPE_CHECKING:
     from smtpgate.runtime.gate import Gate
@@ -86,6 +86,10 @@ class Transaction:
             raise SMTPReply(replies.MESSAGE_TOO_BIG, "declared SIZE over limits.max_message_size")
         try:
             self.upstream = await self.gate.pool.acquire()
+        except UpstreamAuthError as exc:
+            self.log.warning("upstream.auth_failed", stage="connect", reason=exc.reason,
+                             upstream=self.gate.pool.config.label)
+            raise SMTPReply(replies.UPSTREAM_AUTH_FAILED, exc.reason) from None
         except UpstreamError as exc:
             self.log.warning("upstream.error", stage="connect", reason=exc.reason,
                              upstream=self.gate.pool.config.label)
