@@ -16,7 +16,6 @@ import atexit
 import base64
 import binascii
 import collections
-import json
 import re
 import shutil
 import ssl
@@ -143,11 +142,12 @@ class SinkSMTP(SMTP):
         await super().smtp_AUTH(arg)
 
     async def auth_XOAUTH2(self, _: SMTP, args: list[str]) -> AuthResult:
-        """SASL XOAUTH2 as Microsoft and Google describe it.
+        """SASL XOAUTH2 as Exchange Online answers it.
 
-        One initial response, base64("user=" U ^A "auth=Bearer " T ^A ^A); a
-        refused token gets a 334 carrying a base64 JSON error, the client
-        answers with an empty line, and then 535.
+        The response base64("user=" U ^A "auth=Bearer " T ^A ^A), as an
+        initial response or after an empty 334; a refused token gets
+        "535 5.7.3 Authentication unsuccessful" at once (Microsoft's
+        "Authenticate an IMAP, POP or SMTP connection using OAuth").
         """
         sink = self.sink
         if sink.xoauth2 is None:
@@ -174,8 +174,6 @@ class SinkSMTP(SMTP):
         sink._changed()
         if sink.xoauth2(user, token):
             return AuthResult(success=True, auth_data=user)
-        error = json.dumps({"status": "401", "schemes": "bearer", "scope": "https://outlook.office.com/SMTP.Send"})
-        await self.challenge_auth(error)
         return AuthResult(success=False, handled=False, message="535 5.7.3 Authentication unsuccessful")
 
     # -- MAIL -----------------------------------------------------------
