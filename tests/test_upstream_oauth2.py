@@ -163,3 +163,16 @@ async def test_unreadable_secret_and_unreachable_endpoint(source, endpoint):
     with pytest.raises(TokenError) as info:
         await source.token()
     assert info.value.reason.startswith(f"token endpoint {endpoint.url} not reachable: ClientConnectorError")
+
+
+async def test_close_while_a_refresh_is_in_flight(source, endpoint):
+    """A reload closes the old pool: a session waiting for its token gets a TokenError, not a cancellation."""
+    endpoint.hold = asyncio.Event()
+    waiting = asyncio.create_task(source.token())
+    await endpoint.wait_for(lambda: len(endpoint.requests) == 1)
+    await source.close()
+    with pytest.raises(TokenError, match="being closed"):
+        await waiting
+    with pytest.raises(TokenError, match="being closed"):
+        await source.token()
+    endpoint.hold.set()

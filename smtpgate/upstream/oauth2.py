@@ -70,6 +70,7 @@ class TokenSource:
         self.clock = clock
         self._generation = 0  # of the newest token fetched
         self._cached: AccessToken | None = None
+        self._closed = False
         self._refresh: asyncio.Task[AccessToken] | None = None
         self._http: aiohttp.ClientSession | None = None
 
@@ -80,6 +81,8 @@ class TokenSource:
         returned; only when no token is usable does the caller wait, on the one
         refresh in flight.
         """
+        if self._closed:
+            raise TokenError("no token: the upstream connections are being closed (reload or stop)")
         now = self.clock()
         cached = self._cached
         if cached is not None and now < cached.fresh_until:
@@ -90,8 +93,15 @@ class TokenSource:
             refresh.add_done_callback(self._refreshed)
         if cached is not None and now < cached.usable_until:
             return cached
-        # shield: a caller that gives up (its client left) must not cancel the others' refresh.
-        return await asyncio.shield(refresh)
+        try:
+            # shield: a caller that gives up (its client left) must not cancel the others' refresh.
+            return await asyncio.shield(refresh)
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if refresh.cancelled() and me is not None and not me.cancelling():
+                # close() stopped the refresh, not this caller: a temporary failure for its client.
+                raise TokenError("no token: the upstream connections are being closed (reload or stop)") from None
+            raise
 
     async def settle(self) -> None:
         """Return once no refresh is in flight (its outcome is then cached or logged)."""
@@ -105,6 +115,8 @@ class TokenSource:
             self._cached = None
 
     async def close(self) -> None:
+        """Stop a refresh in flight (its waiters get TokenError) and release the HTTP client."""
+        self._closed = True
         refresh, self._refresh = self._refresh, None
         if refresh is not None and not refresh.done():
             refresh.cancel()
