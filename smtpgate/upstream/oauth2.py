@@ -149,7 +149,7 @@ class TokenSource:
                 "client_secret": secret, "scope": settings.scope}
         try:
             status, body = await self._post(form)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
             raise TokenError(_scrub(f"token endpoint {settings.token_url} not reachable: "
                                     f"{type(exc).__name__}: {exc}", secret)) from None
         value, lifetime = _parse(status, body, settings.token_url, secret)
@@ -168,7 +168,8 @@ class TokenSource:
     async def _post(self, form: dict[str, str]) -> tuple[int, bytes]:
         if self._http is None:
             self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
-        async with self._http.post(self.settings.token_url, data=form,
+        # No redirects: a 307 would carry the client secret to wherever it points.
+        async with self._http.post(self.settings.token_url, data=form, allow_redirects=False,
                                    headers={"Accept": "application/json"}) as response:
             body = await response.content.read(MAX_RESPONSE + 1)
             return response.status, body

@@ -63,6 +63,7 @@ class TokenEndpoint:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_post("/tenant-id/oauth2/v2.0/token", self._token)
+        app.router.add_post("/moved", self._moved)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.port)
@@ -94,6 +95,12 @@ class TokenEndpoint:
     def _changed(self) -> None:
         self._event.set()
         self._event = asyncio.Event()
+
+    async def _moved(self, request: web.Request) -> web.Response:
+        """Sends the client elsewhere, keeping the method and body (RFC 9110 15.4.8)."""
+        self.requests.append({key: str(value) for key, value in (await request.post()).items()})
+        self._changed()
+        raise web.HTTPTemporaryRedirect(self.url)
 
     async def _token(self, request: web.Request) -> web.Response:
         form = {key: str(value) for key, value in (await request.post()).items()}
