@@ -24,7 +24,7 @@ from smtpgate.mail.dataguard import scan_data
 from smtpgate.mail.headers import HeaderBlock, parse_header_block
 from smtpgate.mail.params import Param, xtext
 from smtpgate.mail.replies import SMTPReply
-from smtpgate.upstream.client import UpstreamError, UpstreamPool, UpstreamSession, Verdict
+from smtpgate.upstream.client import UpstreamAuthError, UpstreamError, UpstreamPool, UpstreamSession, Verdict
 
 __all__ = ["MAIL_PARAMS", "RCPT_PARAMS", "ClientInfo", "RelayContext", "Transaction"]
 
@@ -87,6 +87,10 @@ class Transaction:
             raise SMTPReply(replies.MESSAGE_TOO_BIG, "declared SIZE over limits.max_message_size")
         try:
             self.upstream = await self.ctx.pool.acquire()
+        except UpstreamAuthError as exc:
+            self.log.warning("upstream.auth_failed", stage="connect", reason=exc.reason,
+                             upstream=self.ctx.pool.config.label)
+            raise SMTPReply(replies.UPSTREAM_AUTH_FAILED, exc.reason) from None
         except UpstreamError as exc:
             self.log.warning("upstream.error", stage="connect", reason=exc.reason,
                              upstream=self.ctx.pool.config.label)
