@@ -65,6 +65,7 @@ class Gate:
         self.servers: list[asyncio.AbstractServer] = []
         self.tasks: set[asyncio.Task] = set()
         self.pruner: asyncio.Task | None = None
+        self.admin = None  # smtpgate.admin.AdminServer when admin.listen is set
 
     def spawn(self, coro: Coroutine) -> asyncio.Task:
         """Run coro in the background, keeping a reference until it ends (a drain waits for it)."""
@@ -107,6 +108,21 @@ class Gate:
             self.servers.append(server)
             log.info("listener.started", listener=listener.name, address=f"{listener.host}:{listener.port}",
                      tls=listener.tls, auth=listener.auth)
+        if self.config.admin.listen:
+            await self._start_admin(self.config.admin.listen)
+
+    async def _start_admin(self, listen: str) -> None:
+        """The admin HTTP listener (docs/operations.md); it reads the current snapshot per request."""
+        from smtpgate.admin import AdminServer, Sources
+        from smtpgate.config import parse_hostport
+
+        host, port = parse_hostport(listen)  # type: ignore[misc]  # validated by the config loader
+        self.admin = AdminServer(lambda: Sources(self.config, self.store, self.pool, self.draining))
+        try:
+            await self.admin.start(host, port)
+        except OSError as exc:
+            raise StartupError(f"admin.listen: cannot listen on {listen}: {exc.strerror or exc}") from None
+        log.info("listener.started", listener="admin", address=", ".join(f"{h}:{p}" for h, p in self.admin.bound))
 
     def reload(self, config: Config) -> None:
         """Take a new config for new connections and transactions."""
@@ -118,6 +134,8 @@ class Gate:
             kept.append("store")
         if config.workers != old.workers:
             kept.append("workers")
+        if config.admin.listen != old.admin.listen:
+            kept.append("admin.listen")
         users = Users.load(config.users_file)
         if config.upstream != old.upstream:
             old_pool, self.pool = self.pool, UpstreamPool(config.upstream, local_hostname=config.hostname)
@@ -142,6 +160,8 @@ class Gate:
             self.pruner.cancel()
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=5)
+        if self.admin is not None:
+            await self.admin.close()
         await self.pool.close()
         if self.store is not None:
             await self.store.close()

@@ -21,6 +21,7 @@ import aiosmtplib
 
 from smtpgate.config import Upstream
 from smtpgate.log import get_logger
+from smtpgate.metrics import UPSTREAM_IN_USE
 
 log = get_logger()
 
@@ -231,11 +232,14 @@ class UpstreamPool:
                 continue
             try:
                 if (await session.noop()).ok:
+                    UPSTREAM_IN_USE.inc()
                     return session
             except UpstreamError:
                 pass
             await session.close()
-        return await self._connect()
+        session = await self._connect()
+        UPSTREAM_IN_USE.inc()
+        return session
 
     def _tls_context(self) -> ssl.SSLContext:
         context = ssl.create_default_context(
@@ -281,6 +285,7 @@ class UpstreamPool:
         return session
 
     async def give_back(self, session: SmtpSession, reusable: bool) -> None:
+        UPSTREAM_IN_USE.dec()
         if reusable and not self._closed and session.client.is_connected and len(self.idle) < self.config.pool_size:
             self.idle.append(session)
         else:
