@@ -37,6 +37,7 @@ system-deps:
 CORE := smtpgate/mail/addresses.py,smtpgate/linking/references.py,smtpgate/mail/headers.py,smtpgate/mail/rewrite.py,smtpgate/mail/dataguard.py,smtpgate/linking/plan.py
 
 test: venv system-deps
+	$(BIN)/lint-imports
 	$(BIN)/pytest --cov=smtpgate --cov-branch --cov-report=term-missing:skip-covered
 	$(BIN)/coverage report --include='$(CORE)' --fail-under=100
 

@@ -86,7 +86,7 @@ async def test_readyz_is_503_while_draining(admin_relay):
     draining = asyncio.create_task(relay.gate.drain(10))
     try:
         async with asyncio.timeout(10):
-            while not relay.gate.draining:  # the drain task sets it on its first step
+            while not relay.gate.registry.draining:  # the drain task sets it on its first step
                 await asyncio.sleep(0)
         status, _, text = await get(relay.admin_url + "/readyz")
         assert status == 503 and json.loads(text) == {"ready": False, "reason": "shutting down"}

@@ -82,7 +82,7 @@ async def test_metrics_move_when_messages_are_relayed_and_rejected(admin_relay, 
     assert (await relay.send(f"uk-payroll+{SOURCE}@corp.example", rcpts, message("busy"))).data[0] == 451
     relay.sink.data_reply = None
 
-    await until(lambda: not relay.gate.sessions)
+    await until(lambda: not relay.gate.registry.sessions)
     after = await scrape(relay.admin_url)
     moved = delta(before, after)
     events = log_lines()[seen:]
@@ -127,7 +127,7 @@ async def test_upstream_connections_in_use_while_a_transaction_is_open(admin_rel
     finally:
         relay.sink.hold_data.set()
     assert (await sending).data[0] == 250
-    await until(lambda: not relay.gate.sessions)
+    await until(lambda: not relay.gate.registry.sessions)
     after = await scrape(relay.admin_url)
     assert delta(before, after)("smtpgate_upstream_connections_in_use") == 0
     assert delta(before, after)("smtpgate_smtp_sessions_open") == 0
