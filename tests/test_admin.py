@@ -288,3 +288,48 @@ async def test_search_box_jumps_to_the_reference(admin_relay):
     assert status == 200 and 'name="reference"' in html
     status, headers, _ = await get(relay.admin_url + "/")
     assert status == 302 and headers["Location"] == "/activities"
+
+
+# ---------------------------------------------------------------- configuration
+
+
+CONFIG = """\
+listeners:
+  - name: submission
+    address: 127.0.0.1:2525
+    relay_networks: [127.0.0.0/8]
+upstream:
+  url: smtp://mail.corp.example:25
+internal_domains: [corp.example]
+mailboxes:
+  - address: uk-payroll@corp.example
+    team: Team A (UK)
+admin:
+  listen: "[::1]:9925"
+  tokens:
+    - team: Team A (UK)
+      token_file: a.token
+    - team: Team A (U.K.)
+      token_file: b.token
+    - team: admin
+      token_file: empty.token
+"""
+
+
+def test_admin_tokens_name_a_known_team_and_a_non_empty_file(tmp_path):
+    from smtpgate.config import ConfigError, load_config, parse_hostport
+    from tests.conftest import write_config
+
+    (tmp_path / "a.token").write_text("secret-a\n")
+    (tmp_path / "b.token").write_text("secret-b\n")
+    (tmp_path / "empty.token").write_text("\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(write_config(tmp_path, CONFIG))
+    assert info.value.problems == [
+        'smtpgate.yaml:16: admin.tokens[1].team: "Team A (U.K.)" is neither a team of mailboxes: nor admin',
+        f"smtpgate.yaml:19: admin.tokens[2].token_file: {tmp_path / 'empty.token'} is empty",
+    ]
+    fixed = CONFIG.replace("Team A (U.K.)", "Team A (UK)").replace("empty.token", "b.token")
+    config = load_config(write_config(tmp_path, fixed))
+    assert parse_hostport(config.admin.listen) == ("::1", 9925)
+    assert [t.team for t in config.admin.tokens] == ["Team A (UK)", "Team A (UK)", "admin"]

@@ -19,6 +19,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from urllib.parse import quote
 
 import jinja2
@@ -301,8 +302,10 @@ class AdminServer:
                       "team": teams.get(view.mailbox) if view.mailbox else None},
             links=[{"reference": link.reference, "mailbox": link.mailbox,
                     "team": teams.get(link.mailbox) if link.mailbox else None,
-                    "created_at": iso_utc(link.created_at)} for link in view.links],
-            messages=[{"relayed_at": iso_utc(m.relayed_at), "date": m.date, "from": m.from_,
+                    "created_at": iso_utc(link.created_at), "created": _readable(link.created_at)}
+                   for link in view.links],
+            messages=[{"relayed_at": iso_utc(m.relayed_at), "relayed": _readable(m.relayed_at),
+                       "date": m.date, "from": m.from_,
                        "subject": m.subject, "recipients": m.recipients, "message_id": m.message_id}
                       for m in view.messages] if full else None,
         )
@@ -329,6 +332,11 @@ class AdminServer:
         response = web.HTTPSeeOther("/login")
         response.del_cookie(COOKIE, path="/")
         raise response
+
+
+def _readable(value: datetime) -> str:
+    """A time for people: `2026-11-27 17:00 UTC`."""
+    return iso_utc(value)[:16].replace("T", " ") + " UTC"
 
 
 def _refusal() -> str | None:
