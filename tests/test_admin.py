@@ -333,3 +333,20 @@ def test_admin_tokens_name_a_known_team_and_a_non_empty_file(tmp_path):
     config = load_config(write_config(tmp_path, fixed))
     assert parse_hostport(config.admin.listen) == ("::1", 9925)
     assert [t.team for t in config.admin.tokens] == ["Team A (UK)", "Team A (UK)", "admin"]
+
+
+async def test_a_token_file_gone_at_start_is_logged_and_refuses_access(sink, config_for, start_gate, log_lines,
+                                                                        tmp_path):
+    from tests.support.admin import ADMIN_YAML, write_tokens
+
+    tokens = write_tokens(tmp_path)
+    config = config_for(f"smtp://127.0.0.1:{sink.port}", ADMIN_YAML)
+    (tmp_path / "team-b.token").unlink()  # after the config was checked, before smtpgate reads it
+    gate, _ = await start_gate(config)
+    host, port = gate.admin.bound[0]
+    url = f"http://{host}:{port}/api/v1/activities/{SOURCE}"
+    assert (await get(url, token=tokens[TEAM_B]))[0] == 401
+    assert (await get(url, token=tokens[TEAM_A]))[0] == 404  # the others still work
+    [event] = [e for e in log_lines() if e["event"] == "admin.token_unusable"]
+    assert event["team"] == TEAM_B and event["file"].endswith("team-b.token")
+    assert event["reason"] == "FileNotFoundError" and event["level"] == "error"

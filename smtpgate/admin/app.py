@@ -107,7 +107,8 @@ class AdminServer:
     async def start(self, host: str, port: int) -> None:
         """Listen on host:port (port 0: any free port; see `bound`)."""
         self.tokens(self._sources().config)  # token files are read now, not at the first request
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # A shutdown waits at most 5 s for admin requests in flight; nothing there is worth more.
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, reuse_address=True)
         try:
