@@ -460,6 +460,11 @@ def parse_hostport(value: str) -> tuple[str, int] | None:
     return host, port
 
 
+def _join_hostport(host: str, port: int) -> str:
+    """The inverse of parse_hostport: an IPv6 address keeps its brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _regex(ctx: _Ctx, node: yaml.Node, key: str) -> str | None:
     value = _str(ctx, node, key)
     if value is None:
@@ -830,6 +835,13 @@ def _build(ctx: _Ctx, root: yaml.Node | None, path: Path) -> Config | None:
                 team = tm.get("team", _str)
                 tfile = tm.get("token_file", _readable_file)
                 tm.finish()
+                known_teams = {mb.team for mb in mailboxes}
+                if team and team != "admin" and team not in known_teams:
+                    # A misspelt team would silently see no activity in full.
+                    ctx.error(tm.raw("team"), f"admin.tokens[{i}].team",
+                              f"\"{team}\" is neither a team of mailboxes: nor admin")
+                if tfile and not tfile.read_bytes().strip():
+                    ctx.error(tm.raw("token_file"), f"admin.tokens[{i}].token_file", f"{tfile} is empty")
                 if team and tfile:
                     tokens.append(AdminToken(team=team, token_file=tfile))
     adm.finish()
@@ -870,7 +882,7 @@ def _build(ctx: _Ctx, root: yaml.Node | None, path: Path) -> Config | None:
                       max_connections=max_conn, max_connections_per_client=per_client,
                       idle_timeout=idle_timeout, max_bad_commands=bad_commands),
         logging=Logging(format=log_format, level=log_level),
-        admin=Admin(listen=f"{admin_listen[0]}:{admin_listen[1]}" if admin_listen else None,
+        admin=Admin(listen=_join_hostport(*admin_listen) if admin_listen else None,
                     tokens=tuple(tokens)),
         core=core,
         mode=mode,

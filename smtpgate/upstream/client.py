@@ -21,6 +21,7 @@ import aiosmtplib
 
 from smtpgate.config import Upstream, load_client_certificate
 from smtpgate.log import get_logger
+from smtpgate.metrics import UPSTREAM_IN_USE
 from smtpgate.upstream.oauth2 import TokenError, TokenSource
 
 log = get_logger()
@@ -235,11 +236,14 @@ class UpstreamPool:
                 continue
             try:
                 if (await session.noop()).ok:
+                    UPSTREAM_IN_USE.inc()
                     return session
             except UpstreamError:
                 pass
             await session.close()
-        return await self._connect()
+        session = await self._connect()
+        UPSTREAM_IN_USE.inc()
+        return session
 
     def _tls_context(self) -> ssl.SSLContext:
         context = ssl.create_default_context(
@@ -332,6 +336,7 @@ class UpstreamPool:
         self._accepted_token = max(self._accepted_token, token.generation)
 
     async def give_back(self, session: SmtpSession, reusable: bool) -> None:
+        UPSTREAM_IN_USE.dec()
         if reusable and not self._closed and session.client.is_connected and len(self.idle) < self.config.pool_size:
             self.idle.append(session)
         else:
