@@ -12,6 +12,7 @@ import dataclasses
 import ipaddress
 import os
 import re
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,12 +69,15 @@ class Listener:
 
 @dataclass(frozen=True)
 class OAuth2:
+    """The client-credentials grant (RFC 6749 4.4) that yields upstream XOAUTH2 tokens."""
+
     token_url: str
     client_id: str
     client_secret_file: Path
     scope: str
 
     def client_secret(self) -> str:
+        """The secret, read from its file at each call (so a rotated secret needs no reload)."""
         return self.client_secret_file.read_text(encoding="utf-8").strip()
 
 
@@ -108,6 +112,16 @@ class Upstream:
         if self.password_file is None:
             return None
         return self.password_file.read_text(encoding="utf-8").strip()
+
+
+def _refuse_passphrase() -> bytes:
+    # OpenSSL would otherwise prompt on the terminal, which hangs a service.
+    raise ValueError("the private key is encrypted; smtpgate needs an unencrypted key file (mode 0600)")
+
+
+def load_client_certificate(context: ssl.SSLContext, cert: Path, key: Path) -> None:
+    """Load a TLS client certificate and its key into context; raises ValueError or ssl.SSLError."""
+    context.load_cert_chain(str(cert), str(key), password=_refuse_passphrase)
 
 
 @dataclass(frozen=True)
@@ -207,12 +221,13 @@ class Config:
     def summary(self) -> str:
         """The one line `check-config` prints."""
         listeners = ", ".join(
-            f"{lst.name}={lst.host}:{lst.port}" if lst.path is None else f"{lst.name}={lst.path}"
+            (f"{lst.name}={lst.host}:{lst.port}" if lst.path is None else f"{lst.name}={lst.path}")
+            + (f" ({lst.mode})" if lst.mode != self.mode else "")
             for lst in self.listeners
         )
         store = re.sub(r"//[^@/]*@", "//", self.store.url)  # no credentials in output
         return (
-            f"{self.path}: ok: {len(self.listeners)} listener(s) [{listeners}], "
+            f"{self.path}: ok: mode {self.mode}, {len(self.listeners)} listener(s) [{listeners}], "
             f"upstream {self.upstream.label}, store {store}, "
             f"{len(self.mailboxes)} mailbox(es), {len(self.internal_domains)} internal domain(s)"
         )
@@ -445,6 +460,11 @@ def parse_hostport(value: str) -> tuple[str, int] | None:
     return host, port
 
 
+def _join_hostport(host: str, port: int) -> str:
+    """The inverse of parse_hostport: an IPv6 address keeps its brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _regex(ctx: _Ctx, node: yaml.Node, key: str) -> str | None:
     value = _str(ctx, node, key)
     if value is None:
@@ -573,15 +593,8 @@ def _upstream(ctx: _Ctx, m: _Mapping) -> Upstream | None:
     client_key = m.get("tls_client_key", _readable_file, None)
     max_connections = m.get("max_connections", _positive_int, 100)
     m.finish()
-    if auth == "xoauth2" and m.has("oauth2") is False:
-        ctx.error(m.node, "upstream.oauth2", "auth: xoauth2 needs oauth2: {token_url, client_id, "
-                  "client_secret_file, scope}")
-    if auth == "xoauth2" and not username:
-        ctx.error(m.node, "upstream.username", "auth: xoauth2 needs username (the mailbox the token acts as)")
-    if m.has("tls_client_cert") != m.has("tls_client_key"):
-        ctx.error(m.node, "upstream.tls_client_cert", "tls_client_cert and tls_client_key go together")
-    if auth == "password" and username and password_file is None and m.has("password_file") is False:
-        ctx.error(m.node, "upstream.password_file", "username is set but password_file is missing")
+    _upstream_auth(ctx, m, auth, username)
+    _upstream_client_certificate(ctx, m, scheme, client_cert, client_key)
     if url is None or scheme is None or timeout is None or pool_size is None:
         return None
     return Upstream(
@@ -593,7 +606,53 @@ def _upstream(ctx: _Ctx, m: _Mapping) -> Upstream | None:
     )
 
 
+def _upstream_auth(ctx: _Ctx, m: _Mapping, auth: str | None, username: str | None) -> None:
+    """Check that the keys present match upstream.auth (docs/microsoft-365.md for xoauth2)."""
+    if auth == "xoauth2" and not m.has("oauth2"):
+        ctx.error(m.node, "upstream.oauth2", "auth: xoauth2 needs oauth2: {token_url, client_id, "
+                  "client_secret_file, scope}")
+    if auth == "xoauth2" and not username:
+        ctx.error(m.node, "upstream.username", "auth: xoauth2 needs username (the mailbox the token acts as)")
+    if auth == "password" and not username:
+        ctx.error(m.node, "upstream.username", "auth: password needs username and password_file")
+    if auth == "password" and username and not m.has("password_file"):
+        ctx.error(m.node, "upstream.password_file", "username is set but password_file is missing")
+    if auth == "none" and username:
+        ctx.error(m.raw("auth"), "upstream.auth",
+                  "auth: none but username is set; remove username or choose password | xoauth2")
+    if auth in ("none", "password") and m.has("oauth2"):
+        ctx.error(m.raw("oauth2"), "upstream.oauth2", f"oauth2 is used only with auth: xoauth2 (auth is {auth})")
+    if auth in ("none", "xoauth2") and m.has("password_file"):
+        ctx.error(m.raw("password_file"), "upstream.password_file",
+                  f"password_file is used only with auth: password (auth is {auth})")
+
+
+def _upstream_client_certificate(ctx: _Ctx, m: _Mapping, scheme: str | None,
+                                 cert: Path | None, key: Path | None) -> None:
+    """A client certificate needs its key and an upstream that speaks TLS."""
+    if m.has("tls_client_cert") != m.has("tls_client_key"):
+        ctx.error(m.node, "upstream.tls_client_cert", "tls_client_cert and tls_client_key go together")
+        return
+    if not m.has("tls_client_cert"):
+        return
+    if scheme in ("smtp", "maildir"):
+        ctx.error(m.raw("tls_client_cert"), "upstream.tls_client_cert",
+                  "a client certificate needs a TLS upstream: smtp+starttls://, smtps:// or mx:")
+    if cert is None or key is None:
+        return  # unreadable: already reported
+    try:
+        load_client_certificate(ssl.create_default_context(), cert, key)
+    except ssl.SSLError as exc:
+        why = {"KEY_VALUES_MISMATCH": "the key does not belong to the certificate"}.get(
+            exc.reason or "", "not a PEM certificate and PEM private key")
+        ctx.error(m.raw("tls_client_cert"), "upstream.tls_client_cert", f"cannot use {cert} with {key}: {why}")
+    except ValueError as exc:
+        ctx.error(m.raw("tls_client_key"), "upstream.tls_client_key", f"cannot use {key}: {exc}")
+
+
 def _oauth2(ctx: _Ctx, m: _Mapping) -> OAuth2 | None:
+    if m.node is None:
+        return None  # not a mapping: already reported
     token_url = m.get("token_url", _str)
     client_id = m.get("client_id", _str)
     secret = m.get("client_secret_file", _readable_file)
@@ -602,9 +661,23 @@ def _oauth2(ctx: _Ctx, m: _Mapping) -> OAuth2 | None:
     if token_url is not None and urlsplit(token_url).scheme not in ("http", "https"):
         ctx.error(m.raw("token_url"), "upstream.oauth2.token_url", f"expected an http(s) URL, got \"{token_url}\"")
         return None
+    if token_url is not None and urlsplit(token_url).scheme == "http" and not _is_loopback(token_url):
+        ctx.error(m.raw("token_url"), "upstream.oauth2.token_url",
+                  "the client secret is sent to the token endpoint: use https (http only on loopback)")
+        return None
     if None in (token_url, client_id, secret, scope):
         return None
     return OAuth2(token_url=token_url, client_id=client_id, client_secret_file=secret, scope=scope)
+
+
+def _is_loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _mailbox(ctx: _Ctx, node: yaml.Node, key: str, separator: str) -> MailboxInfo | None:
@@ -762,6 +835,13 @@ def _build(ctx: _Ctx, root: yaml.Node | None, path: Path) -> Config | None:
                 team = tm.get("team", _str)
                 tfile = tm.get("token_file", _readable_file)
                 tm.finish()
+                known_teams = {mb.team for mb in mailboxes}
+                if team and team != "admin" and team not in known_teams:
+                    # A misspelt team would silently see no activity in full.
+                    ctx.error(tm.raw("team"), f"admin.tokens[{i}].team",
+                              f"\"{team}\" is neither a team of mailboxes: nor admin")
+                if tfile and not tfile.read_bytes().strip():
+                    ctx.error(tm.raw("token_file"), f"admin.tokens[{i}].token_file", f"{tfile} is empty")
                 if team and tfile:
                     tokens.append(AdminToken(team=team, token_file=tfile))
     adm.finish()
@@ -802,7 +882,7 @@ def _build(ctx: _Ctx, root: yaml.Node | None, path: Path) -> Config | None:
                       max_connections=max_conn, max_connections_per_client=per_client,
                       idle_timeout=idle_timeout, max_bad_commands=bad_commands),
         logging=Logging(format=log_format, level=log_level),
-        admin=Admin(listen=f"{admin_listen[0]}:{admin_listen[1]}" if admin_listen else None,
+        admin=Admin(listen=_join_hostport(*admin_listen) if admin_listen else None,
                     tokens=tuple(tokens)),
         core=core,
         mode=mode,

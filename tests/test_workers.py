@@ -432,6 +432,34 @@ async def test_only_worker_0_prunes_the_store(tmp_path):
         await served.kill()
 
 
+async def test_worker_0_serves_the_admin_listener(tmp_path):
+    import aiohttp
+
+    admin_port = free_port()
+    config = write_config(tmp_path, CONFIG.format(port=free_port(), upstream="maildir:outbox",
+                                                  store="sqlite:smtpgate.db",
+                                                  extra=f"admin:\n  listen: 127.0.0.1:{admin_port}\n"))
+    served = await start(config)
+    try:
+        ready = await served.event("smtpgate.ready")
+        [admin] = served.named("listener.started", listener="admin")
+        assert admin["pid"] == ready["workers"][0]
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{admin_port}/readyz") as response:
+                assert response.status == 200
+            # Its replacement takes the admin listener over.
+            os.kill(admin["pid"], signal.SIGKILL)
+            started = await served.until(
+                lambda: [e for e in served.named("worker.started", worker=0) if e["pid"] != admin["pid"]],
+                "a new worker 0")
+            await served.event("listener.started", listener="admin", pid=started[0]["pid"])
+            async with http.get(f"http://127.0.0.1:{admin_port}/readyz") as response:
+                assert response.status == 200
+        assert await served.stop() == 0
+    finally:
+        await served.kill()
+
+
 async def test_start_up_failures_stop_everything(tmp_path):
     # The port is taken: the supervisor cannot bind it and no worker starts.
     with socket.socket() as busy:

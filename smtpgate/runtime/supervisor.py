@@ -18,8 +18,8 @@ process (runtime/gate.py `serve`). With more, a Supervisor:
   worker's NOTIFY_SOCKET is the supervisor's own datagram socket, and the
   kernel's SCM_CREDENTIALS name the worker that wrote.
 
-The store's background pruning runs in worker 0 only (and in its
-replacement), so the supervisor itself never opens the store.
+The store's background pruning and the admin listener run in worker 0 only
+(and in its replacement), so the supervisor itself never opens the store.
 
 The supervisor is a plain select loop without asyncio and without threads, so
 forking copies no event loop, executor or database connection into a worker.
@@ -46,8 +46,9 @@ import structlog
 
 from smtpgate.config import Config, ConfigError, Listener, load_config
 from smtpgate.log import get_logger, setup_logging
-from smtpgate.runtime.gate import Gate, StartupError, serve
+from smtpgate.runtime.gate import Gate, ReloadRefused, StartupError, serve
 from smtpgate.runtime.notify import sd_notify
+from smtpgate.users import UsersError
 
 log = get_logger()
 
@@ -390,8 +391,11 @@ class Supervisor:
                 sd_notify("READY=1")
                 listeners = sorted({f"{lst.host}:{sock.getsockname()[1]}" if lst.path is None else str(lst.path)
                                     for lst, socks in self.slots[0].sockets for sock in socks})
-                log.info("smtpgate.ready", config=str(self.config.path), listeners=listeners,
-                         upstream=self.config.upstream.label, workers=[s.pid for s in self.slots])
+                config = self.config
+                log.info("smtpgate.ready", config=str(config.path), listeners=listeners,
+                         upstream=config.upstream.label, mode=config.mode,
+                         observing=[lst.name for lst in config.listeners if lst.mode == "observe"] or None,
+                         workers=[s.pid for s in self.slots])
 
     def _close_listeners(self) -> None:
         for slot in self.slots:
@@ -421,7 +425,7 @@ class Supervisor:
             _die_with_parent(self.pid)
             os.environ["NOTIFY_SOCKET"] = "@" + self.notify_address
             structlog.contextvars.bind_contextvars(worker=slot.index, pid=os.getpid())
-            status = asyncio.run(run_worker(self.config, self.config_path, slot.sockets, prune=slot.index == 0))
+            status = asyncio.run(run_worker(self.config, self.config_path, slot.sockets, first=slot.index == 0))
         except BaseException as exc:  # noqa: BLE001 - a worker never returns into the supervisor's loop
             with contextlib.suppress(Exception):
                 log.error("worker.crashed", error=type(exc).__name__, reason=str(exc))
@@ -443,15 +447,14 @@ def _die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)  # the parent died before prctl took effect
 
 
-async def run_worker(config: Config, config_path: Path, sockets: Bound, *, prune: bool) -> int:
-    """One worker: a Gate on the supervisor's sockets; SIGHUP reloads, SIGTERM drains (as `serve`)."""
+async def run_worker(config: Config, config_path: Path, sockets: Bound, *, first: bool) -> int:
+    """One worker: a Gate on the supervisor's sockets; SIGHUP reloads, SIGTERM drains (as `serve`).
+
+    first: this is worker 0, which also prunes the store and serves the admin listener.
+    """
+    gate = Gate(config)
     try:
-        gate = Gate(config)
-    except Exception as exc:  # noqa: BLE001 - a users file that cannot be read, reported like any start failure
-        log.error("startup.failed", reason=str(exc), error=type(exc).__name__)
-        return 1
-    try:
-        await gate.start(sockets, prune=prune)
+        await gate.start(sockets, prune=first, admin=first)
     except Exception as exc:  # noqa: BLE001 - every start-up failure is reported, then exit 1
         log.error("startup.failed", reason=str(exc), error=type(exc).__name__)
         await gate.drain(0)
@@ -465,6 +468,8 @@ async def run_worker(config: Config, config_path: Path, sockets: Bound, *, prune
             gate.reload(load_config(config_path))
         except ConfigError as exc:
             log.error("config.rejected", path=str(config_path), errors=exc.problems)
+        except (UsersError, ReloadRefused) as exc:
+            log.error("config.rejected", path=str(config_path), errors=[str(exc)])
         sd_notify("READY=1")
 
     loop.add_signal_handler(signal.SIGTERM, stop.set)
