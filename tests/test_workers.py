@@ -110,7 +110,7 @@ class Supervised:
 
 
 async def start(config: Path, notify_path: str | None = None) -> Supervised:
-    env = dict(os.environ)
+    env = dict(os.environ, TMPDIR=str(config.parent))  # the metrics folder of a killed supervisor stays there
     env.pop("NOTIFY_SOCKET", None)
     if notify_path:
         env["NOTIFY_SOCKET"] = notify_path
@@ -432,11 +432,18 @@ async def test_only_worker_0_prunes_the_store(tmp_path):
         await served.kill()
 
 
-async def test_worker_0_serves_the_admin_listener(tmp_path):
+def sample(exposition: str, name: str) -> float:
+    """The value of one unlabelled sample in a Prometheus text exposition."""
+    [value] = [line.split()[-1] for line in exposition.splitlines() if line.split(" ")[0] == name]
+    return float(value)
+
+
+async def test_worker_0_serves_the_admin_listener_with_every_workers_metrics(tmp_path):
     import aiohttp
 
     admin_port = free_port()
-    config = write_config(tmp_path, CONFIG.format(port=free_port(), upstream="maildir:outbox",
+    port = free_port()
+    config = write_config(tmp_path, CONFIG.format(port=port, upstream="maildir:outbox",
                                                   store="sqlite:smtpgate.db",
                                                   extra=f"admin:\n  listen: 127.0.0.1:{admin_port}\n"))
     served = await start(config)
@@ -445,16 +452,30 @@ async def test_worker_0_serves_the_admin_listener(tmp_path):
         [admin] = served.named("listener.started", listener="admin")
         assert admin["pid"] == ready["workers"][0]
         async with aiohttp.ClientSession() as http:
-            async with http.get(f"http://127.0.0.1:{admin_port}/readyz") as response:
-                assert response.status == 200
-            # Its replacement takes the admin listener over.
+            async def get(path: str) -> str:
+                async with http.get(f"http://127.0.0.1:{admin_port}{path}") as response:
+                    assert response.status == 200
+                    return await response.text()
+
+            await get("/readyz")
+            # /metrics sums every worker: sessions opened on both, one held open on each.
+            held = await one_session_per_worker(served, port, set(ready["workers"]))
+            metrics = await get("/metrics")
+            assert sample(metrics, "smtpgate_smtp_sessions_open") == 2
+            assert sample(metrics, "smtpgate_smtp_sessions_total") == len(served.named("session.opened"))
+
+            # Worker 0 dies with its session: its counts stay, its open session leaves the gauge,
+            # and its replacement serves the admin listener.
             os.kill(admin["pid"], signal.SIGKILL)
             started = await served.until(
                 lambda: [e for e in served.named("worker.started", worker=0) if e["pid"] != admin["pid"]],
                 "a new worker 0")
             await served.event("listener.started", listener="admin", pid=started[0]["pid"])
-            async with http.get(f"http://127.0.0.1:{admin_port}/readyz") as response:
-                assert response.status == 200
+            metrics = await get("/metrics")
+            assert sample(metrics, "smtpgate_smtp_sessions_open") == 1
+            assert sample(metrics, "smtpgate_smtp_sessions_total") == len(served.named("session.opened"))
+            for wire in held.values():
+                await wire.close()
         assert await served.stop() == 0
     finally:
         await served.kill()

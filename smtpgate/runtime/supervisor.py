@@ -35,14 +35,17 @@ import secrets
 import selectors
 import signal
 import socket
+import shutil
 import struct
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
+from prometheus_client import multiprocess
 
 from smtpgate.config import Config, ConfigError, Listener, load_config
 from smtpgate.log import get_logger, setup_logging
@@ -63,6 +66,9 @@ STABLE_AFTER = 10.0  # a worker that lived this long restarts after BACKOFF_FIRS
 STOP_MARGIN = 10.0  # seconds past shutdown_grace before a worker that still runs is killed
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid (unix(7) SCM_CREDENTIALS)
 _PR_SET_PDEATHSIG = 1  # prctl(2)
+# Every process of the node writes its metrics here; worker 0's /metrics sums them.
+METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+_OWNED_METRICS_DIR = "SMTPGATE_OWN_METRICS_DIR"  # the folder serve_main made, removed at exit
 
 Bound = Sequence[tuple[Listener, Sequence[socket.socket]]]
 
@@ -76,10 +82,41 @@ def serve_main(config_path: Path) -> int:
         for problem in exc.problems:
             log.error("config.rejected", error=problem)
         return 2
-    if config.workers == 1:
-        return asyncio.run(serve(config_path))
-    setup_logging(config.logging.format, config.logging.level)
-    return Supervisor(config_path, config).run()
+    metrics_dir = os.environ.get(METRICS_DIR)
+    if config.workers > 1 and not metrics_dir:
+        _exec_with_metrics_dir()  # does not return
+    owned = metrics_dir is not None and os.environ.pop(_OWNED_METRICS_DIR, None) == metrics_dir
+    try:
+        if metrics_dir:
+            _empty_metrics_dir(Path(metrics_dir))
+        if config.workers == 1:
+            return asyncio.run(serve(config_path))
+        setup_logging(config.logging.format, config.logging.level)
+        return Supervisor(config_path, config).run()
+    finally:
+        if owned:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _exec_with_metrics_dir() -> None:
+    """Start this command again with PROMETHEUS_MULTIPROC_DIR set to a new folder.
+
+    prometheus-client picks its multiprocess mode when it is imported, which
+    `smtpgate` did before it read `workers`; exec keeps the pid (systemd's
+    MAINPID) and the open stdout.
+    """
+    folder = tempfile.mkdtemp(prefix="smtpgate-metrics-")
+    os.environ[METRICS_DIR] = os.environ[_OWNED_METRICS_DIR] = folder
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "smtpgate", *sys.argv[1:]])
+
+
+def _empty_metrics_dir(folder: Path) -> None:
+    """Forget the samples of earlier runs (docs/operations.md, "Workers"); this process's files stay open."""
+    for path in folder.glob("*.db"):
+        if not path.stem.endswith(f"_{os.getpid()}"):
+            path.unlink(missing_ok=True)
 
 
 def bind_listener(listener: Listener, *, reuse_port: bool = False, port: int | None = None) -> list[socket.socket]:
@@ -315,6 +352,9 @@ class Supervisor:
         code = os.waitstatus_to_exitcode(status)
         slot.statuses.append(code)
         pid, slot.pid, slot.ready = slot.pid, None, False
+        if os.environ.get(METRICS_DIR):
+            # Its counters stay in the sums; its gauges (sessions open) leave them.
+            multiprocess.mark_process_dead(pid)
         how = {"signal": signal.Signals(-code).name} if code < 0 else {"exit_status": code}
         if self.reloading is not None:
             self.reloading.discard(pid)
