@@ -13,15 +13,13 @@ import sys
 
 import structlog
 
-_SECRET_KEYS = {"password", "token", "secret", "authorization", "auth_data"}
+from smtpgate.redact import redact_fields
+
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
 def _redact(_logger, _name, event_dict):
-    for key in list(event_dict):
-        if key.lower() in _SECRET_KEYS:
-            event_dict[key] = "[redacted]"
-    return event_dict
+    return redact_fields(event_dict)
 
 
 class _StdoutLogger:
