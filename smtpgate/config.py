@@ -275,11 +275,18 @@ _MISSING = object()
 
 
 def _show(node: yaml.Node) -> str:
+    if _is_null(node):
+        return "nothing"
     if isinstance(node, yaml.ScalarNode):
         return f'"{node.value}"'
     if isinstance(node, yaml.SequenceNode):
         return "a list"
     return "a mapping"
+
+
+def _is_null(node: yaml.Node | None) -> bool:
+    """True for an absent value and for `key:`, `key: null` or `key: ~`."""
+    return node is None or (isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null"))
 
 
 def _scalar(node: yaml.Node) -> Any:
@@ -295,7 +302,7 @@ class _Mapping:
     The values read, defaults included, are kept in `shown` for --show.
     """
 
-    def __init__(self, ctx: _Ctx, node: yaml.Node | None, path: str):
+    def __init__(self, ctx: _Ctx, node: yaml.Node | None, path: str, *, section: bool = False):
         self.ctx = ctx
         self.path = path
         self.node = node
@@ -303,8 +310,8 @@ class _Mapping:
         self.known: set[str] = set()
         self.shown: dict[str, Any] = {}
         ctx.shown[path] = self.shown
-        if node is None:
-            return
+        if node is None or (section and _is_null(node)):
+            return  # `section:` with every key commented out: all defaults
         if not isinstance(node, yaml.MappingNode):
             ctx.error(node, path or "(top level)", f"expected a mapping, got {_show(node)}")
             self.node = None
@@ -324,8 +331,9 @@ class _Mapping:
         return item[1] if item else None
 
     def has(self, key: str) -> bool:
+        """True when key is given a value other than null."""
         self.known.add(key)
-        return key in self.items
+        return key in self.items and not _is_null(self.items[key][1])
 
     def record(self, key: str, value: Any) -> None:
         """Show value as key's effective value."""
@@ -333,7 +341,7 @@ class _Mapping:
 
     def get(self, key: str, conv: Callable[[_Ctx, yaml.Node, str], Any], default: Any = _MISSING) -> Any:
         node = self.raw(key)
-        if node is None or (isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null")):
+        if _is_null(node):
             if default is _MISSING:
                 self.ctx.error(self.node, self._key(key), "required key is missing")
                 return None
@@ -344,7 +352,7 @@ class _Mapping:
         return value
 
     def sub(self, key: str) -> _Mapping:
-        child = _Mapping(self.ctx, self.raw(key), self._key(key))
+        child = _Mapping(self.ctx, self.raw(key), self._key(key), section=True)
         self.shown[key] = child.shown
         return child
 

@@ -374,7 +374,7 @@ class SqlStore(Store):
         async with self._write() as tx:
             source = await self._canonical_reference(tx, source_reference)
             target = await self._canonical_reference(tx, target_reference)
-            if source == target:
+            if source.lower() == target.lower():
                 raise LinkConflict(f"an activity is not linked to itself ({source})")
             row = await tx.fetchone("SELECT mailbox FROM activities WHERE reference = ?", target)
             if row is not None and row[0] is not None and row[0] != target_mailbox:
