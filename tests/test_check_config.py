@@ -258,3 +258,30 @@ def test_a_null_listener_is_still_an_error(tmp_path):
     assert refused(tmp_path, BASE.replace("listeners:\n", "listeners:\n  -\n")) == [
         'smtpgate.yaml:2: listeners[0]: expected a mapping, got nothing',
     ]
+
+
+def test_the_example_config_documents_every_key(tmp_path):
+    """Every key the loader reads appears in config/smtpgate.example.yaml (set or commented)."""
+    for name in ("secret", "token"):
+        (tmp_path / name).write_text("x\n")
+    text = BASE.replace("  url: smtp://mail.corp.example:25\n", (
+        "  url: smtp://mail.corp.example:25\n  auth: xoauth2\n  username: relay@corp.example\n"
+        "  oauth2: {token_url: 'https://login.example/token', client_id: c, client_secret_file: secret}\n"
+    )) + (
+        "mailboxes:\n  - address: uk-payroll@corp.example\n    team: A\n"
+        "admin:\n  tokens:\n    - team: A\n      token_file: token\n"
+    )
+    config = load_config(write_config(tmp_path, text))
+
+    def keys(tree, path=""):
+        if isinstance(tree, dict):
+            for key, value in tree.items():
+                yield f"{path}.{key}".lstrip(".")
+                yield from keys(value, f"{path}.{key}")
+        elif isinstance(tree, list):
+            for item in tree:
+                yield from keys(item, path)
+
+    example = (ROOT / "config" / "smtpgate.example.yaml").read_text()
+    missing = sorted({key for key in keys(config.effective) if f"{key.rsplit('.', 1)[-1]}:" not in example})
+    assert missing == [], missing
