@@ -534,6 +534,19 @@ def join_tag(base: str, tag: str, separator: str) -> str | None:
     return local
 
 
+def envelope_key(address: Address, mailbox: bool = False) -> tuple[str, str]:
+    """The key under which two envelope recipients are one (DESIGN.md 6: sent once).
+
+    Domains compare case-insensitively and in either IDNA form; local parts are
+    case-sensitive (RFC 5321 2.4) except a work-management mailbox's (``mailbox``).
+    """
+    try:
+        domain = normalize_domain(address.domain) if address.domain else ""
+    except AddressError:
+        domain = address.domain
+    return (address.local.lower() if mailbox else address.local, domain)
+
+
 # The separator must fit in a dot-atom (RFC 5322 3.2.3 atext) and be no letter
 # or digit, so it cannot be part of a mailbox name or of a reference.
 SEPARATORS = "!#$%&'*+-/=?^_`{|}~"

@@ -50,7 +50,7 @@ from smtpgate.redact import redact_url
 from smtpgate.store.errors import AllocationError, LinkConflict, SchemaOutdated, StoreError, StoreMissing
 
 if TYPE_CHECKING:
-    from smtpgate.store.allocation import Allocator
+    from smtpgate.store.base import Allocator
 
 __all__ = [
     "ActivityRow",

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
+from smtpgate.mail.msgid import normalize_message_id
 from smtpgate.store import migrations as migrations_module
 from smtpgate.store.base import (
     ActivityRow,
@@ -33,7 +34,7 @@ from smtpgate.store.base import (
 from smtpgate.store.errors import AllocationError, LinkConflict, StoreError
 
 if TYPE_CHECKING:
-    from smtpgate.store.allocation import Allocator
+    from smtpgate.store.base import Allocator
 
 log = structlog.get_logger()
 
@@ -63,18 +64,6 @@ def as_utc(value: datetime) -> datetime:
     return value.astimezone(timezone.utc)
 
 
-def normalize_message_id(value: str) -> str:
-    """A Message-ID as stored and looked up: trimmed, inside one pair of angle brackets."""
-    value = value.strip()
-    if not value:
-        return value
-    if not value.startswith("<"):
-        value = "<" + value
-    if not value.endswith(">"):
-        value = value + ">"
-    return value
-
-
 def template_affixes(template: str) -> tuple[str, str] | None:
     """(prefix, suffix) around the one `{n}` field of a new_reference template
     whose numbers are plain decimal digits (`{n}`, `{n:06d}`), else None."""
@@ -100,6 +89,10 @@ def _like_literal(text: str) -> str:
 def link_lock_key(source_reference: str, mailbox: str) -> str:
     """The lock name that serialises get-or-create for one (source, mailbox) pair."""
     return f"smtpgate:link:{source_reference} {mailbox}"
+
+
+class _Untaggable(Exception):
+    """The allocated reference cannot tag the mailbox: the transaction rolls back."""
 
 
 class _Numbers:
@@ -293,6 +286,10 @@ class SqlStore(Store):
         )
         return bool(rows)
 
+    async def find_link(self, source_reference: str, mailbox: str) -> str | None:
+        async with self._read() as tx:
+            return await self._linked_owned_by(tx, source_reference, mailbox)
+
     async def get_or_create_link(
         self,
         source_reference: str,
@@ -308,6 +305,18 @@ class SqlStore(Store):
             return None
         if self.allocator is None:
             raise AllocationError("no allocator configured; cannot create a linked activity")
+        try:
+            return await self._create_link(source_reference, source_mailbox, target, context)
+        except _Untaggable:
+            return None  # allow_create and None: the caller reports the mailbox untaggable
+
+    async def _create_link(
+        self,
+        source_reference: str,
+        source_mailbox: str | None,
+        target: LinkTarget,
+        context: AllocationContext,
+    ) -> LinkOutcome:
         async with self._write(link_lock_key(source_reference, target.mailbox)) as tx:
             # Again under the lock: a racer may have created it meanwhile.
             existing = await self._linked_owned_by(tx, source_reference, target.mailbox)
@@ -323,6 +332,8 @@ class SqlStore(Store):
                 message_id=context.message_id,
             )
             reference = await self.allocator.allocate(request, _Numbers(self, tx))
+            if target.max_reference_length is not None and len(reference.encode()) > target.max_reference_length:
+                raise _Untaggable(reference)
             if reference == source_reference:
                 raise AllocationError(f"allocator answered the source reference {reference}")
             row = await tx.fetchone("SELECT mailbox FROM activities WHERE reference = ?", reference)
@@ -333,12 +344,6 @@ class SqlStore(Store):
             now = utcnow()
             await self._remember(tx, {reference: target.mailbox, source_reference: source_mailbox}, now)
             await self._insert_link(tx, source_reference, reference, context.message_id, now)
-        log.info(
-            "link.created",
-            source_reference=source_reference,
-            reference=reference,
-            mailbox=target.mailbox,
-        )
         return LinkOutcome(reference, created=True)
 
     async def record_link(
@@ -357,13 +362,6 @@ class SqlStore(Store):
                 tx, {source_reference: source_mailbox, target_reference: target_mailbox}, now
             )
             created = await self._insert_link(tx, source_reference, target_reference, message_id, now)
-        if created:
-            log.info(
-                "link.created",
-                source_reference=source_reference,
-                reference=target_reference,
-                mailbox=target_mailbox,
-            )
         return created
 
     # -- corrections by hand (smtpgate links add|delete) -------------------
@@ -461,9 +459,13 @@ class SqlStore(Store):
     # -- messages ---------------------------------------------------------
 
     async def find_thread(self, message_ids: Sequence[str]) -> ThreadHit | None:
+        hits = await self.thread_hits(message_ids)
+        return hits[0] if hits else None
+
+    async def thread_hits(self, message_ids: Sequence[str]) -> list[ThreadHit]:
         wanted = [normalize_message_id(m) for m in message_ids if m and m.strip()]
         if not wanted:
-            return None
+            return []
         unique = list(dict.fromkeys(wanted))
         marks = ", ".join("?" for _ in unique)
         async with self._read() as tx:
@@ -477,16 +479,12 @@ class SqlStore(Store):
         newest: dict[str, Sequence[Any]] = {}
         for row in rows:
             newest.setdefault(row[0], row)
-        for message_id in unique:
-            row = newest.get(message_id)
-            if row is not None:
-                return ThreadHit(
-                    message_id=message_id,
-                    source_reference=row[1],
-                    source_mailbox=row[3],
-                    mapping=dict(json.loads(row[2])),
-                )
-        return None
+        return [
+            ThreadHit(message_id=message_id, source_reference=row[1], source_mailbox=row[3],
+                      mapping=dict(json.loads(row[2])))
+            for message_id in unique
+            if (row := newest.get(message_id)) is not None
+        ]
 
     async def record_message(self, record: MessageRecord) -> None:
         message_id = normalize_message_id(record.message_id)
