@@ -9,17 +9,27 @@ as a second line of defence.
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 
 import structlog
 
+from smtpgate import __version__
 from smtpgate.redact import redact_fields
 
+_HOST = socket.gethostname()
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
 def _redact(_logger, _name, event_dict):
     return redact_fields(event_dict)
+
+
+def _node(_logger, _name, event_dict):
+    # Which node and which smtpgate wrote it: several nodes may share one log pipeline.
+    event_dict.setdefault("host", _HOST)
+    event_dict.setdefault("version", __version__)
+    return event_dict
 
 
 class _StdoutLogger:
@@ -55,6 +65,7 @@ def setup_logging(fmt: str = "json", level: str = "info", stream=None) -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _node,
             _redact,
             structlog.processors.format_exc_info,
             renderer,
