@@ -20,18 +20,15 @@ import structlog
 
 from smtpgate.metrics import observe
 from smtpgate import __version__
+from smtpgate.redact import redact_fields
 
-_SECRET_KEYS = {"password", "token", "secret", "authorization", "auth_data"}
 _HOST = socket.gethostname()
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 _NUMERIC = logging.getLevelNamesMapping()
 
 
 def _redact(_logger, _name, event_dict):
-    for key in list(event_dict):
-        if key.lower() in _SECRET_KEYS:
-            event_dict[key] = "[redacted]"
-    return event_dict
+    return redact_fields(event_dict)
 
 
 def _node(_logger, _name, event_dict):

@@ -46,7 +46,7 @@ def make_allocator(config: Config):
     if alloc.kind == "http":
         matcher = ReferenceMatcher(config.references.pattern)
         return HttpAllocator(alloc.url, alloc.token(), alloc.timeout, matcher.fullmatch)
-    return LocalAllocator(alloc.first_number)
+    return LocalAllocator(alloc.first_number, templates=[m.new_reference for m in config.mailboxes])
 
 
 async def open_configured_store(config: Config, **kwargs) -> Store:
