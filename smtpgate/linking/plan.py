@@ -17,6 +17,7 @@ from typing import Mapping, Sequence
 from smtpgate.mail.addresses import (
     Address,
     AddressError,
+    envelope_key,
     join_tag,
     normalize_domain,
     parse_address_list,
@@ -24,6 +25,7 @@ from smtpgate.mail.addresses import (
     split_tag,
 )
 from smtpgate.mail.headers import HeaderBlock, decode_text
+from smtpgate.mail.msgid import find_message_ids
 from smtpgate.linking.references import ReferenceMatcher
 
 __all__ = [
@@ -37,12 +39,12 @@ __all__ = [
     "Resolution",
     "Source",
     "find_source",
+    "header_addresses",
     "is_automatic",
     "make_plan",
     "thread_message_ids",
 ]
 
-_MSG_ID = re.compile(r"<[^<>\s]+>")
 _AUTOMATIC_PRECEDENCE = frozenset({"bulk", "junk", "list"})
 
 
@@ -188,7 +190,7 @@ class Directory:
         return None if reference is None else (match.info, reference)
 
 
-def _header_addresses(headers: HeaderBlock, *names: str) -> list[Address]:
+def header_addresses(headers: HeaderBlock, *names: str) -> list[Address]:
     return [a for name in names for value in headers.get_all(name) for a in parse_address_list(value, strict=False)]
 
 
@@ -201,7 +203,7 @@ def find_source(mail_from: Address | None, headers: HeaderBlock, directory: Dire
     Step 4 (In-Reply-To/References) needs the store: see thread_message_ids().
     """
     candidates = [(mail_from, "envelope")] if mail_from is not None else []
-    candidates += [(a, "from") for a in _header_addresses(headers, "From")]
+    candidates += [(a, "from") for a in header_addresses(headers, "From")]
     for address, where in candidates:
         tagged = directory.tag_reference(address)
         if tagged is not None:
@@ -223,8 +225,8 @@ def find_source(mail_from: Address | None, headers: HeaderBlock, directory: Dire
 def thread_message_ids(headers: HeaderBlock) -> list[str]:
     """Message-IDs to look up for section 3 step 4, angle brackets kept, each once:
     those of In-Reply-To first, then those of References newest (last) first."""
-    ids = [m for v in headers.get_all("In-Reply-To") for m in _MSG_ID.findall(v)]
-    ids += reversed([m for v in headers.get_all("References") for m in _MSG_ID.findall(v)])
+    ids = [m for v in headers.get_all("In-Reply-To") for m in find_message_ids(v)]
+    ids += reversed([m for v in headers.get_all("References") for m in find_message_ids(v)])
     return list(dict.fromkeys(ids))
 
 
@@ -265,6 +267,9 @@ class Resolution:
     mapping: dict[str, str]
     untaggable: list[str]
     changed: bool
+    # Per plan recipient, in order: the address to relay, None when it merges into an
+    # earlier spelling of the same recipient (DESIGN.md 6: sent once).
+    targets: list[Address | None] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -302,7 +307,7 @@ class Plan:
         """
         if self.source is None:
             envelope = [(r.address, r.address) for r in self.recipients]
-            return Resolution(envelope, {}, {}, [], False)
+            return Resolution(envelope, {}, {}, [], False, [r.address for r in self.recipients])
         refs: dict[str, str] = {}
         for reference, info in self.explicit_links:
             refs.setdefault(info.address, reference)
@@ -327,6 +332,7 @@ class Plan:
             return Address(local, domain)
 
         envelope: list[tuple[Address, Address]] = []
+        targets: list[Address | None] = []
         seen: set[tuple[str, str]] = set()
         mapping: dict[str, str] = {}
         for rcpt in self.recipients:
@@ -336,10 +342,13 @@ class Plan:
                 relayed = tagged(rcpt.base, rcpt.address.domain, rcpt.mailbox.address) or relayed
                 if relayed is not rcpt.address:
                     mapping[rcpt.mailbox.address] = refs[rcpt.mailbox.address]
-            key = _dedup_key(relayed, rcpt.mailbox is not None)
-            if key not in seen:
+            key = envelope_key(relayed, rcpt.mailbox is not None)
+            if key in seen:
+                targets.append(None)
+            else:
                 seen.add(key)
                 envelope.append((rcpt.address, relayed))
+                targets.append(relayed)
         header_mapping: dict[str, str] = {}
         for info in self.header_mailboxes:
             address = parse_path(info.address)
@@ -353,16 +362,7 @@ class Plan:
         for reference, info in self.explicit_links:
             mapping.setdefault(info.address, reference)
         changed = bool(header_mapping) or any(o != r for o, r in envelope) or len(envelope) != len(self.recipients)
-        return Resolution(envelope, header_mapping, mapping, untaggable, changed)
-
-
-def _dedup_key(address: Address, mailbox: bool) -> tuple[str, str]:
-    # Mailbox local parts are case-insensitive; any other local part may not be.
-    try:
-        domain = normalize_domain(address.domain) if address.domain else ""
-    except AddressError:
-        domain = address.domain
-    return (address.local.lower() if mailbox else address.local, domain)
+        return Resolution(envelope, header_mapping, mapping, untaggable, changed, targets)
 
 
 def make_plan(
@@ -406,7 +406,7 @@ def make_plan(
     if source is None:
         return Plan(None, tuple(rcpt_plans), (), (), automatic, directory.separator)
 
-    visible = _header_addresses(headers, "To", "Cc")
+    visible = header_addresses(headers, "To", "Cc")
     untagged: dict[str, MailboxInfo] = {}
     links: dict[tuple[str, str], tuple[str, MailboxInfo]] = {}
     for address in itertools.chain((r.address for r in rcpt_plans), visible):
@@ -428,7 +428,7 @@ def make_plan(
     ]
 
     header_mailboxes: dict[str, MailboxInfo] = {}
-    for address in _header_addresses(headers, "From", "Reply-To", "To", "Cc"):
+    for address in header_addresses(headers, "From", "Reply-To", "To", "Cc"):
         match = directory._match(address)
         if match is not None and match.tag is None:
             header_mailboxes.setdefault(match.info.address, match.info)
@@ -455,7 +455,7 @@ def _canonical(address: str | None) -> str | None:
 
 
 def _from_mailbox(headers: HeaderBlock, directory: Directory) -> str | None:
-    for address in _header_addresses(headers, "From")[:1]:
+    for address in header_addresses(headers, "From")[:1]:
         match = directory._match(address)
         if match is not None and match.tag is None:
             return match.info.address

@@ -20,6 +20,9 @@ class LinkTarget:
     team: str
     new_reference: str  # the mailbox's template, e.g. "{n}-T"
     allow_create: bool  # new_links is `create` and the message is not automatic
+    # The longest reference whose tagged address still fits in 64 octets: a longer
+    # allocation is rolled back, no link made (DESIGN.md 4). None: no limit.
+    max_reference_length: int | None = None
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,10 @@ class Store(abc.ABC):
         (created=True); without it, None. Racers for the same (source,
         mailbox), in any process or node, all get the one reference.
         """
+
+    @abc.abstractmethod
+    async def find_link(self, source_reference: str, mailbox: str) -> str | None:
+        """The newest activity of ``mailbox`` linked to the source, or None; never writes."""
 
     @abc.abstractmethod
     async def record_link(
