@@ -96,3 +96,26 @@ async def test_store_unavailable_postfix_answers_451_and_delivers_nothing(milter
     new = await gate.store.find_link("77-C", "pl-payroll@corp.example")
     [landed] = await postfix.wait_for_delivery_async("pl-payroll", count=1)
     assert f"X-Original-To: pl-payroll+{new}@corp.example\n".encode() in landed
+
+
+async def test_locally_submitted_mail_goes_through_non_smtpd_milters(postfix_ok, tmp_path, milter_config,  # noqa: F811
+                                                                     start_gate, log_lines):
+    """A work-management system on the Postfix host hands mail to sendmail(1): cleanup plays the SMTP
+    events for the milter, and the mail is tagged the same way."""
+    gate, port = await start_gate(milter_config())
+    postfix = PostfixInstance(tmp_path / "pf", main_cf={**DISCARD, "non_smtpd_milters": f"inet:127.0.0.1:{port}",
+                                                        "milter_default_action": "tempfail"})
+    await asyncio.to_thread(postfix.start)
+    try:
+        done = await asyncio.create_subprocess_exec(
+            "/usr/sbin/sendmail", "-C", str(postfix.config_dir), "-f", SENDER, "--", "pl-payroll@corp.example",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(done.communicate(STEP2.replace(b"\r\n", b"\n")), 60)
+        assert done.returncode == 0, err
+        [landed] = await postfix.wait_for_delivery_async("pl-payroll", count=1)
+        new = await gate.store.find_link("101203-T", "pl-payroll@corp.example")
+        assert new is not None
+        assert f"X-Original-To: pl-payroll+{new}@corp.example\n".encode() in landed
+        assert f"To: pl-payroll+{new}@corp.example\n".encode() in landed
+    finally:
+        await asyncio.to_thread(postfix.stop)
