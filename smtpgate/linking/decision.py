@@ -66,10 +66,6 @@ class RecipientDecision:
     recipient_class: str | None = None  # a RecipientClass value, None without a source
     mailbox: str | None = None  # the canonical work-management mailbox it belongs to
 
-    @property
-    def rewritten(self) -> bool:
-        return self.target is not None and self.target != self.original
-
 
 @dataclass(frozen=True)
 class LinkDecision:
@@ -123,7 +119,7 @@ class LinkDecision:
     def without_changes(self) -> LinkDecision:
         """The decision relayed as received (observe mode): every recipient and field unchanged."""
         recipients = tuple(dataclasses.replace(r, target=r.original) for r in self.recipients)
-        return dataclasses.replace(self, recipients=recipients, header_edits=())
+        return dataclasses.replace(self, recipients=recipients, header_edits=(), message_id_added=False)
 
     def without_tag(self, original: Address) -> LinkDecision:
         """The decision with ``original`` relayed untagged (its upstream refused the tag).

@@ -236,7 +236,8 @@ async def serve(config_path: Path) -> int:
     loop.add_signal_handler(signal.SIGHUP, reload)
     sd_notify("READY=1")
     log.info("smtpgate.ready", config=str(config.path), listeners=[f"{h}:{p}" for h, p in gate.bound],
-             upstream=config.upstream.label)
+             upstream=config.upstream.label, mode=config.mode,
+             observing=[lst.name for lst in config.listeners if lst.mode == "observe"] or None)
     await stop.wait()
     sd_notify("STOPPING=1")
     log.info("shutdown.started", grace=gate.config.shutdown_grace)

@@ -6,10 +6,8 @@ import abc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from smtpgate.store.allocation import Allocator
 
 
 @dataclass(frozen=True)
@@ -63,6 +61,13 @@ class NumberSource(Protocol):
 
     async def is_known(self, reference: str) -> bool:
         """True when the store already knows an activity with this reference."""
+
+
+class Allocator(Protocol):
+    """Picks the reference of a new linked activity."""
+
+    async def allocate(self, request: AllocationRequest, numbers: NumberSource) -> str:
+        """A new reference for request.mailbox; raises AllocationError on any failure."""
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from smtpgate.store.base import (
 from smtpgate.store.errors import AllocationError, StoreError
 
 if TYPE_CHECKING:
-    from smtpgate.store.allocation import Allocator
+    from smtpgate.store.base import Allocator
 
 log = structlog.get_logger()
 

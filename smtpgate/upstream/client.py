@@ -28,17 +28,13 @@ log = get_logger()
 # a few minutes (RFC 5321 4.5.3.2.7), so reuse only recent ones.
 IDLE_SECONDS = 30.0
 
-# Extensions whose MAIL/RCPT parameters smtpgate passes through when the upstream has them.
-PASSABLE = ("dsn", "smtputf8", "8bitmime", "size", "auth", "pipelining")
-
 
 class UpstreamError(Exception):
     """The upstream could not be reached, timed out or dropped the connection."""
 
-    def __init__(self, reason: str, *, after_data: bool = False):
+    def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
-        self.after_data = after_data
 
 
 @dataclass
@@ -111,7 +107,7 @@ class SmtpSession(UpstreamSession):
         except aiosmtplib.SMTPDataError as exc:
             return Verdict(exc.code, exc.message)
         except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
-            raise UpstreamError(f"DATA: {type(exc).__name__}: {exc}", after_data=True) from None
+            raise UpstreamError(f"DATA: {type(exc).__name__}: {exc}") from None
         return Verdict(response.code, response.message)
 
     async def release(self, reusable: bool) -> None:
