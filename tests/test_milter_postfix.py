@@ -67,7 +67,19 @@ async def test_mission_steps_1_and_2_through_postfix(milter_postfix, log_lines):
     assert [e["links_created"] for e in relayed] == [[new], []]
     assert relayed[1]["links_reused"] == [new]
     # The queue ids in smtpgate's log are Postfix's: an admin can follow a message across both logs.
-    assert all(e["queue_id"] and e["queue_id"] in postfix.maillog() for e in relayed)
+    # Once Postfix is done with both messages, no copy went to the untagged original (DELRCPT worked).
+    for event in relayed:
+        await removed_from_queue(postfix, event["queue_id"])
+    assert "to=<pl-payroll@corp.example>" not in postfix.maillog()
+    assert postfix.maillog().count(f"to=<pl-payroll+{new}@corp.example>") == 2
+
+
+async def removed_from_queue(postfix: PostfixInstance, queue_id: str, timeout: float = 30) -> None:
+    """Wait until Postfix has finished every recipient of the message queue_id (qmgr logs 'removed')."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while f"{queue_id}: removed" not in postfix.maillog():
+        assert asyncio.get_running_loop().time() < deadline, postfix.maillog()
+        await asyncio.sleep(0.05)
 
 
 async def test_store_unavailable_postfix_answers_451_and_delivers_nothing(milter_postfix, log_lines, tmp_path):
