@@ -597,3 +597,23 @@ async def test_connections_over_the_limit_are_closed(milter_config, start_gate, 
                                   b"From: jane@corp.example\r\nMessage-ID: <l@x>\r\n\r\n")
     assert actions == [("ACCEPT",)]
     await first.quit()
+
+
+async def test_a_drain_waits_for_no_one_after_its_grace_and_closes_a_message_in_flight(milter_config, log_lines):
+    gate = Gate(milter_config())
+    await gate.start()
+    try:
+        client = await MilterClient.open(gate.bound[0][1])
+        await client.negotiate()
+        await client.connect()
+        await client.send(packet(b"M", strings(f"<{SENDER}>")))  # no reply due: wait for the session to be busy
+        deadline = asyncio.get_running_loop().time() + 10
+        while not gate.registry.busy:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+    finally:
+        await gate.drain(0)
+    # Postfix applies milter_default_action (tempfail) to the message; nothing was decided.
+    assert await client.closed()
+    [closed] = [e for e in log_lines() if e["event"] == "milter.session.closed"]
+    assert closed["reason"] == "shutting down (in the middle of a message)"
