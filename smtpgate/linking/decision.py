@@ -13,9 +13,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from typing import TYPE_CHECKING
+
 from smtpgate.mail.addresses import Address
 from smtpgate.mail.headers import HeaderBlock
 from smtpgate.mail.rewrite import HeaderEdit, apply_edits, header_edits
+
+if TYPE_CHECKING:
+    from smtpgate.linking.inbound import InboundPlan
 
 __all__ = ["ClientInfo", "Envelope", "EnvelopeRecipient", "HeaderEdit", "LinkDecision", "RecipientDecision"]
 
@@ -93,6 +98,7 @@ class LinkDecision:
     would_create: tuple[str, ...] = ()  # observe mode: mailboxes that would get a new activity
     untaggable: tuple[str, ...] = ()
     automatic: bool = False
+    inbound: InboundPlan | None = None  # direction: inbound: what was re-tagged and why
     date: str | None = None
     from_: str | None = None
     subject: str | None = None

@@ -77,7 +77,8 @@ class Snapshot:
         settings = self._smtp.get(listener.name)
         if settings is None:
             relay = RelayContext(pool=self.pool, links=self.links, limits=self.config.limits,
-                                 hostname=self.config.hostname, mode=listener.mode or self.config.mode)
+                                 hostname=self.config.hostname, mode=listener.mode or self.config.mode,
+                                 direction=listener.direction, unknown_tags=self.config.inbound.unknown_tags)
             settings = SmtpSettings(relay=relay, authenticator=file_authenticator(self.users),
                                     max_connections=self.config.limits.max_connections)
             self._smtp[listener.name] = settings
@@ -121,8 +122,6 @@ class Gate:
     async def _listen(self, listener: Listener) -> None:
         if listener.kind not in ("smtp", "milter"):
             raise StartupError(f"listener {listener.name}: kind {listener.kind} is not available yet")
-        if listener.direction != "outbound":
-            raise StartupError(f"listener {listener.name}: direction {listener.direction} is not available yet")
         if listener.kind == "milter":
             return await self._listen_milter(listener)
         factory, tls = make_factory(listener, lambda: self._current().smtp(listener), self.registry)

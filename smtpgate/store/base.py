@@ -205,6 +205,10 @@ class Store(abc.ABC):
         """The first of message_ids (in order) that smtpgate relayed with a source activity."""
 
     @abc.abstractmethod
+    async def thread_hits(self, message_ids: Sequence[str]) -> list[ThreadHit]:
+        """Every one of message_ids that smtpgate relayed with a source activity, in the given order."""
+
+    @abc.abstractmethod
     async def record_message(self, record: MessageRecord) -> None:
         """Store the message's header facts; a second call for the same
         (Message-ID, source reference) changes nothing."""

@@ -317,9 +317,13 @@ class SqlStore(Store):
     # -- messages ---------------------------------------------------------
 
     async def find_thread(self, message_ids: Sequence[str]) -> ThreadHit | None:
+        hits = await self.thread_hits(message_ids)
+        return hits[0] if hits else None
+
+    async def thread_hits(self, message_ids: Sequence[str]) -> list[ThreadHit]:
         wanted = [normalize_message_id(m) for m in message_ids if m and m.strip()]
         if not wanted:
-            return None
+            return []
         unique = list(dict.fromkeys(wanted))
         marks = ", ".join("?" for _ in unique)
         async with self._read() as tx:
@@ -333,16 +337,12 @@ class SqlStore(Store):
         newest: dict[str, Sequence[Any]] = {}
         for row in rows:
             newest.setdefault(row[0], row)
-        for message_id in unique:
-            row = newest.get(message_id)
-            if row is not None:
-                return ThreadHit(
-                    message_id=message_id,
-                    source_reference=row[1],
-                    source_mailbox=row[3],
-                    mapping=dict(json.loads(row[2])),
-                )
-        return None
+        return [
+            ThreadHit(message_id=message_id, source_reference=row[1], source_mailbox=row[3],
+                      mapping=dict(json.loads(row[2])))
+            for message_id in unique
+            if (row := newest.get(message_id)) is not None
+        ]
 
     async def record_message(self, record: MessageRecord) -> None:
         message_id = normalize_message_id(record.message_id)

@@ -45,6 +45,8 @@ class RelayContext:
     limits: Limits
     hostname: str
     mode: str = "enforce"  # enforce | observe
+    direction: str = "outbound"  # outbound | inbound (restore dropped tags, never relay out)
+    unknown_tags: str = "pass"  # inbound: pass | strip
 
 
 @dataclass
@@ -155,6 +157,8 @@ class Transaction:
         headers = self._check(raw)
         decision = await self._decide(headers)
         observe = self.ctx.mode == "observe"
+        if decision.inbound is not None:
+            self._log_retagged(decision, observe)
         if observe:
             self._log_observed(decision)
             applied = decision.without_changes()
@@ -200,6 +204,8 @@ class Transaction:
 
     async def _decide(self, headers: HeaderBlock) -> LinkDecision:
         try:
+            if self.ctx.direction == "inbound":
+                return await self.ctx.links.retag(self.envelope(), headers, unknown_tags=self.ctx.unknown_tags)
             return await self.ctx.links.decide(self.envelope(), headers, observe=self.ctx.mode == "observe",
                                                log=self.log)
         except LinkUnavailable as exc:
@@ -221,6 +227,22 @@ class Transaction:
             upstream_reply=f"{verdict.code} {verdict.text}",
             duration_ms=round((time.monotonic() - self.started) * 1000, 1),
         )
+
+    def _log_retagged(self, decision: LinkDecision, observe: bool) -> None:
+        """Inbound: which recipients got their tag back (or an unknown tag handled), and from where."""
+        plan = decision.inbound
+        assert plan is not None
+        for address, tag, action in plan.unknown:
+            self.log.warning("inbound.unknown_tag", recipient=str(address), tag=tag,
+                             action="observed" if observe else action, message_id=decision.message_id)
+        if plan.retagged:
+            self.log.info(
+                "message.observed" if observe else "message.retagged",
+                message_id=decision.message_id,
+                mail_from=self._sender_text(),
+                recipients=[{"original": str(o), "relayed": str(n), "thread_message_id": t}
+                            for o, n, t in plan.retagged],
+            )
 
     def _log_observed(self, decision: LinkDecision) -> None:
         """Observe mode: what enforce mode would have done with this message."""

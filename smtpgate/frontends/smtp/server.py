@@ -141,7 +141,8 @@ class GateSMTP(GlueSMTP):
         if self.tx is not None:
             await self.push("503 5.5.1 Error: nested MAIL command")
             return
-        if not (self.session.authenticated or self.listener.relays_for(self.client_ip)):
+        inbound = self.listener.direction == "inbound"  # accepts anyone, for internal domains only
+        if not (inbound or self.session.authenticated or self.listener.relays_for(self.client_ip)):
             # No open relay: strangers must authenticate first (DESIGN.md 2.1).
             self.log.info("message.rejected", code=530, reason="not authenticated, not in relay_networks",
                           client=self.client_ip, stage="mail")
@@ -198,6 +199,9 @@ class GateSMTP(GlueSMTP):
             if words and not self.session.extended_smtp:
                 raise SMTPReply(replies.BAD_SYNTAX, "parameters need EHLO")
             params = parse_params(words, RCPT_PARAMS)
+            if self.listener.direction == "inbound" and not self.settings.relay.links.directory.is_internal(address):
+                # An inbound listener delivers to the mailbox server only; it never relays out.
+                raise SMTPReply(replies.RELAY_DENIED, "inbound listener: not an internal domain")
             if not str(address).isascii() and "SMTPUTF8" not in self.tx.mail_params:
                 raise SMTPReply(replies.BAD_RECIPIENT, "non-ASCII recipient without SMTPUTF8")
             line = await self.tx.add_recipient(address, params)
