@@ -61,8 +61,9 @@ NEW = re.compile(r"<pl-payroll\+(\d+-T)@corp\.example>")
 
 @pytest.fixture
 def milter_config(tmp_path):
-    def build(address: str = "127.0.0.1:0", store_timeout: float = 10, extra: str = ""):
+    def build(address: str = "127.0.0.1:0", store_timeout: float = 10, extra: str = "", listener: str = ""):
         text = MILTER_CONFIG.format(address=address, store_timeout=store_timeout) + extra
+        text = text.replace("upstream:", listener + "upstream:", 1)
         return load_config(write_config(tmp_path, text))
     return build
 
@@ -617,3 +618,64 @@ async def test_a_drain_waits_for_no_one_after_its_grace_and_closes_a_message_in_
     assert await client.closed()
     [closed] = [e for e in log_lines() if e["event"] == "milter.session.closed"]
     assert closed["reason"] == "shutting down (in the middle of a message)"
+
+
+
+INBOUND_LISTENER = """\
+  - name: inbound
+    kind: milter
+    address: 127.0.0.1:0
+    direction: inbound
+"""
+
+
+async def test_inbound_milter_restores_the_tags_a_reply_dropped(milter_config, start_gate, log_lines):
+    gate, port = await start_gate(milter_config(listener=INBOUND_LISTENER))
+    outbound = Milter(gate, port, log_lines)
+    new, _ = await outbound.step1()
+    inbound = Milter(gate, gate.bound[1][1], log_lines)
+    reply = (b"From: Client Ltd <client@supplier.example>\r\n"
+             b"To: uk-payroll@corp.example, pl-payroll@corp.example\r\nSubject: Re: Invoice 4411\r\n"
+             b"In-Reply-To: <step1.101203@corp.example>\r\nMessage-ID: <reply@supplier.example>\r\n\r\nthanks\r\n")
+    client = await inbound.client()
+    # RCPT is answered on an inbound listener: another domain is refused there.
+    actions = await client.message("client@supplier.example",
+                                   ["uk-payroll@corp.example", "pl-payroll@corp.example", "someone@else.example"],
+                                   reply)
+    await client.quit()
+    assert actions == [
+        ("CONTINUE",), ("CONTINUE",),
+        ("REPLYCODE", "554 5.7.1 Relay access denied"),
+        ("DELRCPT", "<uk-payroll@corp.example>"),
+        ("DELRCPT", "<pl-payroll@corp.example>"),
+        ("ADDRCPT_PAR", "<uk-payroll+101203-T@corp.example>", "ORCPT=rfc822;uk-payroll@corp.example"),
+        ("ADDRCPT_PAR", f"<pl-payroll+{new}@corp.example>", "ORCPT=rfc822;pl-payroll@corp.example"),
+        ("ACCEPT",),  # no CHGHEADER: the headers the external party wrote stay as they are
+    ]
+    [retagged] = outbound.events("message.retagged")
+    assert retagged["recipients"] == [
+        {"original": "uk-payroll@corp.example", "relayed": "uk-payroll+101203-T@corp.example",
+         "thread_message_id": "<step1.101203@corp.example>"},
+        {"original": "pl-payroll@corp.example", "relayed": f"pl-payroll+{new}@corp.example",
+         "thread_message_id": "<step1.101203@corp.example>"}]
+    # Inbound mail creates no link and no thread record.
+    assert [link.reference for link in (await gate.store.show("101203-T")).links] == [new]
+    assert await gate.store.find_thread(["<reply@supplier.example>"]) is None
+    refused = [e for e in outbound.events("command.refused") if e.get("recipient")]
+    assert refused[0]["recipient"] == "someone@else.example" and refused[0]["code"] == 554
+
+
+async def test_inbound_milter_strips_a_guessed_tag_when_told_to(milter_config, start_gate, log_lines):
+    gate, _ = await start_gate(milter_config(listener=INBOUND_LISTENER, extra="inbound:\n  unknown_tags: strip\n"))
+    inbound = Milter(gate, gate.bound[1][1], log_lines)
+    data = (b"From: someone@outside.example\r\nTo: pl-payroll+424242-T@corp.example\r\n"
+            b"Message-ID: <guess@outside.example>\r\n\r\nguessing\r\n")
+    actions = await inbound.send("someone@outside.example", ["pl-payroll+424242-T@corp.example"], data)
+    assert actions == [
+        ("CONTINUE",),
+        ("DELRCPT", "<pl-payroll+424242-T@corp.example>"),
+        ("ADDRCPT_PAR", "<pl-payroll@corp.example>", "ORCPT=rfc822;pl-payroll+2B424242-T@corp.example"),
+        ("ACCEPT",),
+    ]
+    [unknown] = inbound.events("inbound.unknown_tag")
+    assert unknown["tag"] == "424242-T" and unknown["action"] == "strip"

@@ -78,12 +78,18 @@ class MilterSettings:
     limits: Limits
     listener: str
     mode: str = "enforce"  # enforce | observe
-    direction: str = "outbound"
+    direction: str = "outbound"  # outbound | inbound (restore the tags a reply dropped, DESIGN.md 8)
+    unknown_tags: str = "pass"  # inbound: pass | strip
 
     @classmethod
     def for_listener(cls, links: LinkService, config: Config, listener: Listener) -> MilterSettings:
         return cls(links=links, limits=config.limits, listener=listener.name,
-                   mode=listener.mode or config.mode, direction=listener.direction)
+                   mode=listener.mode or config.mode, direction=listener.direction,
+                   unknown_tags=config.inbound.unknown_tags)
+
+    @property
+    def inbound(self) -> bool:
+        return self.direction == "inbound"
 
 
 @dataclass
@@ -160,6 +166,10 @@ class MilterSession:
             raise ProtocolError(f"{_COMMAND[type(event)]} outside a message (before MAIL)")
         elif isinstance(event, codec.EndOfMessage):
             return await self._end_of_message()
+        elif isinstance(event, codec.Rcpt):
+            refusal = self._rcpt(self.message, event)
+            if refusal is not None:
+                return [refusal]
         else:
             self._in_message(self.message, event)
         return [] if self.steps & _NO_REPLY[type(event)] else [codec.CONTINUE]
@@ -174,7 +184,9 @@ class MilterSession:
             raise ProtocolError(f"MTA offers actions {offer.actions:#x}: DELRCPT, CHGHEADER and "
                                 "ADDRCPT or ADDRCPT_PAR needed")
         self.actions = offer.actions & WANTED_ACTIONS
-        self.steps = offer.protocol & WANTED_STEPS
+        # Inbound refuses recipients in other domains at RCPT: RCPT needs its reply.
+        wanted = WANTED_STEPS & ~codec.SMFIP_NR_RCPT if self.settings.inbound else WANTED_STEPS
+        self.steps = offer.protocol & wanted
         self.negotiated = True
         macros = MACRO_LISTS if self.actions & codec.SMFIF_SETSYMLIST else None
         self.log.debug("milter.negotiated", version=min(offer.version, PROTOCOL_VERSION),
@@ -197,13 +209,22 @@ class MilterSession:
             raise ProtocolError("MAIL inside a message (no ABORT after the last)")
         self.message = _Message(mail=event.args)
 
+    def _rcpt(self, message: _Message, event: codec.Rcpt) -> bytes | None:
+        """Keep the recipient; inbound, refuse one outside the internal domains (the REPLYCODE)."""
+        if message.headers_done or message.fields:
+            raise ProtocolError("RCPT after the header")
+        path, params = event.args[0], event.args[1:]
+        address = _parse(path)
+        if self.settings.inbound and address is not None and not self.settings.links.directory.is_internal(address):
+            # An inbound listener serves the mailbox server only; it never relays out.
+            self.log.info("command.refused", code=replies.RELAY_DENIED.code, stage="rcpt", recipient=str(address),
+                          reason="inbound listener: not an internal domain")
+            return codec.encode_reply_code(replies.RELAY_DENIED.line())
+        message.recipients.append(_Recipient(path, params, address))
+        return None
+
     def _in_message(self, message: _Message, event: codec.Event) -> None:
-        if isinstance(event, codec.Rcpt):
-            if message.headers_done or message.fields:
-                raise ProtocolError("RCPT after the header")
-            path, params = event.args[0], event.args[1:]
-            message.recipients.append(_Recipient(path, params, _parse(path)))
-        elif isinstance(event, codec.Header):
+        if isinstance(event, codec.Header):
             if message.headers_done:
                 raise ProtocolError("HEADER after the end of the header")
             self._header(message, event)
@@ -244,15 +265,22 @@ class MilterSession:
             return [self._refuse(replies.TOO_MANY_HOPS, f"{hops} Received fields", fields)]
         envelope = self._envelope(message)
         observe = self.settings.mode == "observe"
+        links = self.settings.links
         try:
-            decision = await self.settings.links.decide(envelope, headers, observe=observe, log=self.log)
+            if self.settings.inbound:
+                decision = await links.retag(envelope, headers, unknown_tags=self.settings.unknown_tags)
+            else:
+                decision = await links.decide(envelope, headers, observe=observe, log=self.log)
         except LinkUnavailable as exc:
             return [self._refuse(replies.TEMPORARY_FAILURE, str(exc), fields)]
         except Exception:  # noqa: BLE001 - an internal fault is a temporary failure, never an accept
             self.log.exception("message.rejected", code=451, reason="internal error", **fields)
             return [codec.encode_reply_code(replies.TEMPORARY_FAILURE.line())]
-        if observe:
+        if decision.inbound is not None:
+            _log_retagged(self.log, decision, observe, fields)
+        elif observe:
             _log_observed(self.log, decision, fields)
+        if observe:
             decision = decision.without_changes()
         packets, relayed = self._apply(message, decision)
         await self.settings.links.record(decision, [a for a in relayed if isinstance(a, Address)], log=self.log)
@@ -362,6 +390,23 @@ def _shown(value: Address | str | None) -> str | None:
     if isinstance(value, str):
         return _bare(value)
     return None if value is None else str(value)
+
+
+def _log_retagged(log, decision: LinkDecision, observe: bool, fields: dict) -> None:
+    """Inbound: which recipients got their tag back (or an unknown tag handled), and from where."""
+    plan = decision.inbound
+    assert plan is not None
+    for address, tag, action in plan.unknown:
+        log.warning("inbound.unknown_tag", recipient=str(address), tag=tag,
+                    action="observed" if observe else action, message_id=decision.message_id)
+    if plan.retagged:
+        log.info(
+            "message.observed" if observe else "message.retagged",
+            message_id=decision.message_id,
+            **fields,
+            recipients=[{"original": str(o), "relayed": str(n), "thread_message_id": t}
+                        for o, n, t in plan.retagged],
+        )
 
 
 def _log_observed(log, decision: LinkDecision, fields: dict) -> None:
