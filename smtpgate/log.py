@@ -9,11 +9,15 @@ as a second line of defence.
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 
 import structlog
 
+from smtpgate import __version__
+
 _SECRET_KEYS = {"password", "token", "secret", "authorization", "auth_data"}
+_HOST = socket.gethostname()
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
@@ -21,6 +25,13 @@ def _redact(_logger, _name, event_dict):
     for key in list(event_dict):
         if key.lower() in _SECRET_KEYS:
             event_dict[key] = "[redacted]"
+    return event_dict
+
+
+def _node(_logger, _name, event_dict):
+    # Which node and which smtpgate wrote it: several nodes may share one log pipeline.
+    event_dict.setdefault("host", _HOST)
+    event_dict.setdefault("version", __version__)
     return event_dict
 
 
@@ -57,6 +68,7 @@ def setup_logging(fmt: str = "json", level: str = "info", stream=None) -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _node,
             _redact,
             structlog.processors.format_exc_info,
             renderer,

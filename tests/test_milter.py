@@ -117,7 +117,7 @@ async def test_negotiation_asks_only_for_what_smtpgate_uses(milter):
     # header values with their leading space.
     assert steps == (1 << 4) | (1 << 9) | (1 << 8) | (1 << 12) | (1 << 13) | (1 << 14) | (1 << 15) \
         | (1 << 7) | (1 << 18) | (1 << 20)
-    assert macro_lists == (struct.pack("!I", 0) + b"{client_addr}\0" + struct.pack("!I", 1) + b"{tls_version}\0"
+    assert macro_lists == (struct.pack("!I", 0) + b"{client_addr}\0" + struct.pack("!I", 1) + b"{tls_version} {cipher}\0"
                            + struct.pack("!I", 2) + b"i {auth_authen}\0" + struct.pack("!I", 5) + b"i\0")
     await client.close()
 
@@ -323,7 +323,8 @@ async def test_client_macros_reach_the_envelope(milter, milter_config):
     milter.gate.snapshot.links.decide = spy
     client = await MilterClient.open(milter.port)
     await client.negotiate()
-    await client.connect(client_addr="198.51.100.9", helo="laptop.corp.example")
+    await client.connect(client_addr="198.51.100.9", helo="laptop.corp.example",
+                         tls=("TLSv1.3", "TLS_AES_256_GCM_SHA384"))
     await client.message(SENDER, ["client@supplier.example"],
                          b"From: uk-payroll+101203-T@corp.example\r\nMessage-ID: <m@x>\r\n\r\n", auth="alice")
     await client.quit()
@@ -331,6 +332,11 @@ async def test_client_macros_reach_the_envelope(milter, milter_config):
     assert envelope.client.ip == "198.51.100.9" and envelope.client.helo == "laptop.corp.example"
     assert envelope.client.authenticated_as == "alice" and envelope.client.listener == "milter"
     assert str(envelope.mail_from) == SENDER
+    event = milter.events("message.relayed")[-1]
+    assert (event["client_ip"], event["helo"], event["sasl_username"]) == (
+        "198.51.100.9", "laptop.corp.example", "alice")
+    assert event["tls"] == "TLSv1.3 TLS_AES_256_GCM_SHA384" and envelope.client.tls
+    assert milter.events("milter.session.closed")[-1]["client_ip"] == "198.51.100.9"
 
 
 # ----------------------------------------------------------------- failures

@@ -36,6 +36,12 @@ class ClientInfo:
     tls: bool = False
     listener: str = ""
     esmtp: bool = True  # EHLO, not HELO
+    tls_cipher: str | None = None  # "TLSv1.3 TLS_AES_256_GCM_SHA384" when TLS is on
+
+    def log_fields(self) -> dict:
+        """Who sent it, from where, how: the fields message.relayed/rejected carry (README "Logs")."""
+        return {"client_ip": self.ip, "helo": self.helo, "sasl_username": self.authenticated_as,
+                "tls": self.tls_cipher}
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from smtpgate.linking.plan import (
 )
 from smtpgate.log import get_logger
 from smtpgate.mail.addresses import MAX_LOCAL_OCTETS, Address, parse_path
+from smtpgate.mail.dkim import broken_signatures
 from smtpgate.mail.headers import HeaderBlock
 from smtpgate.mail.msgid import make_message_id, message_id_of
 from smtpgate.mail.rewrite import header_edits
@@ -119,13 +120,17 @@ class LinkService:
             for rp, target in zip(plan.recipients, resolution.targets)
         )
         mapping = dict(resolution.header_mapping)
+        edits = header_edits(headers, mapping)
+        for domain, fields in broken_signatures(headers, {e.name.lower() for e in edits}):
+            # Placed after a signer, smtpgate breaks its signature: say so on day one.
+            log.warning("dkim.invalidated", domain=domain, fields=fields, message_id=message_id)
         return LinkDecision(
             recipients=recipients,
             source_reference=source.reference,
             source_found_in=source.found_in,
             source_mailbox=plan.source_mailbox,
             header_mapping=mapping,
-            header_edits=header_edits(headers, mapping),
+            header_edits=edits,
             mapping=dict(resolution.mapping),
             links_created=tuple(created),
             links_reused=tuple(reused),

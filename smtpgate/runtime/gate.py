@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from smtpgate.frontends.milter.server import start_milter_listener
 from smtpgate.frontends.milter.session import MilterSettings
 from smtpgate.frontends.registry import SessionRegistry
 from smtpgate.frontends.smtp.relay import RelayContext
-from smtpgate.frontends.smtp.server import SmtpSettings, file_authenticator, make_factory
+from smtpgate.frontends.smtp.server import SmtpSettings, file_authenticator, make_factory, tls_context
 from smtpgate.linking.plan import Directory
 from smtpgate.linking.references import ReferenceMatcher
 from smtpgate.linking.service import LinkService
@@ -34,6 +35,10 @@ log = get_logger()
 
 class StartupError(Exception):
     """smtpgate cannot start; the message says why and what to do."""
+
+
+class ReloadRefused(Exception):
+    """A reload found a problem outside the config file (a certificate); nothing was swapped."""
 
 
 def make_allocator(config: Config):
@@ -94,6 +99,7 @@ class Gate:
         self.snapshot: Snapshot | None = None
         self.registry = SessionRegistry()
         self.servers: list[asyncio.AbstractServer] = []
+        self.tls: dict[str, ssl.SSLContext] = {}  # per listener, refreshed in place on reload
         self.pruner: asyncio.Task | None = None
 
     @property
@@ -124,7 +130,10 @@ class Gate:
             raise StartupError(f"listener {listener.name}: kind {listener.kind} is not available yet")
         if listener.kind == "milter":
             return await self._listen_milter(listener)
-        factory, tls = make_factory(listener, lambda: self._current().smtp(listener), self.registry)
+        context = tls_context(listener)
+        if context is not None:
+            self.tls[listener.name] = context
+        factory, tls = make_factory(listener, lambda: self._current().smtp(listener), self.registry, context)
         try:
             server = await asyncio.get_running_loop().create_server(
                 factory, listener.host, listener.port, ssl=tls, reuse_address=True)
@@ -168,13 +177,31 @@ class Gate:
         previous = self._current()
         pool = previous.pool if config.upstream == old.upstream else None
         assert self.store is not None
+        certificates = self._read_certificates(config)
         snapshot = Snapshot.build(config, self.store, pool)  # raises before anything is swapped
+        for name, (cert, key) in certificates.items():
+            # In place: the listening socket keeps its context, new handshakes get the new pair.
+            self.tls[name].load_cert_chain(cert, key)
         if pool is None:
             # Learn the new upstream's extensions, so EHLO advertises what it supports.
             self.registry.spawn(snapshot.pool.probe())
             self.registry.spawn(previous.pool.close())
         self.config, self.snapshot = config, snapshot
         log.info("config.reloaded", path=str(config.path), needs_restart=kept or None)
+
+    def _read_certificates(self, config: Config) -> dict[str, tuple[str, str]]:
+        """Each TLS listener's certificate and key, checked by loading them (certbot renewals)."""
+        pairs = {}
+        for listener in config.listeners:
+            if listener.name not in self.tls or listener.tls_cert is None or listener.tls_key is None:
+                continue
+            pair = (str(listener.tls_cert), str(listener.tls_key))
+            try:
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(*pair)
+            except (OSError, ssl.SSLError) as exc:
+                raise ReloadRefused(f"listener {listener.name}: tls_cert/tls_key {pair[0]}: {exc}") from None
+            pairs[listener.name] = pair
+        return pairs
 
     async def drain(self, grace: float) -> None:
         """Stop accepting, let transactions in flight finish for up to grace seconds, then 421."""
@@ -226,7 +253,7 @@ async def serve(config_path: Path) -> int:
             gate.reload(load_config(config_path))
         except ConfigError as exc:
             log.error("config.rejected", path=str(config_path), errors=exc.problems)
-        except UsersError as exc:
+        except (UsersError, ReloadRefused) as exc:
             log.error("config.rejected", path=str(config_path), errors=[str(exc)])
         sd_notify("READY=1")
 

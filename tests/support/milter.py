@@ -130,11 +130,14 @@ class MilterClient:
             if reply[0] in _FINAL:
                 return out
 
-    async def connect(self, client_addr: str = "192.0.2.7", helo: str = "client.test") -> list[tuple]:
+    async def connect(self, client_addr: str = "192.0.2.7", helo: str = "client.test",
+                      tls: tuple[str, str] | None = None) -> list[tuple]:
+        """CONNECT and HELO; ``tls`` (version, cipher) as Postfix's HELO macros give them after STARTTLS."""
         out = await self.event(b"C", strings("client.test") + b"4" + struct.pack("!H", 40000)
                                + strings(client_addr), skip=NO_CONNECT, no_reply=NR_CONN,
                                macros=[("{client_addr}", client_addr)])
-        out += await self.event(b"H", strings(helo), skip=NO_HELO, no_reply=NR_HELO)
+        helo_macros = [("{tls_version}", tls[0]), ("{cipher}", tls[1])] if tls else []
+        out += await self.event(b"H", strings(helo), skip=NO_HELO, no_reply=NR_HELO, macros=helo_macros)
         return out
 
     async def message(self, mail_from: str, rcpts: Sequence[str | tuple[str, ...]], data: bytes, *,

@@ -73,7 +73,7 @@ class MilterConnection:
             reason = await self._serve()
         except ProtocolError as exc:
             reason = f"protocol violation: {exc}"
-            self.log.warning("milter.protocol_error", reason=str(exc), in_message=self.session.busy)
+            self.session.log.warning("milter.protocol_error", reason=str(exc), in_message=self.session.busy)
             with contextlib.suppress(ConnectionError, OSError):
                 self.writer.write(codec.TEMPFAIL)
                 await self.writer.drain()
@@ -81,15 +81,16 @@ class MilterConnection:
             reason = "shutting down" if self.goodbye else f"connection lost: {type(exc).__name__}"
         except Exception:  # noqa: BLE001 - an internal fault tempfails this connection, never the listener
             reason = "internal error"
-            self.log.exception("milter.session.error")
+            self.session.log.exception("milter.session.error")
             with contextlib.suppress(ConnectionError, OSError):
                 self.writer.write(codec.TEMPFAIL)
                 await self.writer.drain()
         finally:
             if self.session.busy and not reason.startswith("protocol violation"):
                 reason += " (in the middle of a message)"
-            # Logged before the close, so the MTA seeing the close implies the line is written.
-            self.log.info("milter.session.closed", reason=reason, messages=self.session.messages)
+            # Logged before the close, so the MTA seeing the close implies the line is written; the
+            # session's logger, which names the client once CONNECT said who it is.
+            self.session.log.info("milter.session.closed", reason=reason, messages=self.session.messages)
             self.writer.close()
             with contextlib.suppress(ConnectionError, OSError):
                 await self.writer.wait_closed()

@@ -41,7 +41,7 @@ WANTED_STEPS = (codec.SMFIP_NOBODY | codec.SMFIP_NODATA | codec.SMFIP_NOUNKNOWN 
 # The macros smtpgate reads, asked for per stage (SETSYMLIST), whatever main.cf lists.
 MACRO_LISTS = {
     codec.SMFIM_CONNECT: "{client_addr}",
-    codec.SMFIM_HELO: "{tls_version}",
+    codec.SMFIM_HELO: "{tls_version} {cipher}",
     codec.SMFIM_ENVFROM: "i {auth_authen}",
     codec.SMFIM_EOM: "i",
 }
@@ -203,6 +203,7 @@ class MilterSession:
             raise ProtocolError("a second CONNECT")
         self.connected = True
         self.connect_address = event.address if event.family in "46" else None
+        self.log = self.log.bind(client_ip=self._client_ip())
 
     def _mail(self, event: codec.Mail) -> None:
         if self.message is not None:
@@ -255,7 +256,8 @@ class MilterSession:
         self.messages += 1
         queue_id = self.macros.get("i")
         mail_from = message.mail[0] if message.mail else ""
-        fields = dict(queue_id=queue_id, mail_from=_bare(mail_from))
+        client = self._client()
+        fields = dict(queue_id=queue_id, mail_from=_bare(mail_from), **client.log_fields())
         limits = self.settings.limits
         if message.header_octets > limits.max_message_size:
             return [self._refuse(replies.MESSAGE_TOO_BIG, f"header of {message.header_octets} octets", fields)]
@@ -263,7 +265,7 @@ class MilterSession:
         hops = len(headers.get_all("Received"))
         if hops > limits.max_hops:
             return [self._refuse(replies.TOO_MANY_HOPS, f"{hops} Received fields", fields)]
-        envelope = self._envelope(message)
+        envelope = self._envelope(message, client)
         observe = self.settings.mode == "observe"
         links = self.settings.links
         try:
@@ -302,15 +304,24 @@ class MilterSession:
         self.log.info("message.rejected", code=reply.code, reason=reason, **fields)
         return codec.encode_reply_code(reply.line())
 
-    def _envelope(self, message: _Message) -> Envelope:
-        client = ClientInfo(
+    def _client_ip(self) -> str:
+        return self.macros.get("client_addr") or self.connect_address or "?"
+
+    def _client(self) -> ClientInfo:
+        """The SMTP client as Postfix's macros describe it."""
+        tls = self.macros.get("tls_version")
+        cipher = " ".join(v for v in (tls, self.macros.get("cipher")) if v)
+        return ClientInfo(
             session_id=self.session_id,
-            ip=self.macros.get("client_addr") or self.connect_address or "?",
+            ip=self._client_ip(),
             helo=self.helo,
             authenticated_as=self.macros.get("auth_authen") or None,
-            tls=bool(self.macros.get("tls_version")),
+            tls=bool(tls),
             listener=self.settings.listener,
+            tls_cipher=cipher or None,
         )
+
+    def _envelope(self, message: _Message, client: ClientInfo) -> Envelope:
         return Envelope(
             mail_from=_parse(message.mail[0]) if message.mail else None,
             recipients=tuple(EnvelopeRecipient(r.address, r.params) for r in message.recipients

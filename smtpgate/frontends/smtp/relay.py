@@ -168,7 +168,8 @@ class Transaction:
         verdict = await self._send(content)
         if not verdict.ok:
             self.log.info("message.rejected", code=verdict.code, reason=f"upstream: {verdict.text}",
-                          message_id=applied.message_id, mail_from=self._sender_text(), stage="data")
+                          message_id=applied.message_id, mail_from=self._sender_text(), stage="data",
+                          **self.client.log_fields())
             # A refused DATA command leaves MAIL and RCPT open upstream: reset before reuse.
             await self.abort()
             return _client_line(verdict)
@@ -226,6 +227,7 @@ class Transaction:
             upstream=upstream,
             upstream_reply=f"{verdict.code} {verdict.text}",
             duration_ms=round((time.monotonic() - self.started) * 1000, 1),
+            **self.client.log_fields(),
         )
 
     def _log_retagged(self, decision: LinkDecision, observe: bool) -> None:
