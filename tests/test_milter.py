@@ -18,7 +18,7 @@ from smtpgate.config import load_config
 from smtpgate.frontends.milter.codec import MAX_PACKET
 from smtpgate.runtime.gate import Gate, StartupError
 from tests.conftest import write_config
-from tests.support.milter import HDR_LEADSPC, NO_BODY, NR_HDR, NR_RCPT, MilterClient, packet, strings
+from tests.support.milter import HDR_LEADSPC, NO_BODY, NO_MAIL, NR_HDR, NR_MAIL, NR_RCPT, MilterClient, packet, strings
 
 MILTER_CONFIG = """\
 hostname: relay.test.example
@@ -685,3 +685,77 @@ async def test_inbound_milter_strips_a_guessed_tag_when_told_to(milter_config, s
     ]
     [unknown] = inbound.events("inbound.unknown_tag")
     assert unknown["tag"] == "424242-T" and unknown["action"] == "strip"
+
+
+
+def _sample(exposition: str, name: str) -> float:
+    """One unlabelled sample of the Prometheus text exposition (0 when it has not been written)."""
+    for line in exposition.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+async def test_a_milter_listener_beside_the_admin_server_through_a_reload_and_a_drain(
+        milter_config, log_lines, tmp_path):
+    """The admin server counts and shows milter messages; a reload reaches MTA connections opened
+    after it; a drain answers /readyz 503 at once and still lets the message in flight finish."""
+    import aiohttp
+
+    from tests.support.admin import ADMIN_YAML, write_tokens
+
+    tokens = write_tokens(tmp_path)
+    gate = Gate(milter_config(extra=ADMIN_YAML))
+    await gate.start()
+    m = Milter(gate, gate.bound[0][1], log_lines)
+    host, admin_port = gate.admin.bound[0]
+    draining = None
+    try:
+        async with aiohttp.ClientSession() as http:
+            async def get(path: str, token: str | None = None) -> tuple[int, str]:
+                headers = {"Authorization": f"Bearer {token}"} if token else {}
+                async with http.get(f"http://{host}:{admin_port}{path}", headers=headers) as response:
+                    return response.status, await response.text()
+
+            status, text = await get("/readyz")
+            assert status == 200, text
+            before = _sample((await get("/metrics"))[1], "smtpgate_messages_relayed_total")
+            new, _ = await m.step1()
+            assert _sample((await get("/metrics"))[1], "smtpgate_messages_relayed_total") == before + 1
+            status, text = await get("/api/v1/activities/101203-T", tokens["admin"])
+            assert status == 200 and new in text
+
+            # fr-payroll takes no new links; the reloaded config lets it, for connections opened since.
+            earlier = await m.client()
+            gate.reload(load_config(write_config(tmp_path, MILTER_CONFIG.format(
+                address="127.0.0.1:0", store_timeout=10).replace("    new_links: never\n", "") + ADMIN_YAML)))
+            data = (b"From: uk-payroll+101203-T@corp.example\r\nCc: fr-payroll@corp.example\r\n"
+                    b"Message-ID: <reload@corp.example>\r\n\r\nbody\r\n")
+            kept = await earlier.message(SENDER, ["fr-payroll@corp.example"], data)
+            await earlier.quit()
+            assert kept == [("ACCEPT",)]  # the snapshot this connection started with
+            later = await m.send(SENDER, ["fr-payroll@corp.example"], data.replace(b"<reload@", b"<reload2@"))
+            assert any(a[0] == "ADDRCPT_PAR" and a[1].startswith("<fr-payroll+") for a in later), later
+            assert (await get("/readyz"))[0] == 200
+
+            busy = await m.client()
+            await busy.event(b"M", strings(f"<{SENDER}>"), skip=NO_MAIL, no_reply=NR_MAIL, macros=[("i", "4DRAIN")])
+            async with asyncio.timeout(10):
+                while not gate.registry.busy:
+                    await asyncio.sleep(0.01)
+            draining = asyncio.create_task(gate.drain(10))
+            async with asyncio.timeout(10):
+                while not gate.registry.draining:  # the drain task sets it on its first step
+                    await asyncio.sleep(0)
+            status, text = await get("/readyz")
+            assert status == 503 and "shutting down" in text
+            tail = await busy.rest(["client@supplier.example"], b"From: uk-payroll+101203-T@corp.example\r\n"
+                                   b"Message-ID: <drain@corp.example>\r\n\r\nbody\r\n", queue_id="4DRAIN")
+            assert tail[-1] == ("ACCEPT",)
+            await draining
+            assert await busy.closed()
+    finally:
+        if draining is None:
+            await gate.drain(0)
+    [relayed] = [e for e in m.events("message.relayed") if e["message_id"] == "<drain@corp.example>"]
+    assert relayed["queue_id"] == "4DRAIN" and relayed["client_ip"] == "192.0.2.7"

@@ -59,7 +59,7 @@ async def peer_serial(port: int, cafile: str) -> str:
 async def test_a_reload_serves_a_renewed_certificate_and_refuses_a_broken_one(tmp_path, sink, start_gate):
     import pytest
 
-    from smtpgate.config import load_config
+    from smtpgate.config import ConfigError, load_config
     from smtpgate.runtime.gate import ReloadRefused
     from tests.support.sink import make_test_cert
     from tests.test_tls_auth import config_with_listener
@@ -74,7 +74,11 @@ async def test_a_reload_serves_a_renewed_certificate_and_refuses_a_broken_one(tm
     assert second != first
 
     (tmp_path / "tls" / "test-key.pem").write_text("not a key\n")
+    # SIGHUP's handler refuses it at load_config (config.rejected) ...
+    with pytest.raises(ConfigError, match="listeners\\[0\\].tls_key: .* is not a PEM private key"):
+        load_config(config.path)
+    # ... and the gate too, should the pair break between that check and the swap.
     with pytest.raises(ReloadRefused, match="tls_cert/tls_key"):
-        gate.reload(load_config(config.path))
+        gate.reload(config)
     assert await peer_serial(port, cert) == second  # the old pair is still served
     assert key and second.startswith("serial=")

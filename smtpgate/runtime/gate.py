@@ -46,7 +46,7 @@ def make_allocator(config: Config):
     if alloc.kind == "http":
         matcher = ReferenceMatcher(config.references.pattern)
         return HttpAllocator(alloc.url, alloc.token(), alloc.timeout, matcher.fullmatch)
-    return LocalAllocator(alloc.first_number)
+    return LocalAllocator(alloc.first_number, templates=[m.new_reference for m in config.mailboxes])
 
 
 async def open_configured_store(config: Config, **kwargs) -> Store:
@@ -101,6 +101,7 @@ class Gate:
         self.servers: list[asyncio.AbstractServer] = []
         self.tls: dict[str, ssl.SSLContext] = {}  # per listener, refreshed in place on reload
         self.pruner: asyncio.Task | None = None
+        self.admin = None  # smtpgate.admin.AdminServer when admin.listen is set
 
     @property
     def bound(self) -> list[tuple[str, int]]:
@@ -124,6 +125,25 @@ class Gate:
             run_pruner(self.store, self.config.store.keep_messages_days))
         for listener in self.config.listeners:
             await self._listen(listener)
+        if self.config.admin.listen:
+            await self._start_admin(self.config.admin.listen)
+
+    async def _start_admin(self, listen: str) -> None:
+        """The admin HTTP listener (docs/operations.md); it reads the current snapshot per request."""
+        from smtpgate.admin import AdminServer, Sources
+        from smtpgate.config import parse_hostport
+
+        def sources() -> Sources:
+            snapshot = self._current()
+            return Sources(snapshot.config, self.store, snapshot.pool, self.registry.draining)
+
+        host, port = parse_hostport(listen)  # type: ignore[misc]  # validated by the config loader
+        self.admin = AdminServer(sources)
+        try:
+            await self.admin.start(host, port)
+        except OSError as exc:
+            raise StartupError(f"admin.listen: cannot listen on {listen}: {exc.strerror or exc}") from None
+        log.info("listener.started", listener="admin", address=", ".join(f"{h}:{p}" for h, p in self.admin.bound))
 
     async def _listen(self, listener: Listener) -> None:
         if listener.kind not in ("smtp", "milter"):
@@ -174,6 +194,8 @@ class Gate:
             kept.append("store")
         if config.workers != old.workers:
             kept.append("workers")
+        if config.admin.listen != old.admin.listen:
+            kept.append("admin.listen")
         previous = self._current()
         pool = previous.pool if config.upstream == old.upstream else None
         assert self.store is not None
@@ -217,6 +239,8 @@ class Gate:
             self.pruner.cancel()
         if self.registry.tasks:
             await asyncio.wait(list(self.registry.tasks), timeout=5)
+        if self.admin is not None:
+            await self.admin.close()
         if self.snapshot is not None:
             await self.snapshot.pool.close()
         if self.store is not None:

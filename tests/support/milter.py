@@ -151,6 +151,12 @@ class MilterClient:
         mail_macros = [("i", queue_id)] + ([("{auth_authen}", auth)] if auth else [])
         out = await self.event(b"M", strings(f"<{mail_from}>"), skip=NO_MAIL, no_reply=NR_MAIL,
                                macros=mail_macros)
+        return out + await self.rest(rcpts, data, queue_id=queue_id)
+
+    async def rest(self, rcpts: Sequence[str | tuple[str, ...]], data: bytes, *,
+                   queue_id: str = "4ABCDE") -> list[tuple]:
+        """What follows MAIL: RCPT..., the header fields of ``data`` and end of message; every reply."""
+        out = []
         for rcpt in rcpts:
             words = (rcpt,) if isinstance(rcpt, str) else rcpt
             out += await self.event(b"R", strings(f"<{words[0]}>", *words[1:]), skip=NO_RCPT,
