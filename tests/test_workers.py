@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import struct
 import sys
 from collections.abc import Callable
@@ -476,6 +477,35 @@ async def test_worker_0_serves_the_admin_listener_with_every_workers_metrics(tmp
             assert sample(metrics, "smtpgate_smtp_sessions_total") == len(served.named("session.opened"))
             for wire in held.values():
                 await wire.close()
+        assert await served.stop() == 0
+    finally:
+        await served.kill()
+
+
+async def test_two_workers_serve_one_milter_unix_socket(tmp_path):
+    from tests.support.milter import MilterClient
+
+    path = tmp_path / "milter.sock"
+    extra = f"""\
+  - name: milter
+    kind: milter
+    address: {path}
+"""
+    text = CONFIG.format(port=free_port(), upstream="maildir:outbox", store="sqlite:smtpgate.db", extra="")
+    config = write_config(tmp_path, text.replace("upstream:", extra + "upstream:", 1))
+    served = await start(config)
+    try:
+        workers = set((await served.event("smtpgate.ready"))["workers"])
+        assert stat.S_IMODE(path.stat().st_mode) == 0o660
+        for n in range(1, 201):  # the kernel picks the worker; 200 misses in a row would be a finding
+            client = await MilterClient.open(path=str(path))
+            await client.negotiate()
+            opened = await served.until(lambda: len(served.named("milter.session.opened")) >= n and
+                                        served.named("milter.session.opened"), "milter.session.opened")
+            await client.quit()
+            if {e["pid"] for e in opened} == workers:
+                break
+        assert {e["pid"] for e in opened} == workers
         assert await served.stop() == 0
     finally:
         await served.kill()

@@ -33,9 +33,10 @@ import ctypes
 import os
 import secrets
 import selectors
+import shutil
 import signal
 import socket
-import shutil
+import stat
 import struct
 import sys
 import tempfile
@@ -48,6 +49,7 @@ import structlog
 from prometheus_client import multiprocess
 
 from smtpgate.config import Config, ConfigError, Listener, load_config
+from smtpgate.frontends.milter.server import SOCKET_MODE as MILTER_SOCKET_MODE
 from smtpgate.log import get_logger, setup_logging
 from smtpgate.runtime.gate import Gate, ReloadRefused, StartupError, serve
 from smtpgate.runtime.notify import sd_notify
@@ -125,12 +127,20 @@ def bind_listener(listener: Listener, *, reuse_port: bool = False, port: int | N
     port overrides the listener's port (SO_REUSEPORT copies of a port-0 listener). Raises OSError.
     """
     if listener.path is not None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # A milter's unix socket, as smtpgate/frontends/milter/server.py binds it.
         with contextlib.suppress(FileNotFoundError):
-            if listener.path.is_socket():
-                listener.path.unlink()  # a stale socket from an earlier run
-        sock.bind(str(listener.path))
-        sock.listen(BACKLOG)
+            if not stat.S_ISSOCK(listener.path.lstat().st_mode):
+                raise OSError(f"{listener.path} exists and is not a socket")
+            listener.path.unlink()  # left by an earlier run
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(listener.path))
+            os.chmod(listener.path, MILTER_SOCKET_MODE)
+            sock.listen(BACKLOG)
+        except OSError:
+            sock.close()
+            raise
+        sock.setblocking(False)
         return [sock]
     infos = socket.getaddrinfo(listener.host, listener.port if port is None else port,
                                type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
