@@ -19,6 +19,7 @@ from smtpgate.mail.addresses import AddressError, parse_path
 from smtpgate.config import Listener
 from smtpgate.log import get_logger
 from smtpgate.mail.params import parse_params, split_argument
+from smtpgate.frontends.smtp.auth import PasswordMechanisms
 from smtpgate.frontends.smtp.relay import MAIL_PARAMS, RCPT_PARAMS, ClientInfo, Transaction
 from smtpgate.mail.replies import SMTPReply
 
@@ -245,12 +246,15 @@ def _check_sendable(address) -> None:
         raise AddressError("control character in address")
 
 
-class Handler:
-    """aiosmtpd hooks for EHLO, DATA and errors; MAIL and RCPT live in GateSMTP."""
+class Handler(PasswordMechanisms):
+    """aiosmtpd hooks for EHLO, DATA, AUTH and errors; MAIL and RCPT live in GateSMTP."""
 
     def __init__(self, gate: Gate, listener: Listener):
         self.gate = gate
         self.listener = listener
+
+    async def check_password(self, server, mechanism: str, credentials: LoginPassword) -> AuthResult:
+        return await self.gate.authenticator(server, server.session, server.envelope, mechanism, credentials)
 
     async def handle_EHLO(self, server: GateSMTP, session, envelope, hostname: str, responses: list[str]):
         session.host_name = hostname
@@ -319,7 +323,6 @@ def make_factory(gate: Gate, listener: Listener):
     """A protocol factory for loop.create_server, and the TLS context for implicit TLS."""
     tls = _tls_context(listener)
     handler = Handler(gate, listener)
-    authenticator = gate.authenticator if listener.auth != "none" else None
 
     def factory() -> GateSMTP:
         cfg = gate.config
@@ -337,7 +340,8 @@ def make_factory(gate: Gate, listener: Listener):
             timeout=300,
             auth_required=listener.auth == "required",
             auth_require_tls=True,
-            authenticator=authenticator,
+            # No `authenticator`: aiosmtpd would call it without awaiting; Handler's
+            # auth_PLAIN/auth_LOGIN (smtpgate.frontends.smtp.auth) await gate.authenticator.
             proxy_protocol_timeout=10 if listener.proxy_protocol else None,
         )
 
@@ -345,13 +349,17 @@ def make_factory(gate: Gate, listener: Listener):
 
 
 def file_authenticator(gate: Gate) -> object:
-    """An aiosmtpd authenticator checking LOGIN/PLAIN against the gate's users file."""
+    """An awaitable authenticator checking LOGIN/PLAIN against the gate's users file.
 
-    def authenticate(server, session, envelope, mechanism, auth_data) -> AuthResult:
+    It has aiosmtpd's authenticator signature but is a coroutine function: the scrypt
+    check runs in smtpgate.users' own threads, off the event loop.
+    """
+
+    async def authenticate(server, session, envelope, mechanism, auth_data) -> AuthResult:
         if not isinstance(auth_data, LoginPassword):
             return AuthResult(success=False, handled=False)
         name = auth_data.login.decode("utf-8", "replace")
-        ok = gate.users.verify(name, auth_data.password.decode("utf-8", "replace"))
+        ok = await gate.users.verify_off_loop(name, auth_data.password.decode("utf-8", "replace"))
         get_logger().info("auth.result", user=name, success=ok, mechanism=mechanism)
         return AuthResult(success=ok, handled=False, auth_data=name if ok else None)
 
