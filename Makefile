@@ -34,9 +34,10 @@ system-deps:
 	fi
 
 # The pure core must stay fully covered; the report for the whole package is printed too.
-CORE := smtpgate/mail/addresses.py,smtpgate/linking/references.py,smtpgate/mail/headers.py,smtpgate/mail/rewrite.py,smtpgate/mail/dataguard.py,smtpgate/linking/plan.py
+CORE := smtpgate/mail/addresses.py,smtpgate/linking/references.py,smtpgate/mail/headers.py,smtpgate/mail/rewrite.py,smtpgate/mail/dataguard.py,smtpgate/mail/msgid.py,smtpgate/linking/plan.py,smtpgate/linking/decision.py
 
 test: venv system-deps
+	$(BIN)/lint-imports
 	$(BIN)/pytest --cov=smtpgate --cov-branch --cov-report=term-missing:skip-covered
 	$(BIN)/coverage report --include='$(CORE)' --fail-under=100
 

@@ -221,12 +221,13 @@ class Config:
     def summary(self) -> str:
         """The one line `check-config` prints."""
         listeners = ", ".join(
-            f"{lst.name}={lst.host}:{lst.port}" if lst.path is None else f"{lst.name}={lst.path}"
+            (f"{lst.name}={lst.host}:{lst.port}" if lst.path is None else f"{lst.name}={lst.path}")
+            + (f" ({lst.mode})" if lst.mode != self.mode else "")
             for lst in self.listeners
         )
         store = re.sub(r"//[^@/]*@", "//", self.store.url)  # no credentials in output
         return (
-            f"{self.path}: ok: {len(self.listeners)} listener(s) [{listeners}], "
+            f"{self.path}: ok: mode {self.mode}, {len(self.listeners)} listener(s) [{listeners}], "
             f"upstream {self.upstream.label}, store {store}, "
             f"{len(self.mailboxes)} mailbox(es), {len(self.internal_domains)} internal domain(s)"
         )

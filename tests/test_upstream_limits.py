@@ -41,7 +41,7 @@ async def test_over_max_connections_mail_gets_451_4_4_5(sink, tmp_path, start_ga
     # A transaction that ends gives its connection back; the third client's retry uses it.
     assert code(await first.cmd("RSET")) == 250
     await sink.wait_for(lambda: sum(c == "RSET" for c in sink.commands) == 1, what="RSET upstream")
-    await wait_until(lambda: gate.pool.idle)
+    await wait_until(lambda: gate.snapshot.pool.idle)
     assert code(await third.cmd("MAIL FROM:<c@corp.example>")) == 250
     assert sink.connections == 2
     for wire in (first, second, third):

@@ -64,10 +64,7 @@ class RecipientDecision:
     original: Address
     target: Address | None
     recipient_class: str | None = None  # a RecipientClass value, None without a source
-
-    @property
-    def rewritten(self) -> bool:
-        return self.target is not None and self.target != self.original
+    mailbox: str | None = None  # the canonical work-management mailbox it belongs to
 
 
 @dataclass(frozen=True)
@@ -82,6 +79,8 @@ class LinkDecision:
 
     message_id: str
     headers: HeaderBlock = field(repr=False)
+    message_id_added: bool = False  # the message had none: the front end adds this one
+    observed: bool = False  # observe mode: nothing was written, nothing is to be applied
     recipients: tuple[RecipientDecision, ...] = ()
     source_reference: str | None = None
     source_found_in: str | None = None
@@ -116,6 +115,11 @@ class LinkDecision:
     def apply(self, raw: bytes) -> bytes:
         """The message bytes with the header edits spliced in; every other byte kept."""
         return apply_edits(raw, self.headers, self.header_edits)
+
+    def without_changes(self) -> LinkDecision:
+        """The decision relayed as received (observe mode): every recipient and field unchanged."""
+        recipients = tuple(dataclasses.replace(r, target=r.original) for r in self.recipients)
+        return dataclasses.replace(self, recipients=recipients, header_edits=(), message_id_added=False)
 
     def without_tag(self, original: Address) -> LinkDecision:
         """The decision with ``original`` relayed untagged (its upstream refused the tag).

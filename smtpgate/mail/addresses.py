@@ -529,3 +529,16 @@ def join_tag(base: str, tag: str, separator: str) -> str | None:
     if len(local.encode("utf-8", "surrogatepass")) > MAX_LOCAL_OCTETS:
         return None
     return local
+
+
+def envelope_key(address: Address, mailbox: bool = False) -> tuple[str, str]:
+    """The key under which two envelope recipients are one (DESIGN.md 6: sent once).
+
+    Domains compare case-insensitively and in either IDNA form; local parts are
+    case-sensitive (RFC 5321 2.4) except a work-management mailbox's (``mailbox``).
+    """
+    try:
+        domain = normalize_domain(address.domain) if address.domain else ""
+    except AddressError:
+        domain = address.domain
+    return (address.local.lower() if mailbox else address.local, domain)

@@ -78,8 +78,6 @@ NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
 SMTPUTF8_UNSUPPORTED = Reply(553, "5.6.7", "SMTPUTF8 not supported by the upstream")
 # RFC 2034 codes for the plain OKs.
 OK = Reply(250, "2.0.0", "OK")
-SENDER_OK = Reply(250, "2.1.0", "Sender OK")
-RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
 TIMEOUT = Reply(421, "4.4.2", "Timeout, closing connection")

@@ -39,7 +39,7 @@ from smtpgate.store.base import (
 from smtpgate.store.errors import AllocationError, SchemaOutdated, StoreError
 
 if TYPE_CHECKING:
-    from smtpgate.store.allocation import Allocator
+    from smtpgate.store.base import Allocator
 
 __all__ = [
     "ActivityView",

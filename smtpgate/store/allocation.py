@@ -11,11 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
-from typing import Protocol
 
 import aiohttp
 
-from smtpgate.store.base import AllocationRequest, NumberSource
+from smtpgate.store.base import AllocationRequest, Allocator, NumberSource
 from smtpgate.store.errors import AllocationError
 
 __all__ = [
@@ -30,13 +29,6 @@ __all__ = [
 # A template that only yields references the store already knows is broken;
 # stop instead of spinning through the sequence.
 _MAX_SKIPS = 1000
-
-
-class Allocator(Protocol):
-    """Picks the reference of a new linked activity."""
-
-    async def allocate(self, request: AllocationRequest, numbers: NumberSource) -> str:
-        """A new reference for request.mailbox; raises AllocationError on any failure."""
 
 
 class LocalAllocator:

@@ -6,10 +6,8 @@ import abc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from smtpgate.store.allocation import Allocator
 
 
 @dataclass(frozen=True)
@@ -20,6 +18,9 @@ class LinkTarget:
     team: str
     new_reference: str  # the mailbox's template, e.g. "{n}-T"
     allow_create: bool  # new_links is `create` and the message is not automatic
+    # The longest reference whose tagged address still fits in 64 octets: a longer
+    # allocation is rolled back, no link made (DESIGN.md 4). None: no limit.
+    max_reference_length: int | None = None
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,13 @@ class NumberSource(Protocol):
 
     async def is_known(self, reference: str) -> bool:
         """True when the store already knows an activity with this reference."""
+
+
+class Allocator(Protocol):
+    """Picks the reference of a new linked activity."""
+
+    async def allocate(self, request: AllocationRequest, numbers: NumberSource) -> str:
+        """A new reference for request.mailbox; raises AllocationError on any failure."""
 
 
 @dataclass(frozen=True)
@@ -176,6 +184,10 @@ class Store(abc.ABC):
         (created=True); without it, None. Racers for the same (source,
         mailbox), in any process or node, all get the one reference.
         """
+
+    @abc.abstractmethod
+    async def find_link(self, source_reference: str, mailbox: str) -> str | None:
+        """The newest activity of ``mailbox`` linked to the source, or None; never writes."""
 
     @abc.abstractmethod
     async def record_link(

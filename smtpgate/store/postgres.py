@@ -25,7 +25,7 @@ from smtpgate.store.errors import StoreError
 from smtpgate.store.sql import SCHEMA_LOCK_KEY, SqlStore, Tx
 
 if TYPE_CHECKING:
-    from smtpgate.store.allocation import Allocator
+    from smtpgate.store.base import Allocator
 
 _PLACEHOLDER = re.compile(r"\?")
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
+from smtpgate.mail.msgid import normalize_message_id
 from smtpgate.store import migrations as migrations_module
 from smtpgate.store.base import (
     ActivityView,
@@ -30,7 +31,7 @@ from smtpgate.store.base import (
 from smtpgate.store.errors import AllocationError, StoreError
 
 if TYPE_CHECKING:
-    from smtpgate.store.allocation import Allocator
+    from smtpgate.store.base import Allocator
 
 log = structlog.get_logger()
 
@@ -60,21 +61,13 @@ def as_utc(value: datetime) -> datetime:
     return value.astimezone(timezone.utc)
 
 
-def normalize_message_id(value: str) -> str:
-    """A Message-ID as stored and looked up: trimmed, inside one pair of angle brackets."""
-    value = value.strip()
-    if not value:
-        return value
-    if not value.startswith("<"):
-        value = "<" + value
-    if not value.endswith(">"):
-        value = value + ">"
-    return value
-
-
 def link_lock_key(source_reference: str, mailbox: str) -> str:
     """The lock name that serialises get-or-create for one (source, mailbox) pair."""
     return f"smtpgate:link:{source_reference} {mailbox}"
+
+
+class _Untaggable(Exception):
+    """The allocated reference cannot tag the mailbox: the transaction rolls back."""
 
 
 class _Numbers:
@@ -243,6 +236,10 @@ class SqlStore(Store):
         )
         return bool(rows)
 
+    async def find_link(self, source_reference: str, mailbox: str) -> str | None:
+        async with self._read() as tx:
+            return await self._linked_owned_by(tx, source_reference, mailbox)
+
     async def get_or_create_link(
         self,
         source_reference: str,
@@ -258,6 +255,18 @@ class SqlStore(Store):
             return None
         if self.allocator is None:
             raise AllocationError("no allocator configured; cannot create a linked activity")
+        try:
+            return await self._create_link(source_reference, source_mailbox, target, context)
+        except _Untaggable:
+            return None  # allow_create and None: the caller reports the mailbox untaggable
+
+    async def _create_link(
+        self,
+        source_reference: str,
+        source_mailbox: str | None,
+        target: LinkTarget,
+        context: AllocationContext,
+    ) -> LinkOutcome:
         async with self._write(link_lock_key(source_reference, target.mailbox)) as tx:
             # Again under the lock: a racer may have created it meanwhile.
             existing = await self._linked_owned_by(tx, source_reference, target.mailbox)
@@ -273,6 +282,8 @@ class SqlStore(Store):
                 message_id=context.message_id,
             )
             reference = await self.allocator.allocate(request, _Numbers(self, tx))
+            if target.max_reference_length is not None and len(reference.encode()) > target.max_reference_length:
+                raise _Untaggable(reference)
             if reference == source_reference:
                 raise AllocationError(f"allocator answered the source reference {reference}")
             row = await tx.fetchone("SELECT mailbox FROM activities WHERE reference = ?", reference)
@@ -283,12 +294,6 @@ class SqlStore(Store):
             now = utcnow()
             await self._remember(tx, {reference: target.mailbox, source_reference: source_mailbox}, now)
             await self._insert_link(tx, source_reference, reference, context.message_id, now)
-        log.info(
-            "link.created",
-            source_reference=source_reference,
-            reference=reference,
-            mailbox=target.mailbox,
-        )
         return LinkOutcome(reference, created=True)
 
     async def record_link(
@@ -307,13 +312,6 @@ class SqlStore(Store):
                 tx, {source_reference: source_mailbox, target_reference: target_mailbox}, now
             )
             created = await self._insert_link(tx, source_reference, target_reference, message_id, now)
-        if created:
-            log.info(
-                "link.created",
-                source_reference=source_reference,
-                reference=target_reference,
-                mailbox=target_mailbox,
-            )
         return created
 
     # -- messages ---------------------------------------------------------

@@ -26,7 +26,7 @@ from smtpgate.store.errors import StoreError
 from smtpgate.store.sql import SqlStore, Tx
 
 if TYPE_CHECKING:
-    from smtpgate.store.allocation import Allocator
+    from smtpgate.store.base import Allocator
 
 # Fixed width, so that text order is time order.
 _TS_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"

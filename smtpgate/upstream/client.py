@@ -38,9 +38,6 @@ log = get_logger()
 # a few minutes (RFC 5321 4.5.3.2.7), so reuse only recent ones.
 IDLE_SECONDS = 30.0
 
-# Extensions whose MAIL/RCPT parameters smtpgate passes through when the upstream has them.
-PASSABLE = ("dsn", "smtputf8", "8bitmime", "size", "auth", "pipelining")
-
 
 class UpstreamError(Exception):
     """The upstream could not be reached, timed out or dropped the connection.
@@ -49,10 +46,9 @@ class UpstreamError(Exception):
     default for that stage (a null MX, the connection cap).
     """
 
-    def __init__(self, reason: str, *, after_data: bool = False, reply: Reply | None = None):
+    def __init__(self, reason: str, *, reply: Reply | None = None):
         super().__init__(reason)
         self.reason = reason
-        self.after_data = after_data
         self.reply = reply
 
 
@@ -139,7 +135,7 @@ class SmtpSession(UpstreamSession):
             return Verdict(exc.code, exc.message)
         except (aiosmtplib.SMTPException, OSError) as exc:
             self.desynced = True
-            raise UpstreamError(f"DATA: {_describe(exc, wait)}", after_data=True) from None
+            raise UpstreamError(f"DATA: {_describe(exc, wait)}") from None
         return Verdict(response.code, response.message)
 
     async def release(self, reusable: bool) -> None:
