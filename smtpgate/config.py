@@ -605,6 +605,10 @@ def _upstream(ctx: _Ctx, m: _Mapping) -> Upstream | None:
                   "client_secret_file, scope}")
     if auth == "xoauth2" and not username:
         ctx.error(m.node, "upstream.username", "auth: xoauth2 needs username (the mailbox the token acts as)")
+    for key in ("tls", "resolver"):
+        if m.has(key) and scheme is not None and scheme != "mx":
+            ctx.error(m.raw(key), f"upstream.{key}", "applies to mx: upstreams only (for TLS to one server "
+                      "use smtp+starttls:// or smtps://)" if key == "tls" else "applies to mx: upstreams only")
     if m.has("tls_client_cert") != m.has("tls_client_key"):
         ctx.error(m.node, "upstream.tls_client_cert", "tls_client_cert and tls_client_key go together")
     if auth == "password" and username and password_file is None and m.has("password_file") is False:

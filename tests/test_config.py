@@ -116,6 +116,8 @@ def test_mx_upstream_resolver_and_timeouts(tmp_path):
     ("  timeouts: {connect: 0}", "upstream.timeouts.connect: must be more than 0"),
     ("  timeouts: {dot: 5}", "upstream.timeouts.dot: unknown key"),
     ("  max_connections: 0", "upstream.max_connections: must be at least 1"),
+    ("  tls: required", "upstream.tls: applies to mx: upstreams only (for TLS to one server use smtp+starttls://"),
+    ("  resolver: 127.0.0.1", "upstream.resolver: applies to mx: upstreams only"),
 ])
 def test_upstream_problems(tmp_path, fragment, expected):
     lines = MINIMAL.splitlines()
