@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import random
+import ssl
 
+from smtpgate.config import load_config
 from smtpgate.upstream.mx import MxRoute, Target, order_exchanges
 from tests.conftest import write_config
 from tests.support.dns import DnsServer
 from tests.support.process import ServeProcess
 from tests.support.sink import Sink, make_test_tls
 from tests.support.wire import Wire, code, free_port
+from tests.test_relay import session
 
 CONFIG = """\
 hostname: relay.test.example
@@ -216,3 +219,34 @@ def test_a_failed_address_is_tried_after_the_others_not_dropped():
     assert route._healthy_first([a, b, c]) == [c, b, a]  # b recovers first: it was marked first
     route.succeeded(b)
     assert route._healthy_first([a, b, c]) == [b, c, a]
+
+
+def _no_shared_cipher() -> ssl.SSLContext:
+    """A server context offering only anonymous TLS 1.2 ciphers, which no default client accepts."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers("aNULL:@SECLEVEL=0")
+    return context
+
+
+async def test_a_failed_opportunistic_handshake_goes_on_in_clear_and_required_refuses(
+        tmp_path, start_gate, log_lines):
+    async with DnsServer() as dns, mx_hosts(["127.0.0.2"], starttls_context=_no_shared_cipher()) as (mx_port, _):
+        dns.add("corp.example", "MX", "10 mx1.corp.example.")
+        dns.add("mx1.corp.example", "A", "127.0.0.2")
+        for tls, expected in (("opportunistic", "250"), ("required", "451 4.4.1")):
+            folder = tmp_path / tls
+            folder.mkdir()
+            text = CONFIG.format(port=0, mx_port=mx_port, resolver=dns.address, extra=f"  tls: {tls}\n")
+            gate, port = await start_gate(load_config(write_config(folder, text)))
+            wire = await session(port)
+            assert (await wire.cmd("MAIL FROM:<jane@corp.example>")).startswith(expected)
+            await wire.cmd("QUIT")
+        events = log_lines()
+        # pool_size 0: the start-up probe and the MAIL each connect. Opportunistic: both handshakes
+        # failed and both went on in clear; required: both were refused, and MAIL got 451.
+        failed_tls = [e for e in events if e["event"] == "upstream.tls_failed"]
+        refused = [e for e in events if e["event"] == "upstream.error" and e.get("host") == "mx1.corp.example"]
+        assert [e["host"] for e in failed_tls] == ["mx1.corp.example"] * 2
+        assert len(refused) == 2
+        assert events.index(failed_tls[-1]) < events.index(refused[0])
