@@ -13,9 +13,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from typing import TYPE_CHECKING
+
 from smtpgate.mail.addresses import Address
 from smtpgate.mail.headers import HeaderBlock
 from smtpgate.mail.rewrite import HeaderEdit, apply_edits, header_edits
+
+if TYPE_CHECKING:
+    from smtpgate.linking.inbound import InboundPlan
 
 __all__ = ["ClientInfo", "Envelope", "EnvelopeRecipient", "HeaderEdit", "LinkDecision", "RecipientDecision"]
 
@@ -31,6 +36,12 @@ class ClientInfo:
     tls: bool = False
     listener: str = ""
     esmtp: bool = True  # EHLO, not HELO
+    tls_cipher: str | None = None  # "TLSv1.3 TLS_AES_256_GCM_SHA384" when TLS is on
+
+    def log_fields(self) -> dict:
+        """Who sent it, from where, how: the fields message.relayed/rejected carry (README "Logs")."""
+        return {"client_ip": self.ip, "helo": self.helo, "sasl_username": self.authenticated_as,
+                "tls": self.tls_cipher}
 
 
 @dataclass(frozen=True)
@@ -93,6 +104,7 @@ class LinkDecision:
     would_create: tuple[str, ...] = ()  # observe mode: mailboxes that would get a new activity
     untaggable: tuple[str, ...] = ()
     automatic: bool = False
+    inbound: InboundPlan | None = None  # direction: inbound: what was re-tagged and why
     date: str | None = None
     from_: str | None = None
     subject: str | None = None

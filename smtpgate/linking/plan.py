@@ -17,16 +17,18 @@ from typing import Mapping, Sequence
 from smtpgate.mail.addresses import (
     Address,
     AddressError,
+    check_separator,
     envelope_key,
     join_tag,
     normalize_domain,
     parse_address_list,
+    parse_mailbox,
     parse_path,
     split_tag,
 )
 from smtpgate.mail.headers import HeaderBlock, decode_text
 from smtpgate.mail.msgid import find_message_ids
-from smtpgate.linking.references import ReferenceMatcher
+from smtpgate.linking.references import DEFAULT_PATTERN, ReferenceMatcher
 
 __all__ = [
     "CoreSettings",
@@ -64,7 +66,7 @@ class CoreSettings:
 
     internal_domains: tuple[str, ...]
     separator: str = "+"
-    reference_pattern: str = "[0-9]{1,12}-[TCA]"
+    reference_pattern: str = DEFAULT_PATTERN
     reference_headers: tuple[str, ...] = ("X-Enate-Reference",)
     subject: bool = True
     mailboxes: tuple[MailboxInfo, ...] = ()
@@ -99,13 +101,16 @@ class _MailboxMatch:
 class Directory:
     """The configured mailboxes, internal domains and reference pattern, compiled once.
 
-    Raises ValueError for a mailbox address that is not a valid address, a
-    mailbox configured twice, an empty separator or an invalid pattern.
+    Raises ValueError for a separator or a mailbox address that
+    smtpgate.mail.addresses refuses (check_separator, parse_mailbox), a
+    mailbox configured twice or an invalid pattern.
     """
 
     def __init__(self, settings: CoreSettings) -> None:
-        if not settings.separator or re.search(r"[\s@\"]", settings.separator):
-            raise ValueError(f"invalid separator {settings.separator!r}")
+        try:
+            check_separator(settings.separator)
+        except AddressError as exc:
+            raise ValueError(f"invalid separator: {exc}") from None
         self.settings = settings
         self.separator = settings.separator
         self.matcher = ReferenceMatcher(settings.reference_pattern)
@@ -116,11 +121,9 @@ class Directory:
         self._mailboxes: dict[str, MailboxInfo] = {}
         for info in settings.mailboxes:
             try:
-                address = parse_path(info.address)
+                address = parse_mailbox(info.address, settings.separator)
             except AddressError as exc:
                 raise ValueError(f"invalid mailbox address {info.address!r}: {exc}") from None
-            if address is None or not address.domain:
-                raise ValueError(f"invalid mailbox address {info.address!r}")
             key = address.canonical
             if key in self._mailboxes:
                 raise ValueError(f"mailbox {key} configured twice")

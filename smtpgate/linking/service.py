@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 
 from smtpgate.linking.decision import Envelope, LinkDecision, RecipientDecision
+from smtpgate.linking.inbound import ThreadMapping, plan_inbound, tags_to_check
 from smtpgate.linking.plan import (
     Directory,
     Plan,
@@ -26,6 +27,7 @@ from smtpgate.linking.plan import (
 )
 from smtpgate.log import get_logger
 from smtpgate.mail.addresses import MAX_LOCAL_OCTETS, Address, parse_path
+from smtpgate.mail.dkim import broken_signatures
 from smtpgate.mail.headers import HeaderBlock
 from smtpgate.mail.msgid import make_message_id, message_id_of
 from smtpgate.mail.rewrite import header_edits
@@ -118,13 +120,17 @@ class LinkService:
             for rp, target in zip(plan.recipients, resolution.targets)
         )
         mapping = dict(resolution.header_mapping)
+        edits = header_edits(headers, mapping)
+        for domain, fields in broken_signatures(headers, {e.name.lower() for e in edits}):
+            # Placed after a signer, smtpgate breaks its signature: say so on day one.
+            log.warning("dkim.invalidated", domain=domain, fields=fields, message_id=message_id)
         return LinkDecision(
             recipients=recipients,
             source_reference=source.reference,
             source_found_in=source.found_in,
             source_mailbox=plan.source_mailbox,
             header_mapping=mapping,
-            header_edits=header_edits(headers, mapping),
+            header_edits=edits,
             mapping=dict(resolution.mapping),
             links_created=tuple(created),
             links_reused=tuple(reused),
@@ -199,6 +205,25 @@ class LinkService:
             else:
                 reused.append(reference)
         return found, created, reused, would_create, untaggable
+
+    async def retag(self, envelope: Envelope, headers: HeaderBlock, *, unknown_tags: str = "pass",
+                    message_id: str | None = None) -> LinkDecision:
+        """Inbound: the envelope with the tags a reply dropped put back; reads the store only.
+
+        Raises LinkUnavailable when the store fails.
+        """
+        message_id = message_id or message_id_of(headers.get("Message-ID")) or ""
+        try:
+            ids = thread_message_ids(headers)
+            hits = await self.store.thread_hits(ids) if ids else []
+            owners = {ref: await self.store.activity_mailbox(ref)
+                      for ref in tags_to_check(envelope.addresses, self.directory)}
+        except StoreError as exc:
+            raise LinkUnavailable(f"store: {exc}") from None
+        plan = plan_inbound(envelope.mail_from, envelope.addresses, self.directory,
+                            [ThreadMapping(h.message_id, h.mapping) for h in hits], owners, unknown_tags)
+        recipients = tuple(RecipientDecision(a, t) for a, t in zip(envelope.addresses, plan.targets))
+        return LinkDecision(message_id=message_id, headers=headers, recipients=recipients, inbound=plan)
 
     async def record(self, decision: LinkDecision, delivered: Sequence[Address], *, log=None) -> None:
         """After the message was accepted: the message record for threads and the links view.

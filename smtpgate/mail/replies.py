@@ -47,6 +47,10 @@ TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 UPSTREAM_UNREACHABLE = Reply(451, "4.4.1", "Upstream mail server not reachable, try again later")
 # RFC 3463 4.4.2: bad connection (dropped or timed out after the dot).
 UPSTREAM_LOST = Reply(451, "4.4.2", "Connection to the upstream mail server lost, try again later")
+# RFC 3463 X.7.0 (other or undefined security status), temporary as RFC 4954 6 makes a
+# temporary authentication failure: smtpgate's own credentials for the upstream (an OAuth2
+# token from the token endpoint, a password) could not be had or were refused.
+UPSTREAM_AUTH_FAILED = Reply(451, "4.7.0", "Upstream authentication failed, try again later")
 # RFC 3463 4.4.5: mail system congestion (upstream.max_connections upstream connections are open).
 UPSTREAM_BUSY = Reply(451, "4.4.5", "Too many upstream connections, try again later")
 # RFC 3463 4.4.3: directory server failure (the upstream domain's MX could not be looked up).

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 from smtpgate.config import Config, ConfigError, Listener, load_config
 from smtpgate.frontends.registry import SessionRegistry
 from smtpgate.frontends.smtp.relay import RelayContext
-from smtpgate.frontends.smtp.server import SmtpSettings, file_authenticator, make_factory
+from smtpgate.frontends.smtp.server import SmtpSettings, file_authenticator, make_factory, tls_context
 from smtpgate.linking.plan import Directory
 from smtpgate.linking.references import ReferenceMatcher
 from smtpgate.linking.service import LinkService
@@ -34,12 +35,16 @@ class StartupError(Exception):
     """smtpgate cannot start; the message says why and what to do."""
 
 
+class ReloadRefused(Exception):
+    """A reload found a problem outside the config file (a certificate); nothing was swapped."""
+
+
 def make_allocator(config: Config):
     alloc = config.allocator
     if alloc.kind == "http":
         matcher = ReferenceMatcher(config.references.pattern)
         return HttpAllocator(alloc.url, alloc.token(), alloc.timeout, matcher.fullmatch)
-    return LocalAllocator(alloc.first_number)
+    return LocalAllocator(alloc.first_number, templates=[m.new_reference for m in config.mailboxes])
 
 
 async def open_configured_store(config: Config, **kwargs) -> Store:
@@ -75,7 +80,8 @@ class Snapshot:
         settings = self._smtp.get(listener.name)
         if settings is None:
             relay = RelayContext(pool=self.pool, links=self.links, limits=self.config.limits,
-                                 hostname=self.config.hostname, mode=listener.mode or self.config.mode)
+                                 hostname=self.config.hostname, mode=listener.mode or self.config.mode,
+                                 direction=listener.direction, unknown_tags=self.config.inbound.unknown_tags)
             settings = SmtpSettings(relay=relay, authenticator=file_authenticator(self.users),
                                     max_connections=self.config.limits.max_connections)
             self._smtp[listener.name] = settings
@@ -91,7 +97,9 @@ class Gate:
         self.snapshot: Snapshot | None = None
         self.registry = SessionRegistry()
         self.servers: list[asyncio.AbstractServer] = []
+        self.tls: dict[str, ssl.SSLContext] = {}  # per listener, refreshed in place on reload
         self.pruner: asyncio.Task | None = None
+        self.admin = None  # smtpgate.admin.AdminServer when admin.listen is set
 
     @property
     def bound(self) -> list[tuple[str, int]]:
@@ -111,13 +119,33 @@ class Gate:
             run_pruner(self.store, self.config.store.keep_messages_days))
         for listener in self.config.listeners:
             await self._listen(listener)
+        if self.config.admin.listen:
+            await self._start_admin(self.config.admin.listen)
+
+    async def _start_admin(self, listen: str) -> None:
+        """The admin HTTP listener (docs/operations.md); it reads the current snapshot per request."""
+        from smtpgate.admin import AdminServer, Sources
+        from smtpgate.config import parse_hostport
+
+        def sources() -> Sources:
+            snapshot = self._current()
+            return Sources(snapshot.config, self.store, snapshot.pool, self.registry.draining)
+
+        host, port = parse_hostport(listen)  # type: ignore[misc]  # validated by the config loader
+        self.admin = AdminServer(sources)
+        try:
+            await self.admin.start(host, port)
+        except OSError as exc:
+            raise StartupError(f"admin.listen: cannot listen on {listen}: {exc.strerror or exc}") from None
+        log.info("listener.started", listener="admin", address=", ".join(f"{h}:{p}" for h, p in self.admin.bound))
 
     async def _listen(self, listener: Listener) -> None:
         if listener.kind != "smtp":
             raise StartupError(f"listener {listener.name}: kind {listener.kind} is not available yet")
-        if listener.direction != "outbound":
-            raise StartupError(f"listener {listener.name}: direction {listener.direction} is not available yet")
-        factory, tls = make_factory(listener, lambda: self._current().smtp(listener), self.registry)
+        context = tls_context(listener)
+        if context is not None:
+            self.tls[listener.name] = context
+        factory, tls = make_factory(listener, lambda: self._current().smtp(listener), self.registry, context)
         try:
             server = await asyncio.get_running_loop().create_server(
                 factory, listener.host, listener.port, ssl=tls, reuse_address=True)
@@ -142,16 +170,36 @@ class Gate:
             kept.append("store")
         if config.workers != old.workers:
             kept.append("workers")
+        if config.admin.listen != old.admin.listen:
+            kept.append("admin.listen")
         previous = self._current()
         pool = previous.pool if config.upstream == old.upstream else None
         assert self.store is not None
+        certificates = self._read_certificates(config)
         snapshot = Snapshot.build(config, self.store, pool)  # raises before anything is swapped
+        for name, (cert, key) in certificates.items():
+            # In place: the listening socket keeps its context, new handshakes get the new pair.
+            self.tls[name].load_cert_chain(cert, key)
         if pool is None:
             # Learn the new upstream's extensions, so EHLO advertises what it supports.
             self.registry.spawn(snapshot.pool.probe())
             self.registry.spawn(previous.pool.close())
         self.config, self.snapshot = config, snapshot
         log.info("config.reloaded", path=str(config.path), needs_restart=kept or None)
+
+    def _read_certificates(self, config: Config) -> dict[str, tuple[str, str]]:
+        """Each TLS listener's certificate and key, checked by loading them (certbot renewals)."""
+        pairs = {}
+        for listener in config.listeners:
+            if listener.name not in self.tls or listener.tls_cert is None or listener.tls_key is None:
+                continue
+            pair = (str(listener.tls_cert), str(listener.tls_key))
+            try:
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(*pair)
+            except (OSError, ssl.SSLError) as exc:
+                raise ReloadRefused(f"listener {listener.name}: tls_cert/tls_key {pair[0]}: {exc}") from None
+            pairs[listener.name] = pair
+        return pairs
 
     async def drain(self, grace: float) -> None:
         """Stop accepting, let transactions in flight finish for up to grace seconds, then 421."""
@@ -167,6 +215,8 @@ class Gate:
             self.pruner.cancel()
         if self.registry.tasks:
             await asyncio.wait(list(self.registry.tasks), timeout=5)
+        if self.admin is not None:
+            await self.admin.close()
         if self.snapshot is not None:
             await self.snapshot.pool.close()
         if self.store is not None:
@@ -203,7 +253,7 @@ async def serve(config_path: Path) -> int:
             gate.reload(load_config(config_path))
         except ConfigError as exc:
             log.error("config.rejected", path=str(config_path), errors=exc.problems)
-        except UsersError as exc:
+        except (UsersError, ReloadRefused) as exc:
             log.error("config.rejected", path=str(config_path), errors=[str(exc)])
         sd_notify("READY=1")
 

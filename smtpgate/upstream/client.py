@@ -26,11 +26,13 @@ from pathlib import Path
 
 import aiosmtplib
 
-from smtpgate.config import Upstream
+from smtpgate.config import Upstream, load_client_certificate
 from smtpgate.log import get_logger
 from smtpgate.mail import replies
 from smtpgate.mail.replies import Reply
+from smtpgate.metrics import UPSTREAM_IN_USE
 from smtpgate.upstream.mx import MxRoute, RouteError, Target
+from smtpgate.upstream.oauth2 import TokenError, TokenSource
 
 log = get_logger()
 
@@ -50,6 +52,10 @@ class UpstreamError(Exception):
         super().__init__(reason)
         self.reason = reason
         self.reply = reply
+
+
+class UpstreamAuthError(UpstreamError):
+    """The upstream's credentials could not be had (token endpoint) or were refused (AUTH)."""
 
 
 @dataclass
@@ -238,6 +244,10 @@ async def _greet(client: aiosmtplib.SMTP) -> None:
         await client.helo()
 
 
+class _NoToken(UpstreamAuthError):
+    """No OAuth2 token from the token endpoint: no other MX host would fare better."""
+
+
 class _TlsFailed(Exception):
     """Opportunistic STARTTLS failed on a host that offered it (the caller may go on in clear)."""
 
@@ -268,6 +278,11 @@ class UpstreamPool:
             assert config.mx_domain is not None and config.port is not None
             self.route = MxRoute(config.mx_domain, port=config.port, resolver=config.resolver,
                                  lifetime=config.timeouts.connect)
+        # The token request waits as long as connecting to one host, so a stalled token
+        # endpoint is a 451 4.7.0 within the client's MAIL budget (docs/upstream.md).
+        self.tokens = (TokenSource(config.oauth2, timeout=config.timeouts.connect)
+                       if config.auth == "xoauth2" and config.oauth2 is not None else None)
+        self._accepted_token = 0  # generation of the newest token the upstream accepted
 
     @property
     def open_connections(self) -> int:
@@ -297,6 +312,7 @@ class UpstreamPool:
                 continue
             try:
                 if (await session.noop()).ok:
+                    UPSTREAM_IN_USE.inc()
                     return session
             except UpstreamError:
                 pass
@@ -312,19 +328,32 @@ class UpstreamPool:
             self._connecting -= 1
         self._live.add(session)
         self.extensions = session.extensions
+        UPSTREAM_IN_USE.inc()
         return session
 
     def forget(self, session: SmtpSession) -> None:
         """session is closing: its slot under max_connections is free."""
         self._live.discard(session)
 
-    def _tls_context(self) -> ssl.SSLContext:
+    def _tls_context(self, *, verify: bool = True) -> ssl.SSLContext:
+        """The TLS context of a new connection, with the client certificate when one is set.
+
+        verify=False is opportunistic TLS to an MX host (RFC 7435): encrypt, whatever
+        certificate the host shows.
+        """
         context = ssl.create_default_context(
             cafile=str(self.config.ca_file) if self.config.ca_file else None
         )
-        if not self.config.verify_tls:
+        if not (verify and self.config.verify_tls):
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
+        cert, key = self.config.tls_client_cert, self.config.tls_client_key
+        if cert and key:
+            try:
+                # Read at each connection, so a renewed certificate is used without a reload.
+                load_client_certificate(context, cert, key)
+            except (OSError, ValueError) as exc:
+                raise UpstreamError(f"client certificate {cert}: {type(exc).__name__}: {exc}") from None
         return context
 
     async def _connect(self) -> SmtpSession:
@@ -341,20 +370,28 @@ class UpstreamPool:
             targets = await self.route.targets()
         except RouteError as exc:
             raise UpstreamError(exc.reason, reply=exc.reply) from None
-        failures = []
+        failures: list[str] = []
+        auth_failures = 0
         for target in targets:
             try:
                 client = await self._open_mx(target)
+            except _NoToken:
+                raise  # the token endpoint failed: no other host would fare better
             except UpstreamError as exc:
                 self.route.failed(target)
-                log.warning("upstream.error", upstream=self.config.label, stage="connect", host=target.host,
+                # stage mx_host: one host of several; the MAIL that gave up is logged at stage connect.
+                log.warning("upstream.error", upstream=self.config.label, stage="mx_host", host=target.host,
                             address=target.address, reason=exc.reason)
                 failures.append(f"{target.host}[{target.address}]: {exc.reason}")
+                auth_failures += isinstance(exc, UpstreamAuthError)
                 continue
             self.route.succeeded(target)
             where = f"{target.host}[{target.address}]:{self.route.port}"
             return SmtpSession(self, client, label=f"{self.config.label} via {where}")
-        raise UpstreamError("no MX host took the connection: " + "; ".join(failures))
+        reason = "no MX host took the connection: " + "; ".join(failures)
+        if failures and auth_failures == len(failures):
+            raise UpstreamAuthError(reason)  # every host refused smtpgate's credentials: 451 4.7.0
+        raise UpstreamError(reason)
 
     async def _open_mx(self, target: Target) -> aiosmtplib.SMTP:
         assert self.route is not None
@@ -369,7 +406,8 @@ class UpstreamPool:
             return await self._open(target.address, self.route.port, server_name=target.host, tls="none")
 
     async def _open(self, host: str, port: int, *, server_name: str, tls: str) -> aiosmtplib.SMTP:
-        """Connect, greet, start TLS as `tls` says, log in: all within upstream.timeouts.connect.
+        """Connect, greet and start TLS as `tls` says within upstream.timeouts.connect, then
+        log in (each AUTH command, and the token request, waits as long at most).
 
         tls: none | implicit (smtps) | required (STARTTLS, certificate checked unless
         verify_tls is false) | opportunistic (STARTTLS when offered, certificate not
@@ -389,14 +427,11 @@ class UpstreamPool:
                 await _greet(client)
                 if tls in ("required", "opportunistic"):
                     await self._starttls(client, server_name, tls)
-                if cfg.username:
-                    await client.login(cfg.username, cfg.password() or "")
+            # After the connect wait: a token request that runs out is a 451 4.7.0, not a dead host.
+            await self._login(client)
         except _TlsFailed:
             client.close()
             raise
-        except aiosmtplib.SMTPAuthenticationError as exc:
-            client.close()
-            raise UpstreamError(f"login as {cfg.username} refused by {where}: {exc.code} {exc.message}") from None
         except UpstreamError:
             client.close()
             raise
@@ -413,7 +448,7 @@ class UpstreamPool:
             if tls == "required":
                 raise UpstreamError(f"{server_name}: STARTTLS not offered and TLS is required")
             return
-        context = self._tls_context() if tls == "required" else _unverified_context()
+        context = self._tls_context(verify=tls == "required")
         try:
             await client.starttls(server_hostname=server_name, tls_context=context)
         except (aiosmtplib.SMTPException, OSError) as exc:  # ssl.SSLError is an OSError
@@ -422,7 +457,49 @@ class UpstreamPool:
             raise
         await _greet(client)  # RFC 3207 4.2: forget what was learnt before TLS
 
+    async def _login(self, client: aiosmtplib.SMTP) -> None:
+        """AUTH as upstream.auth says; UpstreamAuthError when credentials cannot be had or are refused."""
+        cfg = self.config
+        if cfg.auth == "none":
+            return
+        if not client.supports_extension("auth"):
+            raise UpstreamAuthError(f"{cfg.label} does not offer AUTH (upstream.auth is {cfg.auth})")
+        try:
+            if cfg.auth == "password":
+                await client.login(cfg.username or "", self._password())
+            else:
+                await self._xoauth2(client)
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            raise UpstreamAuthError(f"login as {cfg.username} refused: {exc.code} {exc.message}") from None
+        except TokenError as exc:
+            raise _NoToken(exc.reason) from None
+
+    def _password(self) -> str:
+        try:
+            return self.config.password() or ""
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UpstreamAuthError(f"cannot read {self.config.password_file}: "
+                                    f"{getattr(exc, 'strerror', None) or exc}") from None
+
+    async def _xoauth2(self, client: aiosmtplib.SMTP) -> None:
+        assert self.tokens is not None and self.config.username
+        if "xoauth2" not in client.server_auth_methods:
+            raise UpstreamAuthError(f"{self.config.label} does not offer AUTH XOAUTH2")
+        token = await self.tokens.token()
+        try:
+            await client.auth_xoauth2(self.config.username, token.value)
+        except aiosmtplib.SMTPAuthenticationError:
+            # Refused: the next login asks for a new token, so a fix in the tenant takes effect.
+            self.tokens.discard(token)
+            if token.generation != self._accepted_token:
+                raise  # never accepted: a setting, not the token's age; one AUTH per MAIL is enough
+            # Accepted before, refused now (revoked, or expired early): one new token, one more try.
+            token = await self.tokens.token()
+            await client.auth_xoauth2(self.config.username, token.value)
+        self._accepted_token = max(self._accepted_token, token.generation)
+
     async def give_back(self, session: SmtpSession, reusable: bool) -> None:
+        UPSTREAM_IN_USE.dec()
         if reusable and not self._closed and session.client.is_connected and len(self.idle) < self.config.pool_size:
             self.idle.append(session)
         else:
@@ -433,7 +510,8 @@ class UpstreamPool:
         try:
             session = await self.acquire()
         except UpstreamError as exc:
-            log.warning("upstream.error", upstream=self.config.label, reason=exc.reason, stage="probe")
+            event = "upstream.auth_failed" if isinstance(exc, UpstreamAuthError) else "upstream.error"
+            log.warning(event, upstream=self.config.label, reason=exc.reason, stage="probe")
             return
         await session.release(True)
 
@@ -441,11 +519,5 @@ class UpstreamPool:
         self._closed = True
         idle, self.idle = self.idle, []
         await asyncio.gather(*(s.close() for s in idle), return_exceptions=True)
-
-
-def _unverified_context() -> ssl.SSLContext:
-    """Opportunistic TLS to an MX host (RFC 7435): encrypt, whatever certificate it shows."""
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
+        if self.tokens is not None:
+            await self.tokens.close()

@@ -24,7 +24,7 @@ from smtpgate.mail.dataguard import scan_data
 from smtpgate.mail.headers import HeaderBlock, parse_header_block
 from smtpgate.mail.params import Param, xtext
 from smtpgate.mail.replies import SMTPReply
-from smtpgate.upstream.client import UpstreamError, UpstreamPool, UpstreamSession, Verdict
+from smtpgate.upstream.client import UpstreamAuthError, UpstreamError, UpstreamPool, UpstreamSession, Verdict
 
 __all__ = ["MAIL_PARAMS", "RCPT_PARAMS", "ClientInfo", "RelayContext", "Transaction"]
 
@@ -45,6 +45,8 @@ class RelayContext:
     limits: Limits
     hostname: str
     mode: str = "enforce"  # enforce | observe
+    direction: str = "outbound"  # outbound | inbound (restore dropped tags, never relay out)
+    unknown_tags: str = "pass"  # inbound: pass | strip
 
 
 @dataclass
@@ -75,6 +77,8 @@ class Transaction:
     broken: str | None = None  # why the upstream transaction can no longer be used
     started: float = field(default_factory=time.monotonic)
     refused: list[tuple[str, str]] = field(default_factory=list)
+    # upstream_ms and store_ms for message.relayed/rejected, which feed the latency metrics
+    timings: dict[str, float] = field(default_factory=dict)
 
     # ----------------------------------------------------------------- MAIL
 
@@ -85,6 +89,10 @@ class Transaction:
             raise SMTPReply(replies.MESSAGE_TOO_BIG, "declared SIZE over limits.max_message_size")
         try:
             self.upstream = await self.ctx.pool.acquire()
+        except UpstreamAuthError as exc:
+            self.log.warning("upstream.auth_failed", stage="connect", reason=exc.reason,
+                             upstream=self.ctx.pool.config.label)
+            raise SMTPReply(replies.UPSTREAM_AUTH_FAILED, exc.reason) from None
         except UpstreamError as exc:
             self.log.warning("upstream.error", stage="connect", reason=exc.reason,
                              upstream=self.ctx.pool.config.label)
@@ -153,24 +161,28 @@ class Transaction:
         if self.broken or self.upstream is None:
             raise SMTPReply(replies.UPSTREAM_LOST, self.broken or "no upstream transaction")
         headers = self._check(raw)
-        decision = await self._decide(headers)
+        decision = await self._timed("store_ms", self._decide(headers))
         observe = self.ctx.mode == "observe"
+        if decision.inbound is not None:
+            self._log_retagged(decision, observe)
         if observe:
             self._log_observed(decision)
             applied = decision.without_changes()
         else:
             applied = await self._replay(decision)
         content = self._trace_fields(applied) + applied.apply(raw)
-        verdict = await self._send(content)
+        verdict = await self._timed("upstream_ms", self._send(content))
         if not verdict.ok:
             self.log.info("message.rejected", code=verdict.code, reason=f"upstream: {verdict.text}",
-                          message_id=applied.message_id, mail_from=self._sender_text(), stage="data")
+                          message_id=applied.message_id, mail_from=self._sender_text(), stage="data",
+                          **self.timings, **self.client.log_fields())
             # A refused DATA command leaves MAIL and RCPT open upstream: reset before reuse.
             await self.abort()
             return _client_line(verdict)
         upstream_label = self.upstream.label if self.upstream else None
         await self.release(reusable=True)
-        await self.ctx.links.record(applied, [r.relayed for r in self.recipients], log=self.log)
+        await self._timed("store_ms", self.ctx.links.record(applied, [r.relayed for r in self.recipients],
+                                                            log=self.log))
         self._log_relayed(applied, len(content), upstream_label, verdict)
         return _client_line(verdict)
 
@@ -200,6 +212,8 @@ class Transaction:
 
     async def _decide(self, headers: HeaderBlock) -> LinkDecision:
         try:
+            if self.ctx.direction == "inbound":
+                return await self.ctx.links.retag(self.envelope(), headers, unknown_tags=self.ctx.unknown_tags)
             return await self.ctx.links.decide(self.envelope(), headers, observe=self.ctx.mode == "observe",
                                                log=self.log)
         except LinkUnavailable as exc:
@@ -220,7 +234,33 @@ class Transaction:
             upstream=upstream,
             upstream_reply=f"{verdict.code} {verdict.text}",
             duration_ms=round((time.monotonic() - self.started) * 1000, 1),
+            **self.timings,
+            **self.client.log_fields(),
         )
+
+    async def _timed(self, key: str, work):
+        """Await work, adding the milliseconds it took to timings[key]."""
+        started = time.monotonic()
+        try:
+            return await work
+        finally:
+            self.timings[key] = round(self.timings.get(key, 0.0) + (time.monotonic() - started) * 1000, 1)
+
+    def _log_retagged(self, decision: LinkDecision, observe: bool) -> None:
+        """Inbound: which recipients got their tag back (or an unknown tag handled), and from where."""
+        plan = decision.inbound
+        assert plan is not None
+        for address, tag, action in plan.unknown:
+            self.log.warning("inbound.unknown_tag", recipient=str(address), tag=tag,
+                             action="observed" if observe else action, message_id=decision.message_id)
+        if plan.retagged:
+            self.log.info(
+                "message.observed" if observe else "message.retagged",
+                message_id=decision.message_id,
+                mail_from=self._sender_text(),
+                recipients=[{"original": str(o), "relayed": str(n), "thread_message_id": t}
+                            for o, n, t in plan.retagged],
+            )
 
     def _log_observed(self, decision: LinkDecision) -> None:
         """Observe mode: what enforce mode would have done with this message."""

@@ -60,6 +60,7 @@ class GateSMTP(GlueSMTP):
             self.registry.add(self)
             self.counted = True
             peer = transport.get_extra_info("peername") or ("?", 0)
+            self.log = self.log.bind(client_ip=str(peer[0]))
             self.log.info("session.opened", peer=str(peer[0]), port=peer[1] if len(peer) > 1 else None)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -89,15 +90,26 @@ class GateSMTP(GlueSMTP):
 
     def say_goodbye(self, line: str) -> None:
         """Shutdown: tell the client and close, whatever state the session is in."""
-        if self.transport is not None:
-            self.transport.write(line.encode("ascii") + b"\r\n")
-            self.transport.close()
+        transport = self.transport
+        if transport is None:
+            return
+        if not transport.is_closing():
+            try:
+                transport.write(line.encode("ascii") + b"\r\n")
+            except (AttributeError, OSError, RuntimeError):
+                pass  # a TLS transport whose client went away mid-close: nothing to tell
+        transport.close()
 
     async def push(self, status) -> None:
         if isinstance(status, str):
             if status in DATA_REFUSALS and self.tx is not None:
                 self.log.info("message.rejected", code=int(status[:3]), reason=DATA_REFUSALS[status],
-                              mail_from=self.tx.sender_text(), stage="data")
+                              mail_from=self.tx.sender_text(), stage="data", **self.tx.client.log_fields())
+            elif status == "503 Error: need RCPT command" and self.tx is not None and self.tx.refused:
+                self.log.info("message.rejected", code=554, reason="the upstream refused every recipient",
+                              mail_from=self.tx.sender_text(), stage="data",
+                              refused=[{"recipient": a, "reply": why} for a, why in self.tx.refused],
+                              **self.tx.client.log_fields())
             status = AIOSMTPD_REPLIES.get(status, status)
         await super().push(status)
 
@@ -127,7 +139,16 @@ class GateSMTP(GlueSMTP):
             tls=self.tls_active or self.listener.tls == "implicit",
             listener=self.listener.name,
             esmtp=bool(self.session.extended_smtp),
+            tls_cipher=self.tls_cipher,
         )
+
+    @property
+    def tls_cipher(self) -> str | None:
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport else None
+        if ssl_object is None:
+            return None
+        cipher = ssl_object.cipher()
+        return f"{ssl_object.version()} {cipher[0]}" if cipher else ssl_object.version()
 
     # -------------------------------------------------------- commands
 
@@ -142,10 +163,11 @@ class GateSMTP(GlueSMTP):
         if self.tx is not None:
             await self.push("503 5.5.1 Error: nested MAIL command")
             return
-        if not (self.session.authenticated or self.listener.relays_for(self.client_ip)):
+        inbound = self.listener.direction == "inbound"  # accepts anyone, for internal domains only
+        if not (inbound or self.session.authenticated or self.listener.relays_for(self.client_ip)):
             # No open relay: strangers must authenticate first (DESIGN.md 2.1).
             self.log.info("message.rejected", code=530, reason="not authenticated, not in relay_networks",
-                          client=self.client_ip, stage="mail")
+                          stage="mail", **self.client_info().log_fields())
             await self.push(replies.AUTH_REQUIRED.line())
             return
         parts = split_argument(arg, "FROM:")
@@ -199,6 +221,9 @@ class GateSMTP(GlueSMTP):
             if words and not self.session.extended_smtp:
                 raise SMTPReply(replies.BAD_SYNTAX, "parameters need EHLO")
             params = parse_params(words, RCPT_PARAMS)
+            if self.listener.direction == "inbound" and not self.settings.relay.links.directory.is_internal(address):
+                # An inbound listener delivers to the mailbox server only; it never relays out.
+                raise SMTPReply(replies.RELAY_DENIED, "inbound listener: not an internal domain")
             if not str(address).isascii() and "SMTPUTF8" not in self.tx.mail_params:
                 raise SMTPReply(replies.BAD_RECIPIENT, "non-ASCII recipient without SMTPUTF8")
             line = await self.tx.add_recipient(address, params)
@@ -279,15 +304,21 @@ class Handler(PasswordMechanisms):
             return await tx.finish(raw)
         except SMTPReply as exc:
             server.log.info("message.rejected", code=exc.reply.code, reason=exc.reason,
-                            mail_from=tx.sender_text(), stage="data", **exc.log_fields)
+                            mail_from=tx.sender_text(), stage="data", **exc.log_fields, **tx.client.log_fields())
             await tx.abort()
             return exc.line()
         except Exception:
-            server.log.exception("message.rejected", code=451, reason="internal error", stage="data")
+            server.log.exception("message.rejected", code=451, reason="internal error", stage="data",
+                                 **tx.client.log_fields())
             await tx.abort()
             return replies.TEMPORARY_FAILURE.line()
 
     async def handle_PROXY(self, server, session, envelope, proxy_data) -> bool:
+        if proxy_data and getattr(proxy_data, "src_addr", None):
+            # Behind HAProxy every event names the real client, not the proxy.
+            proxy = str(session.peer[0]) if session.peer else None
+            server.log = server.log.bind(client_ip=str(proxy_data.src_addr), proxy=proxy)
+            server.log.info("session.proxied")
         return bool(proxy_data)
 
     async def handle_exception(self, error: Exception) -> str:
@@ -304,13 +335,14 @@ def tls_context(listener: Listener) -> ssl.SSLContext | None:
     return context
 
 
-def make_factory(listener: Listener, settings: Callable[[], SmtpSettings], registry: SessionRegistry):
+def make_factory(listener: Listener, settings: Callable[[], SmtpSettings], registry: SessionRegistry,
+                 tls: ssl.SSLContext | None = None):
     """A protocol factory for loop.create_server, and the TLS context for implicit TLS.
 
     ``settings`` gives the current snapshot's SmtpSettings; each connection keeps
-    the one it started with (a reload applies to new connections).
+    the one it started with (a reload applies to new connections). ``tls`` is the
+    listener's context, which a reload refreshes in place (new certificate).
     """
-    tls = tls_context(listener)
     handler = Handler(listener, registry)
 
     def factory() -> GateSMTP:
@@ -350,7 +382,9 @@ def file_authenticator(users) -> Callable:
             return AuthResult(success=False, handled=False)
         name = auth_data.login.decode("utf-8", "replace")
         ok = await users.verify_off_loop(name, auth_data.password.decode("utf-8", "replace"))
-        get_logger().info("auth.result", user=name, success=ok, mechanism=mechanism)
+        log = getattr(server, "log", None) or get_logger()
+        # A failure is a warning, so fail2ban-style tools can act on it; never the password.
+        (log.info if ok else log.warning)("auth.result", user=name, success=ok, mechanism=mechanism)
         return AuthResult(success=ok, handled=False, auth_data=name if ok else None)
 
     return authenticate
