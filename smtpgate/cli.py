@@ -73,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(links, "export", _links_export, "every activity and link as one JSON object")
     p.add_argument("--json", action="store_true", help="the only format, accepted for clarity")
 
+    p = command(commands, "explain", _explain, "the link decision for one message, step by step, read-only")
+    p.add_argument("file", nargs="?", metavar="FILE", help="an .eml file, or - for standard input")
+    p.add_argument("--message-id", metavar="ID", help="a message smtpgate relayed: what was done with it")
+    p.add_argument("--mail-from", metavar="ADDR", help="envelope sender (default: the From: address)")
+    p.add_argument("--rcpt", metavar="ADDR", action="append", default=[],
+                   help="an envelope recipient, repeatable (default: To, Cc and Bcc)")
+    p.add_argument("--json", action="store_true")
+
     users = group("users", "AUTH users")
     p = command(users, "add", _users_add, "add or replace a user; the password is read from stdin")
     p.add_argument("name")
@@ -180,6 +188,46 @@ def _links_show(args, config: Config) -> int:
         return 0
 
     return _with_store(config, show, read_only=True)
+
+
+def _explain(args, config: Config) -> int:
+    import json
+
+    from smtpgate.explain import MalformedMessage, explain_message, explain_recorded, read_message, render_text
+    from smtpgate.linking.plan import Directory
+    from smtpgate.linking.service import LinkService, LinkUnavailable
+
+    if (args.file is None) == (args.message_id is None):
+        return _fail("explain: give FILE (or - for standard input), or --message-id ID", 2)
+    raw = None
+    if args.file is not None:
+        try:
+            data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+            raw = read_message(data)
+        except OSError as exc:
+            return _fail(f"explain: cannot read {args.file}: {exc.strerror or exc}", 2)
+        except MalformedMessage as exc:
+            return _fail(f"explain: {args.file}: {exc}", 2)
+
+    async def explain(store) -> int:
+        if raw is None:
+            report = await explain_recorded(args.message_id.strip(), store)
+            if report is None:
+                return _fail(f"explain: smtpgate relayed no message {args.message_id} with a source activity "
+                             "(or its record was pruned)", 1)
+        else:
+            links = LinkService(store, Directory(config.core), hostname=config.hostname)
+            try:
+                report = await explain_message(raw, links, mail_from=args.mail_from, rcpts=args.rcpt)
+            except MalformedMessage as exc:
+                return _fail(f"explain: {args.file}: {exc}", 2)
+            except LinkUnavailable as exc:
+                return _fail(f"explain: {exc}", 1)
+        print(json.dumps(report, indent=1, ensure_ascii=False) if args.json else render_text(report), end=""
+              if not args.json else "\n")
+        return 0
+
+    return _with_store(config, explain, read_only=True)
 
 
 def _links_list(args, config: Config) -> int:

@@ -86,9 +86,10 @@ async def _source_steps(facts: _Facts, store: Store) -> list[dict]:
     d, headers, found = facts.directory, facts.headers, facts.decision.source_found_in
     steps = []
     tagged = "a mailbox tagged with a reference in the envelope sender or From:"
-    steps.append(_step("tag", found in ("envelope", "from"),
-                       f"{found} {facts.decision.source_reference}" if found in ("envelope", "from")
-                       else f"no tag: neither the envelope sender nor From: is {tagged}"))
+    where = {"envelope": "the envelope sender", "from": "From:"}.get(found or "")
+    steps.append(_step("tag", where is not None,
+                       f"{where} is mailbox {facts.decision.source_mailbox} tagged {facts.decision.source_reference}"
+                       if where else f"no tag: neither the envelope sender nor From: is {tagged}"))
     if found in ("envelope", "from"):
         return steps
     names = d.settings.reference_headers
@@ -238,4 +239,7 @@ def render_text(report: dict) -> str:
         lines.append(report["header_diff"].rstrip("\n"))
     else:
         lines.append("header edits: none")
+    if report["links"]["would_create"]:
+        lines.append("a new activity's reference is known once allocated: its tag is then written in the "
+                     "envelope and in To/Cc like the others")
     return "\n".join(lines) + "\n"
