@@ -116,9 +116,6 @@ class Gate:
     async def start(self) -> None:
         if self.store is None:
             self.store = await open_configured_store(self.config)
-        if self.config.upstream.scheme == "mx":
-            raise StartupError("upstream.url: mx: upstreams are not available yet; use smtp://, "
-                               "smtp+starttls://, smtps:// or maildir:")
         self.snapshot = Snapshot.build(self.config, self.store)
         await self.snapshot.pool.probe()
         self.pruner = asyncio.get_running_loop().create_task(
