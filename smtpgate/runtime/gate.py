@@ -126,9 +126,6 @@ class Gate:
         """
         if self.store is None:
             self.store = await open_configured_store(self.config)
-        if self.config.upstream.scheme == "mx":
-            raise StartupError("upstream.url: mx: upstreams are not available yet; use smtp://, "
-                               "smtp+starttls://, smtps:// or maildir:")
         self.snapshot = Snapshot.build(self.config, self.store)
         await self.snapshot.pool.probe()
         if prune:
