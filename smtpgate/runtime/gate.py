@@ -136,7 +136,9 @@ class Gate:
         deadline = time.monotonic() + grace
         while any(s.busy for s in self.sessions) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for session in list(self.sessions):
+        # Counted now: a closed session leaves self.sessions before the summary is logged.
+        still_open = list(self.sessions)
+        for session in still_open:
             session.say_goodbye(replies.SHUTTING_DOWN.line())
         if self.pruner is not None:
             self.pruner.cancel()
@@ -145,7 +147,7 @@ class Gate:
         await self.pool.close()
         if self.store is not None:
             await self.store.close()
-        log.info("shutdown.complete", sessions_closed=len(self.sessions))
+        log.info("shutdown.complete", sessions_closed=len(still_open))
 
 
 async def serve(config_path: Path) -> int:
