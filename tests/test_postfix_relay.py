@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.support.smtp import send
+
+pytestmark = pytest.mark.postfix
 
 
 async def test_relay_to_postfix_delivers_to_maildir(corp_postfix, config_for, start_gate, log_lines):

@@ -4,7 +4,9 @@
 async test can change its behaviour between two commands and wait for what it
 recorded without sleeping. It speaks the extensions smtpgate passes through:
 DSN (RFC 3461), SMTPUTF8, 8BITMIME, SIZE, PIPELINING, STARTTLS and AUTH
-PLAIN/LOGIN, and records MAIL/RCPT parameters with their original case.
+PLAIN/LOGIN (each of DSN, SMTPUTF8, 8BITMIME and PIPELINING can be switched
+off to play an upstream without it), and records MAIL/RCPT parameters with
+their original case.
 """
 
 from __future__ import annotations
@@ -113,7 +115,8 @@ class SinkSMTP(SMTP):
         keywords = [self.hostname]
         if self.data_size_limit:
             keywords.append(f"SIZE {self.data_size_limit}")
-        keywords.append("8BITMIME")
+        if sink.eightbitmime:
+            keywords.append("8BITMIME")
         if sink.pipelining:
             keywords.append("PIPELINING")
         if self.enable_SMTPUTF8:
@@ -183,6 +186,8 @@ class SinkSMTP(SMTP):
                 if self.data_size_limit and int(value) > self.data_size_limit:
                     return "552 5.3.4 Message size exceeds fixed limit"
             elif key == "BODY":
+                if not sink.eightbitmime:
+                    return "555 5.5.4 BODY needs 8BITMIME, which is not offered"
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
                     return "501 5.5.4 BODY must be 7BIT or 8BITMIME"
             elif key == "SMTPUTF8":
@@ -341,7 +346,9 @@ class Sink:
     command that reads them: `rcpt_replies` (address, case-insensitive, to a
     full reply line; a 2xx line accepts with that text), `mail_reply`,
     `data_reply`, `drop_after_data`, `hold_data`, `refuse_plus`,
-    `require_auth`, and `dsn`/`pipelining` (read at EHLO).
+    `require_auth`, and `dsn`/`pipelining`/`eightbitmime` (read at EHLO).
+    `drop_connections()` cuts every open session while the sink keeps
+    listening, as an upstream does that times idle clients out.
 
     Records: `messages` (accepted with a 2xx to the dot), `received` (every
     message whose dot arrived, whatever the answer), `commands` (each command
@@ -355,6 +362,7 @@ class Sink:
         *,
         dsn: bool = True,
         smtputf8: bool = True,
+        eightbitmime: bool = True,
         pipelining: bool = True,
         starttls_context: ssl.SSLContext | None = None,
         auth: dict[str, str] | None = None,
@@ -368,6 +376,7 @@ class Sink:
         self.port = port
         self.dsn = dsn
         self.smtputf8 = smtputf8
+        self.eightbitmime = eightbitmime
         self.pipelining = pipelining
         self.starttls_context = starttls_context
         self.implicit_tls = implicit_tls
@@ -413,8 +422,15 @@ class Sink:
         if self._server is None:
             return
         self._server.close()
+        await self.drop_connections()
+        await self._server.wait_closed()
+        self._server = None
+
+    async def drop_connections(self) -> int:
+        """Cut every open session without a reply (the sink keeps listening); return how many."""
         tasks = []
-        for protocol in list(self._protocols):
+        protocols = list(self._protocols)
+        for protocol in protocols:
             # The plain transport under a STARTTLS session, so no TLS goodbye is awaited.
             transport = protocol._original_transport or protocol.transport
             if transport is not None:
@@ -423,8 +439,7 @@ class Sink:
                 tasks.append(protocol._handler_coroutine)
         if tasks:
             await asyncio.wait(tasks, timeout=5)
-        await self._server.wait_closed()
-        self._server = None
+        return len(protocols)
 
     def reset(self) -> None:
         """Forget what was recorded (messages, received, commands, connections)."""
