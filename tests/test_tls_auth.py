@@ -72,8 +72,11 @@ async def test_auth_not_offered_without_tls(tmp_path, sink, start_gate, log_line
     wire, _ = await Wire.open(port)
     ehlo = await wire.cmd("EHLO client.test")
     assert "250-STARTTLS" in ehlo and "AUTH" not in ehlo
-    # Passwords never cross in clear: AUTH before STARTTLS is refused.
-    assert code(await wire.cmd("AUTH PLAIN AGphbmUAczNjcmV0IHBhc3M=")) >= 500
+    # Passwords never cross in clear: AUTH before STARTTLS is refused as needing encryption
+    # (RFC 4954 6), which tells the client to start TLS first.
+    refused = await wire.cmd("AUTH PLAIN AGphbmUAczNjcmV0IHBhc3M=")
+    assert refused.startswith("538 5.7.11 "), refused
+    assert not any(e["event"] == "auth.result" for e in log_lines())  # the password was not even checked
     # relay_networks still lets loopback relay without AUTH on an optional listener.
     assert code(await wire.cmd("MAIL FROM:<a@corp.example>")) == 250
 
@@ -137,10 +140,14 @@ async def test_upstream_starttls_and_login(tmp_path, start_gate, log_lines):
 async def test_upstream_certificate_verified_by_default(tmp_path, start_gate, log_lines):
     context, _ = make_test_tls(tmp_path / "up")
     async with Sink(implicit_tls=context) as up:
-        gate, port = await start_gate(await upstream_config(tmp_path, f"smtps://localhost:{up.port}"))
+        gate, port = await start_gate(await upstream_config(tmp_path, f"smtps://localhost:{up.port}",
+                                                            "  timeout: 3\n"))
         code_, text = await relay_one(port)
         assert code_ == 451 and text.startswith("4.4.1")
-        assert up.messages == []
+        assert up.messages == [] and up.commands == []
+        # Refused because the self-signed certificate is not trusted, not for some other fault.
+        [error] = [e for e in log_lines() if e["event"] == "upstream.error" and e["stage"] == "connect"]
+        assert "CERTIFICATE_VERIFY_FAILED" in error["reason"], error
 
 
 async def test_upstream_login_refused_is_temporary(tmp_path, start_gate, log_lines):
