@@ -159,3 +159,27 @@ async def test_upstream_login_refused_is_temporary(tmp_path, start_gate, log_lin
         code_, _ = await relay_one(port)
         assert code_ == 451
         assert up.messages == []
+
+
+async def test_auth_inside_a_transaction_is_refused(tmp_path, sink, start_gate, log_lines):
+    """RFC 4954 4: AUTH is not permitted during a mail transaction; the transaction goes on."""
+    gate, port = await start_gate(config_with_listener(tmp_path, sink.port, "optional"))
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False,
+                             tls_context=client_tls_context(str(tmp_path / "tls" / "test-cert.pem")))
+    await client.connect()
+    try:
+        await client.ehlo()
+        await client.starttls()
+        await client.ehlo()
+        assert "auth" in client.esmtp_extensions
+        assert (await client.mail("jane@corp.example")).code == 250
+        # "jane" / "s3cret pass", good credentials: refused for where they come, not for what they are.
+        refused = await client.execute_command(b"AUTH", b"PLAIN", b"AGphbmUAczNjcmV0IHBhc3M=")
+        assert (refused.code, refused.message) == (503, "5.5.1 AUTH not allowed during a mail transaction")
+        assert not any(e["event"] == "auth.result" for e in log_lines())
+        assert (await client.rcpt("b@x.example")).code == 250
+        assert (await client.data(BODY)).code == 250
+        [msg] = sink.messages
+        assert b"with ESMTPS id" in msg.data.split(b"\r\n\r\n")[0]  # relayed as not authenticated
+    finally:
+        await client.quit()
