@@ -6,12 +6,17 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from smtpgate.config import load_config
 from smtpgate.runtime.gate import Gate
 from smtpgate.log import setup_logging
 from tests.support.ci import needs
 from tests.support.sink import Sink
+
+# `make mutate` runs the core's tests once per mutant on a loaded machine: the same examples
+# every time (a mutant is judged on one input set), no deadline, fewer of them.
+settings.register_profile("mutate", deadline=None, derandomize=True, max_examples=50)
 
 BASE_CONFIG = """\
 hostname: relay.test.example
