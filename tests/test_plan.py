@@ -210,6 +210,7 @@ def test_thread_message_ids() -> None:
         (["Auto-Submitted: No (a person wrote this)"], False),
         (["Auto-Submitted: auto-replied"], True),
         (["Auto-Submitted: auto-generated; owner-email=x@y"], True),
+        (["Auto-Submitted: no; owner-email=x@y"], False),  # RFC 3834 5: parameters follow the keyword
         (["Auto-Submitted: auto-notified"], True),
         (["Precedence: bulk"], True),
         (["Precedence: JUNK"], True),
@@ -317,6 +318,16 @@ def test_own_mailbox_is_tagged_with_the_source_reference_everywhere() -> None:
     assert [str(b) for _, b in resolution.envelope] == ["UK-Payroll+101203-T@corp.example"]
     assert resolution.header_mapping == {"uk-payroll@corp.example": "uk-payroll+101203-T@corp.example"}
     assert resolution.mapping == {"uk-payroll@corp.example": "101203-T"}
+
+
+def test_own_mailbox_only_in_reply_to_is_tagged() -> None:
+    """DESIGN.md 4: an agent writing for Team A with Reply-To its mailbox: replies route back."""
+    block = headers("From: Jane <jane@corp.example>", "Reply-To: Team A <uk-payroll@corp.example>",
+                    "To: client@supplier.example")
+    plan = make_plan(addr("jane@corp.example"), [addr("client@supplier.example")], block, OWN, DIRECTORY)
+    resolution = plan.resolve({})
+    assert resolution.header_mapping == {"uk-payroll@corp.example": "uk-payroll+101203-T@corp.example"}
+    assert [str(b) for _, b in resolution.envelope] == ["client@supplier.example"]
 
 
 def test_lookups_cover_envelope_and_to_cc_once_each() -> None:
