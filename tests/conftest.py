@@ -18,6 +18,10 @@ from tests.support.sink import Sink
 # every time (a mutant is judged on one input set), no deadline, fewer of them.
 settings.register_profile("mutate", deadline=None, derandomize=True, max_examples=50)
 
+# Properties are about correctness, not speed: a busy 2-core machine must not fail them.
+settings.register_profile("smtpgate", deadline=None)
+settings.load_profile("smtpgate")
+
 BASE_CONFIG = """\
 hostname: relay.test.example
 listeners:

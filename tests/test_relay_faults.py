@@ -13,7 +13,7 @@ import sqlite3
 import aiosmtplib
 import pytest
 
-from smtpgate.runtime.gate import Gate
+from smtpgate.runtime.gate import Gate, Snapshot
 from smtpgate.store.allocation import LocalAllocator
 from smtpgate.store.sqlite import SqliteStore
 from smtpgate.users import Users
@@ -53,7 +53,7 @@ async def test_a_refused_mail_on_replay_gives_451_and_no_dot(relay, sink, log_li
     assert sink.received == [] and "DATA" not in sink.commands
     # That upstream connection is in an unknown state: closed, never pooled.
     await sink.wait_for_command("QUIT")
-    assert gate.pool.idle == []
+    assert gate.snapshot.pool.idle == []
     [created] = [e for e in log_lines() if e["event"] == "link.created"]
 
     sink.mail_reply = None
@@ -119,7 +119,9 @@ class BrokenUsers(Users):
 
 async def test_an_internal_error_in_a_command_is_451_and_logged(tmp_path, sink, start_gate, log_lines):
     gate, port = await start_gate(config_with_listener(tmp_path, sink.port, "optional"))
-    gate.users = BrokenUsers({})
+    # New connections take the current snapshot: one whose users table has the bug.
+    now = gate.snapshot
+    gate.snapshot = Snapshot(now.config, now.pool, now.links, BrokenUsers({}))
     client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False,
                              tls_context=client_tls_context(str(tmp_path / "tls" / "test-cert.pem")))
     await client.connect()

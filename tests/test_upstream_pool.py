@@ -34,7 +34,7 @@ async def test_a_pooled_connection_the_upstream_dropped_is_replaced(relay, sink,
     never notices."""
     gate, port = relay
     assert (await relay_message(port)).startswith("250")
-    assert sink.connections == 1 and len(gate.pool.idle) == 1
+    assert sink.connections == 1 and len(gate.snapshot.pool.idle) == 1
     assert await sink.drop_connections() == 1
     assert (await relay_message(port)).startswith("250")
     assert sink.connections == 2 and len(sink.messages) == 2
@@ -44,7 +44,7 @@ async def test_a_pooled_connection_the_upstream_dropped_is_replaced(relay, sink,
 async def test_a_pooled_connection_idle_too_long_is_closed_unused(relay, sink):
     gate, port = relay
     assert (await relay_message(port)).startswith("250")
-    [pooled] = gate.pool.idle
+    [pooled] = gate.snapshot.pool.idle
     pooled.last_used -= IDLE_SECONDS + 1  # as if it had waited in the pool that long
     noops = sink.commands.count("NOOP")
     assert (await relay_message(port)).startswith("250")
@@ -52,7 +52,7 @@ async def test_a_pooled_connection_idle_too_long_is_closed_unused(relay, sink):
     # Said goodbye to, not checked with NOOP and not used again.
     await sink.wait_for_command("QUIT")
     assert sink.commands.count("NOOP") == noops
-    assert len(sink.messages) == 2 and len(gate.pool.idle) == 1 and gate.pool.idle[0] is not pooled
+    assert len(sink.messages) == 2 and len(gate.snapshot.pool.idle) == 1 and gate.snapshot.pool.idle[0] is not pooled
 
 
 async def test_a_fresh_pooled_connection_is_reused_after_a_noop(relay, sink):

@@ -20,12 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
+from smtpgate.redact import redact_url
 from smtpgate.store import migrations
-from smtpgate.store.errors import StoreError
+from smtpgate.store.errors import StoreError, StoreMissing
 from smtpgate.store.sql import SCHEMA_LOCK_KEY, SqlStore, Tx
 
 if TYPE_CHECKING:
-    from smtpgate.store.allocation import Allocator
+    from smtpgate.store.base import Allocator
 
 _PLACEHOLDER = re.compile(r"\?")
 
@@ -59,11 +60,6 @@ class _PgTx:
         return await self._conn.fetchrow(_numbered(sql), *args)
 
 
-def _safe_dsn(dsn: str) -> str:
-    """The DSN without its password, for error messages."""
-    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", dsn)
-
-
 class PostgresStore(SqlStore):
     """A Store in a PostgreSQL database shared by several smtpgate nodes."""
 
@@ -72,6 +68,11 @@ class PostgresStore(SqlStore):
         " ON CONFLICT (name) DO UPDATE SET next_number = GREATEST(s.next_number, ?::bigint) + 1"
         " RETURNING next_number - 1"
     )
+    RAISE_SEQUENCE_SQL = (
+        "INSERT INTO allocator_sequence AS s (name, next_number) VALUES ('local', ?::bigint)"
+        " ON CONFLICT (name) DO UPDATE SET next_number = GREATEST(s.next_number, excluded.next_number)"
+    )
+    ALL_DIGITS_SQL = "{} ~ '^[0-9]+$'"
 
     def __init__(
         self,
@@ -79,15 +80,21 @@ class PostgresStore(SqlStore):
         allocator: Allocator | None,
         timeout: float = 30.0,
         pool_size: int = 10,
+        read_only: bool = False,
     ) -> None:
         super().__init__(allocator)
         self.dsn = dsn
+        self.label = redact_url(dsn)
+        self.read_only = read_only
         self._timeout = timeout
         self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
 
     async def connect(self) -> None:
-        """Open the connection pool; StoreError when the server cannot be reached."""
+        """Open the connection pool; StoreError when the server cannot be reached,
+        StoreMissing when the database does not exist. Read-only, every
+        transaction is READ ONLY: the server refuses any write."""
+        settings = {"default_transaction_read_only": "on"} if self.read_only else None
         try:
             self._pool = await asyncpg.create_pool(
                 self.dsn,
@@ -95,9 +102,12 @@ class PostgresStore(SqlStore):
                 max_size=self._pool_size,
                 timeout=self._timeout,
                 command_timeout=self._timeout,
+                server_settings=settings,
             )
+        except asyncpg.InvalidCatalogNameError as exc:
+            raise StoreMissing(f"{self.label}: {exc}") from exc
         except (*_FAILURES, ValueError) as exc:
-            raise StoreError(f"postgresql {_safe_dsn(self.dsn)}: {exc}") from exc
+            raise StoreError(f"{self.label}: {exc}") from exc
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None

@@ -1,0 +1,97 @@
+"""Every use of aiosmtpd internals, in one place (docs/architecture.md, "aiosmtpd").
+
+aiosmtpd has public handler hooks for EHLO, DATA, AUTH and PROXY, but none for
+"a connection is about to be served", "the transaction ended" (HELO, EHLO,
+RSET, or aiosmtpd refusing the data itself) or "TLS is on"; smtpgate needs all
+three. `GlueSMTP` overrides the private methods behind them and turns them
+into the hooks `before_serving`, `transaction_ended` and the `tls_active`
+property. `check_internals` fails loudly when an aiosmtpd release renames
+them; a test runs it, and pyproject.toml pins aiosmtpd to the tested minor
+range.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from aiosmtpd.smtp import SMTP
+
+from smtpgate.mail import replies
+
+__all__ = ["AIOSMTPD_REPLIES", "DATA_REFUSALS", "GlueSMTP", "check_internals"]
+
+# The private aiosmtpd members smtpgate relies on, and the kind each must be.
+_INTERNALS = {
+    "_handle_client": "coroutine",
+    "_set_rset_state": "function",
+    "_set_post_data_state": "function",
+}
+
+# aiosmtpd's own reply lines, translated to smtpgate's (code, enhanced code, text).
+AIOSMTPD_REPLIES = {
+    "552 Error: Too much mail data": replies.MESSAGE_TOO_BIG.line(),
+    "500 Line too long (see RFC5321 4.5.3.1.6)": replies.LINE_TOO_LONG.line(),
+    "503 Error: need RCPT command": replies.NO_VALID_RECIPIENTS.line(),
+    "503 Error: need MAIL command": "503 5.5.1 Error: need MAIL command",
+    "503 Error: send HELO first": "503 5.5.1 Error: send HELO first",
+    "500 Command line too long": "500 5.5.6 Command line too long",
+    "500 Error: bad syntax": "500 5.5.2 Error: bad syntax",
+    "500 Error: strict ASCII mode": "500 5.6.7 Error: non-ASCII without SMTPUTF8",
+    "221 Bye": "221 2.0.0 Bye",
+    "250 OK": "250 2.0.0 OK",
+}
+
+# aiosmtpd's refusals of the message data itself: each is the message's one message.rejected.
+DATA_REFUSALS = {
+    "552 Error: Too much mail data": "data over limits.max_message_size",
+    "500 Line too long (see RFC5321 4.5.3.1.6)": "line over 1000 octets",
+}
+
+
+def check_internals() -> list[str]:
+    """The aiosmtpd internals smtpgate uses that are missing or changed; empty when all is well."""
+    problems = []
+    for name, kind in _INTERNALS.items():
+        member = getattr(SMTP, name, None)
+        if member is None:
+            problems.append(f"aiosmtpd.smtp.SMTP.{name} is gone")
+        elif kind == "coroutine" and not inspect.iscoroutinefunction(member):
+            problems.append(f"aiosmtpd.smtp.SMTP.{name} is no longer a coroutine function")
+        elif kind == "function" and not callable(member):
+            problems.append(f"aiosmtpd.smtp.SMTP.{name} is no longer callable")
+    source = inspect.getsource(inspect.getmodule(SMTP))
+    if "self._tls_protocol" not in source:
+        problems.append("aiosmtpd.smtp.SMTP no longer keeps _tls_protocol")
+    for line in AIOSMTPD_REPLIES:
+        written = line.replace("send HELO first", "send {helo} first")  # an f-string there
+        if not any(f"{q}{written}{q}" in source for q in ("'", '"')):
+            problems.append(f"aiosmtpd no longer replies {line!r}")
+    return problems
+
+
+class GlueSMTP(SMTP):
+    """aiosmtpd's protocol with the hooks smtpgate needs; see the module docstring."""
+
+    async def before_serving(self) -> bool:
+        """Called before the greeting; False closes the connection (the hook pushed a reply)."""
+        return True
+
+    def transaction_ended(self) -> None:
+        """HELO, EHLO, RSET, or a refusal of the data: the transaction is over."""
+
+    @property
+    def tls_active(self) -> bool:
+        return getattr(self, "_tls_protocol", None) is not None
+
+    async def _handle_client(self) -> None:
+        if await self.before_serving():
+            await super()._handle_client()
+
+    def _set_rset_state(self) -> None:
+        self.transaction_ended()
+        super()._set_rset_state()
+
+    def _set_post_data_state(self) -> None:
+        # Also reached when aiosmtpd refuses the data itself (size, line length).
+        self.transaction_ended()
+        super()._set_post_data_state()
