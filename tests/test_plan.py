@@ -277,6 +277,7 @@ def test_no_source_changes_nothing() -> None:
     assert [r.cls for r in plan.recipients] == [RecipientClass.UNTAGGED_MAILBOX] * 3
     resolution = plan.resolve({"pl-payroll@corp.example": "900001-T"})
     assert resolution.envelope == [(r, r) for r in rcpts]
+    assert resolution.targets == rcpts  # each relayed as given, the repeat too: nothing is decided
     assert resolution.header_mapping == {} and resolution.mapping == {} and resolution.untaggable == []
     assert resolution.changed is False
 
@@ -324,6 +325,21 @@ def test_own_mailbox_only_in_reply_to_is_tagged() -> None:
     resolution = plan.resolve({})
     assert resolution.header_mapping == {"uk-payroll@corp.example": "uk-payroll+101203-T@corp.example"}
     assert [str(b) for _, b in resolution.envelope] == ["client@supplier.example"]
+    assert resolution.changed is True  # the header changes though the envelope does not
+
+
+def test_an_explicit_tag_is_used_for_untagged_copies_of_that_mailbox() -> None:
+    """DESIGN.md 5: the same message names the mailbox tagged; its untagged copies get that tag."""
+    block = headers("To: pl-payroll+5512-C@corp.example", "Cc: Team B <pl-payroll@corp.example>")
+    rcpts = [addr("pl-payroll+5512-C@corp.example"), addr("PL-Payroll@corp.example"), addr("client@x.example")]
+    plan = make_plan(None, rcpts, block, OWN, DIRECTORY)
+    assert plan.lookups == ()
+    resolution = plan.resolve({})
+    assert resolution.header_mapping == {"pl-payroll@corp.example": "pl-payroll+5512-C@corp.example"}
+    # Per recipient: the copy merges into the tagged spelling already sent (DESIGN.md 6).
+    assert [str(t) if t else None for t in resolution.targets] == [
+        "pl-payroll+5512-C@corp.example", None, "client@x.example"]
+    assert [str(b) for _, b in resolution.envelope] == ["pl-payroll+5512-C@corp.example", "client@x.example"]
 
 
 def test_lookups_cover_envelope_and_to_cc_once_each() -> None:
