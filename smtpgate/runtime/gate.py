@@ -248,7 +248,9 @@ class Gate:
         deadline = time.monotonic() + grace
         while self.registry.busy and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for session in list(self.registry.sessions):
+        # Counted now: a closed session leaves the registry before the summary is logged.
+        still_open = list(self.registry.sessions)
+        for session in still_open:
             session.say_goodbye(replies.SHUTTING_DOWN.line())
         if self.pruner is not None:
             self.pruner.cancel()
@@ -260,7 +262,7 @@ class Gate:
             await self.snapshot.pool.close()
         if self.store is not None:
             await self.store.close()
-        log.info("shutdown.complete", sessions_closed=len(self.registry))
+        log.info("shutdown.complete", sessions_closed=len(still_open))
 
 
 async def serve(config_path: Path) -> int:

@@ -341,9 +341,12 @@ class UpstreamPool:
         verify=False is opportunistic TLS to an MX host (RFC 7435): encrypt, whatever
         certificate the host shows.
         """
-        context = ssl.create_default_context(
-            cafile=str(self.config.ca_file) if self.config.ca_file else None
-        )
+        try:
+            context = ssl.create_default_context(
+                cafile=str(self.config.ca_file) if self.config.ca_file else None
+            )
+        except OSError as exc:  # ssl.SSLError too: a ca_file gone or garbled since the config was read
+            raise UpstreamError(f"upstream.ca_file {self.config.ca_file}: {exc}") from None
         if not (verify and self.config.verify_tls):
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
