@@ -388,6 +388,18 @@ def _str(ctx: _Ctx, node: yaml.Node, key: str) -> str | None:
     return str(node.value)
 
 
+def _cipher_string(ctx: _Ctx, node: yaml.Node, key: str) -> str | None:
+    """An OpenSSL TLS 1.2 cipher string that selects at least one suite ("" keeps the default)."""
+    value = _str(ctx, node, key)
+    if value:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(value)
+        except ssl.SSLError:
+            ctx.error(node, key, f"OpenSSL selects no cipher suite from {value!r}")
+            return None
+    return value
+
+
 def _int(ctx: _Ctx, node: yaml.Node, key: str, minimum: int = 0) -> int | None:
     value = _scalar(node) if isinstance(node, yaml.ScalarNode) else None
     if not isinstance(value, int) or isinstance(value, bool):
@@ -695,7 +707,7 @@ def _listener(ctx: _Ctx, node: yaml.Node, key: str) -> Listener | None:
     proxy = m.get("proxy_protocol", _bool, False)
     direction = m.get("direction", _choice("outbound", "inbound"), "outbound")
     mode = m.get("mode", _choice("enforce", "observe"), None)
-    ciphers = m.get("tls_ciphers", _str, "")
+    ciphers = m.get("tls_ciphers", _cipher_string, "")
     m.finish()
     if tls in ("starttls", "implicit") and (m.has("tls_cert") is False or m.has("tls_key") is False):
         ctx.error(node, f"{key}.tls", f"tls: {tls} needs tls_cert and tls_key")

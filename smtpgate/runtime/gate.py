@@ -17,6 +17,7 @@ from smtpgate.config import Config, ConfigError, Listener, load_config
 from smtpgate.frontends.registry import SessionRegistry
 from smtpgate.frontends.smtp.relay import RelayContext
 from smtpgate.frontends.smtp.server import SmtpSettings, file_authenticator, make_factory, tls_context
+from smtpgate.frontends.smtp.tls import TlsSetupError
 from smtpgate.linking.plan import Directory
 from smtpgate.linking.references import ReferenceMatcher
 from smtpgate.linking.service import LinkService
@@ -145,7 +146,10 @@ class Gate:
     async def _listen(self, listener: Listener) -> None:
         if listener.kind != "smtp":
             raise StartupError(f"listener {listener.name}: kind {listener.kind} is not available yet")
-        context = tls_context(listener)
+        try:
+            context = tls_context(listener)
+        except TlsSetupError as exc:
+            raise StartupError(f"listener {listener.name}: {exc}") from None
         if context is not None:
             self.tls[listener.name] = context
         factory, tls = make_factory(listener, lambda: self._current().smtp(listener), self.registry, context)

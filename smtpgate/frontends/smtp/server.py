@@ -13,12 +13,13 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from aiosmtpd.smtp import AuthResult, LoginPassword, syntax
+from aiosmtpd.smtp import AuthResult, LoginPassword, TLSSetupException, syntax
 
 from smtpgate.config import Listener
 from smtpgate.frontends.registry import SessionRegistry
 from smtpgate.frontends.smtp.aiosmtpd_glue import AIOSMTPD_REPLIES, DATA_REFUSALS, GlueSMTP
 from smtpgate.frontends.smtp.relay import MAIL_PARAMS, RCPT_PARAMS, ClientInfo, RelayContext, Transaction
+from smtpgate.frontends.smtp.tls import server_context
 from smtpgate.log import get_logger
 from smtpgate.mail import replies
 from smtpgate.mail.addresses import AddressError, parse_path
@@ -315,17 +316,21 @@ class Handler:
         return bool(proxy_data)
 
     async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):
+            # A client (or a scanner) that shares no suite with the profile: its fault, no traceback.
+            cause = error.__cause__
+            get_logger().warning("tls.handshake_failed", reason=str(cause or error) or type(error).__name__)
+            return replies.TEMPORARY_FAILURE.line()  # aiosmtpd closes the connection instead
         # Never aiosmtpd's "500 Error: (ClassName)": an internal fault is temporary.
         get_logger().exception("session.error", reason=type(error).__name__)
         return replies.TEMPORARY_FAILURE.line()
 
 
 def tls_context(listener: Listener) -> ssl.SSLContext | None:
+    """The listener's server context: Mozilla "intermediate" unless tls_ciphers says otherwise."""
     if listener.tls == "none" or listener.tls_cert is None or listener.tls_key is None:
         return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(str(listener.tls_cert), str(listener.tls_key))
-    return context
+    return server_context(listener.tls_cert, listener.tls_key, listener.tls_ciphers)
 
 
 def make_factory(listener: Listener, settings: Callable[[], SmtpSettings], registry: SessionRegistry,
