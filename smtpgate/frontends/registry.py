@@ -9,6 +9,7 @@ through `spawn`, which the drain waits for too.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Coroutine
 from typing import Protocol
 
@@ -27,6 +28,20 @@ class SessionRegistry:
         self.sessions: set[Session] = set()
         self.tasks: set[asyncio.Task] = set()
         self.draining = False
+        self.per_client: Counter[str] = Counter()  # open sessions per client address
+
+    def admit(self, client: str, limit: int) -> bool:
+        """Count one more session from client, unless it already has `limit` open; False then."""
+        if self.per_client[client] >= limit:
+            return False
+        self.per_client[client] += 1
+        return True
+
+    def release(self, client: str) -> None:
+        """One session from client ended (it was admitted)."""
+        self.per_client[client] -= 1
+        if self.per_client[client] <= 0:
+            del self.per_client[client]
 
     def __len__(self) -> int:
         return len(self.sessions)

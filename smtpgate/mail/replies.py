@@ -75,7 +75,13 @@ SMTPUTF8_UNSUPPORTED = Reply(553, "5.6.7", "SMTPUTF8 not supported by the upstre
 OK = Reply(250, "2.0.0", "OK")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
+# RFC 5321 4.5.3.2.7: a server may close a silent client (limits.idle_timeout); 421 says so first.
 TIMEOUT = Reply(421, "4.4.2", "Timeout, closing connection")
+# RFC 3463 4.7.0 (other security status), 421 as RFC 5321 3.8: the client's address has
+# limits.max_connections_per_client sessions open already.
+TOO_MANY_FROM_CLIENT = Reply(421, "4.7.0", "Too many connections from your address, try again later")
+# limits.max_bad_commands unknown or malformed commands in one session.
+TOO_MANY_BAD_COMMANDS = Reply(421, "4.7.0", "Too many bad commands, closing connection")
 
 
 def split_reply(code: int, message: str) -> tuple[str | None, str]:

@@ -49,6 +49,8 @@ class GateSMTP(GlueSMTP):
         self.tx: Transaction | None = None
         self.finishing = False  # between the client's final dot and smtpgate's reply
         self.counted = False
+        self.admitted: str | None = None  # the address counted against max_connections_per_client
+        self.bad_commands = 0
         super().__init__(handler, **kwargs)
 
     # -------------------------------------------------------- connection life
@@ -66,6 +68,9 @@ class GateSMTP(GlueSMTP):
     def connection_lost(self, error: Exception | None) -> None:
         super().connection_lost(error)
         self.transaction_ended()
+        admitted, self.admitted = self.admitted, None
+        if admitted is not None:
+            self.registry.release(admitted)
         if self.counted:
             self.counted = False
             self.registry.discard(self)
@@ -81,7 +86,28 @@ class GateSMTP(GlueSMTP):
             self.log.warning("session.refused", reason="limits.max_connections reached")
             self.transport.close()
             return False
+        if not self.listener.proxy_protocol:  # behind a proxy the client is known after PROXY
+            return await self.admit(self.client_ip)
         return True
+
+    async def admit(self, client: str) -> bool:
+        """Count this session against its client address; 421 and close when it has too many."""
+        limit = self.settings.relay.limits.max_connections_per_client
+        if self.registry.admit(client, limit):
+            self.admitted = client
+            return True
+        await self.push(replies.TOO_MANY_FROM_CLIENT.line())
+        self.log.warning("session.refused", reason="limits.max_connections_per_client reached", limit=limit)
+        self.transport.close()
+        return False
+
+    def timed_out(self) -> None:
+        if self.finishing:
+            # The client sent its dot and waits for the upstream's verdict; upstream.timeout bounds that.
+            self.restart_timer()
+            return
+        self.log.info("session.timeout", idle_timeout=self.settings.relay.limits.idle_timeout)
+        self.say_goodbye(replies.TIMEOUT.line())
 
     @property
     def busy(self) -> bool:
@@ -111,6 +137,14 @@ class GateSMTP(GlueSMTP):
                               refused=[{"recipient": a, "reply": why} for a, why in self.tx.refused],
                               **self.tx.client.log_fields())
             status = AIOSMTPD_REPLIES.get(status, status)
+            if status[:3] in _BAD_COMMAND_CODES:
+                self.bad_commands += 1
+                if self.bad_commands >= self.settings.relay.limits.max_bad_commands:
+                    await super().push(status)
+                    self.log.warning("session.refused", reason="limits.max_bad_commands reached",
+                                     bad_commands=self.bad_commands)
+                    self.say_goodbye(replies.TOO_MANY_BAD_COMMANDS.line())
+                    return
         await super().push(status)
 
     def transaction_ended(self) -> None:
@@ -247,6 +281,11 @@ class GateSMTP(GlueSMTP):
         await super().smtp_AUTH(arg)
 
 
+# Replies to a command the client should not have sent as it did (RFC 5321 4.2.4: unknown,
+# syntax, not implemented, out of sequence); each counts against limits.max_bad_commands.
+_BAD_COMMAND_CODES = {"500", "501", "502", "503", "504"}
+
+
 def _check_sendable(address) -> None:
     """RFC 5321 4.1.2: no control character in a path, not even TAB in a quoted string."""
     if address is not None and any(ch < " " or ch == "\x7f" for ch in str(address)):
@@ -313,7 +352,8 @@ class Handler:
             proxy = str(session.peer[0]) if session.peer else None
             server.log = server.log.bind(client_ip=str(proxy_data.src_addr), proxy=proxy)
             server.log.info("session.proxied")
-        return bool(proxy_data)
+        # Counted on the address the proxy reports (the proxy's own for a PROXY LOCAL health check).
+        return bool(proxy_data) and await server.admit(server.client_ip)
 
     async def handle_exception(self, error: Exception) -> str:
         if isinstance(error, TLSSetupException):
@@ -357,7 +397,7 @@ def make_factory(listener: Listener, settings: Callable[[], SmtpSettings], regis
             ident="smtpgate ESMTP",
             tls_context=tls if listener.tls == "starttls" else None,
             require_starttls=False,
-            timeout=300,
+            timeout=current.relay.limits.idle_timeout,
             auth_required=listener.auth == "required",
             auth_require_tls=True,
             authenticator=current.authenticator if listener.auth != "none" else None,
