@@ -84,7 +84,8 @@ class Snapshot:
                                  hostname=self.config.hostname, mode=listener.mode or self.config.mode,
                                  direction=listener.direction, unknown_tags=self.config.inbound.unknown_tags)
             settings = SmtpSettings(relay=relay, authenticator=file_authenticator(self.users),
-                                    max_connections=self.config.limits.max_connections)
+                                    max_connections=self.config.limits.max_connections,
+                                    sender_rights=self.users.may_send_as)
             self._smtp[listener.name] = settings
         return settings
 

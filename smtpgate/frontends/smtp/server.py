@@ -22,7 +22,8 @@ from smtpgate.frontends.smtp.relay import MAIL_PARAMS, RCPT_PARAMS, ClientInfo, 
 from smtpgate.frontends.smtp.tls import server_context
 from smtpgate.log import get_logger
 from smtpgate.mail import replies
-from smtpgate.mail.addresses import AddressError, parse_path
+from smtpgate.mail.addresses import Address, AddressError, parse_address_list, parse_path
+from smtpgate.mail.headers import parse_header_block
 from smtpgate.mail.params import parse_params, split_argument
 from smtpgate.mail.replies import SMTPReply
 
@@ -34,6 +35,8 @@ class SmtpSettings:
     relay: RelayContext
     authenticator: Callable | None
     max_connections: int
+    # (user, address) -> may that user send as that address (auth_backend: file sender lists)
+    sender_rights: Callable[[str, Address | None], bool] | None = None
 
 
 class GateSMTP(GlueSMTP):
@@ -184,6 +187,31 @@ class GateSMTP(GlueSMTP):
         cipher = ssl_object.cipher()
         return f"{ssl_object.version()} {cipher[0]}" if cipher else ssl_object.version()
 
+    @property
+    def authenticated_user(self) -> str | None:
+        data = self.session.auth_data if self.session and self.session.authenticated else None
+        return str(data) if data else None
+
+    def may_send_as(self, user: str, address: Address | None) -> bool:
+        rights = self.settings.sender_rights
+        return rights is None or rights(user, address)
+
+    def check_from(self, raw: bytes) -> None:
+        """End of DATA: every From: address must be in the user's sender list (SMTPReply if not)."""
+        user = self.authenticated_user
+        if user is None or self.settings.sender_rights is None:
+            return
+        for value in parse_header_block(raw).get_all("From"):
+            try:
+                addresses = parse_address_list(value)
+            except AddressError:
+                # Unreadable here may still be shown as someone by a mail client: refused.
+                raise SMTPReply(replies.SENDER_NOT_ALLOWED, "From: field that cannot be parsed") from None
+            for address in addresses:
+                if not self.may_send_as(user, address):
+                    raise SMTPReply(replies.SENDER_NOT_ALLOWED, "From: address not in the user's sender list",
+                                    header_from=str(address))
+
     # -------------------------------------------------------- commands
 
     async def _reply(self, error: SMTPReply, **fields) -> None:
@@ -222,6 +250,13 @@ class GateSMTP(GlueSMTP):
             return
         except SMTPReply as exc:
             await self._reply(exc, stage="mail")
+            return
+        user = self.authenticated_user
+        if user is not None and not self.may_send_as(user, sender):
+            self.log.info("message.rejected", code=replies.SENDER_NOT_ALLOWED.code, stage="mail",
+                          reason="envelope sender not in the user's sender list", mail_from=str(sender),
+                          **self.client_info().log_fields())
+            await self.push(replies.SENDER_NOT_ALLOWED.line())
             return
         tx = Transaction(ctx=self.settings.relay, client=self.client_info(), log=self.log)
         try:
@@ -334,6 +369,7 @@ class Handler:
 
     async def _finish(self, server: GateSMTP, tx, raw: bytes) -> str:
         try:
+            server.check_from(raw)
             return await tx.finish(raw)
         except SMTPReply as exc:
             server.log.info("message.rejected", code=exc.reply.code, reason=exc.reason,
