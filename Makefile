@@ -54,6 +54,8 @@ fuzz: venv
 	for target in tests/fuzz/fuzz_*.py; do \
 		$(BIN)/python $$target -max_total_time=$(FUZZ_SECONDS) || exit 1; \
 	done
+	# The SMTP state machine with its long profile (tests/test_smtp_state_machine.py).
+	SMTPGATE_FUZZ=1 $(BIN)/pytest -q -p no:cacheprovider tests/test_smtp_state_machine.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .coverage test-artifacts
