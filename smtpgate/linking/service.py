@@ -26,7 +26,7 @@ from smtpgate.linking.plan import (
     thread_message_ids,
 )
 from smtpgate.log import get_logger
-from smtpgate.mail.addresses import MAX_LOCAL_OCTETS, Address, parse_path
+from smtpgate.mail.addresses import MAX_LOCAL_OCTETS, Address, join_tag, parse_path
 from smtpgate.mail.dkim import broken_signatures
 from smtpgate.mail.headers import HeaderBlock
 from smtpgate.mail.msgid import make_message_id, message_id_of
@@ -205,6 +205,25 @@ class LinkService:
             else:
                 reused.append(reference)
         return found, created, reused, would_create, untaggable
+
+    async def early_target(self, mail_from: Address, recipient: Address) -> Address | None:
+        """The tagged form of ``recipient`` when the envelope sender names the source and the
+        link already exists (or it is the source's own mailbox); None otherwise, and on any
+        store failure (end of DATA decides for good). Reads only."""
+        source = self.directory.tag_reference(mail_from)
+        match = self.directory._match(recipient)
+        if source is None or match is None or match.tag is not None:
+            return None
+        owner, reference = source
+        if match.info.address != owner.address:
+            try:
+                reference = await self.store.find_link(reference, match.info.address)
+            except StoreError:
+                return None
+            if reference is None:
+                return None
+        local = join_tag(match.base, reference, self.directory.separator)
+        return Address(local, recipient.domain) if local is not None else None
 
     async def retag(self, envelope: Envelope, headers: HeaderBlock, *, unknown_tags: str = "pass",
                     message_id: str | None = None) -> LinkDecision:

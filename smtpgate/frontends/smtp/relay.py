@@ -54,6 +54,7 @@ class Recipient:
     address: Address
     params: dict[str, Param]
     relayed: Address  # what the upstream was last asked to accept
+    tag_refused: bool = False  # the upstream refused the tagged form at RCPT time
 
     def upstream_params(self, extensions: frozenset[str]) -> list[str]:
         out = [str(p) for k, p in self.params.items() if _RCPT_PARAM_EXTENSION[k] in extensions]
@@ -96,7 +97,7 @@ class Transaction:
         except UpstreamError as exc:
             self.log.warning("upstream.error", stage="connect", reason=exc.reason,
                              upstream=self.ctx.pool.config.label)
-            raise SMTPReply(replies.UPSTREAM_UNREACHABLE, exc.reason) from None
+            raise SMTPReply(exc.reply or replies.UPSTREAM_UNREACHABLE, exc.reason) from None
         ext = self.upstream.extensions
         if "SMTPUTF8" in params and "smtputf8" not in ext and sender and not str(sender).isascii():
             await self.release(reusable=True)
@@ -122,22 +123,38 @@ class Transaction:
     # ----------------------------------------------------------------- RCPT
 
     async def add_recipient(self, address: Address, params: dict[str, Param]) -> str:
-        """RCPT: relay it as given; the upstream's verdict is the client's reply."""
+        """RCPT: relay it (tagged already when the link is known); the upstream's verdict is the reply."""
         if self.broken or self.upstream is None:
             raise SMTPReply(replies.UPSTREAM_LOST, self.broken or "no upstream transaction")
         if len(self.recipients) >= self.ctx.limits.max_recipients:
             raise SMTPReply(replies.TOO_MANY_RECIPIENTS, "limits.max_recipients reached")
         if "smtputf8" not in self.upstream.extensions and not str(address).isascii():
             raise SMTPReply(replies.SMTPUTF8_UNSUPPORTED, "non-ASCII recipient, upstream lacks SMTPUTF8")
-        rcpt = Recipient(address=address, params=params, relayed=address)
+        tagged = await self._early_tag(address)
+        rcpt = Recipient(address=address, params=params, relayed=tagged or address)
         verdict = await self._upstream_call(
-            self.upstream.rcpt(str(address), rcpt.upstream_params(self.upstream.extensions))
+            self.upstream.rcpt(str(rcpt.relayed), rcpt.upstream_params(self.upstream.extensions))
         )
+        if tagged is not None and verdict.code >= 500:
+            # The upstream refuses the tag (plus addressing off): delivery matters more.
+            self.log.warning("upstream.tag_refused", recipient=str(address), tagged=str(tagged),
+                             reply=f"{verdict.code} {verdict.text}")
+            rcpt.relayed, rcpt.tag_refused = address, True
+            verdict = await self._upstream_call(
+                self.upstream.rcpt(str(address), rcpt.upstream_params(self.upstream.extensions)))
         if verdict.ok:
             self.recipients.append(rcpt)
         else:
             self.refused.append((str(address), f"{verdict.code} {verdict.text}"))
         return _rcpt_line(verdict)
+
+    async def _early_tag(self, address: Address) -> Address | None:
+        """DESIGN.md 2.3: the tagged form at RCPT time when the envelope sender names the source
+        and the link exists, so the common message needs no replay. End of DATA decides again
+        (a replay follows if the message says otherwise)."""
+        if self.ctx.mode != "enforce" or self.ctx.direction != "outbound" or self.mail_from is None:
+            return None
+        return await self.ctx.links.early_target(self.mail_from, address)
 
     async def _upstream_call(self, call) -> Verdict:
         try:
@@ -169,6 +186,9 @@ class Transaction:
             self._log_observed(decision)
             applied = decision.without_changes()
         else:
+            for rcpt in self.recipients:
+                if rcpt.tag_refused:
+                    decision = decision.without_tag(rcpt.address)
             applied = await self._replay(decision)
         content = self._trace_fields(applied) + applied.apply(raw)
         verdict = await self._timed("upstream_ms", self._send(content))
