@@ -185,6 +185,7 @@ class Limits:
     max_connections_per_client: int = 20
     idle_timeout: float = 300.0
     max_bad_commands: int = 20
+    auth_failure_delay: float = 1.0  # the first failed AUTH's delay; doubles per failure from one address
 
 
 @dataclass(frozen=True)
@@ -1078,8 +1079,9 @@ def _limits(m: _Mapping) -> Limits | None:
         max_hops=m.get("max_hops", _positive_int, 50),
         max_connections=m.get("max_connections", _positive_int, 1000),
         max_connections_per_client=m.get("max_connections_per_client", _positive_int, 20),
-        idle_timeout=m.get("idle_timeout", _number, 300.0),
+        idle_timeout=m.get("idle_timeout", _positive_number, 300.0),
         max_bad_commands=m.get("max_bad_commands", _positive_int, 20),
+        auth_failure_delay=m.get("auth_failure_delay", _number, 1.0),
     )
     m.finish()
     return None if None in values.values() else Limits(**values)

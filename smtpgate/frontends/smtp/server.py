@@ -317,6 +317,9 @@ class GateSMTP(GlueSMTP):
         await super().smtp_AUTH(arg)
 
 
+# The longest a failed AUTH's answer is held (seconds): well inside limits.idle_timeout's default.
+AUTH_DELAY_CAP = 30.0
+
 # Replies to a command the client should not have sent as it did (RFC 5321 4.2.4: unknown,
 # syntax, not implemented, out of sequence); each counts against limits.max_bad_commands.
 _BAD_COMMAND_CODES = {"500", "501", "502", "503", "504"}
@@ -339,7 +342,23 @@ class Handler(PasswordMechanisms):
         authenticate = server.settings.authenticator
         if authenticate is None or self.listener.auth == "none":
             return AuthResult(success=False, handled=False)
-        return await authenticate(server, server.session, server.envelope, mechanism, credentials)
+        result = await authenticate(server, server.session, server.envelope, mechanism, credentials)
+        if not result.success:
+            await self._slow_down(server, mechanism)
+        return result
+
+    async def _slow_down(self, server: GateSMTP, mechanism: str) -> None:
+        """Hold a failed AUTH's answer, longer with each failure from the same client address.
+
+        With limits.max_connections_per_client sessions at most, an address tries at most
+        that many passwords per delay, and the delay doubles (up to AUTH_DELAY_CAP) as it fails.
+        """
+        failures = self.registry.auth_failures.fail(server.client_ip)
+        base = server.settings.relay.limits.auth_failure_delay
+        delay = min(base * 2 ** min(failures - 1, 32), AUTH_DELAY_CAP)
+        server.log.warning("auth.delayed", failures=failures, delay_s=round(delay, 3), mechanism=mechanism)
+        if delay > 0:
+            await asyncio.sleep(delay)
 
     async def handle_EHLO(self, server: GateSMTP, session, envelope, hostname: str, responses: list[str]):
         session.host_name = hostname
