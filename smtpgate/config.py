@@ -1223,6 +1223,11 @@ def _build(ctx: _Ctx, root: yaml.Node | None, path: Path) -> Config | None:
     limits = _limits(top.sub("limits"))
     logging_ = _logging(top.sub("logging"))
     admin = _admin(top.sub("admin"), mailboxes or ())
+    if auth_backend == "upstream" and upstream is not None and upstream.scheme not in ("smtps", "smtp+starttls"):
+        # The clients' own passwords go to the upstream: only ever over TLS.
+        ctx.error(top.raw("auth_backend"), "auth_backend",
+                  f"upstream sends each client's password to the upstream, so upstream.url "
+                  f"must be smtps:// or smtp+starttls:// (it is {upstream.scheme}:)")
     top.finish()
     if ctx.problems:
         return None

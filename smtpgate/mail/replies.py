@@ -63,6 +63,8 @@ UPSTREAM_DNS_FAILURE = Reply(451, "4.4.3", "Upstream mail server could not be lo
 UPSTREAM_NO_ROUTE = Reply(451, "4.4.4", "No route to the upstream mail server, try again later")
 # RFC 7505 section 4.1 and RFC 7504 (556): the upstream domain publishes a null MX, it accepts no mail.
 NULL_MX = Reply(556, "5.1.10", "The upstream mail domain accepts no mail (null MX)")
+# RFC 4954 6: the credentials could not be checked now (auth_backend: upstream, upstream unreachable).
+AUTH_TEMPORARY = Reply(454, "4.7.0", "Temporary authentication failure")
 # RFC 3463 4.3.0: other or undefined mail system status (store, allocator, internal fault).
 TEMPORARY_FAILURE = Reply(451, "4.3.0", "Temporary failure, try again later")
 # Smuggling defence (bare CR/LF, NUL): RFC 5321 2.3.8 and 4.1.4.

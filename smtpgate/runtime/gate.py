@@ -18,6 +18,7 @@ from smtpgate.frontends.milter.server import start_milter_listener
 from smtpgate.frontends.milter.session import MilterSettings
 from smtpgate.frontends.registry import SessionRegistry
 from smtpgate.frontends.smtp.relay import RelayContext
+from smtpgate.frontends.smtp.auth import upstream_authenticator
 from smtpgate.frontends.smtp.server import SmtpSettings, file_authenticator, make_factory, tls_context
 from smtpgate.frontends.smtp.tls import TlsSetupError
 from smtpgate.linking.plan import Directory
@@ -85,9 +86,11 @@ class Snapshot:
             relay = RelayContext(pool=self.pool, links=self.links, limits=self.config.limits,
                                  hostname=self.config.hostname, mode=listener.mode or self.config.mode,
                                  direction=listener.direction, unknown_tags=self.config.inbound.unknown_tags)
-            settings = SmtpSettings(relay=relay, authenticator=file_authenticator(self.users),
-                                    max_connections=self.config.limits.max_connections,
-                                    sender_rights=self.users.may_send_as)
+            by_upstream = self.config.auth_backend == "upstream"  # the upstream's own send-as rules apply
+            settings = SmtpSettings(relay=relay, max_connections=self.config.limits.max_connections,
+                                    authenticator=(upstream_authenticator(self.pool) if by_upstream
+                                                   else file_authenticator(self.users)),
+                                    sender_rights=None if by_upstream else self.users.may_send_as)
             self._smtp[listener.name] = settings
         return settings
 

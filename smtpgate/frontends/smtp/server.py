@@ -8,6 +8,7 @@ lockstep), so every reply comes from smtpgate.mail.replies or from the upstream.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ssl
 import uuid
 from collections.abc import Callable
@@ -54,6 +55,7 @@ class GateSMTP(GlueSMTP):
         self.finishing = False  # between the client's final dot and smtpgate's reply
         self.counted = False
         self.admitted: str | None = None  # the address counted against max_connections_per_client
+        self.user_upstream = None  # auth_backend: upstream: the client's own upstream login
         self.bad_commands = 0
         super().__init__(handler, **kwargs)
 
@@ -75,6 +77,9 @@ class GateSMTP(GlueSMTP):
         admitted, self.admitted = self.admitted, None
         if admitted is not None:
             self.registry.release(admitted)
+        user_upstream, self.user_upstream = self.user_upstream, None
+        if user_upstream is not None:
+            self.registry.spawn(user_upstream.close())  # after the transaction's abort, on the same loop
         if self.counted:
             self.counted = False
             self.registry.discard(self)
@@ -188,6 +193,10 @@ class GateSMTP(GlueSMTP):
         cipher = ssl_object.cipher()
         return f"{ssl_object.version()} {cipher[0]}" if cipher else ssl_object.version()
 
+    def adopt_upstream(self, user_upstream) -> None:
+        """auth_backend: upstream: this session's messages go over the client's own upstream login."""
+        self.user_upstream = user_upstream
+
     @property
     def authenticated_user(self) -> str | None:
         data = self.session.auth_data if self.session and self.session.authenticated else None
@@ -259,7 +268,10 @@ class GateSMTP(GlueSMTP):
                           **self.client_info().log_fields())
             await self.push(replies.SENDER_NOT_ALLOWED.line())
             return
-        tx = Transaction(ctx=self.settings.relay, client=self.client_info(), log=self.log)
+        ctx = self.settings.relay
+        if self.user_upstream is not None:
+            ctx = dataclasses.replace(ctx, pool=self.user_upstream)
+        tx = Transaction(ctx=ctx, client=self.client_info(), log=self.log)
         try:
             line = await tx.open(sender, params)
         except SMTPReply as exc:
@@ -343,7 +355,7 @@ class Handler(PasswordMechanisms):
         if authenticate is None or self.listener.auth == "none":
             return AuthResult(success=False, handled=False)
         result = await authenticate(server, server.session, server.envelope, mechanism, credentials)
-        if not result.success:
+        if not result.success and not result.handled:  # handled: a temporary failure, already answered
             await self._slow_down(server, mechanism)
         return result
 
