@@ -129,3 +129,25 @@ def test_upstream_backend_needs_tls_to_the_upstream(tmp_path):
     [problem] = info.value.problems
     assert problem.startswith("smtpgate.yaml:8: auth_backend: upstream sends each client's "
                               "password to the upstream, so upstream.url must be smtps:// or smtp+starttls://")
+
+
+async def test_dropped_user_connection_logs_in_again_for_the_next_message(tmp_path, upstream, start_gate, log_lines):
+    gate, port = await start_gate(load_config(write_config(tmp_path, config_text(tmp_path, upstream.port, upstream.cafile))))
+    tls = client_tls_context(str(tmp_path / "tls" / "test-cert.pem"))
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, tls_context=tls)
+    await client.connect()
+    await client.starttls()
+    await client.login(*JANE)
+    upstream.drop_after_data = True  # the upstream hangs up on the first message's dot
+    with pytest.raises(aiosmtplib.SMTPDataError) as info:
+        await client.sendmail("jane@corp.example", ["b@x.example"], message(0))
+    assert info.value.code == 451
+    upstream.drop_after_data = False
+    errors, reply = await client.sendmail("jane@corp.example", ["b@x.example"], message(1))
+    assert not errors and reply.startswith("2")
+    await client.quit()
+    [delivered] = await upstream.wait_for_messages(1)
+    # A new connection, logged in again with the credentials the session holds.
+    assert delivered.auth_login == "jane@corp.example"
+    assert len([c for c in upstream.commands if c.startswith("AUTH")]) == 2
+    assert JANE[1] not in str(log_lines())
