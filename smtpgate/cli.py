@@ -174,9 +174,9 @@ def _reference(config: Config, text: str) -> str | None:
 
 
 def _serve(args) -> int:
-    from smtpgate.runtime.gate import serve
+    from smtpgate.runtime.supervisor import serve_main
 
-    return asyncio.run(serve(config_path(args.config)))
+    return serve_main(config_path(args.config))
 
 
 def _check_config(args, config: Config) -> int:
