@@ -43,7 +43,7 @@ from tests.support.sink import Sink, make_test_cert
 FUZZ = bool(os.environ.get("SMTPGATE_FUZZ"))
 settings.register_profile("smtp-state", max_examples=150, stateful_step_count=12, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("smtp-state-fuzz", max_examples=3000, stateful_step_count=40, deadline=None,
+settings.register_profile("smtp-state-fuzz", max_examples=1000, stateful_step_count=30, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 PROFILE = settings.get_profile("smtp-state-fuzz" if FUZZ else "smtp-state")
 
