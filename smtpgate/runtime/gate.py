@@ -20,7 +20,9 @@ from smtpgate.frontends.milter.server import start_milter_listener
 from smtpgate.frontends.milter.session import MilterSettings
 from smtpgate.frontends.registry import SessionRegistry
 from smtpgate.frontends.smtp.relay import RelayContext
+from smtpgate.frontends.smtp.auth import upstream_authenticator
 from smtpgate.frontends.smtp.server import SmtpSettings, file_authenticator, make_factory, tls_context
+from smtpgate.frontends.smtp.tls import TlsSetupError
 from smtpgate.linking.plan import Directory
 from smtpgate.linking.references import ReferenceMatcher
 from smtpgate.linking.service import LinkService
@@ -86,8 +88,11 @@ class Snapshot:
             relay = RelayContext(pool=self.pool, links=self.links, limits=self.config.limits,
                                  hostname=self.config.hostname, mode=listener.mode or self.config.mode,
                                  direction=listener.direction, unknown_tags=self.config.inbound.unknown_tags)
-            settings = SmtpSettings(relay=relay, authenticator=file_authenticator(self.users),
-                                    max_connections=self.config.limits.max_connections)
+            by_upstream = self.config.auth_backend == "upstream"  # the upstream's own send-as rules apply
+            settings = SmtpSettings(relay=relay, max_connections=self.config.limits.max_connections,
+                                    authenticator=(upstream_authenticator(self.pool) if by_upstream
+                                                   else file_authenticator(self.users)),
+                                    sender_rights=None if by_upstream else self.users.may_send_as)
             self._smtp[listener.name] = settings
         return settings
 
@@ -160,7 +165,10 @@ class Gate:
             raise StartupError(f"listener {listener.name}: kind {listener.kind} is not available yet")
         if listener.kind == "milter":
             return await self._listen_milter(listener, bound)
-        context = tls_context(listener)
+        try:
+            context = tls_context(listener)
+        except TlsSetupError as exc:
+            raise StartupError(f"listener {listener.name}: {exc}") from None
         if context is not None:
             self.tls[listener.name] = context
         factory, tls = make_factory(listener, lambda: self._current().smtp(listener), self.registry, context)
