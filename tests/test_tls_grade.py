@@ -16,7 +16,8 @@ import sys
 import pytest
 
 from smtpgate.config import ConfigError, load_config
-from tests.conftest import IN_CI, write_config
+from tests.conftest import write_config
+from tests.support.ci import needs
 from tests.support.pki import TestCA
 from tests.support.sink import make_test_cert
 from tests.support.wire import Wire, code
@@ -78,9 +79,7 @@ async def test_sslyze_scan_passes_mozilla_intermediate(tmp_path, sink, start_gat
     try:
         import sslyze  # noqa: F401
     except ImportError:
-        if IN_CI:
-            pytest.fail("sslyze is in the test extra and must be installed under CI")
-        pytest.skip("sslyze is not installed (pip install -e '.[test]')")
+        needs("sslyze", "it is in the test extra: pip install -e '.[test]'")
     # A leaf from a CA, as a real deployment has: the profile's checks include path validation.
     ca = TestCA(tmp_path / "pki")
     gate, port = await start_gate(tls_config(tmp_path, sink.port, pair=ca.server("localhost")))
