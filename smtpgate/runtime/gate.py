@@ -273,23 +273,20 @@ class Gate:
         log.info("shutdown.complete", sessions_closed=len(still_open))
 
 
-async def serve(config_path: Path) -> int:
-    """`smtpgate serve`: run until SIGTERM/SIGINT; SIGHUP reloads the config."""
+async def start_or_report(gate: Gate, *args, **kwargs) -> bool:
+    """Start the gate; a failure is logged as startup.failed and what started is drained."""
     try:
-        config = load_config(config_path)
-    except ConfigError as exc:
-        setup_logging()
-        for problem in exc.problems:
-            log.error("config.rejected", error=problem)
-        return 2
-    setup_logging(config.logging.format, config.logging.level)
-    gate = Gate(config)
-    try:
-        await gate.start()
+        await gate.start(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - every start-up failure is reported, then exit 1
         log.error("startup.failed", reason=str(exc), error=type(exc).__name__)
         await gate.drain(0)
-        return 1
+        return False
+    return True
+
+
+def install_signals(gate: Gate, config_path: Path) -> asyncio.Event:
+    """SIGHUP reloads (a bad file refused, the old config kept; systemd told RELOADING/READY);
+    SIGTERM and SIGINT set the returned event."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -306,6 +303,23 @@ async def serve(config_path: Path) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload)
+    return stop
+
+
+async def serve(config_path: Path) -> int:
+    """`smtpgate serve`: run until SIGTERM/SIGINT; SIGHUP reloads the config."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        setup_logging()
+        for problem in exc.problems:
+            log.error("config.rejected", error=problem)
+        return 2
+    setup_logging(config.logging.format, config.logging.level)
+    gate = Gate(config)
+    if not await start_or_report(gate):
+        return 1
+    stop = install_signals(gate, config_path)
     sd_notify("READY=1")
     log.info("smtpgate.ready", config=str(config.path), listeners=[f"{h}:{p}" for h, p in gate.bound],
              upstream=config.upstream.label, mode=config.mode,
