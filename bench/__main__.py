@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
+import secrets
 import signal
 import smtplib
+import subprocess
 import sys
 import tempfile
 import time
@@ -137,15 +140,21 @@ def latency(folder: Path, sink: SmtpSink, postfix: PostfixRelay, setups: list[Ga
     return out
 
 
-def store_run(stack: contextlib.ExitStack, folder: Path, store: str, messages: int):
-    """The store alone, on a database of its own."""
+def store_run(stack: contextlib.ExitStack, folder: Path, store: str, messages: int, root: Path = ROOT):
+    """The store alone, on a database of its own, with the smtpgate tree at root."""
     if store == "sqlite":
-        url = f"sqlite:{folder / 'store-alone.db'}"
+        url = f"sqlite:{folder / f'store-alone-{secrets.token_hex(3)}.db'}"
     else:
         url = stack.enter_context(fresh_pg_database())
-    result = storebench.run(url, folder, messages)
-    log(f"store alone ({store}): {result.rate:.0f} messages/s, look-up p50 {result.lookup_p50 * 1000:.2f} ms, "
-        f"record p50 {result.record_p50 * 1000:.2f} ms, record transactions {result.batches}")
+    env = dict(os.environ, PYTHONPATH=str(root))
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "storebench.py"), url, str(folder), str(messages)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    if done.returncode != 0:
+        raise BenchError(f"store alone ({store}, {root}): {done.stderr.strip()[-2000:]}")
+    result = storebench.StoreResult(**json.loads(done.stdout.strip().splitlines()[-1]))
+    log(f"store alone ({store}{'' if root == ROOT else ', ' + str(root)}): {result.rate:.0f} messages/s, "
+        f"look-up p50 {result.lookup_p50 * 1000:.2f} ms, record p50 {result.record_p50 * 1000:.2f} ms, "
+        f"record transactions {result.batches}")
     return result
 
 
@@ -186,6 +195,9 @@ def main() -> int:
     parser.add_argument("--latency-messages", type=int, default=1000)
     parser.add_argument("--stores", default="sqlite,postgresql")
     parser.add_argument("--no-store", action="store_true", help="skip the store-alone run")
+    parser.add_argument("--baseline", type=Path, action="append", default=[],
+                        help="another smtpgate source tree (e.g. `git archive` of an older commit) "
+                             "to run as extra 1-worker rows and store-alone runs, for before/after")
     parser.add_argument("--no-latency", action="store_true")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-profile", action="store_true")
@@ -223,6 +235,11 @@ def main() -> int:
                     setup = GateSetup(store, urls[store], workers)
                     targets.append(Target(f"smtpgate {report.STORE_NAMES[store]} {workers} worker"
                                           + ("s" if workers > 1 else ""), "smtpgate", setup))
+            for base in args.baseline:
+                for store in stores:
+                    targets.append(Target(f"smtpgate {report.STORE_NAMES[store]} 1 worker "
+                                          f"[{base.name}]", "smtpgate",
+                                          GateSetup(store, urls[store], 1, root=base.resolve())))
             for store in stores:
                 warm_up(folder, GateSetup(store, urls[store], 1), sink)
             for target in targets:
@@ -232,7 +249,9 @@ def main() -> int:
                         log(f"{target.name}: not available: {target.unavailable}")
             throughput(targets, folder, sink, postfix, args.messages, args.rounds)
             store_alone = [] if args.no_store else [
-                (store, store_run(stack, folder, store, args.messages)) for store in stores]
+                (f"{report.STORE_NAMES[store]}{'' if root == ROOT else f' [{root.name}]'}",
+                 store_run(stack, folder, store, args.messages, root))
+                for root in [ROOT, *(b.resolve() for b in args.baseline)] for store in stores]
             one_worker = [GateSetup(s, urls[s], 1) for s in stores]
             lat = None if args.no_latency else latency(folder, sink, postfix, one_worker,
                                                        args.latency_messages)

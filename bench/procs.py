@@ -259,6 +259,7 @@ class GateSetup:
     store_url: str
     workers: int
     env: dict[str, str] | None = None  # extra environment (e.g. the event loop choice)
+    root: Path = ROOT  # the smtpgate source tree that runs
 
 
 class Smtpgate:
@@ -281,7 +282,7 @@ class Smtpgate:
             store=self.setup.store_url))
         self._log = open(self.log_path, "ab")
         env = dict(os.environ)
-        env["PYTHONPATH"] = str(ROOT)
+        env["PYTHONPATH"] = str(self.setup.root)
         env.update(self.setup.env or {})
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "smtpgate", "serve", "-c", str(self.config_path)],

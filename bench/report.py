@@ -141,7 +141,7 @@ def render(*, args, started, targets, store_alone, latency, memory, profiles, po
         add("|---|---:|---:|---:|---:|")
         for store, r in store_alone:
             batches = "one per record" if r.batches is None else str(r.batches)
-            add(f"| {STORE_NAMES[store]} | {r.rate:.0f} | {_ms(r.lookup_p50)} / {_ms(r.lookup_p99)} "
+            add(f"| {store} | {r.rate:.0f} | {_ms(r.lookup_p50)} / {_ms(r.lookup_p99)} "
                 f"| {_ms(r.record_p50)} / {_ms(r.record_p99)} | {batches} |")
     if latency:
         add("")

@@ -1,15 +1,24 @@
-"""The store alone, in this process: what each message asks of it under
-linking traffic (one link look-up before the dot, one message record after),
-from 20 concurrent sessions, without SMTP around it."""
+"""The store alone: what each message asks of it under linking traffic (one
+link look-up before the dot, one message record after), from 20 concurrent
+sessions, without SMTP around it.
+
+Run as a script (`python bench/storebench.py URL MESSAGES`, one JSON line
+out) so that PYTHONPATH picks the smtpgate tree it measures.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+
+import structlog
 
 from smtpgate.store import AllocationContext, LinkTarget, MessageRecord, open_store
 from smtpgate.store.allocation import LocalAllocator
@@ -40,6 +49,7 @@ def _quantile(values: list[float], q: float) -> float:
 
 
 async def _run(url: str, base_dir: Path, messages: int, sessions: int) -> StoreResult:
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
     store = await open_store(url, base_dir=base_dir, allocator=LocalAllocator(900000), auto_upgrade=True)
     try:
         context = AllocationContext(subject="Invoice", from_=None, message_id=None)
@@ -81,3 +91,8 @@ async def _run(url: str, base_dir: Path, messages: int, sessions: int) -> StoreR
 
 def run(url: str, base_dir: Path, messages: int, sessions: int = 20) -> StoreResult:
     return asyncio.run(_run(url, base_dir, messages, sessions))
+
+
+if __name__ == "__main__":
+    result = run(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]))
+    print(json.dumps(dataclasses.asdict(result)))
