@@ -12,13 +12,14 @@ import ssl
 import uuid
 from typing import TYPE_CHECKING
 
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, syntax
+from aiosmtpd.smtp import AuthResult, LoginPassword, syntax
 
 from smtpgate.mail import replies
 from smtpgate.mail.addresses import AddressError, parse_path
 from smtpgate.config import Listener
 from smtpgate.log import get_logger
 from smtpgate.mail.params import parse_params, split_argument
+from smtpgate.frontends.smtp.prototype import PrototypeSMTP
 from smtpgate.frontends.smtp.relay import MAIL_PARAMS, RCPT_PARAMS, ClientInfo, Transaction
 from smtpgate.mail.replies import SMTPReply
 
@@ -46,7 +47,7 @@ _DATA_REFUSALS = {
 }
 
 
-class GateSMTP(SMTP):
+class GateSMTP(PrototypeSMTP):
     """One client connection."""
 
     def __init__(self, gate: Gate, listener: Listener, handler: Handler, **kwargs):
