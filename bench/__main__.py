@@ -171,17 +171,24 @@ def memory_run(folder: Path, sink: SmtpSink, setup: GateSetup) -> memory.MemoryR
 
 def profile_run(folder: Path, sink: SmtpSink, setup: GateSetup, messages: int, out_dir: Path):
     out_dir.mkdir(parents=True, exist_ok=True)
-    raw = out_dir / f"profile-{setup.store_kind}-{setup.workers}w.txt"
-    with Smtpgate(folder, setup, sink.port, f"profile-{setup.store_kind}") as gate:
+    tree = "" if setup.root == ROOT else f"-{setup.root.name}"
+    raw = out_dir / f"profile-{setup.store_kind}-{setup.workers}w{tree}.txt"
+    with Smtpgate(folder, setup, sink.port, f"profile-{setup.store_kind}{tree}") as gate:
         recorder = Recorder(gate.pid, raw, subprocesses=setup.workers > 1)
         try:
             result = load.throughput(gate.port, folder, messages, sink=sink)
         finally:
             recorder.stop()
     summary = summarise(raw, snapshots=round(recorder.seconds * recorder.rate))
-    log(f"profile ({setup.store_kind}): {summary.samples} samples, {result.rate:.0f} msg/s under py-spy; "
+    log(f"profile ({setup.store_kind}{tree}): {summary.samples} samples, {result.rate:.0f} msg/s under py-spy; "
         f"raw stacks in {raw}")
     return summary, result
+
+
+def uvloop_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("uvloop") is not None
 
 
 def _interrupted(signum, frame) -> None:
@@ -235,6 +242,11 @@ def main() -> int:
                     setup = GateSetup(store, urls[store], workers)
                     targets.append(Target(f"smtpgate {report.STORE_NAMES[store]} {workers} worker"
                                           + ("s" if workers > 1 else ""), "smtpgate", setup))
+            if uvloop_installed() and "sqlite" in stores:
+                # The rows above run on uvloop (serve's default when installed): one on asyncio's loop.
+                targets.append(Target("smtpgate SQLite 1 worker, asyncio loop", "smtpgate",
+                                      GateSetup("sqlite", urls["sqlite"], 1,
+                                                env={"SMTPGATE_EVENT_LOOP": "asyncio"})))
             for base in args.baseline:
                 for store in stores:
                     targets.append(Target(f"smtpgate {report.STORE_NAMES[store]} 1 worker "
@@ -256,9 +268,10 @@ def main() -> int:
             lat = None if args.no_latency else latency(folder, sink, postfix, one_worker,
                                                        args.latency_messages)
             mem = None if args.no_memory else memory_run(folder, sink, one_worker[0])
+            profiled = one_worker + [GateSetup(s, urls[s], 1, root=b.resolve()) for b in args.baseline for s in stores]
             profiles = [] if args.no_profile else [
                 (setup, *profile_run(folder, sink, setup, args.messages, args.profile_dir))
-                for setup in one_worker]
+                for setup in profiled]
             text = report.render(
                 args=args, started=started, targets=targets, store_alone=store_alone,
                 latency=lat, memory=mem,

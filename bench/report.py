@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from bench import load
-from bench.procs import CONFIG, pg_version
+from bench.procs import CONFIG, ROOT, pg_version
 
 STORE_NAMES = {"sqlite": "SQLite", "postgresql": "PostgreSQL"}
 FINDINGS = Path(__file__).with_name("FINDINGS.md")
@@ -179,7 +179,8 @@ def render(*, args, started, targets, store_alone, latency, memory, profiles, po
         add("## Profile (py-spy, measured by this run)")
         for setup, prof, result in profiles:
             add("")
-            add(f"### smtpgate {STORE_NAMES[setup.store_kind]}, {setup.workers} worker: "
+            tree = "" if setup.root == ROOT else f" [{setup.root.name}]"
+            add(f"### smtpgate {STORE_NAMES[setup.store_kind]}, {setup.workers} worker{tree}: "
                 f"{result.rate:.0f} msg/s while sampled")
             add("")
             add(f"`py-spy record --threads --nonblocking --rate 250 --format raw` during one "

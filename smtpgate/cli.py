@@ -96,9 +96,16 @@ async def _with_store(config, action, **open_args):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
+        from smtpgate.runtime import loop
         from smtpgate.runtime.gate import serve
 
-        return asyncio.run(serve(config_path(args.config)))
+        try:
+            factory = loop.loop_factory()
+        except loop.LoopChoiceError as exc:
+            print(f"smtpgate: {exc}", file=sys.stderr)
+            return 2
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(serve(config_path(args.config)))
 
     config, status = _load(args)
     if config is None:
