@@ -213,3 +213,21 @@ async def test_a_known_explicit_link_is_answered_while_writers_wait(store_url, t
         assert await store.activity_mailbox("77-A") == UK
     finally:
         await store.close()
+
+
+async def test_an_owner_another_node_records_later_is_seen(store_url, tmp_path):  # noqa: F811
+    one = await opened(store_url, tmp_path)
+    two = await opened(store_url, tmp_path)
+    try:
+        await one.record_link("101203-T", None, "5512-C", PL, None)
+        assert await one.activity_mailbox("101203-T") is None
+        await two.record_activity("101203-T", UK)
+        # An activity without an owner is asked again, so the other node's answer counts.
+        assert await one.activity_mailbox("101203-T") == UK
+        await one.record_activity("101203-T", PL)  # a known owner stays
+        assert await two.activity_mailbox("101203-T") == UK
+        assert await one.activity_mailbox("5512-C") == PL
+    finally:
+        await one.close()
+        await two.close()
+

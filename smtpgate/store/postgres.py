@@ -82,6 +82,10 @@ USING (message_id, source_key)
 """
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """A pool reset that sends nothing (asyncpg still rolls back an open transaction)."""
+
+
 def _safe_dsn(dsn: str) -> str:
     """The DSN without its password, for error messages."""
     return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", dsn)
@@ -114,18 +118,21 @@ class PostgresStore(SqlStore):
         """Open the connection pools; StoreError when the server cannot be reached."""
         try:
             self._writes = await self._open_pool()
-            self._reads = await self._open_pool()
+            # Look-ups change no session state (no SET, LISTEN, cursor or lock):
+            # a connection goes back without asyncpg's reset query, a round trip.
+            self._reads = await self._open_pool(reset=_keep_session)
         except (*_FAILURES, ValueError) as exc:
             await self.close()
             raise StoreError(f"postgresql {_safe_dsn(self.dsn)}: {exc}") from exc
 
-    async def _open_pool(self) -> asyncpg.Pool:
+    async def _open_pool(self, **options: Any) -> asyncpg.Pool:
         return await asyncpg.create_pool(
             self.dsn,
             min_size=1,
             max_size=self._pool_size,
             timeout=self._timeout,
             command_timeout=self._timeout,
+            **options,
         )
 
     async def close(self) -> None:

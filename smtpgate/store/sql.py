@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import abc
 import json
+from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -38,6 +39,9 @@ log = structlog.get_logger()
 
 # Serialises schema migrations across processes and nodes.
 SCHEMA_LOCK_KEY = "smtpgate:schema"
+
+# How many activity owners a process remembers (a few hundred kB).
+_KNOWN_OWNERS = 10_000
 
 # Bound parameters per statement: under SQLite's old default limit of 999.
 _MAX_PARAMS = 900
@@ -126,6 +130,10 @@ class SqlStore(Store):
         self.allocator = allocator
         # Message records of concurrent sessions share one transaction (group.py).
         self.records: GroupCommit[MessageRecord] = GroupCommit(self._record_batch)
+        # Activity owners read from the store, newest last. A recorded owner never
+        # changes (DESIGN.md 4 keeps the stored one against contrary evidence), so
+        # what was read once holds for every process and node; see _learn_owner.
+        self._owners: OrderedDict[str, str] = OrderedDict()
 
     # -- what a backend provides ------------------------------------------
 
@@ -210,9 +218,29 @@ class SqlStore(Store):
     # -- activities -------------------------------------------------------
 
     async def activity_mailbox(self, reference: str) -> str | None:
+        known = self._known_owner(reference)
+        if known is not None:
+            return known
         async with self._read() as tx:
             row = await tx.fetchone("SELECT mailbox FROM activities WHERE reference = ?", reference)
-        return row[0] if row else None
+        mailbox = row[0] if row else None
+        self._learn_owner(reference, mailbox)
+        return mailbox
+
+    def _known_owner(self, reference: str) -> str | None:
+        mailbox = self._owners.get(reference)
+        if mailbox is not None:
+            self._owners.move_to_end(reference)
+        return mailbox
+
+    def _learn_owner(self, reference: str, mailbox: str | None) -> None:
+        # Only owners: an activity without one may get one any time, from any node.
+        if mailbox is None:
+            return
+        self._owners[reference] = mailbox
+        self._owners.move_to_end(reference)
+        if len(self._owners) > _KNOWN_OWNERS:
+            self._owners.popitem(last=False)
 
     async def _remember(self, tx: Tx, owners: dict[str, str | None], now: datetime) -> None:
         # Sorted, so that concurrent transactions lock activity rows in one
@@ -229,9 +257,7 @@ class SqlStore(Store):
             )
 
     async def record_activity(self, reference: str, mailbox: str) -> None:
-        async with self._read() as tx:
-            row = await tx.fetchone("SELECT mailbox FROM activities WHERE reference = ?", reference)
-        if row is not None and row[0] is not None:
+        if await self.activity_mailbox(reference) is not None:
             return  # the common case needs no write lock
         async with self._write() as tx:
             await self._remember(tx, {reference: mailbox}, utcnow())
