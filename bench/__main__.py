@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import os
+import pickle
 import secrets
 import signal
 import smtplib
@@ -41,6 +42,7 @@ from bench.procs import (  # noqa: E402
     SmtpSink,
     children,
     fresh_pg_database,
+    pg_version,
     wait_until,
 )
 from bench.profile import Recorder, summarise  # noqa: E402
@@ -133,8 +135,12 @@ def latency(folder: Path, sink: SmtpSink, postfix: PostfixRelay, setups: list[Ga
            ("Postfix relay", load.latency(postfix.port, folder, count))]
     wait_until(postfix.queue_empty, 300, "Postfix's queue to empty", every=0.1)
     for setup in setups:
-        with Smtpgate(folder, setup, sink.port, f"latency-{setup.store_kind}") as gate:
-            out.append((f"smtpgate {report.STORE_NAMES[setup.store_kind]}", load.latency(gate.port, folder, count)))
+        tree = "" if setup.root == ROOT else f" [{setup.root.name}]"
+        with Smtpgate(folder, setup, sink.port, f"latency-{setup.store_kind}{tree.strip()}") as gate:
+            before = cpu_seconds([gate.pid])
+            result = load.latency(gate.port, folder, count)
+            result.cpu_per_message = (cpu_seconds([gate.pid]) - before) / count
+            out.append((f"smtpgate {report.STORE_NAMES[setup.store_kind]}{tree}", result))
     for name, result in out:
         log(f"latency: {name}: p50 {result.p50 * 1000:.2f} ms, p99 {result.p99 * 1000:.2f} ms")
     return out
@@ -210,7 +216,12 @@ def main() -> int:
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "RESULTS.md")
     parser.add_argument("--profile-dir", type=Path, default=ROOT / "var" / "bench")
+    parser.add_argument("--render-only", type=Path, metavar="SAVED_RUN",
+                        help="write --output from a run saved before (var/bench/last-run.pickle)")
     args = parser.parse_args()
+    args.command = sys.argv[1:]
+    if args.render_only:
+        return render_only(args.render_only, args.output)
     # Stopped by SIGTERM, or by SIGINT even when started in the background
     # (which ignores it): unwind, so Postfix, the sink and smtpgate are stopped.
     signal.signal(signal.SIGTERM, _interrupted)
@@ -265,17 +276,19 @@ def main() -> int:
                  store_run(stack, folder, store, args.messages, root))
                 for root in [ROOT, *(b.resolve() for b in args.baseline)] for store in stores]
             one_worker = [GateSetup(s, urls[s], 1) for s in stores]
-            lat = None if args.no_latency else latency(folder, sink, postfix, one_worker,
+            baselines = [GateSetup(s, urls[s], 1, root=b.resolve()) for b in args.baseline for s in stores]
+            lat = None if args.no_latency else latency(folder, sink, postfix, one_worker + baselines,
                                                        args.latency_messages)
             mem = None if args.no_memory else memory_run(folder, sink, one_worker[0])
-            profiled = one_worker + [GateSetup(s, urls[s], 1, root=b.resolve()) for b in args.baseline for s in stores]
+            profiled = one_worker + baselines
             profiles = [] if args.no_profile else [
                 (setup, *profile_run(folder, sink, setup, args.messages, args.profile_dir))
                 for setup in profiled]
-            text = report.render(
-                args=args, started=started, targets=targets, store_alone=store_alone,
-                latency=lat, memory=mem,
-                profiles=profiles, postfix_version=postfix.version(), stores=stores)
+            run = dict(
+                args=args, started=started, finished=time.time(), targets=targets,
+                store_alone=store_alone, latency=lat, memory=mem, profiles=profiles,
+                postfix_version=postfix.version(), stores=stores,
+                pg_version=pg_version() if "postgresql" in stores else None)
     except BenchError as exc:
         print(f"make bench: {exc}", file=sys.stderr)
         return 1
@@ -283,8 +296,19 @@ def main() -> int:
         import shutil
 
         shutil.rmtree(folder, ignore_errors=True)
-    args.output.write_text(text)
-    print(f"results written to {args.output}")
+    args.profile_dir.mkdir(parents=True, exist_ok=True)
+    saved = args.profile_dir / "last-run.pickle"
+    saved.write_bytes(pickle.dumps(run))
+    args.output.write_text(report.render(**run))
+    print(f"results written to {args.output} (and {saved}, for --render-only)")
+    return 0
+
+
+def render_only(saved: Path, output: Path) -> int:
+    """RESULTS.md again from a saved run, with the current bench/FINDINGS.md."""
+    run = pickle.loads(saved.read_bytes())
+    output.write_text(report.render(**run))
+    print(f"results written to {output}")
     return 0
 
 

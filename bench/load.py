@@ -170,6 +170,7 @@ class Latency:
     """Per-message times of one session sending messages back to back (seconds)."""
 
     times: list[float] = field(default_factory=list)
+    cpu_per_message: float | None = None  # CPU seconds the target used per message
 
     def quantile(self, q: float) -> float:
         ordered = sorted(self.times)
