@@ -231,3 +231,18 @@ async def test_an_owner_another_node_records_later_is_seen(store_url, tmp_path):
         await one.close()
         await two.close()
 
+
+
+async def test_a_thread_lookup_sees_a_record_still_being_committed(store_url, tmp_path):  # noqa: F811
+    store = await opened(store_url, tmp_path)
+    try:
+        await store.record_message(record(0))
+        # A caller that does not wait for its record (it answered its client first)...
+        pending = asyncio.create_task(store.record_message(record(1)))
+        await asyncio.sleep(0)  # ...has queued it
+        hit = await store.find_thread(["<m1@corp.example>"])
+        assert hit is not None and hit.source_reference == "101203-T"
+        assert "<m1@corp.example>" in {m.message_id for m in (await store.show("101203-T")).messages}
+        await pending
+    finally:
+        await store.close()

@@ -26,6 +26,7 @@ class GroupCommit(Generic[T]):
         self._write_batch = write_batch
         self._max_batch = max_batch
         self._pending: list[tuple[T, asyncio.Future[None]]] = []
+        self._writing: list[asyncio.Future[None]] = []  # the batch being committed
         self._flusher: asyncio.Task[None] | None = None
         self.batches = 0  # committed batches, for the benchmark and tests
         self.items = 0  # items in them
@@ -46,6 +47,7 @@ class GroupCommit(Generic[T]):
         while self._pending:
             batch = self._pending[: self._max_batch]
             del self._pending[: self._max_batch]
+            self._writing = [future for _, future in batch]
             try:
                 await self._write_batch([item for item, _ in batch])
             except asyncio.CancelledError:
@@ -67,6 +69,13 @@ class GroupCommit(Generic[T]):
             for _, future in batch:
                 if not future.done():
                     future.set_result(None)
+
+    async def settled(self) -> None:
+        """Return once every item submitted before this call is committed or failed,
+        so a read that follows sees this process's own writes."""
+        waiting = [f for f in self._writing if not f.done()] + [f for _, f in self._pending]
+        if waiting:
+            await asyncio.wait(waiting)
 
     async def close(self, timeout: float | None = None) -> None:
         """Wait until every queued item is written (or its batch failed)."""

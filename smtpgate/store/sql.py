@@ -394,6 +394,8 @@ class SqlStore(Store):
             return None
         unique = list(dict.fromkeys(wanted))
         marks = ", ".join("?" for _ in unique)
+        # A reply may follow its message before that message's record is committed.
+        await self.records.settled()
         async with self._read() as tx:
             rows = await tx.fetchall(
                 "SELECT m.message_id, m.source_reference, m.mapping, a.mailbox"
@@ -485,6 +487,7 @@ class SqlStore(Store):
     # -- views ------------------------------------------------------------
 
     async def show(self, reference: str) -> ActivityView | None:
+        await self.records.settled()
         async with self._read() as tx:
             activity = await tx.fetchone("SELECT mailbox FROM activities WHERE reference = ?", reference)
             link_rows = await tx.fetchall(
