@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +39,7 @@ from bench.procs import (  # noqa: E402
     PostfixRelay,
     Smtpgate,
     SmtpSink,
+    Target,
     children,
     fresh_pg_database,
     pg_version,
@@ -47,18 +47,6 @@ from bench.procs import (  # noqa: E402
 )
 from bench.profile import Recorder, summarise  # noqa: E402
 from tests.support.postfix import postfix_available  # noqa: E402
-
-
-@dataclass
-class Target:
-    """One row of the throughput table."""
-
-    name: str
-    kind: str  # sink | postfix | smtpgate
-    setup: GateSetup | None = None
-    runs: list[load.Throughput] = field(default_factory=list)
-    unavailable: str | None = None
-    checks: list[str] = field(default_factory=list)
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -197,6 +185,22 @@ def uvloop_installed() -> bool:
     return importlib.util.find_spec("uvloop") is not None
 
 
+def uvloop_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("uvloop")
+    except PackageNotFoundError:
+        return None
+
+
+def git_commit() -> str | None:
+    """The commit of the tree that runs, `+changes` when it has uncommitted ones."""
+    done = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty=+changes"],
+                          capture_output=True, text=True)
+    return done.stdout.strip() or None
+
+
 def _interrupted(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
@@ -287,7 +291,8 @@ def main() -> int:
             run = dict(
                 args=args, started=started, finished=time.time(), targets=targets,
                 store_alone=store_alone, latency=lat, memory=mem, profiles=profiles,
-                postfix_version=postfix.version(), stores=stores,
+                postfix_version=postfix.version(), stores=stores, commit=git_commit(),
+                uvloop=uvloop_version(),
                 pg_version=pg_version() if "postgresql" in stores else None)
     except BenchError as exc:
         print(f"make bench: {exc}", file=sys.stderr)

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.support.postfix import PostfixInstance
@@ -260,6 +260,18 @@ class GateSetup:
     workers: int
     env: dict[str, str] | None = None  # extra environment (e.g. the event loop choice)
     root: Path = ROOT  # the smtpgate source tree that runs
+
+
+@dataclass
+class Target:
+    """One row of the throughput table."""
+
+    name: str
+    kind: str  # sink | postfix | smtpgate
+    setup: GateSetup | None = None
+    runs: list = field(default_factory=list)  # load.Throughput, one per round
+    unavailable: str | None = None
+    checks: list[str] = field(default_factory=list)
 
 
 class Smtpgate:
