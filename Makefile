@@ -22,9 +22,9 @@ serve: venv
 check-config: venv
 	$(BIN)/smtpgate check-config -c $(CONFIG)
 
-# Debian packages the integration tests use (Postfix as a real upstream).
-# Installed only when running as root and missing; otherwise those tests skip
-# (and fail under CI).
+# Debian packages the integration tests use (Postfix as a real upstream;
+# Chromium and its driver for the admin pages' browser test). Installed only
+# when running as root and missing; otherwise those tests skip (and fail under CI).
 system-deps:
 	@if [ "$$(id -u)" = 0 ] && ! command -v postfix >/dev/null 2>&1 && [ ! -x /usr/sbin/postfix ]; then \
 		echo "installing Debian package postfix"; \
@@ -32,11 +32,17 @@ system-deps:
 		echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix >/dev/null; \
 	fi
+	@if [ "$$(id -u)" = 0 ] && { [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; }; then \
+		echo "installing Debian packages chromium chromium-driver"; \
+		apt-get update -qq; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	fi
 
 # The pure core must stay fully covered; the report for the whole package is printed too.
-CORE := smtpgate/mail/addresses.py,smtpgate/linking/references.py,smtpgate/mail/headers.py,smtpgate/mail/rewrite.py,smtpgate/mail/dataguard.py,smtpgate/linking/plan.py
+CORE := smtpgate/mail/addresses.py,smtpgate/linking/references.py,smtpgate/mail/headers.py,smtpgate/mail/rewrite.py,smtpgate/mail/dataguard.py,smtpgate/mail/msgid.py,smtpgate/mail/dkim.py,smtpgate/linking/plan.py,smtpgate/linking/decision.py,smtpgate/linking/inbound.py
 
 test: venv system-deps
+	$(BIN)/lint-imports
 	$(BIN)/pytest --cov=smtpgate --cov-branch --cov-report=term-missing:skip-covered
 	$(BIN)/coverage report --include='$(CORE)' --fail-under=100
 
@@ -61,4 +67,4 @@ fuzz: venv
 	done
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .coverage
+	rm -rf $(VENV) var .pytest_cache .coverage test-artifacts

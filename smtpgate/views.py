@@ -1,7 +1,10 @@
-"""The linked-activities view of `smtpgate links show|list` (DESIGN.md section 9).
+"""The linked-activities views of `smtpgate links show|list|export` (DESIGN.md section 9)
+and of the admin API (docs/operations.md), which serve the same objects.
 
-Pure formatting: the store supplies ActivityView and LinkRow values, the
-config supplies the mailbox -> team mapping.
+Pure formatting: the store supplies ActivityView, LinkRow and ActivityRow
+values, the config supplies the mailbox -> team mapping. `show_object` is
+the one builder of the `links show --json` object, for every front end that
+shows an activity.
 """
 
 from __future__ import annotations
@@ -10,9 +13,9 @@ import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 
-from smtpgate.store.base import ActivityView, LinkRow
+from smtpgate.store.base import ActivityRow, ActivityView, LinkRow
 
-__all__ = ["format_list", "format_show", "iso_utc", "parse_since"]
+__all__ = ["format_export", "format_list", "format_show", "iso_utc", "parse_since", "show_object"]
 
 
 def iso_utc(value: datetime) -> str:
@@ -38,8 +41,10 @@ def _team(teams: Mapping[str, str], mailbox: str | None) -> str | None:
     return teams.get(mailbox) if mailbox else None
 
 
-def _show_object(view: ActivityView, teams: Mapping[str, str]) -> dict:
-    return {
+def show_object(view: ActivityView, teams: Mapping[str, str], *, messages: bool = True) -> dict:
+    """The `links show --json` object (DESIGN.md 9); without messages, the
+    header information only (no "messages" key), as another team may see it."""
+    shown = {
         "reference": view.reference,
         "mailbox": view.mailbox,
         "team": _team(teams, view.mailbox),
@@ -52,7 +57,9 @@ def _show_object(view: ActivityView, teams: Mapping[str, str]) -> dict:
             }
             for link in view.links
         ],
-        "messages": [
+    }
+    if messages:
+        shown["messages"] = [
             {
                 "message_id": message.message_id,
                 "date": message.date,
@@ -61,8 +68,8 @@ def _show_object(view: ActivityView, teams: Mapping[str, str]) -> dict:
                 "recipients": list(message.recipients),
             }
             for message in view.messages
-        ],
-    }
+        ]
+    return shown
 
 
 def _list_object(row: LinkRow, teams: Mapping[str, str]) -> dict:
@@ -98,7 +105,7 @@ def _or_dash(value: str | None) -> str:
 def format_show(view: ActivityView, teams: Mapping[str, str], as_json: bool) -> str:
     """`links show`: one JSON object (DESIGN.md 9), or a readable report."""
     if as_json:
-        return json.dumps(_show_object(view, teams), ensure_ascii=False)
+        return json.dumps(show_object(view, teams), ensure_ascii=False)
     team = _team(teams, view.mailbox)
     owner = _or_dash(view.mailbox) + (f" ({team})" if team else "")
     lines = [f"{view.reference}  {owner}", ""]
@@ -154,4 +161,31 @@ def format_list(rows: Sequence[LinkRow], teams: Mapping[str, str], as_json: bool
                 for row in rows
             ],
         )
+    )
+
+
+def format_export(
+    activities: Sequence[ActivityRow],
+    links: Sequence[LinkRow],
+    teams: Mapping[str, str],
+    exported_at: datetime,
+) -> str:
+    """`links export --json`: one JSON object with every activity (reference,
+    mailbox, team, created_at) and every link (as `links list --json` gives it)."""
+    return json.dumps(
+        {
+            "exported_at": iso_utc(exported_at),
+            "activities": [
+                {
+                    "reference": row.reference,
+                    "mailbox": row.mailbox,
+                    "team": _team(teams, row.mailbox),
+                    "created_at": iso_utc(row.created_at),
+                }
+                for row in activities
+            ],
+            "links": [_list_object(row, teams) for row in links],
+        },
+        ensure_ascii=False,
+        indent=1,
     )

@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from smtpgate.config import load_config
 from smtpgate.runtime.gate import Gate
@@ -14,6 +15,10 @@ from smtpgate.log import setup_logging
 from tests.support.sink import Sink
 
 IN_CI = bool(os.environ.get("CI"))
+
+# Properties are about correctness, not speed: a busy 2-core machine must not fail them.
+settings.register_profile("smtpgate", deadline=None)
+settings.load_profile("smtpgate")
 
 BASE_CONFIG = """\
 hostname: relay.test.example

@@ -72,5 +72,5 @@ def test_store_unreachable_is_a_clear_error(tmp_path):
                                                    "postgresql://postgres@127.0.0.1:1/nothing"))
     result = run(config, "links", "list")
     assert result.returncode == 1
-    assert result.stderr.startswith("smtpgate: store ")
+    assert result.stderr.startswith("smtpgate: store: postgresql://postgres@127.0.0.1:1/nothing: ")
     assert "Traceback" not in result.stderr

@@ -340,7 +340,7 @@ async def test_sessions_are_released_after_close(relay, sink):
         wire = await session(port)
         await wire.cmd("QUIT")
         await wire.close()
-    await wait_until(lambda: not gate.sessions)
+    await wait_until(lambda: not gate.registry.sessions)
 
 
 async def test_max_connections(sink, config_for, start_gate, log_lines):

@@ -147,11 +147,11 @@ async def test_client_gone_while_upstream_answers_dot_is_logged_recorded_and_rel
     await wire.send(dot_stuff(message) + b".\r\n")
     await sink.wait_for_received(1)
     await wire.close()
-    await wait_until(lambda: not gate.sessions)
+    await wait_until(lambda: not gate.registry.sessions)
     hold.set()
     await sink.wait_for_messages(1)
     await wait_until(lambda: events(log_lines, "message.relayed"))
-    await wait_until(lambda: len(gate.pool.idle) == 1)
+    await wait_until(lambda: len(gate.snapshot.pool.idle) == 1)
     assert len(events(log_lines, "message.relayed")) == 1
     assert not events(log_lines, "message.rejected")
     hit = await gate.store.find_thread(["<gone@corp.example>"])
@@ -167,7 +167,7 @@ async def test_client_gone_during_slow_rcpt_never_desyncs_a_pooled_upstream(scri
     await wire.send("RCPT TO:<slow@x.example>\r\n")
     await wait_until(lambda: any(line.upper().startswith("RCPT") for line in scripted.lines))
     await wire.close()
-    await wait_until(lambda: not gate.sessions and not gate.tasks)
+    await wait_until(lambda: not gate.registry.sessions and not gate.registry.tasks)
 
     wire = await session(port)
     assert code(await wire.cmd("MAIL FROM:<jane@corp.example>")) == 250
@@ -230,7 +230,7 @@ async def test_control_character_in_quoted_local_part_is_a_syntax_error(relay, s
     reply = await wire.cmd(command)
     assert reply.startswith(expected), reply
     if command.startswith("MAIL"):
-        assert len(gate.pool.idle) == 1  # the probed connection is still there for the next MAIL
+        assert len(gate.snapshot.pool.idle) == 1  # the probed connection is still there for the next MAIL
         assert code(await wire.cmd("MAIL FROM:<jane@corp.example>")) == 250
     assert code(await wire.cmd("RCPT TO:<b@x.example>")) == 250
     assert code(await send_data(wire, MESSAGE)) == 250

@@ -225,3 +225,28 @@ def test_arbitrary_bytes_never_break_the_rewriter(raw: bytes, mapping: dict[str,
     block = parse_header_block(raw)
     assert new[len(new) - (len(raw) - block.header_end) :] == raw[block.header_end :]
     assert new.count(b"\n") == raw.count(b"\n")
+
+
+def test_header_edits_name_the_field_by_occurrence_and_splice_back():
+    from smtpgate.mail.rewrite import apply_edits, header_edits
+
+    raw = (b"To: a@x.example\r\nCc: other@x.example\r\nCc: Team B <pl-payroll@corp.example>\r\n"
+           b"Subject: s\r\n\r\nbody To: pl-payroll@corp.example\r\n")
+    block = parse_header_block(raw)
+    [edit] = header_edits(block, {"pl-payroll@corp.example": "pl-payroll+1-T@corp.example"})
+    assert (edit.name, edit.index) == ("Cc", 2)
+    assert (edit.old, edit.new) == (b" Team B <pl-payroll@corp.example>\r\n",
+                                    b" Team B <pl-payroll+1-T@corp.example>\r\n")
+    assert apply_edits(raw, block, [edit]) == raw.replace(b"<pl-payroll@", b"<pl-payroll+1-T@")
+    assert apply_edits(raw, block, []) is raw
+
+
+def test_an_edit_that_does_not_match_the_message_is_refused():
+    from smtpgate.mail.rewrite import HeaderEdit, apply_edits
+
+    raw = b"Cc: a@x.example\r\n\r\n"
+    block = parse_header_block(raw)
+    with pytest.raises(ValueError, match="does not match"):
+        apply_edits(raw, block, [HeaderEdit("Cc", 1, b" b@x.example\r\n", b" c@x.example\r\n")])
+    with pytest.raises(ValueError, match="no such field"):
+        apply_edits(raw, block, [HeaderEdit("Cc", 2, b" a@x.example\r\n", b" c@x.example\r\n")])

@@ -8,7 +8,7 @@ import types
 
 from aiosmtpd.smtp import SMTP, AuthResult, _AuthMechAttr
 
-from smtpgate.frontends.smtp.prototype import PrototypeSMTP
+from smtpgate.frontends.smtp.aiosmtpd_glue import PrototypeSMTP
 from tests.support.smtp import send
 from tests.support.wire import Wire, code
 from tests.test_tls_auth import BODY, config_with_listener

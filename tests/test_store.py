@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from structlog.testing import capture_logs
 
 from smtpgate.store.allocation import LocalAllocator
 from smtpgate.store import (
@@ -234,17 +234,22 @@ async def test_a_closed_store_fails_as_a_store_error(store):
         await store.activity_mailbox("1-T")
 
 
-async def test_a_new_link_is_logged_once(store):
-    with capture_logs() as logs:
-        await store.get_or_create_link("101203-T", UK, target(), CTX)
-        await store.get_or_create_link("101203-T", UK, target(), CTX)
-        await store.record_link("101203-T", UK, "5512-C", DE, "<b@x>")
-        await store.record_link("101203-T", UK, "5512-C", DE, "<b@x>")
-    created = [entry for entry in logs if entry["event"] == "link.created"]
-    assert [(e["source_reference"], e["reference"], e["mailbox"]) for e in created] == [
-        ("101203-T", "900000-T", PL),
-        ("101203-T", "5512-C", DE),
-    ]
+async def test_a_new_link_is_reported_created_once(store):
+    # The link service logs link.created from these answers (tests/test_link_service.py).
+    first = await store.get_or_create_link("101203-T", UK, target(), CTX)
+    again = await store.get_or_create_link("101203-T", UK, target(), CTX)
+    assert (first.created, again.created, again.reference) == (True, False, first.reference)
+    assert await store.record_link("101203-T", UK, "5512-C", DE, "<b@x>") is True
+    assert await store.record_link("101203-T", UK, "5512-C", DE, "<b@x>") is False
+
+
+async def test_an_allocation_too_long_to_tag_makes_no_link(store):
+    tight = dataclasses.replace(target(), max_reference_length=len("900000-T") - 1)
+    assert await store.get_or_create_link("101203-T", UK, tight, CTX) is None
+    assert await store.find_link("101203-T", PL) is None
+    # Rolled back: the number is not used up, the next allocation that fits gets it.
+    outcome = await store.get_or_create_link("101203-T", UK, target(), CTX)
+    assert outcome.reference == "900000-T"
 
 
 async def test_the_pruner_prunes_until_cancelled(store):

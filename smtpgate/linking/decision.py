@@ -13,9 +13,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from typing import TYPE_CHECKING
+
 from smtpgate.mail.addresses import Address
 from smtpgate.mail.headers import HeaderBlock
 from smtpgate.mail.rewrite import HeaderEdit, apply_edits, header_edits
+
+if TYPE_CHECKING:
+    from smtpgate.linking.inbound import InboundPlan
 
 __all__ = ["ClientInfo", "Envelope", "EnvelopeRecipient", "HeaderEdit", "LinkDecision", "RecipientDecision"]
 
@@ -31,6 +36,12 @@ class ClientInfo:
     tls: bool = False
     listener: str = ""
     esmtp: bool = True  # EHLO, not HELO
+    tls_cipher: str | None = None  # "TLSv1.3 TLS_AES_256_GCM_SHA384" when TLS is on
+
+    def log_fields(self) -> dict:
+        """Who sent it, from where, how: the fields message.relayed/rejected carry (README "Logs")."""
+        return {"client_ip": self.ip, "helo": self.helo, "sasl_username": self.authenticated_as,
+                "tls": self.tls_cipher}
 
 
 @dataclass(frozen=True)
@@ -64,10 +75,7 @@ class RecipientDecision:
     original: Address
     target: Address | None
     recipient_class: str | None = None  # a RecipientClass value, None without a source
-
-    @property
-    def rewritten(self) -> bool:
-        return self.target is not None and self.target != self.original
+    mailbox: str | None = None  # the canonical work-management mailbox it belongs to
 
 
 @dataclass(frozen=True)
@@ -82,6 +90,8 @@ class LinkDecision:
 
     message_id: str
     headers: HeaderBlock = field(repr=False)
+    message_id_added: bool = False  # the message had none: the front end adds this one
+    observed: bool = False  # observe mode: nothing was written, nothing is to be applied
     recipients: tuple[RecipientDecision, ...] = ()
     source_reference: str | None = None
     source_found_in: str | None = None
@@ -94,6 +104,7 @@ class LinkDecision:
     would_create: tuple[str, ...] = ()  # observe mode: mailboxes that would get a new activity
     untaggable: tuple[str, ...] = ()
     automatic: bool = False
+    inbound: InboundPlan | None = None  # direction: inbound: what was re-tagged and why
     date: str | None = None
     from_: str | None = None
     subject: str | None = None
@@ -116,6 +127,11 @@ class LinkDecision:
     def apply(self, raw: bytes) -> bytes:
         """The message bytes with the header edits spliced in; every other byte kept."""
         return apply_edits(raw, self.headers, self.header_edits)
+
+    def without_changes(self) -> LinkDecision:
+        """The decision relayed as received (observe mode): every recipient and field unchanged."""
+        recipients = tuple(dataclasses.replace(r, target=r.original) for r in self.recipients)
+        return dataclasses.replace(self, recipients=recipients, header_edits=(), message_id_added=False)
 
     def without_tag(self, original: Address) -> LinkDecision:
         """The decision with ``original`` relayed untagged (its upstream refused the tag).

@@ -17,14 +17,18 @@ from typing import Mapping, Sequence
 from smtpgate.mail.addresses import (
     Address,
     AddressError,
+    check_separator,
+    envelope_key,
     join_tag,
     normalize_domain,
     parse_address_list,
+    parse_mailbox,
     parse_path,
     split_tag,
 )
 from smtpgate.mail.headers import HeaderBlock, decode_text
-from smtpgate.linking.references import ReferenceMatcher
+from smtpgate.mail.msgid import find_message_ids
+from smtpgate.linking.references import DEFAULT_PATTERN, ReferenceMatcher
 
 __all__ = [
     "CoreSettings",
@@ -37,12 +41,12 @@ __all__ = [
     "Resolution",
     "Source",
     "find_source",
+    "header_addresses",
     "is_automatic",
     "make_plan",
     "thread_message_ids",
 ]
 
-_MSG_ID = re.compile(r"<[^<>\s]+>")
 _AUTOMATIC_PRECEDENCE = frozenset({"bulk", "junk", "list"})
 
 
@@ -62,7 +66,7 @@ class CoreSettings:
 
     internal_domains: tuple[str, ...]
     separator: str = "+"
-    reference_pattern: str = "[0-9]{1,12}-[TCA]"
+    reference_pattern: str = DEFAULT_PATTERN
     reference_headers: tuple[str, ...] = ("X-Enate-Reference",)
     subject: bool = True
     mailboxes: tuple[MailboxInfo, ...] = ()
@@ -97,13 +101,16 @@ class _MailboxMatch:
 class Directory:
     """The configured mailboxes, internal domains and reference pattern, compiled once.
 
-    Raises ValueError for a mailbox address that is not a valid address, a
-    mailbox configured twice, an empty separator or an invalid pattern.
+    Raises ValueError for a separator or a mailbox address that
+    smtpgate.mail.addresses refuses (check_separator, parse_mailbox), a
+    mailbox configured twice or an invalid pattern.
     """
 
     def __init__(self, settings: CoreSettings) -> None:
-        if not settings.separator or re.search(r"[\s@\"]", settings.separator):
-            raise ValueError(f"invalid separator {settings.separator!r}")
+        try:
+            check_separator(settings.separator)
+        except AddressError as exc:
+            raise ValueError(f"invalid separator: {exc}") from None
         self.settings = settings
         self.separator = settings.separator
         self.matcher = ReferenceMatcher(settings.reference_pattern)
@@ -114,11 +121,9 @@ class Directory:
         self._mailboxes: dict[str, MailboxInfo] = {}
         for info in settings.mailboxes:
             try:
-                address = parse_path(info.address)
+                address = parse_mailbox(info.address, settings.separator)
             except AddressError as exc:
                 raise ValueError(f"invalid mailbox address {info.address!r}: {exc}") from None
-            if address is None or not address.domain:
-                raise ValueError(f"invalid mailbox address {info.address!r}")
             key = address.canonical
             if key in self._mailboxes:
                 raise ValueError(f"mailbox {key} configured twice")
@@ -188,7 +193,7 @@ class Directory:
         return None if reference is None else (match.info, reference)
 
 
-def _header_addresses(headers: HeaderBlock, *names: str) -> list[Address]:
+def header_addresses(headers: HeaderBlock, *names: str) -> list[Address]:
     return [a for name in names for value in headers.get_all(name) for a in parse_address_list(value, strict=False)]
 
 
@@ -201,7 +206,7 @@ def find_source(mail_from: Address | None, headers: HeaderBlock, directory: Dire
     Step 4 (In-Reply-To/References) needs the store: see thread_message_ids().
     """
     candidates = [(mail_from, "envelope")] if mail_from is not None else []
-    candidates += [(a, "from") for a in _header_addresses(headers, "From")]
+    candidates += [(a, "from") for a in header_addresses(headers, "From")]
     for address, where in candidates:
         tagged = directory.tag_reference(address)
         if tagged is not None:
@@ -223,8 +228,8 @@ def find_source(mail_from: Address | None, headers: HeaderBlock, directory: Dire
 def thread_message_ids(headers: HeaderBlock) -> list[str]:
     """Message-IDs to look up for section 3 step 4, angle brackets kept, each once:
     those of In-Reply-To first, then those of References newest (last) first."""
-    ids = [m for v in headers.get_all("In-Reply-To") for m in _MSG_ID.findall(v)]
-    ids += reversed([m for v in headers.get_all("References") for m in _MSG_ID.findall(v)])
+    ids = [m for v in headers.get_all("In-Reply-To") for m in find_message_ids(v)]
+    ids += reversed([m for v in headers.get_all("References") for m in find_message_ids(v)])
     return list(dict.fromkeys(ids))
 
 
@@ -265,6 +270,9 @@ class Resolution:
     mapping: dict[str, str]
     untaggable: list[str]
     changed: bool
+    # Per plan recipient, in order: the address to relay, None when it merges into an
+    # earlier spelling of the same recipient (DESIGN.md 6: sent once).
+    targets: list[Address | None] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -302,7 +310,20 @@ class Plan:
         """
         if self.source is None:
             envelope = [(r.address, r.address) for r in self.recipients]
-            return Resolution(envelope, {}, {}, [], False)
+            return Resolution(envelope, {}, {}, [], False, [r.address for r in self.recipients])
+        tagger = _Tagger(self._references(found), self.separator)
+        envelope, targets, mapping = self._envelope(tagger)
+        header_mapping = self._header_mapping(tagger, mapping)
+        if self.source.mailbox is not None:
+            mapping[self.source.mailbox] = self.source.reference
+        for reference, info in self.explicit_links:
+            mapping.setdefault(info.address, reference)
+        changed = bool(header_mapping) or any(o != r for o, r in envelope) or len(envelope) != len(self.recipients)
+        return Resolution(envelope, header_mapping, mapping, tagger.untaggable, changed, targets)
+
+    def _references(self, found: Mapping[str, str | None]) -> dict[str, str]:
+        """Mailbox -> reference, first rule wins: the message's own tag, the thread, the store."""
+        assert self.source is not None
         refs: dict[str, str] = {}
         for reference, info in self.explicit_links:
             refs.setdefault(info.address, reference)
@@ -313,56 +334,60 @@ class Plan:
                 refs.setdefault(mailbox, reference)
         if self.source.mailbox is not None:
             refs[self.source.mailbox] = self.source.reference
-        untaggable: list[str] = []
+        return refs
 
-        def tagged(base: str, domain: str, mailbox: str) -> Address | None:
-            reference = refs.get(mailbox)
-            if reference is None:
-                return None
-            local = join_tag(base, reference, self.separator)
-            if local is None:
-                if mailbox not in untaggable:
-                    untaggable.append(mailbox)
-                return None
-            return Address(local, domain)
-
+    def _envelope(self, tagger: _Tagger):
+        """The envelope to relay, each recipient's target (None: merged), and the mapping used."""
         envelope: list[tuple[Address, Address]] = []
-        seen: set[tuple[str, str]] = set()
+        targets: list[Address | None] = []
         mapping: dict[str, str] = {}
+        seen: set[tuple[str, str]] = set()
         for rcpt in self.recipients:
             relayed = rcpt.address
             if rcpt.cls in (RecipientClass.UNTAGGED_MAILBOX, RecipientClass.SOURCE_MAILBOX):
                 assert rcpt.mailbox is not None and rcpt.base is not None
-                relayed = tagged(rcpt.base, rcpt.address.domain, rcpt.mailbox.address) or relayed
+                relayed = tagger.tag(rcpt.base, rcpt.address.domain, rcpt.mailbox.address) or relayed
                 if relayed is not rcpt.address:
-                    mapping[rcpt.mailbox.address] = refs[rcpt.mailbox.address]
-            key = _dedup_key(relayed, rcpt.mailbox is not None)
-            if key not in seen:
+                    mapping[rcpt.mailbox.address] = tagger.refs[rcpt.mailbox.address]
+            key = envelope_key(relayed, rcpt.mailbox is not None)
+            if key in seen:
+                targets.append(None)
+            else:
                 seen.add(key)
                 envelope.append((rcpt.address, relayed))
+                targets.append(relayed)
+        return envelope, targets, mapping
+
+    def _header_mapping(self, tagger: _Tagger, mapping: dict[str, str]) -> dict[str, str]:
+        """Untagged mailbox -> its tagged addr-spec for To/Cc/From/Reply-To; extends ``mapping``."""
         header_mapping: dict[str, str] = {}
         for info in self.header_mailboxes:
             address = parse_path(info.address)
             assert address is not None
-            new = tagged(address.local, address.domain, info.address)
+            new = tagger.tag(address.local, address.domain, info.address)
             if new is not None:
                 header_mapping[info.address] = str(new)
-                mapping[info.address] = refs[info.address]
-        if self.source.mailbox is not None:
-            mapping[self.source.mailbox] = self.source.reference
-        for reference, info in self.explicit_links:
-            mapping.setdefault(info.address, reference)
-        changed = bool(header_mapping) or any(o != r for o, r in envelope) or len(envelope) != len(self.recipients)
-        return Resolution(envelope, header_mapping, mapping, untaggable, changed)
+                mapping[info.address] = tagger.refs[info.address]
+        return header_mapping
 
 
-def _dedup_key(address: Address, mailbox: bool) -> tuple[str, str]:
-    # Mailbox local parts are case-insensitive; any other local part may not be.
-    try:
-        domain = normalize_domain(address.domain) if address.domain else ""
-    except AddressError:
-        domain = address.domain
-    return (address.local.lower() if mailbox else address.local, domain)
+class _Tagger:
+    """Tags a mailbox's local part with its reference, noting the ones that do not fit."""
+
+    def __init__(self, refs: dict[str, str], separator: str) -> None:
+        self.refs, self.separator = refs, separator
+        self.untaggable: list[str] = []
+
+    def tag(self, base: str, domain: str, mailbox: str) -> Address | None:
+        reference = self.refs.get(mailbox)
+        if reference is None:
+            return None
+        local = join_tag(base, reference, self.separator)
+        if local is None:
+            if mailbox not in self.untaggable:
+                self.untaggable.append(mailbox)
+            return None
+        return Address(local, domain)
 
 
 def make_plan(
@@ -389,29 +414,43 @@ def make_plan(
         own = _canonical(source_owner) or _from_mailbox(headers, directory)
         source = dataclasses.replace(source, mailbox=own)
     own = source.mailbox if source else None
-    thread = dict(thread_mapping or {})
-
-    rcpt_plans = []
-    for address in recipients:
-        match = directory._match(address)
-        rcpt_plans.append(
-            RecipientPlan(
-                address,
-                directory._classify(match, address, own),
-                match.info if match else None,
-                match.tag if match else None,
-                match.base if match else None,
-            )
-        )
+    rcpt_plans = tuple(_recipient_plan(address, directory, own) for address in recipients)
     if source is None:
-        return Plan(None, tuple(rcpt_plans), (), (), automatic, directory.separator)
+        return Plan(None, rcpt_plans, (), (), automatic, directory.separator)
+    thread = dict(thread_mapping or {})
+    untagged, links = _named_mailboxes(rcpt_plans, headers, directory, source)
+    # A mailbox this message tags explicitly shares that activity with its untagged copies.
+    named = {info.address for _, info in links}
+    lookups = tuple(
+        LinkLookup(info, info.new_links == "create" and not automatic)
+        for address, info in untagged.items()
+        if address not in thread and address not in named
+    )
+    return Plan(source, rcpt_plans, lookups, links, automatic, directory.separator,
+                _untagged_header_mailboxes(headers, directory), tuple(thread.items()))
 
-    visible = _header_addresses(headers, "To", "Cc")
+
+def _recipient_plan(address: Address, directory: Directory, own: str | None) -> RecipientPlan:
+    match = directory._match(address)
+    return RecipientPlan(
+        address,
+        directory._classify(match, address, own),
+        match.info if match else None,
+        match.tag if match else None,
+        match.base if match else None,
+    )
+
+
+def _named_mailboxes(rcpt_plans: Sequence[RecipientPlan], headers: HeaderBlock, directory: Directory,
+                     source: Source) -> tuple[dict[str, MailboxInfo], tuple[tuple[str, MailboxInfo], ...]]:
+    """Other teams' mailboxes the envelope and To/Cc name: the untagged ones, and the
+    (reference, mailbox) links the tagged ones name."""
     untagged: dict[str, MailboxInfo] = {}
     links: dict[tuple[str, str], tuple[str, MailboxInfo]] = {}
+    visible = header_addresses(headers, "To", "Cc")
     for address in itertools.chain((r.address for r in rcpt_plans), visible):
         match = directory._match(address)
-        if match is None or match.info.address == own:
+        if match is None or match.info.address == source.mailbox:
             continue
         if match.tag is None:
             untagged.setdefault(match.info.address, match.info)
@@ -419,29 +458,17 @@ def make_plan(
         reference = directory.matcher.normalize(match.tag)
         if reference is not None and reference != source.reference:
             links.setdefault((reference, match.info.address), (reference, match.info))
-    # A mailbox this message tags explicitly shares that activity with its untagged copies.
-    named = {info.address for _, info in links.values()}
-    lookups = [
-        LinkLookup(info, info.new_links == "create" and not automatic)
-        for address, info in untagged.items()
-        if address not in thread and address not in named
-    ]
+    return untagged, tuple(links.values())
 
-    header_mailboxes: dict[str, MailboxInfo] = {}
-    for address in _header_addresses(headers, "From", "Reply-To", "To", "Cc"):
+
+def _untagged_header_mailboxes(headers: HeaderBlock, directory: Directory) -> tuple[MailboxInfo, ...]:
+    """Untagged mailboxes in From/Reply-To/To/Cc, in order of appearance, each once."""
+    found: dict[str, MailboxInfo] = {}
+    for address in header_addresses(headers, "From", "Reply-To", "To", "Cc"):
         match = directory._match(address)
         if match is not None and match.tag is None:
-            header_mailboxes.setdefault(match.info.address, match.info)
-    return Plan(
-        source,
-        tuple(rcpt_plans),
-        tuple(lookups),
-        tuple(links.values()),
-        automatic,
-        directory.separator,
-        tuple(header_mailboxes.values()),
-        tuple(thread.items()),
-    )
+            found.setdefault(match.info.address, match.info)
+    return tuple(found.values())
 
 
 def _canonical(address: str | None) -> str | None:
@@ -455,7 +482,7 @@ def _canonical(address: str | None) -> str | None:
 
 
 def _from_mailbox(headers: HeaderBlock, directory: Directory) -> str | None:
-    for address in _header_addresses(headers, "From")[:1]:
+    for address in header_addresses(headers, "From")[:1]:
         match = directory._match(address)
         if match is not None and match.tag is None:
             return match.info.address

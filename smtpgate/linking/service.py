@@ -1,149 +1,276 @@
-"""The shell around the core's link decision: store look-ups, link creation, rewriting.
+"""The link service: one decision for every front end (docs/architecture.md).
 
-`Linker.link` runs at the end of DATA, before anything is sent upstream: it
-finds the source activity (the core's steps 1-3, then the store's thread
+`LinkService.decide` runs when a front end has the whole header block: it
+finds the source activity (the pure steps 1-3, then the store's thread
 look-up), asks the store for each mailbox's linked activity (creating it when
-the plan allows), and rewrites the header block. Links are committed by the
-store before this returns, so before the final dot (DESIGN.md 2.4). A store
-failure is a `451 4.3.0`.
+the plan allows), and returns a `LinkDecision`: the envelope to relay and the
+header edits. Links are committed by the store before it returns, so before
+the final dot (DESIGN.md 2.4). `record` keeps the message record once the
+message is accepted. A store or allocator failure is `LinkUnavailable`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
 
-from smtpgate.mail import replies
-from smtpgate.mail.addresses import Address
+from smtpgate.linking.decision import Envelope, LinkDecision, RecipientDecision
+from smtpgate.linking.inbound import ThreadMapping, plan_inbound, tags_to_check
+from smtpgate.linking.plan import (
+    Directory,
+    Plan,
+    Source,
+    find_source,
+    header_addresses,
+    make_plan,
+    thread_message_ids,
+)
+from smtpgate.log import get_logger
+from smtpgate.mail.addresses import MAX_LOCAL_OCTETS, Address, join_tag, parse_path
+from smtpgate.mail.dkim import broken_signatures
 from smtpgate.mail.headers import HeaderBlock
-from smtpgate.linking.plan import Source, find_source, make_plan, thread_message_ids
-from smtpgate.mail.replies import SMTPReply
-from smtpgate.mail.rewrite import rewrite_headers
-from smtpgate.store import AllocationContext, LinkTarget, MessageRecord, StoreError
+from smtpgate.mail.msgid import make_message_id, message_id_of
+from smtpgate.mail.rewrite import header_edits
+from smtpgate.store import AllocationContext, LinkTarget, MessageRecord, Store, StoreError
 
-if TYPE_CHECKING:
-    from smtpgate.runtime.gate import Gate
-    from smtpgate.frontends.smtp.relay import Transaction
+__all__ = ["LinkService", "LinkUnavailable"]
+
+_log = get_logger()
 
 
-@dataclass
-class Linked:
-    """What linking decided for one message."""
+class LinkUnavailable(Exception):
+    """The store or the allocator failed: the front end answers temporarily (451 4.3.0, TEMPFAIL)."""
 
-    content: bytes
-    raw: bytes = b""
-    header_mapping: dict[str, str] = field(default_factory=dict)
-    relayed: dict[str, Address] = field(default_factory=dict)  # str(original) -> relayed
-    source_reference: str | None = None
-    source_found_in: str | None = None
-    mapping: dict[str, str] = field(default_factory=dict)  # mailbox -> reference used
-    links_created: list[str] = field(default_factory=list)
-    links_reused: list[str] = field(default_factory=list)
 
-    def tag_refused(self, original: Address, tagged: Address) -> None:
-        """The upstream refused the tagged form: relay, show and record the untagged one.
+class LinkService:
+    """The link decision against one store and one configuration snapshot (``directory``)."""
 
-        The tag leaves the header fields too, so a reply-all does not hit the
-        address the upstream refuses.
+    def __init__(self, store: Store, directory: Directory, *, hostname: str) -> None:
+        self.store = store
+        self.directory = directory
+        self.hostname = hostname
+
+    async def decide(
+        self,
+        envelope: Envelope,
+        headers: HeaderBlock,
+        *,
+        message_id: str | None = None,
+        observe: bool = False,
+        log=None,
+    ) -> LinkDecision:
+        """The decision for one message; with ``observe`` the store is only read.
+
+        ``message_id`` None: the Message-ID field's ``<id>``, else a new one
+        (``message_id_added``). Raises LinkUnavailable when the store fails.
         """
-        self.relayed[str(original)] = original
-        kept = {k: v for k, v in self.header_mapping.items() if v.lower() != str(tagged).lower()}
-        if kept != self.header_mapping:
-            self.header_mapping = kept
-            self.content = rewrite_headers(self.raw, kept) if kept else self.raw
-
-
-class Linker:
-    def __init__(self, gate: Gate):
-        self.gate = gate
-
-    async def link(self, tx: Transaction, raw: bytes, headers: HeaderBlock, message_id: str) -> Linked:
+        log = log or _log
+        added = False
+        if message_id is None:
+            message_id = message_id_of(headers.get("Message-ID"))
+            if message_id is None:
+                message_id, added = make_message_id(self.hostname), True
         try:
-            return await self._link(tx, raw, headers, message_id)
+            return await self._decide(envelope, headers, message_id, added, observe, log)
         except StoreError as exc:
-            raise SMTPReply(replies.TEMPORARY_FAILURE, f"store: {exc}") from None
+            raise LinkUnavailable(f"store: {exc}") from None
 
-    async def _link(self, tx: Transaction, raw: bytes, headers: HeaderBlock, message_id: str) -> Linked:
-        directory = self.gate.directory
-        store = self.gate.store
-        assert store is not None
-        source = find_source(tx.mail_from, headers, directory)
-        thread_mapping = None
-        if source is None:
-            ids = thread_message_ids(headers)
-            hit = await store.find_thread(ids) if ids else None
-            if hit is not None:
-                source = Source(reference=hit.source_reference, mailbox=hit.source_mailbox, found_in="thread")
-                thread_mapping = hit.mapping
-        if source is None:
-            return Linked(content=raw)
-
-        owner = None if source.mailbox else await store.activity_mailbox(source.reference)
-        recipients = [r.address for r in tx.recipients]
-        plan = make_plan(tx.mail_from, recipients, headers, source, directory,
-                         source_owner=owner, thread_mapping=thread_mapping)
-        own = plan.source_mailbox
-        if own is not None and own != owner:
-            await store.record_activity(source.reference, own)
-
-        context = AllocationContext(subject=headers.get_text("Subject"), from_=headers.get("From"),
-                                    message_id=message_id)
-        found: dict[str, str | None] = {}
-        created: list[str] = []
-        reused: list[str] = []
-        for lookup in plan.lookups:
-            mb = lookup.mailbox
-            target = LinkTarget(mailbox=mb.address, team=mb.team, new_reference=mb.new_reference,
-                                allow_create=lookup.allow_create)
-            outcome = await store.get_or_create_link(source.reference, own, target, context)
-            found[mb.address] = outcome.reference if outcome else None
-            if outcome is not None:
-                (created if outcome.created else reused).append(outcome.reference)
-        for reference, mb in plan.explicit_links:
-            if await store.record_link(source.reference, own, reference, mb.address, message_id):
-                created.append(reference)
-            else:
-                reused.append(reference)
-
-        resolution = plan.resolve(found)
-        for address in resolution.untaggable:
-            tx.log.warning("address.untaggable", address=address,
-                           reason="tagged local part would exceed 64 octets")
-        content = rewrite_headers(raw, resolution.header_mapping) if resolution.header_mapping else raw
-        return Linked(
-            content=content,
-            raw=raw,
-            header_mapping=dict(resolution.header_mapping),
-            relayed={str(orig): new for orig, new in resolution.envelope},
-            source_reference=source.reference,
-            source_found_in=source.found_in,
-            mapping=dict(resolution.mapping),
-            links_created=created,
-            links_reused=reused,
-        )
-
-    async def recorded(self, tx: Transaction, linked: Linked, headers: HeaderBlock, message_id: str) -> None:
-        """After the upstream's 250: keep the message record for threads and the links view.
-
-        A failure here is logged only; the message was delivered (DESIGN.md 2.4).
-        """
-        if linked.source_reference is None:
-            return
-        store = self.gate.store
-        assert store is not None
-        record = MessageRecord(
+    async def _decide(
+        self, envelope: Envelope, headers: HeaderBlock, message_id: str, added: bool, observe: bool, log
+    ) -> LinkDecision:
+        facts = dict(
             message_id=message_id,
+            message_id_added=added,
+            headers=headers,
+            observed=observe,
             date=headers.get("Date"),
             from_=headers.get("From"),
             subject=headers.get_text("Subject"),
-            source_reference=linked.source_reference,
-            recipients=[str(r.relayed) for r in tx.recipients],
-            mapping=dict(linked.mapping),
+        )
+        source, thread_mapping = await self._source(envelope, headers)
+        if source is None:
+            recipients = tuple(RecipientDecision(a, a) for a in envelope.addresses)
+            return LinkDecision(recipients=recipients, **facts)
+
+        stored = await self.store.activity_mailbox(source.reference)
+        evidence = self._owner_evidence(source, envelope, headers)
+        if evidence is not None and stored is not None and evidence != stored:
+            log.warning("activity.owner_conflict", reference=source.reference, stored_owner=stored,
+                        evidence=evidence, kept=stored)
+        elif evidence is not None and stored is None and not observe:
+            await self.store.record_activity(source.reference, evidence)
+        # The store's owner is the activity's; an untagged From serves only this message.
+        plan = make_plan(envelope.mail_from, envelope.addresses, headers, source, self.directory,
+                         source_owner=stored or evidence, thread_mapping=thread_mapping)
+        owner = evidence if stored is None else None  # recorded with a new link; never a guess
+
+        context = AllocationContext(subject=facts["subject"], from_=facts["from_"], message_id=message_id)
+        found, created, reused, would_create, untaggable = await self._links(
+            plan, source, owner, context, message_id, observe, log)
+
+        resolution = plan.resolve(found)
+        for mailbox in resolution.untaggable:
+            if mailbox not in untaggable:
+                untaggable.append(mailbox)
+        for mailbox in untaggable:
+            log.warning("address.untaggable", address=mailbox,
+                        reason="tagged local part would exceed 64 octets")
+        recipients = tuple(
+            RecipientDecision(rp.address, target, rp.cls.value, rp.mailbox.address if rp.mailbox else None)
+            for rp, target in zip(plan.recipients, resolution.targets)
+        )
+        mapping = dict(resolution.header_mapping)
+        edits = header_edits(headers, mapping)
+        for domain, fields in broken_signatures(headers, {e.name.lower() for e in edits}):
+            # Placed after a signer, smtpgate breaks its signature: say so on day one.
+            log.warning("dkim.invalidated", domain=domain, fields=fields, message_id=message_id)
+        return LinkDecision(
+            recipients=recipients,
+            source_reference=source.reference,
+            source_found_in=source.found_in,
+            source_mailbox=plan.source_mailbox,
+            header_mapping=mapping,
+            header_edits=edits,
+            mapping=dict(resolution.mapping),
+            links_created=tuple(created),
+            links_reused=tuple(reused),
+            would_create=tuple(would_create),
+            untaggable=tuple(untaggable),
+            automatic=plan.automatic,
+            **facts,
+        )
+
+    async def _source(self, envelope: Envelope, headers: HeaderBlock) -> tuple[Source | None, dict | None]:
+        """DESIGN.md 3: steps 1-3 from the message, else step 4 from the store's threads."""
+        source = find_source(envelope.mail_from, headers, self.directory)
+        if source is not None:
+            return source, None
+        ids = thread_message_ids(headers)
+        hit = await self.store.find_thread(ids) if ids else None
+        if hit is None:
+            return None, None
+        return Source(reference=hit.source_reference, mailbox=hit.source_mailbox, found_in="thread"), hit.mapping
+
+    def _owner_evidence(self, source: Source, envelope: Envelope, headers: HeaderBlock) -> str | None:
+        """The mailbox that authoritative evidence names as the source's owner (DESIGN.md 4):
+        a mailbox tagged with the source reference, as sender, in From:, or as a recipient."""
+        if source.found_in in ("envelope", "from"):
+            return source.mailbox
+        candidates = list(envelope.addresses) + header_addresses(headers, "From", "To", "Cc")
+        for address in candidates:
+            tagged = self.directory.tag_reference(address)
+            if tagged is not None and tagged[1] == source.reference:
+                return tagged[0].address
+        return None
+
+    async def _links(self, plan: Plan, source: Source, owner: str | None, context: AllocationContext,
+                     message_id: str, observe: bool, log):
+        found: dict[str, str | None] = {}
+        created: list[str] = []
+        reused: list[str] = []
+        would_create: list[str] = []
+        untaggable: list[str] = []
+        for lookup in plan.lookups:
+            mb = lookup.mailbox
+            if observe:
+                reference = await self.store.find_link(source.reference, mb.address)
+                found[mb.address] = reference
+                if reference is not None:
+                    reused.append(reference)
+                elif lookup.allow_create:
+                    would_create.append(mb.address)
+                continue
+            target = LinkTarget(mailbox=mb.address, team=mb.team, new_reference=mb.new_reference,
+                                allow_create=lookup.allow_create,
+                                max_reference_length=_room_for_tag(mb.address, self.directory.separator))
+            outcome = await self.store.get_or_create_link(source.reference, owner, target, context)
+            found[mb.address] = outcome.reference if outcome else None
+            if outcome is None:
+                if lookup.allow_create:
+                    untaggable.append(mb.address)
+            elif outcome.created:
+                created.append(outcome.reference)
+                log.info("link.created", source_reference=source.reference, reference=outcome.reference,
+                         mailbox=mb.address, message_id=message_id)
+            else:
+                reused.append(outcome.reference)
+        for reference, mb in plan.explicit_links:
+            if observe:
+                known = await self.store.find_link(source.reference, mb.address) == reference
+                (reused if known else created).append(reference)
+            elif await self.store.record_link(source.reference, owner, reference, mb.address, message_id):
+                created.append(reference)
+                log.info("link.created", source_reference=source.reference, reference=reference,
+                         mailbox=mb.address, message_id=message_id)
+            else:
+                reused.append(reference)
+        return found, created, reused, would_create, untaggable
+
+    async def early_target(self, mail_from: Address, recipient: Address) -> Address | None:
+        """The tagged form of ``recipient`` when the envelope sender names the source and the
+        link already exists (or it is the source's own mailbox); None otherwise, and on any
+        store failure (end of DATA decides for good). Reads only."""
+        source = self.directory.tag_reference(mail_from)
+        match = self.directory._match(recipient)
+        if source is None or match is None or match.tag is not None:
+            return None
+        owner, reference = source
+        if match.info.address != owner.address:
+            try:
+                reference = await self.store.find_link(reference, match.info.address)
+            except StoreError:
+                return None
+            if reference is None:
+                return None
+        local = join_tag(match.base, reference, self.directory.separator)
+        return Address(local, recipient.domain) if local is not None else None
+
+    async def retag(self, envelope: Envelope, headers: HeaderBlock, *, unknown_tags: str = "pass",
+                    message_id: str | None = None) -> LinkDecision:
+        """Inbound: the envelope with the tags a reply dropped put back; reads the store only.
+
+        Raises LinkUnavailable when the store fails.
+        """
+        message_id = message_id or message_id_of(headers.get("Message-ID")) or ""
+        try:
+            ids = thread_message_ids(headers)
+            hits = await self.store.thread_hits(ids) if ids else []
+            owners = {ref: await self.store.activity_mailbox(ref)
+                      for ref in tags_to_check(envelope.addresses, self.directory)}
+        except StoreError as exc:
+            raise LinkUnavailable(f"store: {exc}") from None
+        plan = plan_inbound(envelope.mail_from, envelope.addresses, self.directory,
+                            [ThreadMapping(h.message_id, h.mapping) for h in hits], owners, unknown_tags)
+        recipients = tuple(RecipientDecision(a, t) for a, t in zip(envelope.addresses, plan.targets))
+        return LinkDecision(message_id=message_id, headers=headers, recipients=recipients, inbound=plan)
+
+    async def record(self, decision: LinkDecision, delivered: Sequence[Address], *, log=None) -> None:
+        """After the message was accepted: the message record for threads and the links view.
+
+        Never raises: the message was delivered already (DESIGN.md 2.4); a failure is logged.
+        """
+        if decision.source_reference is None or decision.observed:
+            return
+        record = MessageRecord(
+            message_id=decision.message_id,
+            date=decision.date,
+            from_=decision.from_,
+            subject=decision.subject,
+            source_reference=decision.source_reference,
+            recipients=[str(a) for a in delivered],
+            mapping=dict(decision.mapping),
             relayed_at=datetime.now(timezone.utc),
         )
         try:
-            await store.record_message(record)
+            await self.store.record_message(record)
         except Exception as exc:  # noqa: BLE001 - delivered already: a failure here must not become a 451
-            tx.log.error("store.error", stage="record_message", reason=f"{type(exc).__name__}: {exc}",
-                         message_id=message_id)
+            (log or _log).error("store.error", stage="record_message", reason=f"{type(exc).__name__}: {exc}",
+                                message_id=decision.message_id)
+
+
+def _room_for_tag(mailbox: str, separator: str) -> int | None:
+    """How many octets a reference may have so that mailbox+reference fits in 64 octets."""
+    address = parse_path(mailbox)
+    if address is None:
+        return None
+    return MAX_LOCAL_OCTETS - len(address.local.encode("utf-8", "surrogatepass")) - len(separator.encode())

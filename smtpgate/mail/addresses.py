@@ -20,10 +20,13 @@ __all__ = [
     "Address",
     "AddressError",
     "HeaderMailbox",
+    "SEPARATORS",
+    "check_separator",
     "join_tag",
     "locate_addresses",
     "normalize_domain",
     "parse_address_list",
+    "parse_mailbox",
     "parse_path",
     "split_tag",
 ]
@@ -529,3 +532,42 @@ def join_tag(base: str, tag: str, separator: str) -> str | None:
     if len(local.encode("utf-8", "surrogatepass")) > MAX_LOCAL_OCTETS:
         return None
     return local
+
+
+def envelope_key(address: Address, mailbox: bool = False) -> tuple[str, str]:
+    """The key under which two envelope recipients are one (DESIGN.md 6: sent once).
+
+    Domains compare case-insensitively and in either IDNA form; local parts are
+    case-sensitive (RFC 5321 2.4) except a work-management mailbox's (``mailbox``).
+    """
+    try:
+        domain = normalize_domain(address.domain) if address.domain else ""
+    except AddressError:
+        domain = address.domain
+    return (address.local.lower() if mailbox else address.local, domain)
+
+
+# The separator must fit in a dot-atom (RFC 5322 3.2.3 atext) and be no letter
+# or digit, so it cannot be part of a mailbox name or of a reference.
+SEPARATORS = "!#$%&'*+-/=?^_`{|}~"
+
+
+def check_separator(separator: str) -> str:
+    """``separator`` when it is one character of SEPARATORS; AddressError otherwise."""
+    if len(separator) != 1 or separator not in SEPARATORS:
+        raise AddressError(f"expected one of the characters {' '.join(SEPARATORS)}, got \"{separator}\"")
+    return separator
+
+
+def parse_mailbox(text: str, separator: str) -> Address:
+    """A work-management mailbox address as configured: a path with a domain whose
+    local part does not contain ``separator`` (a tagged address is a mailbox plus a
+    tag, never a mailbox). Raises AddressError saying what is wrong."""
+    address = parse_path(text)
+    if address is None:
+        raise AddressError("the null path is not a mailbox")
+    if not address.domain:
+        raise AddressError("a mailbox needs a domain")
+    if separator in address.local:
+        raise AddressError(f"a mailbox address must be untagged (it contains the separator \"{separator}\")")
+    return address

@@ -47,6 +47,10 @@ TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 UPSTREAM_UNREACHABLE = Reply(451, "4.4.1", "Upstream mail server not reachable, try again later")
 # RFC 3463 4.4.2: bad connection (dropped or timed out after the dot).
 UPSTREAM_LOST = Reply(451, "4.4.2", "Connection to the upstream mail server lost, try again later")
+# RFC 3463 X.7.0 (other or undefined security status), temporary as RFC 4954 6 makes a
+# temporary authentication failure: smtpgate's own credentials for the upstream (an OAuth2
+# token from the token endpoint, a password) could not be had or were refused.
+UPSTREAM_AUTH_FAILED = Reply(451, "4.7.0", "Upstream authentication failed, try again later")
 # RFC 3463 4.3.0: other or undefined mail system status (store, allocator, internal fault).
 TEMPORARY_FAILURE = Reply(451, "4.3.0", "Temporary failure, try again later")
 # Smuggling defence (bare CR/LF, NUL): RFC 5321 2.3.8 and 4.1.4.
@@ -69,8 +73,6 @@ NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
 SMTPUTF8_UNSUPPORTED = Reply(553, "5.6.7", "SMTPUTF8 not supported by the upstream")
 # RFC 2034 codes for the plain OKs.
 OK = Reply(250, "2.0.0", "OK")
-SENDER_OK = Reply(250, "2.1.0", "Sender OK")
-RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
 TIMEOUT = Reply(421, "4.4.2", "Timeout, closing connection")

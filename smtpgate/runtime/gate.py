@@ -8,22 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import ssl
 import time
-from collections.abc import Coroutine
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from smtpgate.mail import replies
-from smtpgate.store.allocation import HttpAllocator, LocalAllocator
-from smtpgate.config import Config, ConfigError, load_config
-from smtpgate.linking.service import Linker
-from smtpgate.log import get_logger, setup_logging
-from smtpgate.runtime.notify import sd_notify
+from smtpgate.config import Config, ConfigError, Listener, load_config
+from smtpgate.frontends.registry import SessionRegistry
+from smtpgate.frontends.smtp.relay import RelayContext
+from smtpgate.frontends.smtp.server import SmtpSettings, file_authenticator, make_factory, tls_context
 from smtpgate.linking.plan import Directory
 from smtpgate.linking.references import ReferenceMatcher
-from smtpgate.frontends.smtp.server import file_authenticator, make_factory
+from smtpgate.linking.service import LinkService
+from smtpgate.log import get_logger, setup_logging
+from smtpgate.mail import replies
+from smtpgate.runtime.notify import sd_notify
 from smtpgate.store import Store, open_store, run_pruner
+from smtpgate.store.allocation import HttpAllocator, LocalAllocator
 from smtpgate.upstream.client import UpstreamPool
-from smtpgate.users import Users
+from smtpgate.users import Users, UsersError
 
 log = get_logger()
 
@@ -32,12 +35,16 @@ class StartupError(Exception):
     """smtpgate cannot start; the message says why and what to do."""
 
 
+class ReloadRefused(Exception):
+    """A reload found a problem outside the config file (a certificate); nothing was swapped."""
+
+
 def make_allocator(config: Config):
     alloc = config.allocator
     if alloc.kind == "http":
         matcher = ReferenceMatcher(config.references.pattern)
         return HttpAllocator(alloc.url, alloc.token(), alloc.timeout, matcher.fullmatch)
-    return LocalAllocator(alloc.first_number)
+    return LocalAllocator(alloc.first_number, templates=[m.new_reference for m in config.mailboxes])
 
 
 async def open_configured_store(config: Config, **kwargs) -> Store:
@@ -51,27 +58,48 @@ async def open_configured_store(config: Config, **kwargs) -> Store:
     )
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything built from one configuration; a reload builds a new one and swaps it."""
+
+    config: Config
+    pool: UpstreamPool
+    links: LinkService
+    users: Users
+    _smtp: dict[str, SmtpSettings] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def build(cls, config: Config, store: Store, pool: UpstreamPool | None = None) -> Snapshot:
+        directory = Directory(config.core)
+        pool = pool or UpstreamPool(config.upstream, local_hostname=config.hostname)
+        links = LinkService(store, directory, hostname=config.hostname)
+        return cls(config, pool, links, Users.load(config.users_file))
+
+    def smtp(self, listener: Listener) -> SmtpSettings:
+        """The SMTP front end's settings for one listener, built once per snapshot."""
+        settings = self._smtp.get(listener.name)
+        if settings is None:
+            relay = RelayContext(pool=self.pool, links=self.links, limits=self.config.limits,
+                                 hostname=self.config.hostname, mode=listener.mode or self.config.mode,
+                                 direction=listener.direction, unknown_tags=self.config.inbound.unknown_tags)
+            settings = SmtpSettings(relay=relay, authenticator=file_authenticator(self.users),
+                                    max_connections=self.config.limits.max_connections)
+            self._smtp[listener.name] = settings
+        return settings
+
+
 class Gate:
+    """The composition root: builds snapshots, starts listeners, reloads and drains."""
+
     def __init__(self, config: Config, store: Store | None = None):
         self.config = config
-        self.directory = Directory(config.core)
-        self.pool = UpstreamPool(config.upstream, local_hostname=config.hostname)
         self.store = store
-        self.users = Users.load(config.users_file)
-        self.authenticator = file_authenticator(self)
-        self.linker = Linker(self)
-        self.sessions: set = set()
-        self.draining = False
+        self.snapshot: Snapshot | None = None
+        self.registry = SessionRegistry()
         self.servers: list[asyncio.AbstractServer] = []
-        self.tasks: set[asyncio.Task] = set()
+        self.tls: dict[str, ssl.SSLContext] = {}  # per listener, refreshed in place on reload
         self.pruner: asyncio.Task | None = None
-
-    def spawn(self, coro: Coroutine) -> asyncio.Task:
-        """Run coro in the background, keeping a reference until it ends (a drain waits for it)."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        return task
+        self.admin = None  # smtpgate.admin.AdminServer when admin.listen is set
 
     @property
     def bound(self) -> list[tuple[str, int]]:
@@ -88,28 +116,55 @@ class Gate:
         if self.config.upstream.scheme == "mx":
             raise StartupError("upstream.url: mx: upstreams are not available yet; use smtp://, "
                                "smtp+starttls://, smtps:// or maildir:")
-        await self.pool.probe()
+        self.snapshot = Snapshot.build(self.config, self.store)
+        await self.snapshot.pool.probe()
         self.pruner = asyncio.get_running_loop().create_task(
             run_pruner(self.store, self.config.store.keep_messages_days))
-        loop = asyncio.get_running_loop()
         for listener in self.config.listeners:
-            if listener.kind != "smtp":
-                raise StartupError(f"listener {listener.name}: kind {listener.kind} is not available yet")
-            if listener.direction != "outbound":
-                raise StartupError(f"listener {listener.name}: direction {listener.direction} is not available yet")
-            factory, tls = make_factory(self, listener)
-            try:
-                server = await loop.create_server(factory, listener.host, listener.port, ssl=tls,
-                                                  reuse_address=True)
-            except OSError as exc:
-                raise StartupError(f"listener {listener.name}: cannot listen on "
-                                   f"{listener.host}:{listener.port}: {exc.strerror or exc}") from None
-            self.servers.append(server)
-            log.info("listener.started", listener=listener.name, address=f"{listener.host}:{listener.port}",
-                     tls=listener.tls, auth=listener.auth)
+            await self._listen(listener)
+        if self.config.admin.listen:
+            await self._start_admin(self.config.admin.listen)
+
+    async def _start_admin(self, listen: str) -> None:
+        """The admin HTTP listener (docs/operations.md); it reads the current snapshot per request."""
+        from smtpgate.admin import AdminServer, Sources
+        from smtpgate.config import parse_hostport
+
+        def sources() -> Sources:
+            snapshot = self._current()
+            return Sources(snapshot.config, self.store, snapshot.pool, self.registry.draining)
+
+        host, port = parse_hostport(listen)  # type: ignore[misc]  # validated by the config loader
+        self.admin = AdminServer(sources)
+        try:
+            await self.admin.start(host, port)
+        except OSError as exc:
+            raise StartupError(f"admin.listen: cannot listen on {listen}: {exc.strerror or exc}") from None
+        log.info("listener.started", listener="admin", address=", ".join(f"{h}:{p}" for h, p in self.admin.bound))
+
+    async def _listen(self, listener: Listener) -> None:
+        if listener.kind != "smtp":
+            raise StartupError(f"listener {listener.name}: kind {listener.kind} is not available yet")
+        context = tls_context(listener)
+        if context is not None:
+            self.tls[listener.name] = context
+        factory, tls = make_factory(listener, lambda: self._current().smtp(listener), self.registry, context)
+        try:
+            server = await asyncio.get_running_loop().create_server(
+                factory, listener.host, listener.port, ssl=tls, reuse_address=True)
+        except OSError as exc:
+            raise StartupError(f"listener {listener.name}: cannot listen on "
+                               f"{listener.host}:{listener.port}: {exc.strerror or exc}") from None
+        self.servers.append(server)
+        log.info("listener.started", listener=listener.name, address=f"{listener.host}:{listener.port}",
+                 tls=listener.tls, auth=listener.auth, mode=listener.mode or self.config.mode)
+
+    def _current(self) -> Snapshot:
+        assert self.snapshot is not None
+        return self.snapshot
 
     def reload(self, config: Config) -> None:
-        """Take a new config for new connections and transactions."""
+        """Build a snapshot of the new config for new connections; sessions keep theirs."""
         old = self.config
         kept = []
         if config.listeners != old.listeners:
@@ -118,34 +173,58 @@ class Gate:
             kept.append("store")
         if config.workers != old.workers:
             kept.append("workers")
-        users = Users.load(config.users_file)
-        if config.upstream != old.upstream:
-            old_pool, self.pool = self.pool, UpstreamPool(config.upstream, local_hostname=config.hostname)
-            self.spawn(old_pool.close())
-        self.config = config
-        self.directory = Directory(config.core)
-        self.users = users
-        log.info("config.reloaded", path=str(config.path),
-                 needs_restart=kept or None)
+        if config.admin.listen != old.admin.listen:
+            kept.append("admin.listen")
+        previous = self._current()
+        pool = previous.pool if config.upstream == old.upstream else None
+        assert self.store is not None
+        certificates = self._read_certificates(config)
+        snapshot = Snapshot.build(config, self.store, pool)  # raises before anything is swapped
+        for name, (cert, key) in certificates.items():
+            # In place: the listening socket keeps its context, new handshakes get the new pair.
+            self.tls[name].load_cert_chain(cert, key)
+        if pool is None:
+            # Learn the new upstream's extensions, so EHLO advertises what it supports.
+            self.registry.spawn(snapshot.pool.probe())
+            self.registry.spawn(previous.pool.close())
+        self.config, self.snapshot = config, snapshot
+        log.info("config.reloaded", path=str(config.path), needs_restart=kept or None)
+
+    def _read_certificates(self, config: Config) -> dict[str, tuple[str, str]]:
+        """Each TLS listener's certificate and key, checked by loading them (certbot renewals)."""
+        pairs = {}
+        for listener in config.listeners:
+            if listener.name not in self.tls or listener.tls_cert is None or listener.tls_key is None:
+                continue
+            pair = (str(listener.tls_cert), str(listener.tls_key))
+            try:
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(*pair)
+            except (OSError, ssl.SSLError) as exc:
+                raise ReloadRefused(f"listener {listener.name}: tls_cert/tls_key {pair[0]}: {exc}") from None
+            pairs[listener.name] = pair
+        return pairs
 
     async def drain(self, grace: float) -> None:
         """Stop accepting, let transactions in flight finish for up to grace seconds, then 421."""
-        self.draining = True
+        self.registry.draining = True
         for server in self.servers:
             server.close()
         deadline = time.monotonic() + grace
-        while any(s.busy for s in self.sessions) and time.monotonic() < deadline:
+        while self.registry.busy and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for session in list(self.sessions):
+        for session in list(self.registry.sessions):
             session.say_goodbye(replies.SHUTTING_DOWN.line())
         if self.pruner is not None:
             self.pruner.cancel()
-        if self.tasks:
-            await asyncio.wait(list(self.tasks), timeout=5)
-        await self.pool.close()
+        if self.registry.tasks:
+            await asyncio.wait(list(self.registry.tasks), timeout=5)
+        if self.admin is not None:
+            await self.admin.close()
+        if self.snapshot is not None:
+            await self.snapshot.pool.close()
         if self.store is not None:
             await self.store.close()
-        log.info("shutdown.complete", sessions_closed=len(self.sessions))
+        log.info("shutdown.complete", sessions_closed=len(self.registry))
 
 
 async def serve(config_path: Path) -> int:
@@ -177,6 +256,8 @@ async def serve(config_path: Path) -> int:
             gate.reload(load_config(config_path))
         except ConfigError as exc:
             log.error("config.rejected", path=str(config_path), errors=exc.problems)
+        except (UsersError, ReloadRefused) as exc:
+            log.error("config.rejected", path=str(config_path), errors=[str(exc)])
         sd_notify("READY=1")
 
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -184,7 +265,8 @@ async def serve(config_path: Path) -> int:
     loop.add_signal_handler(signal.SIGHUP, reload)
     sd_notify("READY=1")
     log.info("smtpgate.ready", config=str(config.path), listeners=[f"{h}:{p}" for h, p in gate.bound],
-             upstream=config.upstream.label)
+             upstream=config.upstream.label, mode=config.mode,
+             observing=[lst.name for lst in config.listeners if lst.mode == "observe"] or None)
     await stop.wait()
     sd_notify("STOPPING=1")
     log.info("shutdown.started", grace=gate.config.shutdown_grace)

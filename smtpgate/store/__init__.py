@@ -12,6 +12,15 @@ Schema: a database smtpgate never used (no `smtpgate_schema` table) is
 initialised on open. A database with an older schema is refused with
 SchemaOutdated (run `smtpgate db upgrade`) unless auto_upgrade is set; one
 with a newer schema than this smtpgate is refused with StoreError.
+
+Read-only (`read_only=True`, the `links show|list|export` commands): nothing
+is created or changed; a missing database or one without the schema is
+StoreMissing.
+
+On a writable open with the local allocator, the sequence is raised above
+every reference its templates gave that the store knows (raise_sequence):
+a store restored from an older copy, or seeded by `smtpgate links add`,
+never hands out a reference again.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from smtpgate.store.base import (
+    ActivityRow,
     ActivityView,
     AllocationContext,
     AllocationRequest,
@@ -36,16 +46,19 @@ from smtpgate.store.base import (
     Store,
     ThreadHit,
 )
-from smtpgate.store.errors import AllocationError, SchemaOutdated, StoreError
+from smtpgate.redact import redact_url
+from smtpgate.store.errors import AllocationError, LinkConflict, SchemaOutdated, StoreError, StoreMissing
 
 if TYPE_CHECKING:
-    from smtpgate.store.allocation import Allocator
+    from smtpgate.store.base import Allocator
 
 __all__ = [
+    "ActivityRow",
     "ActivityView",
     "AllocationContext",
     "AllocationError",
     "AllocationRequest",
+    "LinkConflict",
     "LinkOutcome",
     "LinkRow",
     "LinkTarget",
@@ -56,6 +69,7 @@ __all__ = [
     "SchemaOutdated",
     "Store",
     "StoreError",
+    "StoreMissing",
     "ThreadHit",
     "open_store",
     "run_pruner",
@@ -90,6 +104,7 @@ async def open_store(
     auto_upgrade: bool = False,
     check_schema: bool = True,
     timeout: float = 30.0,
+    read_only: bool = False,
 ) -> Store:
     """A connected Store for `store.url`, its schema checked.
 
@@ -98,8 +113,9 @@ async def open_store(
     timeout bounds waits for locks and connections (seconds); it is raised
     to exceed the allocator's own timeout (the http allocator's), since
     other writers may wait for an allocation in progress.
+    With read_only, nothing is created, initialised or upgraded.
     Raises StoreError for a bad URL or an unreachable database, and
-    SchemaOutdated as described in the module docstring.
+    SchemaOutdated and StoreMissing as described in the module docstring.
     """
     store: Store
     allocator_timeout = getattr(allocator, "timeout", None)
@@ -109,32 +125,50 @@ async def open_store(
     if scheme == "sqlite":
         from smtpgate.store.sqlite import SqliteStore
 
-        sqlite_store = SqliteStore(sqlite_path(url, base_dir), allocator, busy_timeout=timeout)
+        sqlite_store = SqliteStore(sqlite_path(url, base_dir), allocator, busy_timeout=timeout,
+                                   read_only=read_only)
         await sqlite_store.connect()
         store = sqlite_store
     elif scheme in ("postgresql", "postgres"):
         from smtpgate.store.postgres import PostgresStore
 
-        pg_store = PostgresStore(url, allocator, timeout=timeout)
+        pg_store = PostgresStore(url, allocator, timeout=timeout, read_only=read_only)
         await pg_store.connect()
         store = pg_store
     else:
-        shown = url.split("@")[-1] if "@" in url else url
         raise StoreError(
-            f"store.url {shown!r}: expected sqlite:PATH or postgresql://user@host/database"
+            f"store.url {redact_url(url)!r}: expected sqlite:PATH or postgresql://user@host/database"
         )
     if check_schema:
         try:
-            await _check_schema(store, auto_upgrade)
+            await _check_schema(store, auto_upgrade, read_only)
+            if not read_only:
+                await _guard_sequence(store, allocator)
         except BaseException:
             await store.close()
             raise
     return store
 
 
-async def _check_schema(store: Store, auto_upgrade: bool) -> None:
+async def _guard_sequence(store: Store, allocator: Allocator | None) -> None:
+    from smtpgate.store.allocation import LocalAllocator
+
+    if isinstance(allocator, LocalAllocator):
+        await store.raise_sequence(allocator.templates, allocator.first_number)
+
+
+async def _check_schema(store: Store, auto_upgrade: bool, read_only: bool) -> None:
     version = await store.schema_version()
     latest = store.latest_version()  # type: ignore[attr-defined]
+    if read_only and version == 0:
+        raise StoreMissing(
+            f"{store.label} has no smtpgate schema; `smtpgate db upgrade` creates it"  # type: ignore[attr-defined]
+        )
+    if read_only and version < latest:
+        raise SchemaOutdated(
+            f"the store's schema is version {version}, this smtpgate needs {latest}: "
+            "run `smtpgate db upgrade`"
+        )
     if version == 0 or (version < latest and auto_upgrade):
         await store.upgrade()
     elif version < latest:

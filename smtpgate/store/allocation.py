@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Sequence
 
 import aiohttp
 
-from smtpgate.store.base import AllocationRequest, NumberSource
+from smtpgate.store.base import AllocationRequest, Allocator, NumberSource
 from smtpgate.store.errors import AllocationError
 
 __all__ = [
@@ -32,18 +31,17 @@ __all__ = [
 _MAX_SKIPS = 1000
 
 
-class Allocator(Protocol):
-    """Picks the reference of a new linked activity."""
-
-    async def allocate(self, request: AllocationRequest, numbers: NumberSource) -> str:
-        """A new reference for request.mailbox; raises AllocationError on any failure."""
-
-
 class LocalAllocator:
-    """`allocator.kind: local`: the store's own sequence through the mailbox's template."""
+    """`allocator.kind: local`: the store's own sequence through the mailbox's template.
 
-    def __init__(self, first_number: int = 900000) -> None:
+    templates are the mailboxes' new_reference templates: when the store
+    opens, its sequence is raised above every reference they gave that the
+    store knows (Store.raise_sequence).
+    """
+
+    def __init__(self, first_number: int = 900000, templates: Sequence[str] = ("{n}-T",)) -> None:
         self.first_number = first_number
+        self.templates = tuple(templates)
 
     async def allocate(self, request: AllocationRequest, numbers: NumberSource) -> str:
         """`new_reference.format(n=...)` for the next number whose reference is neither

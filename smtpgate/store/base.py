@@ -6,10 +6,8 @@ import abc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from smtpgate.store.allocation import Allocator
 
 
 @dataclass(frozen=True)
@@ -20,6 +18,9 @@ class LinkTarget:
     team: str
     new_reference: str  # the mailbox's template, e.g. "{n}-T"
     allow_create: bool  # new_links is `create` and the message is not automatic
+    # The longest reference whose tagged address still fits in 64 octets: a longer
+    # allocation is rolled back, no link made (DESIGN.md 4). None: no limit.
+    max_reference_length: int | None = None
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,13 @@ class NumberSource(Protocol):
 
     async def is_known(self, reference: str) -> bool:
         """True when the store already knows an activity with this reference."""
+
+
+class Allocator(Protocol):
+    """Picks the reference of a new linked activity."""
+
+    async def allocate(self, request: AllocationRequest, numbers: NumberSource) -> str:
+        """A new reference for request.mailbox; raises AllocationError on any failure."""
 
 
 @dataclass(frozen=True)
@@ -131,6 +139,15 @@ class LinkRow:
     message_id: str | None
 
 
+@dataclass(frozen=True)
+class ActivityRow:
+    """One activity as `smtpgate links export` writes it."""
+
+    reference: str
+    mailbox: str | None
+    created_at: datetime
+
+
 class Store(abc.ABC):
     """The link store: activities, links, relayed messages and the local sequence.
 
@@ -178,6 +195,10 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def find_link(self, source_reference: str, mailbox: str) -> str | None:
+        """The newest activity of ``mailbox`` linked to the source, or None; never writes."""
+
+    @abc.abstractmethod
     async def record_link(
         self,
         source_reference: str,
@@ -193,6 +214,10 @@ class Store(abc.ABC):
         """The first of message_ids (in order) that smtpgate relayed with a source activity."""
 
     @abc.abstractmethod
+    async def thread_hits(self, message_ids: Sequence[str]) -> list[ThreadHit]:
+        """Every one of message_ids that smtpgate relayed with a source activity, in the given order."""
+
+    @abc.abstractmethod
     async def record_message(self, record: MessageRecord) -> None:
         """Store the message's header facts, committed when this returns; a
         second call for the same (Message-ID, source reference) changes nothing.
@@ -202,8 +227,34 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def add_link(
+        self, source_reference: str, target_reference: str, target_mailbox: str, *, by: str
+    ) -> bool:
+        """Link two activities by hand (`smtpgate links add`); target_mailbox
+        becomes the target's owner. True when the link is new, False when it
+        existed; StoreError when another mailbox owns the target. Logged as
+        `link.added` with `by`, who asked for it."""
+
+    @abc.abstractmethod
+    async def delete_link(self, reference: str, other: str, *, by: str) -> bool:
+        """Remove the link between two activities, whichever side created it;
+        the activities stay. True when there was one; logged as `link.deleted`."""
+
+    @abc.abstractmethod
+    async def export(self) -> tuple[list[ActivityRow], list[LinkRow]]:
+        """Every activity and every link, oldest first."""
+
+    @abc.abstractmethod
+    async def raise_sequence(self, templates: Sequence[str], first_number: int) -> int | None:
+        """Lift the local sequence above every number that one of templates
+        (`{n}-T`) gives for a reference the store knows, so it never issues
+        them again. The new next number when it moved, else None."""
+
+    @abc.abstractmethod
     async def show(self, reference: str) -> ActivityView | None:
-        """The linked-activities view of one activity; None when the store never saw it."""
+        """The linked-activities view of one activity; None when the store never
+        saw it. reference is matched case-insensitively when no activity has
+        exactly that spelling."""
 
     @abc.abstractmethod
     async def list_links(

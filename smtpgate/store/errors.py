@@ -10,6 +10,15 @@ class StoreError(Exception):
     """
 
 
+class StoreMissing(StoreError):
+    """A read-only open found no store: no database file, no database, or no
+    smtpgate schema in it. The message names the store (without a password)."""
+
+
+class LinkConflict(StoreError):
+    """A link asked for by hand contradicts the store (the target belongs to another mailbox)."""
+
+
 class SchemaOutdated(StoreError):
     """The database schema is older than this smtpgate and may not be upgraded here."""
 

@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
+from smtpgate.redact import redact_url
 from smtpgate.store import migrations
-from smtpgate.store.errors import StoreError
+from smtpgate.store.errors import StoreError, StoreMissing
 from smtpgate.store.sql import SCHEMA_LOCK_KEY, MessageRow, SqlStore, Tx
 
 if TYPE_CHECKING:
-    from smtpgate.store.allocation import Allocator
+    from smtpgate.store.base import Allocator
 
 _PLACEHOLDER = re.compile(r"\?")
 
@@ -86,11 +87,6 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     """A pool reset that sends nothing (asyncpg still rolls back an open transaction)."""
 
 
-def _safe_dsn(dsn: str) -> str:
-    """The DSN without its password, for error messages."""
-    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", dsn)
-
-
 class PostgresStore(SqlStore):
     """A Store in a PostgreSQL database shared by several smtpgate nodes."""
 
@@ -99,6 +95,11 @@ class PostgresStore(SqlStore):
         " ON CONFLICT (name) DO UPDATE SET next_number = GREATEST(s.next_number, ?::bigint) + 1"
         " RETURNING next_number - 1"
     )
+    RAISE_SEQUENCE_SQL = (
+        "INSERT INTO allocator_sequence AS s (name, next_number) VALUES ('local', ?::bigint)"
+        " ON CONFLICT (name) DO UPDATE SET next_number = GREATEST(s.next_number, excluded.next_number)"
+    )
+    ALL_DIGITS_SQL = "{} ~ '^[0-9]+$'"
 
     def __init__(
         self,
@@ -106,24 +107,33 @@ class PostgresStore(SqlStore):
         allocator: Allocator | None,
         timeout: float = 30.0,
         pool_size: int = 10,
+        read_only: bool = False,
     ) -> None:
         super().__init__(allocator)
         self.dsn = dsn
+        self.label = redact_url(dsn)
+        self.read_only = read_only
         self._timeout = timeout
         self._pool_size = pool_size
         self._reads: asyncpg.Pool | None = None
         self._writes: asyncpg.Pool | None = None
 
     async def connect(self) -> None:
-        """Open the connection pools; StoreError when the server cannot be reached."""
+        """Open the connection pools; StoreError when the server cannot be reached,
+        StoreMissing when the database does not exist. Read-only, every
+        transaction is READ ONLY: the server refuses any write."""
         try:
-            self._writes = await self._open_pool()
             # Look-ups change no session state (no SET, LISTEN, cursor or lock):
             # a connection goes back without asyncpg's reset query, a round trip.
             self._reads = await self._open_pool(reset=_keep_session)
+            # Read-only there are no writes to keep look-ups from: one pool.
+            self._writes = self._reads if self.read_only else await self._open_pool()
+        except asyncpg.InvalidCatalogNameError as exc:
+            await self.close()
+            raise StoreMissing(f"{self.label}: {exc}") from exc
         except (*_FAILURES, ValueError) as exc:
             await self.close()
-            raise StoreError(f"postgresql {_safe_dsn(self.dsn)}: {exc}") from exc
+            raise StoreError(f"{self.label}: {exc}") from exc
 
     async def _open_pool(self, **options: Any) -> asyncpg.Pool:
         return await asyncpg.create_pool(
@@ -132,20 +142,20 @@ class PostgresStore(SqlStore):
             max_size=self._pool_size,
             timeout=self._timeout,
             command_timeout=self._timeout,
+            server_settings={"default_transaction_read_only": "on"} if self.read_only else None,
             **options,
         )
 
     async def close(self) -> None:
         if self._writes is not None:
             await self.records.close(self._timeout)
-        for name in ("_reads", "_writes"):
-            pool = getattr(self, name)
-            setattr(self, name, None)
-            if pool is not None:
-                try:
-                    await asyncio.wait_for(pool.close(), self._timeout)
-                except _FAILURES:
-                    pool.terminate()
+        pools = {id(p): p for p in (self._reads, self._writes) if p is not None}
+        self._reads = self._writes = None
+        for pool in pools.values():
+            try:
+                await asyncio.wait_for(pool.close(), self._timeout)
+            except _FAILURES:
+                pool.terminate()
 
     def _pool_or_fail(self, pool: asyncpg.Pool | None) -> asyncpg.Pool:
         if pool is None:

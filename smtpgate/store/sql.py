@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import abc
 import json
+import re
+import string
 from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
@@ -15,8 +17,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
+from smtpgate.mail.msgid import normalize_message_id
 from smtpgate.store import migrations as migrations_module
 from smtpgate.store.base import (
+    ActivityRow,
     ActivityView,
     AllocationContext,
     AllocationRequest,
@@ -29,11 +33,11 @@ from smtpgate.store.base import (
     Store,
     ThreadHit,
 )
-from smtpgate.store.errors import AllocationError, StoreError
+from smtpgate.store.errors import AllocationError, LinkConflict, StoreError
 from smtpgate.store.group import GroupCommit
 
 if TYPE_CHECKING:
-    from smtpgate.store.allocation import Allocator
+    from smtpgate.store.base import Allocator
 
 log = structlog.get_logger()
 
@@ -73,16 +77,26 @@ def as_utc(value: datetime) -> datetime:
     return value.astimezone(timezone.utc)
 
 
-def normalize_message_id(value: str) -> str:
-    """A Message-ID as stored and looked up: trimmed, inside one pair of angle brackets."""
-    value = value.strip()
-    if not value:
-        return value
-    if not value.startswith("<"):
-        value = "<" + value
-    if not value.endswith(">"):
-        value = value + ">"
-    return value
+def template_affixes(template: str) -> tuple[str, str] | None:
+    """(prefix, suffix) around the one `{n}` field of a new_reference template
+    whose numbers are plain decimal digits (`{n}`, `{n:06d}`), else None."""
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError:
+        return None
+    fields = [i for i, part in enumerate(parts) if part[1] is not None]
+    if len(fields) != 1:
+        return None
+    _, name, spec, conversion = parts[fields[0]]
+    if name != "n" or conversion is not None or not re.fullmatch(r"0?[0-9]*d?", spec or ""):
+        return None
+    prefix = "".join(part[0] for part in parts[: fields[0] + 1])
+    suffix = "".join(part[0] for part in parts[fields[0] + 1 :])
+    return prefix, suffix
+
+
+def _like_literal(text: str) -> str:
+    return re.sub(r"([\\%_])", r"\\\1", text)
 
 
 def link_lock_key(source_reference: str, mailbox: str) -> str:
@@ -101,6 +115,10 @@ class MessageRow:
     def key(self) -> tuple[str, str]:
         """(message_id, source_key): the unique key of the messages table."""
         return (self.values[0], self.values[2])
+
+
+class _Untaggable(Exception):
+    """The allocated reference cannot tag the mailbox: the transaction rolls back."""
 
 
 class _Numbers:
@@ -125,6 +143,10 @@ class SqlStore(Store):
 
     # Takes the next number atomically; parameters: first_number twice.
     NEXT_NUMBER_SQL: str
+    # Sets the next number to at least the parameter, never lowering it.
+    RAISE_SEQUENCE_SQL: str
+    # True when the SQL expression `{}` is one or more ASCII digits.
+    ALL_DIGITS_SQL: str
 
     def __init__(self, allocator: Allocator | None) -> None:
         self.allocator = allocator
@@ -217,6 +239,27 @@ class SqlStore(Store):
 
     # -- activities -------------------------------------------------------
 
+    async def _canonical_reference(self, tx: Tx, reference: str) -> str:
+        """The spelling the store knows reference by: itself when it is known as
+        written, else a known reference equal to it ignoring case (the
+        upper-case spelling first), else itself."""
+        row = await tx.fetchone(
+            "SELECT reference FROM activities WHERE reference = ?"
+            " UNION ALL SELECT reference FROM message_activities WHERE reference = ? LIMIT 1",
+            reference,
+            reference,
+        )
+        if row is not None:
+            return reference
+        row = await tx.fetchone(
+            "SELECT reference FROM activities WHERE lower(reference) = lower(?)"
+            " UNION SELECT reference FROM message_activities WHERE lower(reference) = lower(?)"
+            " ORDER BY 1 LIMIT 1",
+            reference,
+            reference,
+        )
+        return row[0] if row else reference
+
     async def activity_mailbox(self, reference: str) -> str | None:
         known = self._known_owner(reference)
         if known is not None:
@@ -293,6 +336,10 @@ class SqlStore(Store):
         )
         return bool(rows)
 
+    async def find_link(self, source_reference: str, mailbox: str) -> str | None:
+        async with self._read() as tx:
+            return await self._linked_owned_by(tx, source_reference, mailbox)
+
     async def get_or_create_link(
         self,
         source_reference: str,
@@ -308,6 +355,18 @@ class SqlStore(Store):
             return None
         if self.allocator is None:
             raise AllocationError("no allocator configured; cannot create a linked activity")
+        try:
+            return await self._create_link(source_reference, source_mailbox, target, context)
+        except _Untaggable:
+            return None  # allow_create and None: the caller reports the mailbox untaggable
+
+    async def _create_link(
+        self,
+        source_reference: str,
+        source_mailbox: str | None,
+        target: LinkTarget,
+        context: AllocationContext,
+    ) -> LinkOutcome:
         async with self._write(link_lock_key(source_reference, target.mailbox)) as tx:
             # Again under the lock: a racer may have created it meanwhile.
             existing = await self._linked_owned_by(tx, source_reference, target.mailbox)
@@ -323,6 +382,8 @@ class SqlStore(Store):
                 message_id=context.message_id,
             )
             reference = await self.allocator.allocate(request, _Numbers(self, tx))
+            if target.max_reference_length is not None and len(reference.encode()) > target.max_reference_length:
+                raise _Untaggable(reference)
             if reference == source_reference:
                 raise AllocationError(f"allocator answered the source reference {reference}")
             row = await tx.fetchone("SELECT mailbox FROM activities WHERE reference = ?", reference)
@@ -333,12 +394,6 @@ class SqlStore(Store):
             now = utcnow()
             await self._remember(tx, {reference: target.mailbox, source_reference: source_mailbox}, now)
             await self._insert_link(tx, source_reference, reference, context.message_id, now)
-        log.info(
-            "link.created",
-            source_reference=source_reference,
-            reference=reference,
-            mailbox=target.mailbox,
-        )
         return LinkOutcome(reference, created=True)
 
     async def _link_known(
@@ -377,21 +432,110 @@ class SqlStore(Store):
                 tx, {source_reference: source_mailbox, target_reference: target_mailbox}, now
             )
             created = await self._insert_link(tx, source_reference, target_reference, message_id, now)
-        if created:
-            log.info(
-                "link.created",
-                source_reference=source_reference,
-                reference=target_reference,
-                mailbox=target_mailbox,
-            )
         return created
+
+    # -- corrections by hand (smtpgate links add|delete) -------------------
+
+    async def add_link(
+        self, source_reference: str, target_reference: str, target_mailbox: str, *, by: str
+    ) -> bool:
+        async with self._write() as tx:
+            source = await self._canonical_reference(tx, source_reference)
+            target = await self._canonical_reference(tx, target_reference)
+            if source.lower() == target.lower():
+                raise LinkConflict(f"an activity is not linked to itself ({source})")
+            row = await tx.fetchone("SELECT mailbox FROM activities WHERE reference = ?", target)
+            if row is not None and row[0] is not None and row[0] != target_mailbox:
+                raise LinkConflict(f"{target} belongs to {row[0]}, not {target_mailbox}")
+            now = utcnow()
+            await self._remember(tx, {source: None, target: target_mailbox}, now)
+            created = await self._insert_link(tx, source, target, None, now)
+        if created:
+            log.info("link.added", source_reference=source, reference=target, mailbox=target_mailbox, by=by)
+        return created
+
+    async def delete_link(self, reference: str, other: str, *, by: str) -> bool:
+        async with self._write() as tx:
+            one = await self._canonical_reference(tx, reference)
+            two = await self._canonical_reference(tx, other)
+            lo, hi = sorted((one, two))
+            rows = await tx.fetchall(
+                "DELETE FROM links WHERE lo = ? AND hi = ? RETURNING source_reference, target_reference",
+                lo,
+                hi,
+            )
+        if not rows:
+            return False
+        log.info("link.deleted", source_reference=rows[0][0], reference=rows[0][1], by=by)
+        return True
+
+    async def export(self) -> tuple[list[ActivityRow], list[LinkRow]]:
+        # Links first: an activity is written with its link and never deleted,
+        # so every exported link finds both its activities in the second read.
+        links = await self.list_links()
+        async with self._read() as tx:
+            rows = await tx.fetchall(
+                "SELECT reference, mailbox, created_at FROM activities ORDER BY created_at, reference"
+            )
+        activities = [ActivityRow(reference=r[0], mailbox=r[1], created_at=self._dt(r[2])) for r in rows]
+        return activities, links
+
+    # -- the local sequence -----------------------------------------------
+
+    async def _highest_number(self, tx: Tx, template: str) -> tuple[int, str] | None:
+        """The highest n for which template.format(n=n) is a reference the store knows."""
+        affixes = template_affixes(template)
+        if affixes is None:
+            return None
+        prefix, suffix = affixes
+        middle = f"substr(reference, {len(prefix) + 1}, length(reference) - {len(prefix) + len(suffix)})"
+        rows = await tx.fetchall(
+            "SELECT reference FROM activities WHERE reference LIKE ? ESCAPE '\\'"
+            f" AND length(reference) > ? AND {self.ALL_DIGITS_SQL.format(middle)}"
+            " ORDER BY length(reference) DESC, reference DESC LIMIT 20",
+            _like_literal(prefix) + "%" + _like_literal(suffix),
+            len(prefix) + len(suffix),
+        )
+        for (reference,) in rows:
+            number = int(reference[len(prefix) : len(reference) - len(suffix)])
+            if template.format(n=number) == reference:  # LIKE may ignore case, padding may differ
+                return number, reference
+        return None
+
+    async def raise_sequence(self, templates: Sequence[str], first_number: int) -> int | None:
+        highest: tuple[int, str] | None = None
+        async with self._read() as tx:
+            for template in dict.fromkeys(templates):
+                found = await self._highest_number(tx, template)
+                if found is not None and (highest is None or found[0] > highest[0]):
+                    highest = found
+        if highest is None or highest[0] < first_number:
+            return None
+        async with self._write() as tx:
+            row = await tx.fetchone("SELECT next_number FROM allocator_sequence WHERE name = 'local'")
+            current = int(row[0]) if row else None
+            if current is not None and current > highest[0]:
+                return None
+            await tx.execute(self.RAISE_SEQUENCE_SQL, highest[0] + 1)
+        # A restored older store, or references seeded by hand: never issue them again.
+        log.warning(
+            "allocator.sequence_raised",
+            next_number=highest[0] + 1,
+            previous_next_number=current if current is not None else first_number,
+            highest_reference=highest[1],
+        )
+        return highest[0] + 1
 
     # -- messages ---------------------------------------------------------
 
     async def find_thread(self, message_ids: Sequence[str]) -> ThreadHit | None:
+        hits = await self.thread_hits(message_ids)
+        return hits[0] if hits else None
+
+    async def thread_hits(self, message_ids: Sequence[str]) -> list[ThreadHit]:
         wanted = [normalize_message_id(m) for m in message_ids if m and m.strip()]
         if not wanted:
-            return None
+            return []
         unique = list(dict.fromkeys(wanted))
         marks = ", ".join("?" for _ in unique)
         # A reply may follow its message before that message's record is committed.
@@ -407,16 +551,12 @@ class SqlStore(Store):
         newest: dict[str, Sequence[Any]] = {}
         for row in rows:
             newest.setdefault(row[0], row)
-        for message_id in unique:
-            row = newest.get(message_id)
-            if row is not None:
-                return ThreadHit(
-                    message_id=message_id,
-                    source_reference=row[1],
-                    source_mailbox=row[3],
-                    mapping=dict(json.loads(row[2])),
-                )
-        return None
+        return [
+            ThreadHit(message_id=message_id, source_reference=row[1], source_mailbox=row[3],
+                      mapping=dict(json.loads(row[2])))
+            for message_id in unique
+            if (row := newest.get(message_id)) is not None
+        ]
 
     async def record_message(self, record: MessageRecord) -> None:
         # Committed with whatever other sessions recorded meanwhile: one
@@ -489,6 +629,7 @@ class SqlStore(Store):
     async def show(self, reference: str) -> ActivityView | None:
         await self.records.settled()
         async with self._read() as tx:
+            reference = await self._canonical_reference(tx, reference)
             activity = await tx.fetchone("SELECT mailbox FROM activities WHERE reference = ?", reference)
             link_rows = await tx.fetchall(
                 "SELECT x.other, a.mailbox, x.created_at, x.message_id FROM"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import urllib.parse
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
@@ -22,11 +23,11 @@ from typing import TYPE_CHECKING, Any
 import aiosqlite
 
 from smtpgate.store import migrations
-from smtpgate.store.errors import StoreError
+from smtpgate.store.errors import StoreError, StoreMissing
 from smtpgate.store.sql import SqlStore, Tx
 
 if TYPE_CHECKING:
-    from smtpgate.store.allocation import Allocator
+    from smtpgate.store.base import Allocator
 
 # Fixed width, so that text order is time order.
 _TS_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
@@ -58,10 +59,20 @@ class SqliteStore(SqlStore):
         " next_number = max(allocator_sequence.next_number, ?) + 1"
         " RETURNING next_number - 1"
     )
+    RAISE_SEQUENCE_SQL = (
+        "INSERT INTO allocator_sequence (name, next_number) VALUES ('local', ?)"
+        " ON CONFLICT (name) DO UPDATE SET"
+        " next_number = max(allocator_sequence.next_number, excluded.next_number)"
+    )
+    ALL_DIGITS_SQL = "{0} <> '' AND {0} NOT GLOB '*[^0-9]*'"
 
-    def __init__(self, path: Path, allocator: Allocator | None, busy_timeout: float = 30.0) -> None:
+    def __init__(
+        self, path: Path, allocator: Allocator | None, busy_timeout: float = 30.0, read_only: bool = False
+    ) -> None:
         super().__init__(allocator)
         self.path = path
+        self.label = str(path)
+        self.read_only = read_only
         self._busy_timeout_ms = int(busy_timeout * 1000)
         self._reader: aiosqlite.Connection | None = None
         self._writer: aiosqlite.Connection | None = None
@@ -69,13 +80,33 @@ class SqliteStore(SqlStore):
         self._cleanups: set[asyncio.Task[None]] = set()
 
     async def connect(self) -> None:
-        """Open both connections and switch the file to WAL mode."""
+        """Open both connections and switch the file to WAL mode; read-only, open
+        only a reader and create nothing (StoreMissing when the file is absent)."""
+        if self.read_only:
+            await self._connect_read_only()
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._writer = await self._open()
             await self._use_wal(self._writer)
             self._reader = await self._open()
         except (sqlite3.Error, OSError) as exc:
+            await self.close()
+            raise StoreError(f"sqlite {self.path}: {exc}") from exc
+
+    async def _connect_read_only(self) -> None:
+        if not self.path.is_file():
+            raise StoreMissing(f"{self.path} does not exist; `smtpgate db upgrade` creates the store")
+        # Without a -wal file the database file holds every commit, and
+        # immutable=1 keeps SQLite from creating -wal/-shm files: made by root,
+        # they would lock the service out of its own store.
+        wal = self.path.with_name(self.path.name + "-wal")
+        mode = "ro" if wal.exists() else "ro&immutable=1"
+        uri = f"file:{urllib.parse.quote(str(self.path))}?mode={mode}"
+        try:
+            self._reader = await aiosqlite.connect(uri, uri=True, isolation_level=None)
+            await self._reader.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+        except sqlite3.Error as exc:
             await self.close()
             raise StoreError(f"sqlite {self.path}: {exc}") from exc
 
@@ -141,6 +172,8 @@ class SqliteStore(SqlStore):
     async def _write(self, lock_key: str | None = None) -> AsyncIterator[Tx]:
         # lock_key needs no lock of its own: BEGIN IMMEDIATE already excludes
         # every other writer of the file.
+        if self.read_only:
+            raise StoreError(f"sqlite {self.path}: opened read-only")
         await self._write_lock.acquire()
         release = True
         try:

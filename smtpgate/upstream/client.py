@@ -19,8 +19,10 @@ from pathlib import Path
 
 import aiosmtplib
 
-from smtpgate.config import Upstream
+from smtpgate.config import Upstream, load_client_certificate
 from smtpgate.log import get_logger
+from smtpgate.metrics import UPSTREAM_IN_USE
+from smtpgate.upstream.oauth2 import TokenError, TokenSource
 
 log = get_logger()
 
@@ -28,17 +30,17 @@ log = get_logger()
 # a few minutes (RFC 5321 4.5.3.2.7), so reuse only recent ones.
 IDLE_SECONDS = 30.0
 
-# Extensions whose MAIL/RCPT parameters smtpgate passes through when the upstream has them.
-PASSABLE = ("dsn", "smtputf8", "8bitmime", "size", "auth", "pipelining")
-
 
 class UpstreamError(Exception):
     """The upstream could not be reached, timed out or dropped the connection."""
 
-    def __init__(self, reason: str, *, after_data: bool = False):
+    def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
-        self.after_data = after_data
+
+
+class UpstreamAuthError(UpstreamError):
+    """The upstream's credentials could not be had (token endpoint) or were refused (AUTH)."""
 
 
 @dataclass
@@ -111,7 +113,7 @@ class SmtpSession(UpstreamSession):
         except aiosmtplib.SMTPDataError as exc:
             return Verdict(exc.code, exc.message)
         except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
-            raise UpstreamError(f"DATA: {type(exc).__name__}: {exc}", after_data=True) from None
+            raise UpstreamError(f"DATA: {type(exc).__name__}: {exc}") from None
         return Verdict(response.code, response.message)
 
     async def release(self, reusable: bool) -> None:
@@ -218,6 +220,9 @@ class UpstreamPool:
         self.idle: list[SmtpSession] = []
         self.extensions: frozenset[str] | None = None  # learnt from the last connection
         self._closed = False
+        self.tokens = (TokenSource(config.oauth2, timeout=config.timeout)
+                       if config.auth == "xoauth2" and config.oauth2 is not None else None)
+        self._accepted_token = 0  # generation of the newest token the upstream accepted
 
     async def acquire(self) -> UpstreamSession:
         if self.config.scheme == "maildir":
@@ -231,11 +236,14 @@ class UpstreamPool:
                 continue
             try:
                 if (await session.noop()).ok:
+                    UPSTREAM_IN_USE.inc()
                     return session
             except UpstreamError:
                 pass
             await session.close()
-        return await self._connect()
+        session = await self._connect()
+        UPSTREAM_IN_USE.inc()
+        return session
 
     def _tls_context(self) -> ssl.SSLContext:
         context = ssl.create_default_context(
@@ -244,6 +252,13 @@ class UpstreamPool:
         if not self.config.verify_tls:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
+        cert, key = self.config.tls_client_cert, self.config.tls_client_key
+        if cert and key:
+            try:
+                # Read at each connection, so a renewed certificate is used without a reload.
+                load_client_certificate(context, cert, key)
+            except (OSError, ValueError) as exc:
+                raise UpstreamError(f"client certificate {cert}: {type(exc).__name__}: {exc}") from None
         return context
 
     async def _connect(self) -> SmtpSession:
@@ -265,11 +280,10 @@ class UpstreamPool:
             await client.connect()
             if not client.supports_esmtp and client.last_ehlo_response is None:
                 await _greet(client)
-            if cfg.username:
-                await client.login(cfg.username, cfg.password() or "")
-        except aiosmtplib.SMTPAuthenticationError as exc:
+            await self._login(client)
+        except UpstreamError:
             client.close()
-            raise UpstreamError(f"login as {cfg.username} refused: {exc.code} {exc.message}") from None
+            raise
         except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
             client.close()
             raise UpstreamError(f"connect to {cfg.label}: {type(exc).__name__}: {exc}") from None
@@ -280,7 +294,49 @@ class UpstreamPool:
         self.extensions = session.extensions
         return session
 
+    async def _login(self, client: aiosmtplib.SMTP) -> None:
+        """AUTH as upstream.auth says; UpstreamAuthError when credentials cannot be had or are refused."""
+        cfg = self.config
+        if cfg.auth == "none":
+            return
+        if not client.supports_extension("auth"):
+            raise UpstreamAuthError(f"{cfg.label} does not offer AUTH (upstream.auth is {cfg.auth})")
+        try:
+            if cfg.auth == "password":
+                await client.login(cfg.username or "", self._password())
+            else:
+                await self._xoauth2(client)
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            raise UpstreamAuthError(f"login as {cfg.username} refused: {exc.code} {exc.message}") from None
+        except TokenError as exc:
+            raise UpstreamAuthError(exc.reason) from None
+
+    def _password(self) -> str:
+        try:
+            return self.config.password() or ""
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UpstreamAuthError(f"cannot read {self.config.password_file}: "
+                                    f"{getattr(exc, 'strerror', None) or exc}") from None
+
+    async def _xoauth2(self, client: aiosmtplib.SMTP) -> None:
+        assert self.tokens is not None and self.config.username
+        if "xoauth2" not in client.server_auth_methods:
+            raise UpstreamAuthError(f"{self.config.label} does not offer AUTH XOAUTH2")
+        token = await self.tokens.token()
+        try:
+            await client.auth_xoauth2(self.config.username, token.value)
+        except aiosmtplib.SMTPAuthenticationError:
+            # Refused: the next login asks for a new token, so a fix in the tenant takes effect.
+            self.tokens.discard(token)
+            if token.generation != self._accepted_token:
+                raise  # never accepted: a setting, not the token's age; one AUTH per MAIL is enough
+            # Accepted before, refused now (revoked, or expired early): one new token, one more try.
+            token = await self.tokens.token()
+            await client.auth_xoauth2(self.config.username, token.value)
+        self._accepted_token = max(self._accepted_token, token.generation)
+
     async def give_back(self, session: SmtpSession, reusable: bool) -> None:
+        UPSTREAM_IN_USE.dec()
         if reusable and not self._closed and session.client.is_connected and len(self.idle) < self.config.pool_size:
             self.idle.append(session)
         else:
@@ -291,7 +347,8 @@ class UpstreamPool:
         try:
             session = await self.acquire()
         except UpstreamError as exc:
-            log.warning("upstream.error", upstream=self.config.label, reason=exc.reason, stage="probe")
+            event = "upstream.auth_failed" if isinstance(exc, UpstreamAuthError) else "upstream.error"
+            log.warning(event, upstream=self.config.label, reason=exc.reason, stage="probe")
             return
         await session.release(True)
 
@@ -299,3 +356,5 @@ class UpstreamPool:
         self._closed = True
         idle, self.idle = self.idle, []
         await asyncio.gather(*(s.close() for s in idle), return_exceptions=True)
+        if self.tokens is not None:
+            await self.tokens.close()

@@ -4,13 +4,17 @@
 async test can change its behaviour between two commands and wait for what it
 recorded without sleeping. It speaks the extensions smtpgate passes through:
 DSN (RFC 3461), SMTPUTF8, 8BITMIME, SIZE, PIPELINING, STARTTLS and AUTH
-PLAIN/LOGIN, and records MAIL/RCPT parameters with their original case.
+PLAIN/LOGIN/XOAUTH2, and records MAIL/RCPT parameters with their original case.
+It can also stand for a certificate-based connector: MAIL is refused unless
+the client presented a TLS certificate naming an expected host.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import base64
+import binascii
 import collections
 import re
 import shutil
@@ -22,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session
 
 __all__ = ["Received", "Sink", "SinkSMTP", "client_tls_context", "make_test_cert", "make_test_tls"]
 
@@ -51,6 +55,7 @@ class Received:
     tls: bool = False
     auth_login: str | None = None
     reply: str | None = None
+    client_cert: str | None = None  # subject CN of the TLS client certificate, if one was presented
 
 
 class _SinkEnvelope(Envelope):
@@ -122,23 +127,62 @@ class SinkSMTP(SMTP):
             keywords.append("DSN")
         if self.tls_context and not self._tls_protocol:
             keywords.append("STARTTLS")
-        if sink.auth is not None:
-            keywords.append("AUTH LOGIN PLAIN")
+        mechanisms = (["LOGIN", "PLAIN"] if sink.auth is not None else []) + (
+            ["XOAUTH2"] if sink.xoauth2 is not None else [])
+        if mechanisms:
+            keywords.append("AUTH " + " ".join(mechanisms))
         keywords.append("HELP")
         for i, keyword in enumerate(keywords):
             await self.push(("250 " if i == len(keywords) - 1 else "250-") + keyword)
 
     async def smtp_AUTH(self, arg: str) -> None:
-        if self.sink.auth is None:
+        if self.sink.auth is None and self.sink.xoauth2 is None:
             await self.push("502 5.5.1 AUTH not available")
             return
         await super().smtp_AUTH(arg)
+
+    async def auth_XOAUTH2(self, _: SMTP, args: list[str]) -> AuthResult:
+        """SASL XOAUTH2 as Exchange Online answers it.
+
+        The response base64("user=" U ^A "auth=Bearer " T ^A ^A), as an
+        initial response or after an empty 334; a refused token gets
+        "535 5.7.3 Authentication unsuccessful" at once (Microsoft's
+        "Authenticate an IMAP, POP or SMTP connection using OAuth").
+        """
+        sink = self.sink
+        if sink.xoauth2 is None:
+            return AuthResult(success=False, handled=False)
+        if len(args) == 1:
+            response = await self.challenge_auth("")
+            if response is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                response = base64.b64decode(args[1], validate=True)
+            except binascii.Error:
+                await self.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        fields = dict(
+            part.split(b"=", 1) for part in response.split(b"\x01") if b"=" in part
+        )
+        user = fields.get(b"user", b"").decode("utf-8", "replace")
+        scheme, _, token = fields.get(b"auth", b"").decode("utf-8", "replace").partition(" ")
+        if not response.endswith(b"\x01\x01") or scheme != "Bearer" or not user or not token:
+            await self.push("501 5.5.2 Malformed XOAUTH2 initial response")
+            return AuthResult(success=False, handled=True)
+        sink.auth_tokens.append(token)
+        sink._changed()
+        if sink.xoauth2(user, token):
+            return AuthResult(success=True, auth_data=user)
+        return AuthResult(success=False, handled=False, message="535 5.7.3 Authentication unsuccessful")
 
     # -- MAIL -----------------------------------------------------------
     async def smtp_MAIL(self, arg: str | None) -> None:
         if await self.check_helo_needed():
             return
         if await self._refuse_without_auth():
+            return
+        if await self._refuse_without_client_cert():
             return
         assert self.session is not None and self.envelope is not None
         syntaxerr = "501 5.5.4 Syntax: MAIL FROM:<address> [SP <mail-parameters>]"
@@ -267,6 +311,14 @@ class SinkSMTP(SMTP):
             return True
         return False
 
+    async def _refuse_without_client_cert(self) -> bool:
+        # As an Exchange Online connector that identifies the sender by its certificate does.
+        names = self.sink.client_cert_names
+        if names is None or client_cert_names(self.transport) & names:
+            return False
+        await self.push("550 5.7.64 TenantAttribution; Relay Access Denied")
+        return True
+
     def _path(self, arg: str) -> tuple[str | None, str]:
         """Split `<addr> params` into the address ('' for the null path) and the rest."""
         arg = arg.strip()
@@ -309,6 +361,7 @@ class _Hooks:
             helo=session.host_name,
             tls=session.ssl is not None or server.transport.get_extra_info("sslcontext") is not None,
             auth_login=auth if isinstance(auth, str) else None,
+            client_cert=next(iter(sorted(client_cert_names(server.transport, common_name_only=True))), None),
         )
         sink.received.append(received)
         sink._changed()
@@ -341,11 +394,18 @@ class Sink:
     command that reads them: `rcpt_replies` (address, case-insensitive, to a
     full reply line; a 2xx line accepts with that text), `mail_reply`,
     `data_reply`, `drop_after_data`, `hold_data`, `refuse_plus`,
-    `require_auth`, and `dsn`/`pipelining` (read at EHLO).
+    `require_auth`, `client_cert_names`, and `dsn`/`pipelining` (read at
+    EHLO).
+
+    `xoauth2(user, token) -> bool` decides AUTH XOAUTH2 (offered when set);
+    `client_cert_names`, when set, refuses MAIL unless the client's verified
+    TLS certificate has one of these names as subject CN or DNS SAN (give a
+    `starttls_context` that asks for client certificates).
 
     Records: `messages` (accepted with a 2xx to the dot), `received` (every
     message whose dot arrived, whatever the answer), `commands` (each command
-    line, verb upper-cased, AUTH credentials masked), `connections`.
+    line, verb upper-cased, AUTH credentials masked), `connections`,
+    `auth_tokens` (each XOAUTH2 bearer token presented, accepted or not).
     """
 
     def __init__(
@@ -358,7 +418,9 @@ class Sink:
         pipelining: bool = True,
         starttls_context: ssl.SSLContext | None = None,
         auth: dict[str, str] | None = None,
+        xoauth2: Callable[[str, str], bool] | None = None,
         require_auth: bool = False,
+        client_cert_names: set[str] | None = None,
         implicit_tls: ssl.SSLContext | None = None,
         data_size_limit: int | None = None,
         hostname: str = "sink.test",
@@ -372,7 +434,9 @@ class Sink:
         self.starttls_context = starttls_context
         self.implicit_tls = implicit_tls
         self.auth = auth
+        self.xoauth2 = xoauth2
         self.require_auth = require_auth
+        self.client_cert_names = client_cert_names
         self.data_size_limit = data_size_limit
         self.hostname = hostname
         self.timeout = timeout
@@ -388,6 +452,7 @@ class Sink:
         self.received: list[Received] = []
         self.commands: list[str] = []
         self.connections = 0
+        self.auth_tokens: list[str] = []
 
         self._server: asyncio.AbstractServer | None = None
         self._protocols: set[SinkSMTP] = set()
@@ -432,6 +497,7 @@ class Sink:
         self.received.clear()
         self.commands.clear()
         self.connections = 0
+        self.auth_tokens.clear()
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10, what: str = "") -> None:
         """Return once predicate() is true; raise TimeoutError (with what was seen) after timeout s."""
@@ -518,6 +584,17 @@ class Sink:
         # Wake every waiter, then arm a fresh event for the next change.
         self._event.set()
         self._event = asyncio.Event()
+
+
+def client_cert_names(transport: Any, common_name_only: bool = False) -> set[str]:
+    """The subject CN and DNS SANs of the verified client certificate on transport (empty: none)."""
+    cert = transport.get_extra_info("peercert") if transport is not None else None
+    if not cert:
+        return set()
+    names = {value for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"}
+    if not common_name_only:
+        names |= {value for kind, value in cert.get("subjectAltName", ()) if kind == "DNS"}
+    return names
 
 
 # -- TLS for tests ------------------------------------------------------

@@ -12,21 +12,21 @@ from __future__ import annotations
 
 import re
 import time
-import uuid
 from dataclasses import dataclass, field
 from email.utils import format_datetime, localtime
-from typing import TYPE_CHECKING
 
+from smtpgate.config import Limits
+from smtpgate.linking.decision import ClientInfo, Envelope, EnvelopeRecipient, LinkDecision
+from smtpgate.linking.service import LinkService, LinkUnavailable
 from smtpgate.mail import replies
-from smtpgate.mail.addresses import Address
+from smtpgate.mail.addresses import Address, envelope_key
 from smtpgate.mail.dataguard import scan_data
-from smtpgate.mail.headers import parse_header_block
+from smtpgate.mail.headers import HeaderBlock, parse_header_block
 from smtpgate.mail.params import Param, xtext
 from smtpgate.mail.replies import SMTPReply
-from smtpgate.upstream.client import UpstreamError, UpstreamSession, Verdict
+from smtpgate.upstream.client import UpstreamAuthError, UpstreamError, UpstreamPool, UpstreamSession, Verdict
 
-if TYPE_CHECKING:
-    from smtpgate.runtime.gate import Gate
+__all__ = ["MAIL_PARAMS", "RCPT_PARAMS", "ClientInfo", "RelayContext", "Transaction"]
 
 # MAIL parameters passed upstream only when the upstream has the extension.
 _MAIL_PARAM_EXTENSION = {"SIZE": "size", "BODY": "8bitmime", "SMTPUTF8": "smtputf8",
@@ -36,12 +36,25 @@ MAIL_PARAMS = set(_MAIL_PARAM_EXTENSION)
 RCPT_PARAMS = set(_RCPT_PARAM_EXTENSION)
 
 
+@dataclass(frozen=True)
+class RelayContext:
+    """What a transaction needs, from one configuration snapshot (docs/architecture.md)."""
+
+    pool: UpstreamPool
+    links: LinkService
+    limits: Limits
+    hostname: str
+    mode: str = "enforce"  # enforce | observe
+    direction: str = "outbound"  # outbound | inbound (restore dropped tags, never relay out)
+    unknown_tags: str = "pass"  # inbound: pass | strip
+
+
 @dataclass
 class Recipient:
     address: Address
     params: dict[str, Param]
     relayed: Address  # what the upstream was last asked to accept
-    target: Address | None = None  # what linking wants the upstream to get
+    tag_refused: bool = False  # the upstream refused the tagged form at RCPT time
 
     def upstream_params(self, extensions: frozenset[str]) -> list[str]:
         out = [str(p) for k, p in self.params.items() if _RCPT_PARAM_EXTENSION[k] in extensions]
@@ -52,21 +65,10 @@ class Recipient:
 
 
 @dataclass
-class ClientInfo:
-    session_id: str
-    ip: str
-    helo: str
-    authenticated_as: str | None
-    tls: bool
-    listener: str
-    esmtp: bool = True  # EHLO, not HELO
-
-
-@dataclass
 class Transaction:
     """The state of one client transaction and its upstream twin."""
 
-    gate: Gate
+    ctx: RelayContext
     client: ClientInfo
     log: object
     mail_from: Address | None = None
@@ -76,19 +78,25 @@ class Transaction:
     broken: str | None = None  # why the upstream transaction can no longer be used
     started: float = field(default_factory=time.monotonic)
     refused: list[tuple[str, str]] = field(default_factory=list)
+    # upstream_ms and store_ms for message.relayed/rejected, which feed the latency metrics
+    timings: dict[str, float] = field(default_factory=dict)
 
     # ----------------------------------------------------------------- MAIL
 
     async def open(self, sender: Address | None, params: dict[str, Param]) -> str:
         """MAIL: take an upstream connection and relay MAIL; returns the reply line."""
-        limits = self.gate.config.limits
+        limits = self.ctx.limits
         if "SIZE" in params and int(params["SIZE"].value or 0) > limits.max_message_size:
             raise SMTPReply(replies.MESSAGE_TOO_BIG, "declared SIZE over limits.max_message_size")
         try:
-            self.upstream = await self.gate.pool.acquire()
+            self.upstream = await self.ctx.pool.acquire()
+        except UpstreamAuthError as exc:
+            self.log.warning("upstream.auth_failed", stage="connect", reason=exc.reason,
+                             upstream=self.ctx.pool.config.label)
+            raise SMTPReply(replies.UPSTREAM_AUTH_FAILED, exc.reason) from None
         except UpstreamError as exc:
             self.log.warning("upstream.error", stage="connect", reason=exc.reason,
-                             upstream=self.gate.pool.config.label)
+                             upstream=self.ctx.pool.config.label)
             raise SMTPReply(replies.UPSTREAM_UNREACHABLE, exc.reason) from None
         ext = self.upstream.extensions
         if "SMTPUTF8" in params and "smtputf8" not in ext and sender and not str(sender).isascii():
@@ -115,22 +123,38 @@ class Transaction:
     # ----------------------------------------------------------------- RCPT
 
     async def add_recipient(self, address: Address, params: dict[str, Param]) -> str:
-        """RCPT: relay it as given; the upstream's verdict is the client's reply."""
+        """RCPT: relay it (tagged already when the link is known); the upstream's verdict is the reply."""
         if self.broken or self.upstream is None:
             raise SMTPReply(replies.UPSTREAM_LOST, self.broken or "no upstream transaction")
-        if len(self.recipients) >= self.gate.config.limits.max_recipients:
+        if len(self.recipients) >= self.ctx.limits.max_recipients:
             raise SMTPReply(replies.TOO_MANY_RECIPIENTS, "limits.max_recipients reached")
         if "smtputf8" not in self.upstream.extensions and not str(address).isascii():
             raise SMTPReply(replies.SMTPUTF8_UNSUPPORTED, "non-ASCII recipient, upstream lacks SMTPUTF8")
-        rcpt = Recipient(address=address, params=params, relayed=address)
+        tagged = await self._early_tag(address)
+        rcpt = Recipient(address=address, params=params, relayed=tagged or address)
         verdict = await self._upstream_call(
-            self.upstream.rcpt(str(address), rcpt.upstream_params(self.upstream.extensions))
+            self.upstream.rcpt(str(rcpt.relayed), rcpt.upstream_params(self.upstream.extensions))
         )
+        if tagged is not None and verdict.code >= 500:
+            # The upstream refuses the tag (plus addressing off): delivery matters more.
+            self.log.warning("upstream.tag_refused", recipient=str(address), tagged=str(tagged),
+                             reply=f"{verdict.code} {verdict.text}")
+            rcpt.relayed, rcpt.tag_refused = address, True
+            verdict = await self._upstream_call(
+                self.upstream.rcpt(str(address), rcpt.upstream_params(self.upstream.extensions)))
         if verdict.ok:
             self.recipients.append(rcpt)
         else:
             self.refused.append((str(address), f"{verdict.code} {verdict.text}"))
         return _rcpt_line(verdict)
+
+    async def _early_tag(self, address: Address) -> Address | None:
+        """DESIGN.md 2.3: the tagged form at RCPT time when the envelope sender names the source
+        and the link exists, so the common message needs no replay. End of DATA decides again
+        (a replay follows if the message says otherwise)."""
+        if self.ctx.mode != "enforce" or self.ctx.direction != "outbound" or self.mail_from is None:
+            return None
+        return await self.ctx.links.early_target(self.mail_from, address)
 
     async def _upstream_call(self, call) -> Verdict:
         try:
@@ -138,19 +162,53 @@ class Transaction:
         except UpstreamError as exc:
             self.broken = exc.reason
             self.log.warning("upstream.error", stage="transaction", reason=exc.reason,
-                             upstream=self.gate.pool.config.label)
+                             upstream=self.ctx.pool.config.label)
             raise SMTPReply(replies.UPSTREAM_LOST, exc.reason) from None
+
+    def sender_text(self) -> str:
+        return self._sender_text()
 
     # ----------------------------------------------------------------- DATA
 
     async def finish(self, raw: bytes) -> str:
-        """End of DATA: check, link, rewrite, replay if needed, send; returns the reply line.
+        """End of DATA: check, decide, replay if needed, send, record; returns the reply line.
 
         Raises SMTPReply for every refusal; the caller aborts the transaction then.
         """
         if self.broken or self.upstream is None:
             raise SMTPReply(replies.UPSTREAM_LOST, self.broken or "no upstream transaction")
-        limits = self.gate.config.limits
+        headers = self._check(raw)
+        decision = await self._timed("store_ms", self._decide(headers))
+        observe = self.ctx.mode == "observe"
+        if decision.inbound is not None:
+            self._log_retagged(decision, observe)
+        if observe:
+            self._log_observed(decision)
+            applied = decision.without_changes()
+        else:
+            for rcpt in self.recipients:
+                if rcpt.tag_refused:
+                    decision = decision.without_tag(rcpt.address)
+            applied = await self._replay(decision)
+        content = self._trace_fields(applied) + applied.apply(raw)
+        verdict = await self._timed("upstream_ms", self._send(content))
+        if not verdict.ok:
+            self.log.info("message.rejected", code=verdict.code, reason=f"upstream: {verdict.text}",
+                          message_id=applied.message_id, mail_from=self._sender_text(), stage="data",
+                          **self.timings, **self.client.log_fields())
+            # A refused DATA command leaves MAIL and RCPT open upstream: reset before reuse.
+            await self.abort()
+            return _client_line(verdict)
+        upstream_label = self.upstream.label if self.upstream else None
+        await self.release(reusable=True)
+        await self._timed("store_ms", self.ctx.links.record(applied, [r.relayed for r in self.recipients],
+                                                            log=self.log))
+        self._log_relayed(applied, len(content), upstream_label, verdict)
+        return _client_line(verdict)
+
+    def _check(self, raw: bytes) -> HeaderBlock:
+        """The refusals before anything is relayed (DESIGN.md 6); returns the header block."""
+        limits = self.ctx.limits
         if len(raw) > limits.max_message_size:
             raise SMTPReply(replies.MESSAGE_TOO_BIG, f"{len(raw)} octets")
         problem = scan_data(raw)
@@ -160,58 +218,104 @@ class Transaction:
         hops = len(headers.get_all("Received"))
         if hops > limits.max_hops:
             raise SMTPReply(replies.TOO_MANY_HOPS, f"{hops} Received fields")
+        return headers
 
-        message_id = headers.get("Message-ID")
-        added_id = None
-        if not message_id or not message_id.strip():
-            added_id = f"<{uuid.uuid4().hex}@{self.gate.config.hostname}>"
-            message_id = added_id
-        # Only the <id> itself: a trailing comment would never match a later In-Reply-To.
-        bracketed = _MESSAGE_ID.search(message_id)
-        message_id = bracketed.group(0) if bracketed else message_id.strip()
+    def envelope(self) -> Envelope:
+        """This transaction as the link service sees it."""
+        return Envelope(
+            mail_from=self.mail_from,
+            recipients=tuple(EnvelopeRecipient(r.address, tuple(str(p) for p in r.params.values()))
+                             for r in self.recipients),
+            mail_params=tuple(str(p) for p in self.mail_params.values()),
+            client=self.client,
+        )
 
-        linked = await self.gate.linker.link(self, raw, headers, message_id)
-        for rcpt in self.recipients:
-            if linked.source_reference is None:
-                rcpt.target = rcpt.address
-            else:
-                # Missing from the core's envelope: merged into an earlier spelling of the same mailbox.
-                rcpt.target = linked.relayed.get(str(rcpt.address))
-        await self._replay_if_changed(linked)
+    async def _decide(self, headers: HeaderBlock) -> LinkDecision:
+        try:
+            if self.ctx.direction == "inbound":
+                return await self.ctx.links.retag(self.envelope(), headers, unknown_tags=self.ctx.unknown_tags)
+            return await self.ctx.links.decide(self.envelope(), headers, observe=self.ctx.mode == "observe",
+                                               log=self.log)
+        except LinkUnavailable as exc:
+            raise SMTPReply(replies.TEMPORARY_FAILURE, str(exc)) from None
 
-        content = self._trace_fields(added_id) + linked.content
-        verdict = await self._send(content)
-        if not verdict.ok:
-            self.log.info("message.rejected", code=verdict.code, reason=f"upstream: {verdict.text}",
-                          message_id=message_id, mail_from=self._sender_text(), stage="data")
-            # A refused DATA command leaves MAIL and RCPT open upstream: reset before reuse.
-            await self.abort()
-            return _client_line(verdict)
-        upstream_label = self.upstream.label if self.upstream else None
-        await self.release(reusable=True)
-        await self.gate.linker.recorded(self, linked, headers, message_id)
+    def _log_relayed(self, decision: LinkDecision, size: int, upstream: str | None, verdict: Verdict) -> None:
         self.log.info(
             "message.relayed",
-            message_id=message_id,
+            message_id=decision.message_id,
             mail_from=self._sender_text(),
             recipients=[{"original": str(r.address), "relayed": str(r.relayed)} for r in self.recipients],
             refused=[{"recipient": a, "reply": why} for a, why in self.refused] or None,
-            source_reference=linked.source_reference,
-            source_found_in=linked.source_found_in,
-            links_created=linked.links_created,
-            links_reused=linked.links_reused,
-            size=len(content),
-            upstream=upstream_label,
+            source_reference=None if decision.observed else decision.source_reference,
+            source_found_in=None if decision.observed else decision.source_found_in,
+            links_created=[] if decision.observed else list(decision.links_created),
+            links_reused=[] if decision.observed else list(decision.links_reused),
+            size=size,
+            upstream=upstream,
             upstream_reply=f"{verdict.code} {verdict.text}",
             duration_ms=round((time.monotonic() - self.started) * 1000, 1),
+            **self.timings,
+            **self.client.log_fields(),
         )
-        return _client_line(verdict)
 
-    async def _replay_if_changed(self, linked) -> None:
-        """Replay MAIL and the rewritten RCPTs upstream when the envelope changed (DESIGN.md 2.3)."""
+    async def _timed(self, key: str, work):
+        """Await work, adding the milliseconds it took to timings[key]."""
+        started = time.monotonic()
+        try:
+            return await work
+        finally:
+            self.timings[key] = round(self.timings.get(key, 0.0) + (time.monotonic() - started) * 1000, 1)
+
+    def _log_retagged(self, decision: LinkDecision, observe: bool) -> None:
+        """Inbound: which recipients got their tag back (or an unknown tag handled), and from where."""
+        plan = decision.inbound
+        assert plan is not None
+        for address, tag, action in plan.unknown:
+            self.log.warning("inbound.unknown_tag", recipient=str(address), tag=tag,
+                             action="observed" if observe else action, message_id=decision.message_id)
+        if plan.retagged:
+            self.log.info(
+                "message.observed" if observe else "message.retagged",
+                message_id=decision.message_id,
+                mail_from=self._sender_text(),
+                recipients=[{"original": str(o), "relayed": str(n), "thread_message_id": t}
+                            for o, n, t in plan.retagged],
+            )
+
+    def _log_observed(self, decision: LinkDecision) -> None:
+        """Observe mode: what enforce mode would have done with this message."""
+        new = set(decision.would_create)
+        recipients = []
+        for r in decision.recipients:
+            target = str(r.target) if r.target is not None else None
+            if r.mailbox in new and r.target == r.original:
+                target = "(new linked activity)"
+            recipients.append({"original": str(r.original), "would_relay": target,
+                               "class": r.recipient_class})
+        self.log.info(
+            "message.observed",
+            message_id=decision.message_id,
+            mail_from=self._sender_text(),
+            source_reference=decision.source_reference,
+            source_found_in=decision.source_found_in,
+            recipients=recipients,
+            header_changes={k: v for k, v in decision.header_mapping.items()},
+            links_would_create=sorted(new) + [r for r in decision.links_created],
+            links_would_reuse=list(decision.links_reused),
+            automatic=decision.automatic,
+        )
+
+    async def _replay(self, decision: LinkDecision) -> LinkDecision:
+        """Replay MAIL and the rewritten RCPTs upstream when the envelope changed (DESIGN.md 2.3).
+
+        Returns the decision as relayed: a tag the upstream refused is dropped from it.
+        """
         assert self.upstream is not None
-        if all(r.target == r.relayed for r in self.recipients):
-            return
+        targets = {}
+        for r in decision.recipients:
+            targets.setdefault(str(r.original), r.target)
+        if all(targets.get(str(r.address), r.address) == r.relayed for r in self.recipients):
+            return decision
         upstream = self.upstream
         verdict = await self._upstream_call(upstream.rset())
         if verdict.ok:
@@ -219,13 +323,13 @@ class Transaction:
         if not verdict.ok:
             self.broken = f"replay MAIL: {verdict.code} {verdict.text}"
             raise SMTPReply(replies.TEMPORARY_FAILURE, self.broken)
-        seen: set[str] = set()
+        seen: set[tuple[str, str]] = set()
         kept: list[Recipient] = []
         for rcpt in self.recipients:
-            target = rcpt.target
+            target = targets.get(str(rcpt.address), rcpt.address)
             if target is None:
-                continue
-            key = _envelope_key(target)
+                continue  # merged into an earlier spelling of the same mailbox
+            key = envelope_key(target)
             if key in seen:  # DESIGN.md 6: duplicates after rewriting are sent once
                 continue
             rcpt.relayed = target
@@ -234,9 +338,9 @@ class Transaction:
                 # The upstream refuses the tag (plus addressing off): delivery matters more.
                 self.log.warning("upstream.tag_refused", recipient=str(rcpt.address), tagged=str(target),
                                  reply=f"{verdict.code} {verdict.text}")
-                linked.tag_refused(rcpt.address, target)
+                decision = decision.without_tag(rcpt.address)
                 rcpt.relayed = rcpt.address
-                key = _envelope_key(rcpt.address)
+                key = envelope_key(rcpt.address)
                 if key in seen:
                     continue
                 verdict = await self._upstream_call(
@@ -247,6 +351,7 @@ class Transaction:
             seen.add(key)
             kept.append(rcpt)
         self.recipients = kept
+        return decision
 
     async def _send(self, content: bytes) -> Verdict:
         assert self.upstream is not None
@@ -255,10 +360,10 @@ class Transaction:
         except UpstreamError as exc:
             self.broken = exc.reason
             self.log.warning("upstream.error", stage="data", reason=exc.reason,
-                             upstream=self.gate.pool.config.label)
+                             upstream=self.ctx.pool.config.label)
             raise SMTPReply(replies.UPSTREAM_LOST, exc.reason) from None
 
-    def _trace_fields(self, added_id: str | None) -> bytes:
+    def _trace_fields(self, decision: LinkDecision) -> bytes:
         """The Received field (RFC 5321 4.4) and, when the message had none, a Message-ID.
 
         No `for` clause: it would name a recipient's tag to every reader.
@@ -271,11 +376,11 @@ class Transaction:
         date = format_datetime(localtime())
         received = (
             f"Received: from {helo} ([{_address_literal(c.ip)}])\r\n"
-            f"\tby {self.gate.config.hostname} (smtpgate) with {proto} id {c.session_id};\r\n"
+            f"\tby {self.ctx.hostname} (smtpgate) with {proto} id {c.session_id};\r\n"
             f"\t{date}\r\n"
         )
-        if added_id:
-            received += f"Message-ID: {added_id}\r\n"
+        if decision.message_id_added:
+            received += f"Message-ID: {decision.message_id}\r\n"
         return received.encode("ascii", errors="replace")
 
     # ----------------------------------------------------------------- end
@@ -308,11 +413,6 @@ def _client_line(verdict: Verdict) -> str:
     return replies.upstream_line(verdict.code, verdict.text)
 
 
-def _envelope_key(address: Address) -> str:
-    # Local parts are case-sensitive in general (RFC 5321 2.4); domains are not.
-    return f"{address.local}@{address.canonical.rpartition('@')[2]}"
-
-
 def _rcpt_line(verdict: Verdict) -> str:
     """An upstream RCPT verdict for the client: 552 becomes 452 (RFC 5321 4.5.3.1.10)."""
     if verdict.code == 552:
@@ -326,7 +426,6 @@ def _address_literal(ip: str) -> str:
     return f"IPv6:{ip}" if ":" in ip else ip
 
 
-_MESSAGE_ID = re.compile(r"<[^<>\s]+>")
 _HELO = re.compile(r"[A-Za-z0-9][A-Za-z0-9.\-_]{0,254}|\[[0-9A-Fa-f:.IPv]{1,60}\]")
 
 

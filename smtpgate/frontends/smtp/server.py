@@ -10,48 +10,38 @@ from __future__ import annotations
 import asyncio
 import ssl
 import uuid
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from aiosmtpd.smtp import AuthResult, LoginPassword, syntax
 
+from smtpgate.config import Listener
+from smtpgate.frontends.registry import SessionRegistry
+from smtpgate.frontends.smtp.aiosmtpd_glue import AIOSMTPD_REPLIES, DATA_REFUSALS, GlueSMTP
+from smtpgate.frontends.smtp.relay import MAIL_PARAMS, RCPT_PARAMS, ClientInfo, RelayContext, Transaction
+from smtpgate.log import get_logger
 from smtpgate.mail import replies
 from smtpgate.mail.addresses import AddressError, parse_path
-from smtpgate.config import Listener
-from smtpgate.log import get_logger
 from smtpgate.mail.params import parse_params, split_argument
-from smtpgate.frontends.smtp.prototype import PrototypeSMTP
-from smtpgate.frontends.smtp.relay import MAIL_PARAMS, RCPT_PARAMS, ClientInfo, Transaction
 from smtpgate.mail.replies import SMTPReply
 
-if TYPE_CHECKING:
-    from smtpgate.runtime.gate import Gate
 
-# aiosmtpd's own reply lines, translated to smtpgate's (code, enhanced code, text).
-_TRANSLATE = {
-    "552 Error: Too much mail data": replies.MESSAGE_TOO_BIG.line(),
-    "500 Line too long (see RFC5321 4.5.3.1.6)": replies.LINE_TOO_LONG.line(),
-    "503 Error: need RCPT command": replies.NO_VALID_RECIPIENTS.line(),
-    "503 Error: need MAIL command": "503 5.5.1 Error: need MAIL command",
-    "503 Error: send HELO first": "503 5.5.1 Error: send HELO first",
-    "500 Command line too long": "500 5.5.6 Command line too long",
-    "500 Error: bad syntax": "500 5.5.2 Error: bad syntax",
-    "500 Error: strict ASCII mode": "500 5.6.7 Error: non-ASCII without SMTPUTF8",
-    "221 Bye": "221 2.0.0 Bye",
-    "250 OK": "250 2.0.0 OK",
-}
+@dataclass(frozen=True)
+class SmtpSettings:
+    """One listener's view of a configuration snapshot; a session keeps the one it started with."""
 
-# aiosmtpd's refusals of the message data itself: each is the message's one message.rejected.
-_DATA_REFUSALS = {
-    "552 Error: Too much mail data": "data over limits.max_message_size",
-    "500 Line too long (see RFC5321 4.5.3.1.6)": "line over 1000 octets",
-}
+    relay: RelayContext
+    authenticator: Callable | None
+    max_connections: int
 
 
-class GateSMTP(PrototypeSMTP):
+class GateSMTP(GlueSMTP):
     """One client connection."""
 
-    def __init__(self, gate: Gate, listener: Listener, handler: Handler, **kwargs):
-        self.gate = gate
+    def __init__(self, settings: SmtpSettings, registry: SessionRegistry, listener: Listener,
+                 handler: Handler, **kwargs):
+        self.settings = settings
+        self.registry = registry
         self.listener = listener
         self.session_id = uuid.uuid4().hex[:16]
         self.log = get_logger(session=self.session_id, listener=listener.name)
@@ -66,30 +56,31 @@ class GateSMTP(PrototypeSMTP):
         first = self.transport is None
         super().connection_made(transport)
         if first:
-            self.gate.sessions.add(self)
+            self.registry.add(self)
             self.counted = True
             peer = transport.get_extra_info("peername") or ("?", 0)
+            self.log = self.log.bind(client_ip=str(peer[0]))
             self.log.info("session.opened", peer=str(peer[0]), port=peer[1] if len(peer) > 1 else None)
 
     def connection_lost(self, error: Exception | None) -> None:
         super().connection_lost(error)
-        self._abort_in_background()
+        self.transaction_ended()
         if self.counted:
             self.counted = False
-            self.gate.sessions.discard(self)
+            self.registry.discard(self)
             self.log.info("session.closed", reason=str(error) if error else "closed")
 
-    async def _handle_client(self) -> None:
-        if self.gate.draining:
+    async def before_serving(self) -> bool:
+        if self.registry.draining:
             await self.push(replies.SHUTTING_DOWN.line())
             self.transport.close()
-            return
-        if len(self.gate.sessions) > self.gate.config.limits.max_connections:
+            return False
+        if len(self.registry) > self.settings.max_connections:
             await self.push(replies.TOO_MANY_CONNECTIONS.line())
             self.log.warning("session.refused", reason="limits.max_connections reached")
             self.transport.close()
-            return
-        await super()._handle_client()
+            return False
+        return True
 
     @property
     def busy(self) -> bool:
@@ -98,32 +89,34 @@ class GateSMTP(PrototypeSMTP):
 
     def say_goodbye(self, line: str) -> None:
         """Shutdown: tell the client and close, whatever state the session is in."""
-        if self.transport is not None:
-            self.transport.write(line.encode("ascii") + b"\r\n")
-            self.transport.close()
+        transport = self.transport
+        if transport is None:
+            return
+        if not transport.is_closing():
+            try:
+                transport.write(line.encode("ascii") + b"\r\n")
+            except (AttributeError, OSError, RuntimeError):
+                pass  # a TLS transport whose client went away mid-close: nothing to tell
+        transport.close()
 
     async def push(self, status) -> None:
         if isinstance(status, str):
-            if status in _DATA_REFUSALS and self.tx is not None:
-                self.log.info("message.rejected", code=int(status[:3]), reason=_DATA_REFUSALS[status],
-                              mail_from=self.tx._sender_text(), stage="data")
-            status = _TRANSLATE.get(status, status)
+            if status in DATA_REFUSALS and self.tx is not None:
+                self.log.info("message.rejected", code=int(status[:3]), reason=DATA_REFUSALS[status],
+                              mail_from=self.tx.sender_text(), stage="data", **self.tx.client.log_fields())
+            elif status == "503 Error: need RCPT command" and self.tx is not None and self.tx.refused:
+                self.log.info("message.rejected", code=554, reason="the upstream refused every recipient",
+                              mail_from=self.tx.sender_text(), stage="data",
+                              refused=[{"recipient": a, "reply": why} for a, why in self.tx.refused],
+                              **self.tx.client.log_fields())
+            status = AIOSMTPD_REPLIES.get(status, status)
         await super().push(status)
 
-    def _abort_in_background(self) -> None:
+    def transaction_ended(self) -> None:
+        # HELO, EHLO, RSET, a refused data or a lost client: the upstream transaction ends too.
         tx, self.tx = self.tx, None
         if tx is not None:
-            self.gate.spawn(tx.abort())
-
-    def _set_rset_state(self) -> None:
-        # HELO, EHLO and RSET end a transaction: the upstream one ends too.
-        self._abort_in_background()
-        super()._set_rset_state()
-
-    def _set_post_data_state(self) -> None:
-        # Also reached when aiosmtpd refuses the data itself (size, line length).
-        self._abort_in_background()
-        super()._set_post_data_state()
+            self.registry.spawn(tx.abort())
 
     # -------------------------------------------------------- client identity
 
@@ -142,10 +135,19 @@ class GateSMTP(PrototypeSMTP):
             ip=self.client_ip,
             helo=self.session.host_name or "",
             authenticated_as=str(user) if user else None,
-            tls=self._tls_protocol is not None or self.listener.tls == "implicit",
+            tls=self.tls_active or self.listener.tls == "implicit",
             listener=self.listener.name,
             esmtp=bool(self.session.extended_smtp),
+            tls_cipher=self.tls_cipher,
         )
+
+    @property
+    def tls_cipher(self) -> str | None:
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport else None
+        if ssl_object is None:
+            return None
+        cipher = ssl_object.cipher()
+        return f"{ssl_object.version()} {cipher[0]}" if cipher else ssl_object.version()
 
     # -------------------------------------------------------- commands
 
@@ -160,10 +162,11 @@ class GateSMTP(PrototypeSMTP):
         if self.tx is not None:
             await self.push("503 5.5.1 Error: nested MAIL command")
             return
-        if not (self.session.authenticated or self.listener.relays_for(self.client_ip)):
+        inbound = self.listener.direction == "inbound"  # accepts anyone, for internal domains only
+        if not (inbound or self.session.authenticated or self.listener.relays_for(self.client_ip)):
             # No open relay: strangers must authenticate first (DESIGN.md 2.1).
             self.log.info("message.rejected", code=530, reason="not authenticated, not in relay_networks",
-                          client=self.client_ip, stage="mail")
+                          stage="mail", **self.client_info().log_fields())
             await self.push(replies.AUTH_REQUIRED.line())
             return
         parts = split_argument(arg, "FROM:")
@@ -185,7 +188,7 @@ class GateSMTP(PrototypeSMTP):
         except SMTPReply as exc:
             await self._reply(exc, stage="mail")
             return
-        tx = Transaction(gate=self.gate, client=self.client_info(), log=self.log)
+        tx = Transaction(ctx=self.settings.relay, client=self.client_info(), log=self.log)
         try:
             line = await tx.open(sender, params)
         except SMTPReply as exc:
@@ -217,6 +220,9 @@ class GateSMTP(PrototypeSMTP):
             if words and not self.session.extended_smtp:
                 raise SMTPReply(replies.BAD_SYNTAX, "parameters need EHLO")
             params = parse_params(words, RCPT_PARAMS)
+            if self.listener.direction == "inbound" and not self.settings.relay.links.directory.is_internal(address):
+                # An inbound listener delivers to the mailbox server only; it never relays out.
+                raise SMTPReply(replies.RELAY_DENIED, "inbound listener: not an internal domain")
             if not str(address).isascii() and "SMTPUTF8" not in self.tx.mail_params:
                 raise SMTPReply(replies.BAD_RECIPIENT, "non-ASCII recipient without SMTPUTF8")
             line = await self.tx.add_recipient(address, params)
@@ -249,14 +255,14 @@ def _check_sendable(address) -> None:
 class Handler:
     """aiosmtpd hooks for EHLO, DATA and errors; MAIL and RCPT live in GateSMTP."""
 
-    def __init__(self, gate: Gate, listener: Listener):
-        self.gate = gate
+    def __init__(self, listener: Listener, registry: SessionRegistry):
         self.listener = listener
+        self.registry = registry
 
     async def handle_EHLO(self, server: GateSMTP, session, envelope, hostname: str, responses: list[str]):
         session.host_name = hostname
         out = [responses[0]]
-        extensions = self.gate.pool.extensions
+        extensions = server.settings.relay.pool.extensions
         for line in responses[1:-1]:
             keyword = line[4:].split(" ", 1)[0].upper()
             if keyword == "AUTH" and self.listener.auth == "none":
@@ -280,7 +286,7 @@ class Handler:
         server.finishing = True
         # The client's final dot is in: the relay runs to its end even if the client hangs
         # up now, so the upstream's verdict is logged and recorded and the upstream released.
-        task = self.gate.spawn(self._finish(server, tx, envelope.original_content))
+        task = self.registry.spawn(self._finish(server, tx, envelope.original_content))
         try:
             return await asyncio.shield(task)
         finally:
@@ -291,15 +297,21 @@ class Handler:
             return await tx.finish(raw)
         except SMTPReply as exc:
             server.log.info("message.rejected", code=exc.reply.code, reason=exc.reason,
-                            mail_from=tx._sender_text(), stage="data", **exc.log_fields)
+                            mail_from=tx.sender_text(), stage="data", **exc.log_fields, **tx.client.log_fields())
             await tx.abort()
             return exc.line()
         except Exception:
-            server.log.exception("message.rejected", code=451, reason="internal error", stage="data")
+            server.log.exception("message.rejected", code=451, reason="internal error", stage="data",
+                                 **tx.client.log_fields())
             await tx.abort()
             return replies.TEMPORARY_FAILURE.line()
 
     async def handle_PROXY(self, server, session, envelope, proxy_data) -> bool:
+        if proxy_data and getattr(proxy_data, "src_addr", None):
+            # Behind HAProxy every event names the real client, not the proxy.
+            proxy = str(session.peer[0]) if session.peer else None
+            server.log = server.log.bind(client_ip=str(proxy_data.src_addr), proxy=proxy)
+            server.log.info("session.proxied")
         return bool(proxy_data)
 
     async def handle_exception(self, error: Exception) -> str:
@@ -308,7 +320,7 @@ class Handler:
         return replies.TEMPORARY_FAILURE.line()
 
 
-def _tls_context(listener: Listener) -> ssl.SSLContext | None:
+def tls_context(listener: Listener) -> ssl.SSLContext | None:
     if listener.tls == "none" or listener.tls_cert is None or listener.tls_key is None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -316,44 +328,51 @@ def _tls_context(listener: Listener) -> ssl.SSLContext | None:
     return context
 
 
-def make_factory(gate: Gate, listener: Listener):
-    """A protocol factory for loop.create_server, and the TLS context for implicit TLS."""
-    tls = _tls_context(listener)
-    handler = Handler(gate, listener)
-    authenticator = gate.authenticator if listener.auth != "none" else None
+def make_factory(listener: Listener, settings: Callable[[], SmtpSettings], registry: SessionRegistry,
+                 tls: ssl.SSLContext | None = None):
+    """A protocol factory for loop.create_server, and the TLS context for implicit TLS.
+
+    ``settings`` gives the current snapshot's SmtpSettings; each connection keeps
+    the one it started with (a reload applies to new connections). ``tls`` is the
+    listener's context, which a reload refreshes in place (new certificate).
+    """
+    handler = Handler(listener, registry)
 
     def factory() -> GateSMTP:
-        cfg = gate.config
+        current = settings()
         return GateSMTP(
-            gate,
+            current,
+            registry,
             listener,
             handler,
-            data_size_limit=cfg.limits.max_message_size,
+            data_size_limit=current.relay.limits.max_message_size,
             enable_SMTPUTF8=True,
             decode_data=False,
-            hostname=cfg.hostname,
+            hostname=current.relay.hostname,
             ident="smtpgate ESMTP",
             tls_context=tls if listener.tls == "starttls" else None,
             require_starttls=False,
             timeout=300,
             auth_required=listener.auth == "required",
             auth_require_tls=True,
-            authenticator=authenticator,
+            authenticator=current.authenticator if listener.auth != "none" else None,
             proxy_protocol_timeout=10 if listener.proxy_protocol else None,
         )
 
     return factory, (tls if listener.tls == "implicit" else None)
 
 
-def file_authenticator(gate: Gate) -> object:
-    """An aiosmtpd authenticator checking LOGIN/PLAIN against the gate's users file."""
+def file_authenticator(users) -> Callable:
+    """An aiosmtpd authenticator checking LOGIN/PLAIN against one users file snapshot."""
 
     def authenticate(server, session, envelope, mechanism, auth_data) -> AuthResult:
         if not isinstance(auth_data, LoginPassword):
             return AuthResult(success=False, handled=False)
         name = auth_data.login.decode("utf-8", "replace")
-        ok = gate.users.verify(name, auth_data.password.decode("utf-8", "replace"))
-        get_logger().info("auth.result", user=name, success=ok, mechanism=mechanism)
+        ok = users.verify(name, auth_data.password.decode("utf-8", "replace"))
+        log = getattr(server, "log", None) or get_logger()
+        # A failure is a warning, so fail2ban-style tools can act on it; never the password.
+        (log.info if ok else log.warning)("auth.result", user=name, success=ok, mechanism=mechanism)
         return AuthResult(success=ok, handled=False, auth_data=name if ok else None)
 
     return authenticate

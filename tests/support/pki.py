@@ -1,0 +1,57 @@
+"""A throw-away certificate authority for tests of TLS client certificates (openssl CLI).
+
+`TestCA(folder)` makes a CA; `server()` and `client(name)` issue leaf
+certificates signed by it, each returned as (certfile, keyfile) PEM paths.
+Two CAs made this way do not trust each other, so a second one stands for a
+certificate from the wrong authority.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import subprocess
+from pathlib import Path
+
+__all__ = ["TestCA"]
+
+_EC = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+
+class TestCA:
+    __test__ = False  # a helper, not a pytest test class
+
+    def __init__(self, folder: Path, name: str = "smtpgate test CA"):
+        if shutil.which("openssl") is None:
+            raise RuntimeError("TestCA needs the openssl command")
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.cert = self.folder / "ca.pem"
+        self.key = self.folder / "ca.key"
+        _run("req", "-x509", *_EC, "-days", "2", "-subj", f"/CN={name}",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+             "-keyout", str(self.key), "-out", str(self.cert))
+
+    def server(self, name: str = "localhost") -> tuple[str, str]:
+        """A server certificate for name, 127.0.0.1 and ::1."""
+        return self._issue(name, f"subjectAltName=DNS:{name},IP:127.0.0.1,IP:::1\nextendedKeyUsage=serverAuth\n")
+
+    def client(self, name: str) -> tuple[str, str]:
+        """A client certificate whose subject CN and DNS SAN are name."""
+        return self._issue(name, f"subjectAltName=DNS:{name}\nextendedKeyUsage=clientAuth\n")
+
+    def _issue(self, name: str, extensions: str) -> tuple[str, str]:
+        stem = self.folder / name.replace("*", "_")
+        key, csr, cert, ext = (stem.with_suffix(s) for s in (".key", ".csr", ".pem", ".ext"))
+        ext.write_text("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n" + extensions)
+        _run("req", "-new", *_EC, "-subj", f"/CN={name}", "-keyout", str(key), "-out", str(csr))
+        _run("x509", "-req", "-in", str(csr), "-CA", str(self.cert), "-CAkey", str(self.key),
+             "-set_serial", str(secrets.randbits(62) + 1),
+             "-days", "2", "-extfile", str(ext), "-out", str(cert))
+        key.chmod(0o600)
+        return str(cert), str(key)
+
+
+def _run(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)

@@ -1,0 +1,144 @@
+"""upstream.auth, upstream.oauth2 and the upstream TLS client certificate in the config file."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from smtpgate.config import ConfigError, load_config
+from tests.conftest import write_config
+from tests.support.pki import TestCA
+
+HEAD = """\
+listeners:
+  - name: submission
+    address: 127.0.0.1:2525
+    relay_networks: [127.0.0.0/8]
+upstream:
+"""
+TAIL = "internal_domains: [corp.example]\n"
+
+
+def load(tmp_path, upstream: str):
+    (tmp_path / "oauth.secret").write_text("s3cret\n")
+    (tmp_path / "up.secret").write_text("pw\n")
+    return load_config(write_config(tmp_path, HEAD + upstream + TAIL))
+
+
+def problems(tmp_path, upstream: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, upstream)
+    return info.value.problems
+
+
+XOAUTH2 = """\
+  url: smtp+starttls://smtp.office365.com:587
+  auth: xoauth2
+  username: relay@corp.example
+  oauth2:
+    token_url: https://login.microsoftonline.com/0f1e2d3c/oauth2/v2.0/token
+    client_id: 6a1b2c3d
+    client_secret_file: oauth.secret
+"""
+
+
+def test_xoauth2_settings_and_defaults(tmp_path):
+    upstream = load(tmp_path, XOAUTH2).upstream
+    assert upstream.auth == "xoauth2" and upstream.username == "relay@corp.example"
+    assert upstream.oauth2.scope == "https://outlook.office365.com/.default"
+    assert upstream.oauth2.client_secret() == "s3cret"
+    assert upstream.oauth2.client_secret_file == (tmp_path / "oauth.secret").resolve()
+
+
+def test_auth_defaults_follow_username(tmp_path):
+    assert load(tmp_path, "  url: smtp://mail.corp.example\n").upstream.auth == "none"
+    with_password = load(tmp_path, "  url: smtp://mail.corp.example\n  username: relay\n  password_file: up.secret\n")
+    assert with_password.upstream.auth == "password" and with_password.upstream.password() == "pw"
+
+
+@pytest.mark.parametrize("upstream,expected", [
+    (XOAUTH2.replace("  oauth2:\n", "  oauth:\n"),
+     "upstream.oauth: unknown key"),
+    ("  url: smtp://m.corp.example\n  auth: xoauth2\n  username: r@corp.example\n",
+     "upstream.oauth2: auth: xoauth2 needs oauth2: {token_url, client_id, client_secret_file, scope}"),
+    (XOAUTH2.replace("  username: relay@corp.example\n", ""),
+     "upstream.username: auth: xoauth2 needs username (the mailbox the token acts as)"),
+    ("  url: smtp://m.corp.example\n  auth: password\n",
+     "upstream.username: auth: password needs username and password_file"),
+    ("  url: smtp://m.corp.example\n  username: relay\n",
+     "upstream.password_file: username is set but password_file is missing"),
+    ("  url: smtp://m.corp.example\n  auth: none\n  username: relay\n",
+     "upstream.auth: auth: none but username is set; remove username or choose password | xoauth2"),
+    (XOAUTH2.replace("  auth: xoauth2\n", "  auth: password\n  password_file: up.secret\n"),
+     "upstream.oauth2: oauth2 is used only with auth: xoauth2 (auth is password)"),
+    (XOAUTH2 + "  password_file: up.secret\n",
+     "upstream.password_file: password_file is used only with auth: password (auth is xoauth2)"),
+    (XOAUTH2.replace("https://login.microsoftonline.com", "http://login.microsoftonline.com"),
+     "upstream.oauth2.token_url: the client secret is sent to the token endpoint: use https (http only on loopback)"),
+    (XOAUTH2.replace("https://login.microsoftonline.com", "ftp://login.microsoftonline.com"),
+     "upstream.oauth2.token_url: expected an http(s) URL"),
+    (XOAUTH2.replace("    client_id: 6a1b2c3d\n", ""),
+     "upstream.oauth2.client_id: required key is missing"),
+    (XOAUTH2.replace("oauth.secret", "missing.secret"),
+     "upstream.oauth2.client_secret_file: cannot read"),
+    (XOAUTH2.replace("  oauth2:\n    token_url", "  oauth2: yes\n  ignored:\n    token_url"),
+     'upstream.oauth2: expected a mapping, got "yes"'),
+])
+def test_auth_problems(tmp_path, upstream, expected):
+    found = problems(tmp_path, upstream)
+    assert any(expected in p for p in found), found
+
+
+def test_problem_lines_point_at_the_key(tmp_path):
+    found = problems(tmp_path, "  url: smtp://m.corp.example\n  username: relay\n  auth: none\n")
+    assert found == ["smtpgate.yaml:8: upstream.auth: auth: none but username is set; "
+                     "remove username or choose password | xoauth2"]
+
+
+def test_token_url_over_http_on_loopback(tmp_path):
+    for host in ("127.0.0.1:8080", "localhost", "[::1]:9000"):
+        config = load(tmp_path, XOAUTH2.replace("https://login.microsoftonline.com", f"http://{host}"))
+        assert config.upstream.oauth2.token_url.startswith(f"http://{host}/")
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("certs")
+    ca = TestCA(folder / "ca")
+    good, other = ca.client("relay.corp.example"), ca.client("other.example")
+    encrypted = folder / "encrypted.key"
+    subprocess.run(["openssl", "pkey", "-in", good[1], "-aes256", "-passout", "pass:x", "-out", str(encrypted)],
+                   check=True, capture_output=True)
+    return {"cert": good[0], "key": good[1], "other_key": other[1], "encrypted_key": str(encrypted)}
+
+
+def cert_keys(cert: str, key: str) -> str:
+    return f"  tls_client_cert: {cert}\n  tls_client_key: {key}\n"
+
+
+def test_client_certificate_loaded(tmp_path, certs):
+    upstream = load(tmp_path, "  url: smtps://mail.corp.example\n" + cert_keys(certs["cert"], certs["key"])).upstream
+    assert str(upstream.tls_client_cert) == certs["cert"] and str(upstream.tls_client_key) == certs["key"]
+    for url in ("smtp+starttls://mail.corp.example:25", "mx:corp.example"):
+        assert load(tmp_path, f"  url: {url}\n" + cert_keys(certs["cert"], certs["key"])).upstream.tls_client_cert
+
+
+@pytest.mark.parametrize("url,cert,key,expected", [
+    ("smtp://mail.corp.example", "cert", "key",
+     "upstream.tls_client_cert: a client certificate needs a TLS upstream: smtp+starttls://, smtps:// or mx:"),
+    ("smtps://mail.corp.example", "cert", "other_key",
+     "upstream.tls_client_cert: cannot use {cert} with {other_key}: the key does not belong to the certificate"),
+    ("smtps://mail.corp.example", "key", "key",
+     "upstream.tls_client_cert: cannot use {key} with {key}: not a PEM certificate and PEM private key"),
+    ("smtps://mail.corp.example", "cert", "encrypted_key",
+     "upstream.tls_client_key: cannot use {encrypted_key}: the private key is encrypted"),
+    ("smtps://mail.corp.example", "cert", None,
+     "upstream.tls_client_cert: tls_client_cert and tls_client_key go together"),
+])
+def test_client_certificate_problems(tmp_path, certs, url, cert, key, expected):
+    upstream = f"  url: {url}\n  tls_client_cert: {certs[cert]}\n"
+    if key:
+        upstream += f"  tls_client_key: {certs[key]}\n"
+    found = problems(tmp_path, upstream)
+    assert any(expected.format(**certs) in p for p in found), found

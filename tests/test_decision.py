@@ -1,0 +1,58 @@
+"""LinkDecision's pure operations: what a front end applies (DESIGN.md section 11)."""
+
+from smtpgate.linking.decision import LinkDecision, RecipientDecision
+from smtpgate.mail.addresses import parse_path
+from smtpgate.mail.headers import parse_header_block
+from smtpgate.mail.rewrite import header_edits
+
+RAW = b"To: client@supplier.example\r\nCc: B <pl-payroll@corp.example>\r\n\r\nbody\r\n"
+PL, TAGGED, CLIENT = (parse_path(a) for a in ("pl-payroll@corp.example", "pl-payroll+9-T@corp.example",
+                                              "client@supplier.example"))
+
+
+def decision() -> LinkDecision:
+    headers = parse_header_block(RAW)
+    mapping = {"pl-payroll@corp.example": "pl-payroll+9-T@corp.example"}
+    return LinkDecision(
+        message_id="<m@x>", headers=headers, message_id_added=True,
+        recipients=(RecipientDecision(CLIENT, CLIENT), RecipientDecision(PL, TAGGED),
+                    RecipientDecision(PL, None)),
+        source_reference="1-T", header_mapping=mapping, header_edits=header_edits(headers, mapping),
+    )
+
+
+def test_targets_leave_out_merged_recipients_and_changed_sees_rewrites():
+    d = decision()
+    assert d.targets() == [CLIENT, TAGGED]
+    assert d.changed
+    assert d.target_of(PL) == TAGGED and d.target_of(parse_path("x@y.example")) == parse_path("x@y.example")
+    assert d.apply(RAW) == RAW.replace(b"<pl-payroll@", b"<pl-payroll+9-T@")
+
+
+def test_without_changes_relays_as_received():
+    d = decision().without_changes()
+    assert d.targets() == [CLIENT, PL, PL] and not d.changed
+    assert d.apply(RAW) == RAW and not d.message_id_added
+
+
+def test_without_tag_drops_it_from_envelope_and_header_only_for_that_recipient():
+    d = decision().without_tag(PL)
+    assert d.targets() == [CLIENT, PL, PL]
+    assert d.header_mapping == {} and d.apply(RAW) == RAW
+    same = decision().without_tag(CLIENT)  # untagged already: nothing else changes
+    assert same.header_edits == decision().header_edits
+    assert same.apply(RAW) == decision().apply(RAW)
+
+
+def test_without_tag_of_a_merged_recipient_keeps_the_header():
+    d = decision()
+    merged = LinkDecision(message_id=d.message_id, headers=d.headers, recipients=(RecipientDecision(PL, None),),
+                          header_mapping=d.header_mapping, header_edits=d.header_edits)
+    assert merged.without_tag(PL).header_edits == d.header_edits
+
+
+def test_an_envelope_lists_its_addresses():
+    from smtpgate.linking.decision import Envelope, EnvelopeRecipient
+
+    envelope = Envelope(None, (EnvelopeRecipient(PL, ("NOTIFY=NEVER",)), EnvelopeRecipient(CLIENT)))
+    assert envelope.addresses == [PL, CLIENT] and envelope.direction == "outbound"

@@ -1,0 +1,35 @@
+"""RCPT-time tagging (DESIGN.md 2.3): when the envelope sender names the source and the link
+exists, the recipient is relayed tagged at RCPT and the upstream sees no replay."""
+
+from __future__ import annotations
+
+from tests.support.smtp import send
+from tests.test_mission import STEP1, mission, mission_config  # noqa: F401 - fixtures
+
+RCPTS = ["client@supplier.example", "pl-payroll@corp.example"]
+
+
+async def test_a_known_link_is_tagged_at_rcpt_and_needs_no_replay(mission):  # noqa: F811
+    new = await mission.step1()
+    assert mission.sink.commands.count("RSET") >= 1  # the first message created the link: replayed
+    mission.sink.commands.clear()
+    result = await send("127.0.0.1", mission.port, mail_from="uk-payroll+101203-T@corp.example",
+                        rcpt_tos=RCPTS, data=STEP1)
+    assert result.data[0] == 250
+    assert mission.sink.messages[-1].rcpt_tos == ["client@supplier.example", f"pl-payroll+{new}@corp.example"]
+    assert "RSET" not in mission.sink.commands
+    rcpts = [c for c in mission.sink.commands if c.upper().startswith("RCPT")]
+    assert rcpts[1].startswith(f"RCPT TO:<pl-payroll+{new}@corp.example>")
+
+
+async def test_a_tag_refused_at_rcpt_is_relayed_untagged_everywhere(mission):  # noqa: F811
+    new = await mission.step1()
+    mission.sink.refuse_plus = True
+    result = await send("127.0.0.1", mission.port, mail_from="uk-payroll+101203-T@corp.example",
+                        rcpt_tos=RCPTS, data=STEP1)
+    assert result.rcpts["pl-payroll@corp.example"][0] == 250 and result.data[0] == 250
+    msg = mission.sink.messages[-1]
+    assert msg.rcpt_tos == ["client@supplier.example", "pl-payroll@corp.example"]
+    assert f"+{new}@".encode() not in msg.data  # untagged in Cc too: a reply-all must not bounce
+    refused = [e for e in mission.log_lines() if e["event"] == "upstream.tag_refused"]
+    assert refused[-1]["tagged"] == f"pl-payroll+{new}@corp.example"

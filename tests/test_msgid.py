@@ -1,0 +1,22 @@
+"""Message-ID helpers (RFC 5322 3.6.4): one place extracts and normalises them."""
+
+from smtpgate.mail.msgid import find_message_ids, make_message_id, message_id_of, normalize_message_id
+
+
+def test_message_id_of_keeps_only_the_id():
+    assert message_id_of(" <a.b@c.example> (a comment)") == "<a.b@c.example>"
+    assert message_id_of("no-brackets@c.example ") == "no-brackets@c.example"
+    assert message_id_of("   ") is None
+    assert message_id_of(None) is None
+
+
+def test_find_and_normalize():
+    assert find_message_ids("<a@b> <c@d>\r\n <e@f>") == ["<a@b>", "<c@d>", "<e@f>"]
+    assert normalize_message_id(" a@b ") == "<a@b>"
+    assert normalize_message_id("<a@b>") == "<a@b>"
+    assert normalize_message_id("  ") == ""
+
+
+def test_made_ids_are_unique_and_name_the_host():
+    first, second = make_message_id("relay.example"), make_message_id("relay.example")
+    assert first != second and first.endswith("@relay.example>") and first.startswith("<")
