@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from smtpgate.config import Config, ConfigError, Listener, load_config
+from smtpgate.frontends.milter.server import start_milter_listener
+from smtpgate.frontends.milter.session import MilterSettings
 from smtpgate.frontends.registry import SessionRegistry
 from smtpgate.frontends.smtp.relay import RelayContext
 from smtpgate.frontends.smtp.server import SmtpSettings, file_authenticator, make_factory, tls_context
@@ -107,7 +109,8 @@ class Gate:
         out = []
         for server in self.servers:
             for sock in server.sockets:
-                out.append(sock.getsockname()[:2])
+                name = sock.getsockname()
+                out.append(name[:2] if isinstance(name, tuple) else (name, 0))  # a unix socket: its path
         return out
 
     async def start(self) -> None:
@@ -143,8 +146,10 @@ class Gate:
         log.info("listener.started", listener="admin", address=", ".join(f"{h}:{p}" for h, p in self.admin.bound))
 
     async def _listen(self, listener: Listener) -> None:
-        if listener.kind != "smtp":
+        if listener.kind not in ("smtp", "milter"):
             raise StartupError(f"listener {listener.name}: kind {listener.kind} is not available yet")
+        if listener.kind == "milter":
+            return await self._listen_milter(listener)
         context = tls_context(listener)
         if context is not None:
             self.tls[listener.name] = context
@@ -158,6 +163,22 @@ class Gate:
         self.servers.append(server)
         log.info("listener.started", listener=listener.name, address=f"{listener.host}:{listener.port}",
                  tls=listener.tls, auth=listener.auth, mode=listener.mode or self.config.mode)
+
+    async def _listen_milter(self, listener: Listener) -> None:
+        """A Postfix smtpd_milters listener: each MTA connection takes the snapshot current then."""
+        def settings() -> MilterSettings:
+            snapshot = self._current()
+            return MilterSettings.for_listener(snapshot.links, snapshot.config, listener)
+
+        where = str(listener.path) if listener.path else f"{listener.host}:{listener.port}"
+        try:
+            server = await start_milter_listener(listener, settings, self.registry,
+                                                 max_connections=self.config.limits.max_connections)
+        except OSError as exc:
+            raise StartupError(f"listener {listener.name}: cannot listen on {where}: {exc.strerror or exc}") from None
+        self.servers.append(server)
+        log.info("listener.started", listener=listener.name, kind="milter", address=where,
+                 mode=listener.mode or self.config.mode)
 
     def _current(self) -> Snapshot:
         assert self.snapshot is not None

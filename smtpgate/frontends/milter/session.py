@@ -1,0 +1,443 @@
+"""One milter connection from Postfix: negotiation, the envelope and header, the decision at end of message.
+
+`MilterSession.handle` takes the codec's events one at a time and returns the
+packets to answer with. It builds the front-end-neutral Envelope from MAIL,
+RCPT and the macros, the header block from the header events, calls the link
+service at end of message and applies its decision as milter modification
+requests: DELRCPT of each rewritten recipient spelled as Postfix gave it,
+ADDRCPT_PAR of its target with the original's NOTIFY and ORCPT, CHGHEADER per
+header edit, ADDHEADER of a Message-ID the message lacked, then ACCEPT.
+Commands out of order raise ProtocolError; the server answers TEMPFAIL and
+closes the connection. See docs/milter.md.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from smtpgate.config import Config, Limits, Listener
+from smtpgate.frontends.milter import codec
+from smtpgate.frontends.milter.codec import ProtocolError
+from smtpgate.linking.decision import ClientInfo, Envelope, EnvelopeRecipient, LinkDecision
+from smtpgate.linking.service import LinkService, LinkUnavailable
+from smtpgate.mail import replies
+from smtpgate.mail.addresses import Address, AddressError, envelope_key, parse_path
+from smtpgate.mail.headers import parse_header_block
+from smtpgate.mail.params import xtext
+
+# What smtpgate asks of the MTA (docs/milter.md, "Negotiation"): recipients and
+# header fields changed, a missing Message-ID added, its own macro lists.
+WANTED_ACTIONS = (codec.SMFIF_ADDRCPT | codec.SMFIF_ADDRCPT_PAR | codec.SMFIF_DELRCPT
+                  | codec.SMFIF_CHGHDRS | codec.SMFIF_ADDHDRS | codec.SMFIF_SETSYMLIST)
+# Without these the decision cannot be applied: smtpgate refuses the connection.
+NEEDED_ACTIONS = codec.SMFIF_DELRCPT | codec.SMFIF_CHGHDRS
+# The decision reads the header block only: no body, DATA or unknown commands;
+# no reply to the events that smtpgate never refuses (fewer round trips);
+# header values with their leading white space, so edits keep every octet.
+WANTED_STEPS = (codec.SMFIP_NOBODY | codec.SMFIP_NODATA | codec.SMFIP_NOUNKNOWN | codec.SMFIP_HDR_LEADSPC
+                | codec.SMFIP_NR_CONN | codec.SMFIP_NR_HELO | codec.SMFIP_NR_MAIL | codec.SMFIP_NR_RCPT
+                | codec.SMFIP_NR_HDR | codec.SMFIP_NR_EOH)
+# The macros smtpgate reads, asked for per stage (SETSYMLIST), whatever main.cf lists.
+MACRO_LISTS = {
+    codec.SMFIM_CONNECT: "{client_addr}",
+    codec.SMFIM_HELO: "{tls_version} {cipher}",
+    codec.SMFIM_ENVFROM: "i {auth_authen}",
+    codec.SMFIM_EOM: "i",
+}
+PROTOCOL_VERSION = 6
+
+# The step bit that says no reply is sent for an event (codec events by class).
+_NO_REPLY = {
+    codec.Connect: codec.SMFIP_NR_CONN,
+    codec.Helo: codec.SMFIP_NR_HELO,
+    codec.Mail: codec.SMFIP_NR_MAIL,
+    codec.Rcpt: codec.SMFIP_NR_RCPT,
+    codec.Data: codec.SMFIP_NR_DATA,
+    codec.Header: codec.SMFIP_NR_HDR,
+    codec.EndOfHeaders: codec.SMFIP_NR_EOH,
+    codec.Body: codec.SMFIP_NR_BODY,
+    codec.Unknown: codec.SMFIP_NR_UNKN,
+}
+# Events as the protocol names them, for errors and logs.
+_COMMAND = {
+    codec.Negotiate: "OPTNEG", codec.Macros: "MACRO", codec.Connect: "CONNECT", codec.Helo: "HELO",
+    codec.Mail: "MAIL", codec.Rcpt: "RCPT", codec.Data: "DATA", codec.Header: "HEADER",
+    codec.EndOfHeaders: "EOH", codec.Body: "BODY", codec.EndOfMessage: "EOM", codec.Abort: "ABORT",
+    codec.Quit: "QUIT", codec.QuitNewConnection: "QUIT_NC", codec.Unknown: "UNKNOWN",
+}
+# RCPT parameters Postfix takes in ADDRCPT_PAR (it ignores others with a warning).
+_KEPT_RCPT_PARAMS = ("NOTIFY=", "ORCPT=")
+
+
+@dataclass(frozen=True)
+class MilterSettings:
+    """What a milter session uses, from one configuration snapshot."""
+
+    links: LinkService
+    limits: Limits
+    listener: str
+    mode: str = "enforce"  # enforce | observe
+    direction: str = "outbound"  # outbound | inbound (restore the tags a reply dropped, DESIGN.md 8)
+    unknown_tags: str = "pass"  # inbound: pass | strip
+
+    @classmethod
+    def for_listener(cls, links: LinkService, config: Config, listener: Listener) -> MilterSettings:
+        return cls(links=links, limits=config.limits, listener=listener.name,
+                   mode=listener.mode or config.mode, direction=listener.direction,
+                   unknown_tags=config.inbound.unknown_tags)
+
+    @property
+    def inbound(self) -> bool:
+        return self.direction == "inbound"
+
+
+@dataclass
+class _Recipient:
+    spelled: str  # the path exactly as Postfix gave it: DELRCPT must match it octet for octet
+    params: tuple[str, ...]
+    address: Address | None  # None: not a path smtpgate parses; passed through untouched
+
+
+@dataclass
+class _Message:
+    mail: tuple[str, ...]
+    recipients: list[_Recipient] = field(default_factory=list)
+    fields: list[bytes] = field(default_factory=list)
+    header_octets: int = 0
+    headers_done: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+
+class MilterSession:
+    """The protocol state of one MTA connection and the message in it."""
+
+    def __init__(self, settings: MilterSettings, *, session_id: str, log) -> None:
+        self.settings = settings
+        self.session_id = session_id
+        self.log = log
+        self.negotiated = False
+        self.actions = 0
+        self.steps = 0
+        self.connected = False
+        self.connect_address: str | None = None
+        self.helo = ""
+        self.macros: dict[str, str] = {}
+        self.message: _Message | None = None
+        self.finished = False  # QUIT: the MTA closes the connection
+        self.messages = 0
+
+    @property
+    def busy(self) -> bool:
+        """A message is on its way (a drain waits for it)."""
+        return self.message is not None
+
+    # ----------------------------------------------------------------- dispatch
+
+    async def handle(self, event: codec.Event) -> list[bytes]:
+        """The packets that answer ``event``; ProtocolError when it is out of order."""
+        if isinstance(event, codec.Negotiate):
+            return [self._negotiate(event)]
+        if not self.negotiated:
+            raise ProtocolError(f"{_COMMAND[type(event)]} before option negotiation")
+        if isinstance(event, codec.Macros):
+            self.macros.update((_macro_name(k), v) for k, v in event.values)
+            return []
+        if isinstance(event, codec.Abort):
+            self.message = None
+            return []
+        if isinstance(event, codec.Quit):
+            self.message, self.finished = None, True
+            return []
+        if isinstance(event, codec.QuitNewConnection):
+            self._reset_connection()
+            return []
+        if isinstance(event, codec.Connect):
+            self._connect(event)
+        elif not self.connected:
+            raise ProtocolError(f"{_COMMAND[type(event)]} before CONNECT")
+        elif isinstance(event, codec.Helo):
+            self.helo = event.name
+        elif isinstance(event, codec.Mail):
+            self._mail(event)
+        elif isinstance(event, codec.Unknown):
+            pass
+        elif self.message is None:
+            raise ProtocolError(f"{_COMMAND[type(event)]} outside a message (before MAIL)")
+        elif isinstance(event, codec.EndOfMessage):
+            return await self._end_of_message()
+        elif isinstance(event, codec.Rcpt):
+            refusal = self._rcpt(self.message, event)
+            if refusal is not None:
+                return [refusal]
+        else:
+            self._in_message(self.message, event)
+        return [] if self.steps & _NO_REPLY[type(event)] else [codec.CONTINUE]
+
+    def _negotiate(self, offer: codec.Negotiate) -> bytes:
+        if self.negotiated:
+            raise ProtocolError("a second OPTNEG")
+        if offer.version < 2:
+            raise ProtocolError(f"MTA protocol version {offer.version}: 2 or later needed")
+        missing = NEEDED_ACTIONS & ~offer.actions
+        if missing or not offer.actions & (codec.SMFIF_ADDRCPT | codec.SMFIF_ADDRCPT_PAR):
+            raise ProtocolError(f"MTA offers actions {offer.actions:#x}: DELRCPT, CHGHEADER and "
+                                "ADDRCPT or ADDRCPT_PAR needed")
+        self.actions = offer.actions & WANTED_ACTIONS
+        # Inbound refuses recipients in other domains at RCPT: RCPT needs its reply.
+        wanted = WANTED_STEPS & ~codec.SMFIP_NR_RCPT if self.settings.inbound else WANTED_STEPS
+        self.steps = offer.protocol & wanted
+        self.negotiated = True
+        macros = MACRO_LISTS if self.actions & codec.SMFIF_SETSYMLIST else None
+        self.log.debug("milter.negotiated", version=min(offer.version, PROTOCOL_VERSION),
+                       actions=f"{self.actions:#x}", steps=f"{self.steps:#x}")
+        return codec.encode_negotiate(min(offer.version, PROTOCOL_VERSION), self.actions, self.steps, macros)
+
+    def _reset_connection(self) -> None:
+        self.connected, self.message, self.helo = False, None, ""
+        self.connect_address = None
+        self.macros.clear()
+
+    def _connect(self, event: codec.Connect) -> None:
+        if self.connected:
+            raise ProtocolError("a second CONNECT")
+        self.connected = True
+        self.connect_address = event.address if event.family in "46" else None
+        self.log = self.log.bind(client_ip=self._client_ip())
+
+    def _mail(self, event: codec.Mail) -> None:
+        if self.message is not None:
+            raise ProtocolError("MAIL inside a message (no ABORT after the last)")
+        self.message = _Message(mail=event.args)
+
+    def _rcpt(self, message: _Message, event: codec.Rcpt) -> bytes | None:
+        """Keep the recipient; inbound, refuse one outside the internal domains (the REPLYCODE)."""
+        if message.headers_done or message.fields:
+            raise ProtocolError("RCPT after the header")
+        path, params = event.args[0], event.args[1:]
+        address = _parse(path)
+        if self.settings.inbound and address is not None and not self.settings.links.directory.is_internal(address):
+            # An inbound listener serves the mailbox server only; it never relays out.
+            self.log.info("command.refused", code=replies.RELAY_DENIED.code, stage="rcpt", recipient=str(address),
+                          reason="inbound listener: not an internal domain")
+            return codec.encode_reply_code(replies.RELAY_DENIED.line())
+        message.recipients.append(_Recipient(path, params, address))
+        return None
+
+    def _in_message(self, message: _Message, event: codec.Event) -> None:
+        if isinstance(event, codec.Header):
+            if message.headers_done:
+                raise ProtocolError("HEADER after the end of the header")
+            self._header(message, event)
+        elif isinstance(event, codec.EndOfHeaders):
+            if message.headers_done:
+                raise ProtocolError("a second end of header")
+            message.headers_done = True
+        elif isinstance(event, codec.Body):
+            # Asked for no body; an MTA that sends it anyway gets it ignored.
+            message.headers_done = True
+        # Data needs nothing: the header events follow.
+
+    def _header(self, message: _Message, event: codec.Header) -> None:
+        """Keep the field as it is in the message: Postfix joins its lines with LF, the wire has CRLF."""
+        value = event.value
+        if not self.steps & codec.SMFIP_HDR_LEADSPC:
+            value = b" " + value  # the MTA ate one space after the colon
+        raw = event.name.encode("utf-8", "surrogateescape") + b":" + value.replace(b"\n", b"\r\n") + b"\r\n"
+        message.header_octets += len(raw)
+        if message.header_octets <= self.settings.limits.max_message_size:
+            message.fields.append(raw)
+
+    # ----------------------------------------------------------------- end of message
+
+    async def _end_of_message(self) -> list[bytes]:
+        message, self.message = self.message, None
+        assert message is not None
+        self.messages += 1
+        queue_id = self.macros.get("i")
+        mail_from = message.mail[0] if message.mail else ""
+        client = self._client()
+        fields = dict(queue_id=queue_id, mail_from=_bare(mail_from), **client.log_fields())
+        limits = self.settings.limits
+        if message.header_octets > limits.max_message_size:
+            return [self._refuse(replies.MESSAGE_TOO_BIG, f"header of {message.header_octets} octets", fields)]
+        headers = parse_header_block(b"".join(message.fields) + b"\r\n")
+        hops = len(headers.get_all("Received"))
+        if hops > limits.max_hops:
+            return [self._refuse(replies.TOO_MANY_HOPS, f"{hops} Received fields", fields)]
+        envelope = self._envelope(message, client)
+        observe = self.settings.mode == "observe"
+        links = self.settings.links
+        try:
+            if self.settings.inbound:
+                decision = await links.retag(envelope, headers, unknown_tags=self.settings.unknown_tags)
+            else:
+                decision = await links.decide(envelope, headers, observe=observe, log=self.log)
+        except LinkUnavailable as exc:
+            return [self._refuse(replies.TEMPORARY_FAILURE, str(exc), fields)]
+        except Exception:  # noqa: BLE001 - an internal fault is a temporary failure, never an accept
+            self.log.exception("message.rejected", code=451, reason="internal error", **fields)
+            return [codec.encode_reply_code(replies.TEMPORARY_FAILURE.line())]
+        if decision.inbound is not None:
+            _log_retagged(self.log, decision, observe, fields)
+        elif observe:
+            _log_observed(self.log, decision, fields)
+        if observe:
+            decision = decision.without_changes()
+        packets, relayed = self._apply(message, decision)
+        await self.settings.links.record(decision, [a for a in relayed if isinstance(a, Address)], log=self.log)
+        self.log.info(
+            "message.relayed",
+            message_id=decision.message_id,
+            **fields,
+            recipients=[{"original": _shown(r.address or r.spelled), "relayed": _shown(a)}
+                        for r, a in zip(message.recipients, relayed)],
+            source_reference=None if observe else decision.source_reference,
+            source_found_in=None if observe else decision.source_found_in,
+            links_created=[] if observe else list(decision.links_created),
+            links_reused=[] if observe else list(decision.links_reused),
+            duration_ms=round((time.monotonic() - message.started) * 1000, 1),
+        )
+        return [*packets, codec.ACCEPT]
+
+    def _refuse(self, reply: replies.Reply, reason: str, fields: dict) -> bytes:
+        self.log.info("message.rejected", code=reply.code, reason=reason, **fields)
+        return codec.encode_reply_code(reply.line())
+
+    def _client_ip(self) -> str:
+        return self.macros.get("client_addr") or self.connect_address or "?"
+
+    def _client(self) -> ClientInfo:
+        """The SMTP client as Postfix's macros describe it."""
+        tls = self.macros.get("tls_version")
+        cipher = " ".join(v for v in (tls, self.macros.get("cipher")) if v)
+        return ClientInfo(
+            session_id=self.session_id,
+            ip=self._client_ip(),
+            helo=self.helo,
+            authenticated_as=self.macros.get("auth_authen") or None,
+            tls=bool(tls),
+            listener=self.settings.listener,
+            tls_cipher=cipher or None,
+        )
+
+    def _envelope(self, message: _Message, client: ClientInfo) -> Envelope:
+        return Envelope(
+            mail_from=_parse(message.mail[0]) if message.mail else None,
+            recipients=tuple(EnvelopeRecipient(r.address, r.params) for r in message.recipients
+                             if r.address is not None),
+            mail_params=message.mail[1:],
+            client=client,
+            direction=self.settings.direction,
+        )
+
+    def _apply(self, message: _Message, decision: LinkDecision) -> tuple[list[bytes], list]:
+        """The modification requests for ``decision`` and what each recipient became.
+
+        Returns (packets, per recipient: the Address relayed, None when it merged into
+        an earlier spelling of the same mailbox, or its spelling when smtpgate cannot
+        parse it and leaves it alone).
+        """
+        parsed = [r for r in message.recipients if r.address is not None]
+        targets = {id(r): d.target for r, d in zip(parsed, decision.recipients)}
+        kept = {envelope_key(r.address) for r in parsed if targets.get(id(r), r.address) == r.address}
+        deletes: list[bytes] = []
+        adds: list[bytes] = []
+        relayed: list = []
+        for rcpt in message.recipients:
+            target = targets.get(id(rcpt), rcpt.address) if rcpt.address is not None else rcpt.spelled
+            if target == rcpt.address or rcpt.address is None:
+                relayed.append(target)
+                continue
+            deletes.append(codec.encode_delete_recipient(rcpt.spelled))
+            if target is None or envelope_key(target) in kept:
+                relayed.append(None)  # DESIGN.md 6: duplicates after rewriting are sent once
+                continue
+            kept.add(envelope_key(target))
+            relayed.append(target)
+            params = self._params(rcpt) if self.actions & codec.SMFIF_ADDRCPT_PAR else None
+            adds.append(codec.encode_add_recipient(f"<{target}>", params))
+        edits = [self._change_header(e.name, e.index, e.new) for e in decision.header_edits]
+        if decision.message_id_added and self.actions & codec.SMFIF_ADDHDRS:
+            edits.append(codec.encode_add_header("Message-ID", self._value(f" {decision.message_id}".encode())))
+        return [*deletes, *adds, *edits], relayed
+
+    @staticmethod
+    def _params(rcpt: _Recipient) -> str:
+        """NOTIFY and ORCPT as the client gave them; an ORCPT naming the original when it gave none."""
+        kept = [p for p in rcpt.params if p.upper().startswith(_KEPT_RCPT_PARAMS)]
+        if not any(p.upper().startswith("ORCPT=") for p in kept):
+            kept.append(f"ORCPT=rfc822;{xtext(str(rcpt.address))}")
+        return " ".join(kept)
+
+    def _change_header(self, name: str, index: int, new: bytes) -> bytes:
+        return codec.encode_change_header(index, name, self._value(new))
+
+    def _value(self, raw: bytes) -> bytes:
+        """A field value as the MTA takes it: lines joined by LF, no final line end."""
+        value = raw.removesuffix(b"\r\n").replace(b"\r\n", b"\n")
+        if not self.steps & codec.SMFIP_HDR_LEADSPC and value.startswith(b" "):
+            value = value[1:]  # the MTA puts one space after the colon itself
+        return value
+
+
+def _macro_name(name: str) -> str:
+    """``{i}`` and ``i`` are one macro."""
+    return name[1:-1] if name.startswith("{") and name.endswith("}") else name
+
+
+def _parse(path: str) -> Address | None:
+    try:
+        return parse_path(path)
+    except AddressError:
+        return None
+
+
+def _bare(path: str) -> str:
+    return path[1:-1] if path.startswith("<") and path.endswith(">") else path
+
+
+def _shown(value: Address | str | None) -> str | None:
+    if isinstance(value, str):
+        return _bare(value)
+    return None if value is None else str(value)
+
+
+def _log_retagged(log, decision: LinkDecision, observe: bool, fields: dict) -> None:
+    """Inbound: which recipients got their tag back (or an unknown tag handled), and from where."""
+    plan = decision.inbound
+    assert plan is not None
+    for address, tag, action in plan.unknown:
+        log.warning("inbound.unknown_tag", recipient=str(address), tag=tag,
+                    action="observed" if observe else action, message_id=decision.message_id)
+    if plan.retagged:
+        log.info(
+            "message.observed" if observe else "message.retagged",
+            message_id=decision.message_id,
+            **fields,
+            recipients=[{"original": str(o), "relayed": str(n), "thread_message_id": t}
+                        for o, n, t in plan.retagged],
+        )
+
+
+def _log_observed(log, decision: LinkDecision, fields: dict) -> None:
+    """Observe mode: what enforce mode would have done with this message."""
+    new = set(decision.would_create)
+    recipients = []
+    for r in decision.recipients:
+        target = str(r.target) if r.target is not None else None
+        if r.mailbox in new and r.target == r.original:
+            target = "(new linked activity)"
+        recipients.append({"original": str(r.original), "would_relay": target, "class": r.recipient_class})
+    log.info(
+        "message.observed",
+        message_id=decision.message_id,
+        **fields,
+        source_reference=decision.source_reference,
+        source_found_in=decision.source_found_in,
+        recipients=recipients,
+        header_changes=dict(decision.header_mapping),
+        links_would_create=sorted(new) + list(decision.links_created),
+        links_would_reuse=list(decision.links_reused),
+        automatic=decision.automatic,
+    )
