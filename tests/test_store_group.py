@@ -246,3 +246,22 @@ async def test_a_thread_lookup_sees_a_record_still_being_committed(store_url, tm
         await pending
     finally:
         await store.close()
+
+
+async def test_a_thread_lookup_waits_for_a_cancelled_callers_record_too(store_url, tmp_path):  # noqa: F811
+    store = await opened(store_url, tmp_path)
+    try:
+        await store.record_message(record(0))
+        release = await hold_writes(store_url)
+        try:
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(store.record_message(record(1)), 0.3)
+            lookup = asyncio.create_task(store.find_thread(["<m1@corp.example>"]))
+            with pytest.raises(asyncio.TimeoutError):  # its record is still being written
+                await asyncio.wait_for(asyncio.shield(lookup), 0.3)
+        finally:
+            await release()
+        hit = await lookup
+        assert hit is not None and hit.message_id == "<m1@corp.example>"
+    finally:
+        await store.close()

@@ -26,8 +26,12 @@ class GroupCommit(Generic[T]):
         self._write_batch = write_batch
         self._max_batch = max_batch
         self._pending: list[tuple[T, asyncio.Future[None]]] = []
-        self._writing: list[asyncio.Future[None]] = []  # the batch being committed
         self._flusher: asyncio.Task[None] | None = None
+        # Items handed in and items whose batch is over (committed or failed), and
+        # settled() callers waiting for a count: a cancelled caller's item counts too.
+        self._submitted = 0
+        self._finished = 0
+        self._settling: list[tuple[int, asyncio.Future[None]]] = []
         self.batches = 0  # committed batches, for the benchmark and tests
         self.items = 0  # items in them
 
@@ -39,6 +43,7 @@ class GroupCommit(Generic[T]):
         """
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
+        self._submitted += 1
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
         await future
@@ -47,13 +52,14 @@ class GroupCommit(Generic[T]):
         while self._pending:
             batch = self._pending[: self._max_batch]
             del self._pending[: self._max_batch]
-            self._writing = [future for _, future in batch]
             try:
                 await self._write_batch([item for item, _ in batch])
             except asyncio.CancelledError:
-                for _, future in [*batch, *self._pending]:
-                    future.cancel()
+                given_up = [*batch, *self._pending]
                 self._pending.clear()
+                for _, future in given_up:
+                    future.cancel()
+                self._over(len(given_up))
                 raise
             except Exception as exc:  # noqa: BLE001 - every caller of the batch hears of it
                 for _, future in batch:
@@ -63,19 +69,34 @@ class GroupCommit(Generic[T]):
                                            else f"{type(exc).__name__}: {exc}")
                         error.__cause__ = exc
                         future.set_exception(error)
+                self._over(len(batch))
                 continue
             self.batches += 1
             self.items += len(batch)
             for _, future in batch:
                 if not future.done():
                     future.set_result(None)
+            self._over(len(batch))
+
+    def _over(self, count: int) -> None:
+        self._finished += count
+        still = []
+        for target, waiter in self._settling:
+            if self._finished >= target:
+                if not waiter.done():
+                    waiter.set_result(None)
+            else:
+                still.append((target, waiter))
+        self._settling = still
 
     async def settled(self) -> None:
         """Return once every item submitted before this call is committed or failed,
         so a read that follows sees this process's own writes."""
-        waiting = [f for f in self._writing if not f.done()] + [f for _, f in self._pending]
-        if waiting:
-            await asyncio.wait(waiting)
+        if self._finished >= self._submitted:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._settling.append((self._submitted, waiter))
+        await waiter
 
     async def close(self, timeout: float | None = None) -> None:
         """Wait until every queued item is written (or its batch failed)."""
