@@ -168,14 +168,13 @@ def _reference(config: Config, text: str) -> str | None:
 
 def _serve(args) -> int:
     from smtpgate.runtime import loop
-    from smtpgate.runtime.gate import serve
+    from smtpgate.runtime.supervisor import serve_main
 
     try:
-        factory = loop.loop_factory()
+        loop.loop_factory()  # a bad SMTPGATE_EVENT_LOOP is refused before anything starts
     except loop.LoopChoiceError as exc:
         return _fail(str(exc), 2)
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(serve(config_path(args.config)))
+    return serve_main(config_path(args.config))
 
 
 def _check_config(args, config: Config) -> int:

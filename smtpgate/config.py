@@ -86,6 +86,19 @@ class OAuth2:
 
 
 @dataclass(frozen=True)
+class UpstreamTimeouts:
+    """Seconds smtpgate waits for the upstream in each phase (docs/upstream.md).
+
+    Each is shorter than what a client waits for the reply it feeds, so a stalled
+    upstream gives the client a 4xx instead of a dropped connection.
+    """
+
+    connect: float = 10.0  # one host: TCP connect, 220 greeting, EHLO, STARTTLS, AUTH
+    command: float = 30.0  # MAIL, RCPT, RSET, NOOP
+    data: float = 40.0  # DATA's 354 and the reply to the final dot
+
+
+@dataclass(frozen=True)
 class Upstream:
     url: str
     scheme: str  # smtp | smtp+starttls | smtps | mx | maildir
@@ -95,7 +108,7 @@ class Upstream:
     mx_domain: str | None
     username: str | None
     password_file: Path | None
-    timeout: float
+    timeout: float  # the longest a client waits on the upstream for one reply; caps `timeouts`
     pool_size: int
     tls: str  # opportunistic | required (mx)
     verify_tls: bool
@@ -106,6 +119,7 @@ class Upstream:
     tls_client_cert: Path | None = None
     tls_client_key: Path | None = None
     max_connections: int = 100
+    timeouts: UpstreamTimeouts = UpstreamTimeouts()
 
     @property
     def label(self) -> str:
@@ -412,6 +426,14 @@ def _number(ctx: _Ctx, node: yaml.Node, key: str) -> float | None:
         ctx.error(node, key, f"must not be negative, got {value}")
         return None
     return float(value)
+
+
+def _positive_number(ctx: _Ctx, node: yaml.Node, key: str) -> float | None:
+    value = _number(ctx, node, key)
+    if value == 0:
+        ctx.error(node, key, "must be more than 0")
+        return None
+    return value
 
 
 def _bool(ctx: _Ctx, node: yaml.Node, key: str) -> bool | None:
@@ -750,11 +772,16 @@ def _upstream_url(ctx: _Ctx, node: yaml.Node, url: str) -> _UpstreamUrl | None:
             return None
         return _UpstreamUrl("maildir", path=(ctx.base_dir / rest).resolve())
     if url.startswith("mx:"):
+        domain, port = _mx_target(url[3:])
         try:
-            return _UpstreamUrl("mx", mx_domain=normalize_domain(url[3:]))
+            mx_domain = normalize_domain(domain)
         except AddressError:
-            ctx.error(node, "upstream.url", f"mx: needs a domain, got \"{url}\"")
+            ctx.error(node, "upstream.url", f"mx: needs a domain, e.g. mx:corp.example, got \"{url}\"")
             return None
+        if port is None:
+            ctx.error(node, "upstream.url", f"bad port in \"{url}\"")
+            return None
+        return _UpstreamUrl("mx", port=port, mx_domain=mx_domain)
     parts = urlsplit(url)
     if parts.scheme not in _UPSTREAM_SCHEMES or not parts.hostname:
         ctx.error(node, "upstream.url",
@@ -778,12 +805,13 @@ def _upstream(m: _Mapping) -> Upstream | None:
     parsed = _upstream_url(ctx, m.raw("url"), url) if url is not None else None
     username = m.get("username", _str, None)
     password_file = m.get("password_file", _readable_file, None)
-    timeout = m.get("timeout", _number, 60.0)
+    timeout = m.get("timeout", _positive_number, 45.0)
+    timeouts = _upstream_timeouts(m.sub("timeouts"), timeout)
     pool_size = m.get("pool_size", _int, 16)
     tls = m.get("tls", _choice("opportunistic", "required"), "opportunistic")
     verify = m.get("verify_tls", _bool, True)
     ca_file = m.get("ca_file", _readable_file, None)
-    resolver = m.get("resolver", _str, None)
+    resolver = m.get("resolver", _resolver, None)
     auth = m.get("auth", _choice("none", "password", "xoauth2"), "password" if username else "none")
     oauth2 = _oauth2(m.sub("oauth2")) if m.has("oauth2") else None
     if oauth2 is None:
@@ -794,6 +822,7 @@ def _upstream(m: _Mapping) -> Upstream | None:
     m.finish()
     _upstream_auth(ctx, m, auth, username)
     _upstream_client_certificate(ctx, m, parsed.scheme if parsed else None, client_cert, client_key)
+    _upstream_mx_only(ctx, m, parsed.scheme if parsed else None)
     if parsed is None or timeout is None or pool_size is None:
         return None
     return Upstream(
@@ -801,8 +830,64 @@ def _upstream(m: _Mapping) -> Upstream | None:
         mx_domain=parsed.mx_domain, username=username, password_file=password_file, timeout=timeout,
         pool_size=pool_size, tls=tls, verify_tls=bool(verify), ca_file=ca_file, resolver=resolver,
         auth=auth or "none", oauth2=oauth2, tls_client_cert=client_cert, tls_client_key=client_key,
-        max_connections=max_connections or 100,
+        max_connections=max_connections or 100, timeouts=timeouts,
     )
+
+
+def _mx_target(text: str) -> tuple[str, int | None]:
+    """"corp.example" -> (domain, 25); "corp.example:2525" -> (domain, 2525), a port for labs and tests."""
+    domain, sep, port = text.rpartition(":")
+    if not sep:
+        return text, 25
+    if port.isdigit() and 0 < int(port) < 65536:
+        return domain, int(port)
+    return domain, None
+
+
+def _upstream_timeouts(m: _Mapping, cap: float | None) -> UpstreamTimeouts:
+    """upstream.timeouts; each phase is capped by upstream.timeout (docs/upstream.md)."""
+    base = UpstreamTimeouts()
+    values = {
+        name: m.get(name, _positive_number, getattr(base, name))
+        for name in ("connect", "command", "data")
+    }
+    m.finish()
+    effective = {
+        name: min(value if value is not None else getattr(base, name), cap or getattr(base, name))
+        for name, value in values.items()
+    }
+    for name, value in effective.items():
+        m.record(name, value)  # --show prints the wait that applies, after the cap
+    return UpstreamTimeouts(**effective)
+
+
+def _resolver(ctx: _Ctx, node: yaml.Node, key: str) -> str | None:
+    """A DNS server as "ip" or "ip:port" ("[v6]:port"); returned as "ip:port"."""
+    value = _str(ctx, node, key)
+    if value is None:
+        return None
+    parsed = parse_hostport(value)
+    host, port = parsed if parsed is not None else (value.strip(), 53)
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        ctx.error(node, key, f"expected a DNS server's IP address, optionally with :port, got \"{value}\"")
+        return None
+    if port == 0:
+        ctx.error(node, key, f"port 0 is not a DNS server's port, got \"{value}\"")
+        return None
+    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
+
+
+def _upstream_mx_only(ctx: _Ctx, m: _Mapping, scheme: str | None) -> None:
+    """upstream.tls and upstream.resolver mean something for mx: only; elsewhere they are
+    errors, and --show leaves them out (its output must load again)."""
+    for key in ("tls", "resolver"):
+        if scheme is not None and scheme != "mx":
+            m.shown.pop(key, None)
+        if m.has(key) and scheme is not None and scheme != "mx":
+            ctx.error(m.raw(key), f"upstream.{key}", "applies to mx: upstreams only (for TLS to one server "
+                      "use smtp+starttls:// or smtps://)" if key == "tls" else "applies to mx: upstreams only")
 
 
 def _upstream_auth(ctx: _Ctx, m: _Mapping, auth: str | None, username: str | None) -> None:

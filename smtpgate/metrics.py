@@ -14,9 +14,11 @@ processes write to PROMETHEUS_MULTIPROC_DIR and one process serves /metrics
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram,
+                               generate_latest, multiprocess)
 
 __all__ = ["CONTENT_TYPE_LATEST", "UPSTREAM_IN_USE", "exposition", "observe"]
 
@@ -150,5 +152,13 @@ def observe(_logger, method_name: str, event_dict: dict) -> dict:
 
 
 def exposition() -> bytes:
-    """The Prometheus text exposition of every metric, the process collectors' included."""
+    """The Prometheus text exposition of every metric, the process collectors' included.
+
+    With PROMETHEUS_MULTIPROC_DIR set (workers > 1, runtime/supervisor.py) it sums
+    what every process of the node wrote there instead, without process collectors.
+    """
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
     return generate_latest(REGISTRY)

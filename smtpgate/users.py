@@ -7,6 +7,7 @@ stored or logged in clear.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import grp
@@ -16,6 +17,7 @@ import os
 import re
 import secrets
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
@@ -27,6 +29,30 @@ NEW_FILE_MODE = 0o640
 
 _STORED = re.compile(r"\$scrypt\$n=(\d+),r=(\d+),p=(\d+)\$([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+)")
 _FORMAT = "NAME:$scrypt$n=N,r=R,p=P$SALT$HASH (as `smtpgate users add` writes it)"
+
+
+# scrypt takes tens of milliseconds and 16 MiB per check (n=2**14, r=8). Checks run in
+# a small pool of their own threads (hashlib releases the GIL while hashing), so a burst
+# of logins neither stalls the event loop nor takes the default executor's threads that
+# other blocking work (Maildir writes) needs; excess checks wait their turn.
+VERIFY_THREADS = max(1, min(4, os.cpu_count() or 1))
+_executor: ThreadPoolExecutor | None = None
+
+
+def _verify_executor() -> ThreadPoolExecutor:
+    global _executor
+    if _executor is None:
+        _executor = ThreadPoolExecutor(max_workers=VERIFY_THREADS, thread_name_prefix="smtpgate-scrypt")
+    return _executor
+
+
+def _forget_executor() -> None:
+    # A forked worker has none of its parent's threads: it starts its own pool.
+    global _executor
+    _executor = None
+
+
+os.register_at_fork(after_in_child=_forget_executor)
 
 
 class UsersError(Exception):
@@ -117,6 +143,11 @@ class Users:
             check_password(password, hash_password("x", n=2**10))  # keep timing alike for unknown users
             return False
         return check_password(password, stored)
+
+    async def verify_off_loop(self, name: str, password: str) -> bool:
+        """`verify` in the password-check threads: the event loop serves other sessions meanwhile."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(_verify_executor(), self.verify, name, password)
 
 
 def _new_file_owner(group: str) -> tuple[int, int, int]:

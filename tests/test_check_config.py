@@ -230,7 +230,8 @@ def test_show_fills_in_defaults_and_redacts_secrets(tmp_path):
     assert shown["listeners"][0]["mode"] == "enforce" and shown["listeners"][0]["tls_ciphers"] == ""
     assert shown["limits"]["max_message_size"] == 36700160
     assert shown["references"]["pattern"] == "[0-9]{1,12}-[TCA]"
-    assert shown["upstream"]["url"] == "smtp://mail.corp.example:25" and shown["upstream"]["timeout"] == 60
+    assert shown["upstream"]["url"] == "smtp://mail.corp.example:25" and shown["upstream"]["timeout"] == 45
+    assert shown["upstream"]["timeouts"] == {"connect": 10, "command": 30, "data": 40}
 
 
 def test_show_is_a_config_that_means_the_same(tmp_path, pair):

@@ -34,7 +34,10 @@ def problems(tmp_path: Path, text: str) -> list[str]:
 def test_minimal_config_defaults(tmp_path):
     config = load_config(write_config(tmp_path, MINIMAL))
     assert config.upstream.scheme == "smtp" and config.upstream.port == 25
-    assert config.upstream.timeout == 60 and config.upstream.pool_size == 16
+    assert config.upstream.timeout == 45 and config.upstream.pool_size == 16
+    assert (config.upstream.timeouts.connect, config.upstream.timeouts.command,
+            config.upstream.timeouts.data) == (10, 30, 40)
+    assert config.upstream.max_connections == 100
     assert config.limits.max_message_size == 36700160 and config.limits.max_hops == 50
     assert config.references.pattern == "[0-9]{1,12}-[TCA]"
     assert config.references.headers == ("X-Enate-Reference",)
@@ -84,6 +87,45 @@ def test_listener_problems(tmp_path, fragment, expected):
     key = fragment.strip().split(":")[0]
     lines = [line for line in MINIMAL.splitlines() if not line.strip().startswith(key + ":")]
     lines.insert(3, fragment)
+    found = problems(tmp_path, "\n".join(lines) + "\n")
+    assert any(expected in p for p in found), found
+
+
+def test_mx_upstream_resolver_and_timeouts(tmp_path):
+    text = MINIMAL.replace("  url: smtp://mail.corp.example:25\n", """\
+  url: mx:Corp.Example
+  resolver: 127.0.0.1:5353
+  tls: required
+  timeout: 20
+  timeouts: {connect: 5, data: 90}
+""")
+    upstream = load_config(write_config(tmp_path, text)).upstream
+    assert (upstream.scheme, upstream.mx_domain, upstream.port) == ("mx", "corp.example", 25)
+    assert upstream.resolver == "127.0.0.1:5353" and upstream.tls == "required"
+    # Each phase is capped by upstream.timeout, the longest a client waits on the upstream.
+    assert (upstream.timeouts.connect, upstream.timeouts.command, upstream.timeouts.data) == (5, 20, 20)
+    lab = load_config(write_config(tmp_path, text.replace("mx:Corp.Example", "mx:corp.example:2525")
+                                   .replace("127.0.0.1:5353", "'::1'"))).upstream
+    assert lab.port == 2525 and lab.resolver == "[::1]:53"
+
+
+@pytest.mark.parametrize("fragment,expected", [
+    ("  url: 'mx:'", "upstream.url: mx: needs a domain"),
+    ("  url: mx:corp.example:99999", 'upstream.url: bad port in "mx:corp.example:99999"'),
+    ("  resolver: dns.corp.example", "upstream.resolver: expected a DNS server's IP address"),
+    ("  timeouts: {connect: 0}", "upstream.timeouts.connect: must be more than 0"),
+    ("  timeouts: {dot: 5}", "upstream.timeouts.dot: unknown key"),
+    ("  max_connections: 0", "upstream.max_connections: must be at least 1"),
+    ("  tls: required", "upstream.tls: applies to mx: upstreams only (for TLS to one server use smtp+starttls://"),
+    ("  resolver: 127.0.0.1", "upstream.resolver: applies to mx: upstreams only"),
+])
+def test_upstream_problems(tmp_path, fragment, expected):
+    lines = MINIMAL.splitlines()
+    at = lines.index("  url: smtp://mail.corp.example:25")
+    if fragment.startswith("  url:"):
+        lines[at] = fragment
+    else:
+        lines.insert(at + 1, fragment)
     found = problems(tmp_path, "\n".join(lines) + "\n")
     assert any(expected in p for p in found), found
 

@@ -9,6 +9,7 @@ import pytest
 
 from tests.support.sink import Sink, client_tls_context, make_test_tls
 from tests.support.smtp import send
+from tests.support.wire import Wire
 
 MESSAGE = (
     b"From: a@corp.example\r\n"
@@ -265,3 +266,61 @@ async def test_stop_cuts_a_held_session():
         await sink.wait_for_received(1)
     result = await asyncio.wait_for(task, 10)
     assert result.data[0] == 0
+
+
+# ---------------------------------------------------------------- fault knobs
+
+
+async def test_greeting_refusal_closes():
+    async with Sink() as sink:
+        sink.greeting = "421 4.3.2 Service not available"
+        wire, greeting = await Wire.open(sink.port)
+        assert greeting == "421 4.3.2 Service not available"
+        assert await wire.reply() == ""  # closed
+
+
+async def test_data_command_refused():
+    async with Sink() as sink:
+        sink.data_command_reply = "451 4.3.0 not now"
+        result = await send(sink.host, sink.port, mail_from="a@corp.example", rcpt_tos=["b@corp.example"],
+                            data=MESSAGE)
+        assert result.data == (451, "4.3.0 not now")
+        assert sink.received == [] and sink.messages == []
+
+
+@pytest.mark.parametrize("stage", ["greeting", "MAIL", "RCPT", "DATA", "dot"])
+async def test_stall_never_answers_that_stage(stage):
+    async with Sink() as sink:
+        sink.stall = {stage}
+        lines = {"EHLO": "EHLO c.test", "MAIL": "MAIL FROM:<a@corp.example>", "RCPT": "RCPT TO:<b@corp.example>",
+                 "DATA": "DATA", "dot": "Subject: x\r\n\r\nbody\r\n."}
+        opening = asyncio.create_task(Wire.open(sink.port))
+        if stage == "greeting":
+            await sink.wait_for(lambda: sink.stalled == ["greeting"], what="stall at the greeting")
+            assert not opening.done()
+            opening.cancel()
+        else:
+            wire, greeting = await opening
+            assert greeting.startswith("220")
+            for name, line in lines.items():
+                answer = asyncio.create_task(wire.cmd(line))
+                if name == stage:
+                    await sink.wait_for(lambda: sink.stalled == [stage], what=f"stall at {stage}")
+                    assert not answer.done()
+                    answer.cancel()
+                    break
+                assert (await answer)[:1] in ("2", "3"), name
+        assert sink.messages == []
+        assert len(sink.received) == (1 if stage == "dot" else 0)
+
+
+async def test_raw_reply_replaces_one_reply():
+    async with Sink() as sink:
+        long_line = b"250 " + b"x" * 10_000 + b"\r\n"
+        sink.raw_replies = {"RCPT": long_line}
+        wire, _ = await Wire.open(sink.port)
+        await wire.cmd("EHLO c.test")
+        assert (await wire.cmd("MAIL FROM:<a@corp.example>")).startswith("250")
+        await wire.send(b"RCPT TO:<b@corp.example>\r\n")
+        assert await wire.reader.readexactly(len(long_line)) == long_line
+        await wire.close()

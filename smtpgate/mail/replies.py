@@ -51,6 +51,15 @@ UPSTREAM_LOST = Reply(451, "4.4.2", "Connection to the upstream mail server lost
 # temporary authentication failure: smtpgate's own credentials for the upstream (an OAuth2
 # token from the token endpoint, a password) could not be had or were refused.
 UPSTREAM_AUTH_FAILED = Reply(451, "4.7.0", "Upstream authentication failed, try again later")
+# RFC 3463 4.4.5: mail system congestion (upstream.max_connections upstream connections are open).
+UPSTREAM_BUSY = Reply(451, "4.4.5", "Too many upstream connections, try again later")
+# RFC 3463 4.4.3: directory server failure (the upstream domain's MX could not be looked up).
+UPSTREAM_DNS_FAILURE = Reply(451, "4.4.3", "Upstream mail server could not be looked up, try again later")
+# RFC 3463 4.4.4: unable to route (the upstream domain has no MX and no address, or no such domain).
+# Temporary: it is the configured relay target, and a DNS mistake there is fixed, not bounced.
+UPSTREAM_NO_ROUTE = Reply(451, "4.4.4", "No route to the upstream mail server, try again later")
+# RFC 7505 section 4.1 and RFC 7504 (556): the upstream domain publishes a null MX, it accepts no mail.
+NULL_MX = Reply(556, "5.1.10", "The upstream mail domain accepts no mail (null MX)")
 # RFC 3463 4.3.0: other or undefined mail system status (store, allocator, internal fault).
 TEMPORARY_FAILURE = Reply(451, "4.3.0", "Temporary failure, try again later")
 # Smuggling defence (bare CR/LF, NUL): RFC 5321 2.3.8 and 4.1.4.

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import ssl
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,19 +115,27 @@ class Gate:
                 out.append(name[:2] if isinstance(name, tuple) else (name, 0))  # a unix socket: its path
         return out
 
-    async def start(self) -> None:
+    async def start(self, sockets: Sequence[tuple[Listener, Sequence[socket.socket]]] | None = None,
+                    *, prune: bool = True, admin: bool = True) -> None:
+        """Open the store, probe the upstream and serve every listener.
+
+        sockets: listening sockets a supervisor bound (runtime/supervisor.py),
+        served instead of binding each configured listener's address. prune and
+        admin: False when another process runs the store's background pruning
+        or serves the admin listener.
+        """
         if self.store is None:
             self.store = await open_configured_store(self.config)
-        if self.config.upstream.scheme == "mx":
-            raise StartupError("upstream.url: mx: upstreams are not available yet; use smtp://, "
-                               "smtp+starttls://, smtps:// or maildir:")
         self.snapshot = Snapshot.build(self.config, self.store)
         await self.snapshot.pool.probe()
-        self.pruner = asyncio.get_running_loop().create_task(
-            run_pruner(self.store, self.config.store.keep_messages_days))
-        for listener in self.config.listeners:
-            await self._listen(listener)
-        if self.config.admin.listen:
+        if prune:
+            self.pruner = asyncio.get_running_loop().create_task(
+                run_pruner(self.store, self.config.store.keep_messages_days))
+        if sockets is None:
+            sockets = [(listener, ()) for listener in self.config.listeners]
+        for listener, bound in sockets:
+            await self._listen(listener, bound)
+        if admin and self.config.admin.listen:
             await self._start_admin(self.config.admin.listen)
 
     async def _start_admin(self, listen: str) -> None:
@@ -145,38 +155,43 @@ class Gate:
             raise StartupError(f"admin.listen: cannot listen on {listen}: {exc.strerror or exc}") from None
         log.info("listener.started", listener="admin", address=", ".join(f"{h}:{p}" for h, p in self.admin.bound))
 
-    async def _listen(self, listener: Listener) -> None:
+    async def _listen(self, listener: Listener, bound: Sequence[socket.socket] = ()) -> None:
         if listener.kind not in ("smtp", "milter"):
             raise StartupError(f"listener {listener.name}: kind {listener.kind} is not available yet")
         if listener.kind == "milter":
-            return await self._listen_milter(listener)
+            return await self._listen_milter(listener, bound)
         context = tls_context(listener)
         if context is not None:
             self.tls[listener.name] = context
         factory, tls = make_factory(listener, lambda: self._current().smtp(listener), self.registry, context)
+        loop = asyncio.get_running_loop()
         try:
-            server = await asyncio.get_running_loop().create_server(
-                factory, listener.host, listener.port, ssl=tls, reuse_address=True)
+            if bound:
+                servers = [await loop.create_server(factory, sock=sock, ssl=tls) for sock in bound]
+            else:
+                servers = [await loop.create_server(factory, listener.host, listener.port, ssl=tls,
+                                                    reuse_address=True)]
         except OSError as exc:
             raise StartupError(f"listener {listener.name}: cannot listen on "
                                f"{listener.host}:{listener.port}: {exc.strerror or exc}") from None
-        self.servers.append(server)
+        self.servers.extend(servers)
         log.info("listener.started", listener=listener.name, address=f"{listener.host}:{listener.port}",
                  tls=listener.tls, auth=listener.auth, mode=listener.mode or self.config.mode)
 
-    async def _listen_milter(self, listener: Listener) -> None:
+    async def _listen_milter(self, listener: Listener, bound: Sequence[socket.socket] = ()) -> None:
         """A Postfix smtpd_milters listener: each MTA connection takes the snapshot current then."""
         def settings() -> MilterSettings:
             snapshot = self._current()
             return MilterSettings.for_listener(snapshot.links, snapshot.config, listener)
 
         where = str(listener.path) if listener.path else f"{listener.host}:{listener.port}"
+        limit = self.config.limits.max_connections
         try:
-            server = await start_milter_listener(listener, settings, self.registry,
-                                                 max_connections=self.config.limits.max_connections)
+            servers = [await start_milter_listener(listener, settings, self.registry, max_connections=limit, sock=sock)
+                       for sock in bound or [None]]
         except OSError as exc:
             raise StartupError(f"listener {listener.name}: cannot listen on {where}: {exc.strerror or exc}") from None
-        self.servers.append(server)
+        self.servers.extend(servers)
         log.info("listener.started", listener=listener.name, kind="milter", address=where,
                  mode=listener.mode or self.config.mode)
 
@@ -258,9 +273,6 @@ async def serve(config_path: Path) -> int:
             log.error("config.rejected", error=problem)
         return 2
     setup_logging(config.logging.format, config.logging.level)
-    if config.workers != 1:
-        log.warning("config.unsupported", key="workers", value=config.workers,
-                    detail="one worker process is run; several are not available yet")
     gate = Gate(config)
     try:
         await gate.start()

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 CHOICES = ("auto", "asyncio", "uvloop")
 
@@ -36,3 +39,8 @@ def loop_factory(choice: str | None = None) -> Callable[[], asyncio.AbstractEven
         return None
     return uvloop.new_event_loop
 
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run(main) on the loop SMTPGATE_EVENT_LOOP chooses (LoopChoiceError when it cannot)."""
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        return runner.run(main)

@@ -4,6 +4,12 @@ An `UpstreamSession` is one SMTP transaction's worth of an upstream
 connection. Every method returns the upstream's verdict as `(code, text)`;
 network faults become `UpstreamError`, never a made-up success. The relay
 decides what the client sees (smtpgate.frontends.smtp.relay).
+
+Every wait on the upstream has a timeout shorter than what a client waits for
+the reply it feeds (docs/upstream.md): `upstream.timeouts.connect` per host,
+`.command` for MAIL/RCPT/RSET/NOOP, `.data` for DATA and the final dot, and
+`upstream.timeout` for everything a client's MAIL waits on (every MX host tried
+included). The pool opens at most `upstream.max_connections` connections.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import os
 import socket
 import ssl
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +28,10 @@ import aiosmtplib
 
 from smtpgate.config import Upstream, load_client_certificate
 from smtpgate.log import get_logger
+from smtpgate.mail import replies
+from smtpgate.mail.replies import Reply
 from smtpgate.metrics import UPSTREAM_IN_USE
+from smtpgate.upstream.mx import MxRoute, RouteError, Target
 from smtpgate.upstream.oauth2 import TokenError, TokenSource
 
 log = get_logger()
@@ -32,11 +42,16 @@ IDLE_SECONDS = 30.0
 
 
 class UpstreamError(Exception):
-    """The upstream could not be reached, timed out or dropped the connection."""
+    """The upstream could not be reached, timed out or dropped the connection.
 
-    def __init__(self, reason: str):
+    `reply`, when set, is what the client should hear instead of the relay's
+    default for that stage (a null MX, the connection cap).
+    """
+
+    def __init__(self, reason: str, *, reply: Reply | None = None):
         super().__init__(reason)
         self.reason = reason
+        self.reply = reply
 
 
 class UpstreamAuthError(UpstreamError):
@@ -72,28 +87,37 @@ def _encode(text: str) -> bytes:
 
 
 class SmtpSession(UpstreamSession):
-    def __init__(self, pool: UpstreamPool, client: aiosmtplib.SMTP):
+    def __init__(self, pool: UpstreamPool, client: aiosmtplib.SMTP, label: str | None = None):
         self.pool = pool
         self.client = client
-        self.label = pool.config.label
+        self.label = label or pool.config.label
         self.extensions = frozenset(client.esmtp_extensions)
         self.last_used = time.monotonic()
+        self.desynced = False  # a reply went missing or was garbled: the connection is only closed
+        self.deadline: float | None = None  # the client's MAIL is answered by then (set at acquire)
 
-    async def _command(self, *parts: bytes) -> Verdict:
+    async def _command(self, *parts: bytes, timeout: float | None = None) -> Verdict:
+        wait = self.pool.config.timeouts.command if timeout is None else timeout
         try:
-            response = await self.client.execute_command(*parts)
+            response = await self.client.execute_command(*parts, timeout=wait)
         except asyncio.CancelledError:
             # The reply is still in flight: it would be paired with a later command.
+            self.desynced = True
             self.client.close()
             raise
-        except aiosmtplib.SMTPException as exc:
-            raise UpstreamError(f"{parts[0].decode()}: {type(exc).__name__}: {exc}") from None
-        except (OSError, asyncio.TimeoutError) as exc:
-            raise UpstreamError(f"{parts[0].decode()}: {type(exc).__name__}: {exc}") from None
+        except (aiosmtplib.SMTPException, OSError) as exc:  # TimeoutError is an OSError
+            self.desynced = True
+            raise UpstreamError(f"{parts[0].decode()}: {_describe(exc, wait)}") from None
         return Verdict(response.code, response.message)
 
     async def mail(self, sender: str, params: list[str]) -> Verdict:
-        return await self._command(b"MAIL", b"FROM:<" + _encode(sender) + b">", *map(_encode, params))
+        wait = self.pool.config.timeouts.command
+        if self.deadline is not None:
+            # The first MAIL after acquire shares the client's MAIL budget with the connecting.
+            wait = max(0.001, min(wait, self.deadline - time.monotonic()))
+            self.deadline = None
+        return await self._command(b"MAIL", b"FROM:<" + _encode(sender) + b">", *map(_encode, params),
+                                   timeout=wait)
 
     async def rcpt(self, recipient: str, params: list[str]) -> Verdict:
         return await self._command(b"RCPT", b"TO:<" + _encode(recipient) + b">", *map(_encode, params))
@@ -102,32 +126,45 @@ class SmtpSession(UpstreamSession):
         return await self._command(b"RSET")
 
     async def noop(self) -> Verdict:
-        return await self._command(b"NOOP")
+        # The health check of a pooled connection: a dead one must not eat the MAIL budget.
+        return await self._command(b"NOOP", timeout=self.pool.config.timeouts.connect)
 
     async def data(self, content: bytes) -> Verdict:
+        wait = self.pool.config.timeouts.data
         try:
-            response = await self.client.data(content)
+            response = await self.client.data(content, timeout=wait)
         except asyncio.CancelledError:
+            self.desynced = True
             self.client.close()
             raise
         except aiosmtplib.SMTPDataError as exc:
             return Verdict(exc.code, exc.message)
-        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
-            raise UpstreamError(f"DATA: {type(exc).__name__}: {exc}") from None
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            self.desynced = True
+            raise UpstreamError(f"DATA: {_describe(exc, wait)}") from None
         return Verdict(response.code, response.message)
 
     async def release(self, reusable: bool) -> None:
         self.last_used = time.monotonic()
+        self.deadline = None
         await self.pool.give_back(self, reusable)
 
     async def close(self) -> None:
+        self.pool.forget(self)
         try:
-            if self.client.is_connected:
-                await asyncio.wait_for(self.client.quit(), timeout=5)
-        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+            if self.client.is_connected and not self.desynced:
+                await asyncio.wait_for(self.client.quit(), timeout=min(5.0, self.pool.config.timeouts.command))
+        except (aiosmtplib.SMTPException, OSError):
             pass
         finally:
             self.client.close()
+
+
+def _describe(exc: BaseException, wait: float) -> str:
+    """An upstream fault for the log; a timeout says how long was waited."""
+    if isinstance(exc, TimeoutError):  # aiosmtplib's timeouts are TimeoutErrors too
+        return f"no reply within {wait:g}s"
+    return f"{type(exc).__name__}: {exc}"
 
 
 @dataclass
@@ -207,11 +244,24 @@ async def _greet(client: aiosmtplib.SMTP) -> None:
         await client.helo()
 
 
+class _NoToken(UpstreamAuthError):
+    """No OAuth2 token from the token endpoint: no other MX host would fare better."""
+
+
+class _TlsFailed(Exception):
+    """Opportunistic STARTTLS failed on a host that offered it (the caller may go on in clear)."""
+
+
 class UpstreamPool:
     """Connections to one upstream, opened at MAIL and reused when healthy.
 
     `pool_size` bounds how many idle connections are kept for reuse. A pooled
-    connection is checked with NOOP before it is handed out again.
+    connection is checked with NOOP before it is handed out again. At most
+    `max_connections` connections are open (idle, in use or being opened);
+    past that, acquire refuses with 451 4.4.5 rather than open another.
+    For `mx:` upstreams each new connection goes to the domain's MX hosts in
+    the order smtpgate.upstream.mx gives, the first that greets and (with
+    `tls: required`) starts TLS wins.
     """
 
     def __init__(self, config: Upstream, *, local_hostname: str):
@@ -220,15 +270,41 @@ class UpstreamPool:
         self.idle: list[SmtpSession] = []
         self.extensions: frozenset[str] | None = None  # learnt from the last connection
         self._closed = False
-        self.tokens = (TokenSource(config.oauth2, timeout=config.timeout)
+        # Open sessions; weak, so one a bug never released cannot hold a slot for ever.
+        self._live: weakref.WeakSet[SmtpSession] = weakref.WeakSet()
+        self._connecting = 0
+        self.route: MxRoute | None = None
+        if config.scheme == "mx":
+            assert config.mx_domain is not None and config.port is not None
+            self.route = MxRoute(config.mx_domain, port=config.port, resolver=config.resolver,
+                                 lifetime=config.timeouts.connect)
+        # The token request waits as long as connecting to one host, so a stalled token
+        # endpoint is a 451 4.7.0 within the client's MAIL budget (docs/upstream.md).
+        self.tokens = (TokenSource(config.oauth2, timeout=config.timeouts.connect)
                        if config.auth == "xoauth2" and config.oauth2 is not None else None)
         self._accepted_token = 0  # generation of the newest token the upstream accepted
 
+    @property
+    def open_connections(self) -> int:
+        return len(self._live) + self._connecting
+
     async def acquire(self) -> UpstreamSession:
+        """A session ready for MAIL; the client's MAIL is answered within upstream.timeout."""
         if self.config.scheme == "maildir":
             assert self.config.path is not None
             self.extensions = MaildirSession.extensions
             return MaildirSession(root=self.config.path, label=self.config.label)
+        budget = self.config.timeout
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(budget):
+                session = await self._take()
+        except TimeoutError:
+            raise UpstreamError(f"no upstream connection within upstream.timeout ({budget:g}s)") from None
+        session.deadline = started + budget
+        return session
+
+    async def _take(self) -> SmtpSession:
         while self.idle:
             session = self.idle.pop()
             if time.monotonic() - session.last_used > IDLE_SECONDS:
@@ -241,15 +317,34 @@ class UpstreamPool:
             except UpstreamError:
                 pass
             await session.close()
-        session = await self._connect()
+        cap = self.config.max_connections
+        if self.open_connections >= cap:
+            raise UpstreamError(f"upstream.max_connections ({cap}) connections open",
+                                reply=replies.UPSTREAM_BUSY)
+        self._connecting += 1
+        try:
+            session = await (self._connect_mx() if self.route is not None else self._connect())
+        finally:
+            self._connecting -= 1
+        self._live.add(session)
+        self.extensions = session.extensions
         UPSTREAM_IN_USE.inc()
         return session
 
-    def _tls_context(self) -> ssl.SSLContext:
+    def forget(self, session: SmtpSession) -> None:
+        """session is closing: its slot under max_connections is free."""
+        self._live.discard(session)
+
+    def _tls_context(self, *, verify: bool = True) -> ssl.SSLContext:
+        """The TLS context of a new connection, with the client certificate when one is set.
+
+        verify=False is opportunistic TLS to an MX host (RFC 7435): encrypt, whatever
+        certificate the host shows.
+        """
         context = ssl.create_default_context(
             cafile=str(self.config.ca_file) if self.config.ca_file else None
         )
-        if not self.config.verify_tls:
+        if not (verify and self.config.verify_tls):
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
         cert, key = self.config.tls_client_cert, self.config.tls_client_key
@@ -263,36 +358,104 @@ class UpstreamPool:
 
     async def _connect(self) -> SmtpSession:
         cfg = self.config
-        kwargs: dict = dict(
-            hostname=cfg.host,
-            port=cfg.port,
-            timeout=cfg.timeout,
-            local_hostname=self.local_hostname,
-        )
-        if cfg.scheme == "smtps":
-            kwargs.update(use_tls=True, tls_context=self._tls_context())
-        elif cfg.scheme == "smtp+starttls":
-            kwargs.update(start_tls=True, tls_context=self._tls_context())
-        else:
-            kwargs.update(start_tls=False)
-        client = aiosmtplib.SMTP(**kwargs)
+        assert cfg.host is not None and cfg.port is not None
+        tls = {"smtps": "implicit", "smtp+starttls": "required"}.get(cfg.scheme, "none")
+        client = await self._open(cfg.host, cfg.port, server_name=cfg.host, tls=tls)
+        return SmtpSession(self, client)
+
+    async def _connect_mx(self) -> SmtpSession:
+        """The first MX host (RFC 5321 5.1 order) that takes a connection."""
+        assert self.route is not None
         try:
-            await client.connect()
-            if not client.supports_esmtp and client.last_ehlo_response is None:
+            targets = await self.route.targets()
+        except RouteError as exc:
+            raise UpstreamError(exc.reason, reply=exc.reply) from None
+        failures: list[str] = []
+        auth_failures = 0
+        for target in targets:
+            try:
+                client = await self._open_mx(target)
+            except _NoToken:
+                raise  # the token endpoint failed: no other host would fare better
+            except UpstreamError as exc:
+                self.route.failed(target)
+                # stage mx_host: one host of several; the MAIL that gave up is logged at stage connect.
+                log.warning("upstream.error", upstream=self.config.label, stage="mx_host", host=target.host,
+                            address=target.address, reason=exc.reason)
+                failures.append(f"{target.host}[{target.address}]: {exc.reason}")
+                auth_failures += isinstance(exc, UpstreamAuthError)
+                continue
+            self.route.succeeded(target)
+            where = f"{target.host}[{target.address}]:{self.route.port}"
+            return SmtpSession(self, client, label=f"{self.config.label} via {where}")
+        reason = "no MX host took the connection: " + "; ".join(failures)
+        if failures and auth_failures == len(failures):
+            raise UpstreamAuthError(reason)  # every host refused smtpgate's credentials: 451 4.7.0
+        raise UpstreamError(reason)
+
+    async def _open_mx(self, target: Target) -> aiosmtplib.SMTP:
+        assert self.route is not None
+        if self.config.tls == "required":
+            return await self._open(target.address, self.route.port, server_name=target.host, tls="required")
+        try:
+            return await self._open(target.address, self.route.port, server_name=target.host, tls="opportunistic")
+        except _TlsFailed as exc:
+            # RFC 7435: opportunistic TLS that fails goes on in clear, as a server without STARTTLS would.
+            log.warning("upstream.tls_failed", upstream=self.config.label, host=target.host,
+                        address=target.address, reason=str(exc))
+            return await self._open(target.address, self.route.port, server_name=target.host, tls="none")
+
+    async def _open(self, host: str, port: int, *, server_name: str, tls: str) -> aiosmtplib.SMTP:
+        """Connect, greet and start TLS as `tls` says within upstream.timeouts.connect, then
+        log in (each AUTH command, and the token request, waits as long at most).
+
+        tls: none | implicit (smtps) | required (STARTTLS, certificate checked unless
+        verify_tls is false) | opportunistic (STARTTLS when offered, certificate not
+        checked: RFC 7435; raises _TlsFailed when the handshake fails).
+        """
+        cfg = self.config
+        wait = cfg.timeouts.connect
+        where = f"{server_name}[{host}]:{port}" if server_name != host else f"{host}:{port}"
+        client = aiosmtplib.SMTP(
+            hostname=host, port=port, timeout=wait, local_hostname=self.local_hostname,
+            use_tls=tls == "implicit", start_tls=False,
+            tls_context=self._tls_context() if tls == "implicit" else None,
+        )
+        try:
+            async with asyncio.timeout(wait):
+                await client.connect()
                 await _greet(client)
+                if tls in ("required", "opportunistic"):
+                    await self._starttls(client, server_name, tls)
+            # After the connect wait: a token request that runs out is a 451 4.7.0, not a dead host.
             await self._login(client)
+        except _TlsFailed:
+            client.close()
+            raise
         except UpstreamError:
             client.close()
             raise
-        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+        except (aiosmtplib.SMTPException, OSError) as exc:  # TimeoutError is an OSError
             client.close()
-            raise UpstreamError(f"connect to {cfg.label}: {type(exc).__name__}: {exc}") from None
+            raise UpstreamError(f"connect to {where}: {_describe(exc, wait)}") from None
         except asyncio.CancelledError:
             client.close()
             raise
-        session = SmtpSession(self, client)
-        self.extensions = session.extensions
-        return session
+        return client
+
+    async def _starttls(self, client: aiosmtplib.SMTP, server_name: str, tls: str) -> None:
+        if not client.supports_extension("starttls"):
+            if tls == "required":
+                raise UpstreamError(f"{server_name}: STARTTLS not offered and TLS is required")
+            return
+        context = self._tls_context(verify=tls == "required")
+        try:
+            await client.starttls(server_hostname=server_name, tls_context=context)
+        except (aiosmtplib.SMTPException, OSError) as exc:  # ssl.SSLError is an OSError
+            if tls == "opportunistic" and not isinstance(exc, TimeoutError):
+                raise _TlsFailed(f"STARTTLS: {type(exc).__name__}: {exc}") from None
+            raise
+        await _greet(client)  # RFC 3207 4.2: forget what was learnt before TLS
 
     async def _login(self, client: aiosmtplib.SMTP) -> None:
         """AUTH as upstream.auth says; UpstreamAuthError when credentials cannot be had or are refused."""
@@ -309,7 +472,7 @@ class UpstreamPool:
         except aiosmtplib.SMTPAuthenticationError as exc:
             raise UpstreamAuthError(f"login as {cfg.username} refused: {exc.code} {exc.message}") from None
         except TokenError as exc:
-            raise UpstreamAuthError(exc.reason) from None
+            raise _NoToken(exc.reason) from None
 
     def _password(self) -> str:
         try:

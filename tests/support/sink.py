@@ -81,6 +81,8 @@ class SinkSMTP(SMTP):
 
     def __init__(self, sink: Sink, **kwargs: Any) -> None:
         self.sink = sink
+        # What the next reply answers: "greeting", a command verb, or "dot" (fault knobs).
+        self._stage = "greeting"
         super().__init__(_Hooks(sink), **kwargs)
         self._smtp_methods = {
             name: self._recording(name, method) for name, method in self._smtp_methods.items()
@@ -94,6 +96,7 @@ class SinkSMTP(SMTP):
                 mechanism, _, rest = arg.partition(" ")
                 shown = mechanism + (" ***" if rest else "")
             self.sink._command(name if shown is None else f"{name} {shown}")
+            self._stage = name
             await method(arg)
 
         return record_then_run
@@ -104,6 +107,37 @@ class SinkSMTP(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         super().connection_lost(error)
         self.sink._protocols.discard(self)
+
+    # -- fault knobs: greeting, stall, raw_replies ------------------------
+    async def push(self, status: Any) -> None:
+        sink, stage = self.sink, self._stage
+        if stage in sink.stall:
+            sink.stalled.append(stage)
+            sink._changed()
+            # Never answered; connection_lost cancels this task.
+            await asyncio.get_running_loop().create_future()
+        raw = sink.raw_replies.get(stage)
+        if raw is not None:
+            self._stage = ""  # one reply replaced, not every line of a multi-line one
+            assert self._writer is not None
+            self._writer.write(raw)
+            await self._writer.drain()
+            return
+        if stage == "greeting" and sink.greeting is not None:
+            self._stage = ""
+            await super().push(sink.greeting)
+            if not sink.greeting.startswith("2"):
+                assert self.transport is not None
+                self.transport.close()
+            return
+        await super().push(status)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        reply = self.sink.data_command_reply
+        if reply is not None and self.envelope is not None and self.envelope.rcpt_tos:
+            await self.push(reply)
+            return
+        await super().smtp_DATA(arg)
 
     # -- EHLO -----------------------------------------------------------
     async def smtp_EHLO(self, hostname: str) -> None:
@@ -365,6 +399,9 @@ class _Hooks:
         )
         sink.received.append(received)
         sink._changed()
+        server._stage = "dot"
+        if "dot" in sink.stall or "dot" in sink.raw_replies:
+            return "250 2.0.0 Ok: queued"  # push() stalls or writes the raw reply instead
         hold = sink.hold_data
         if hold is not None:
             await hold.wait()
@@ -401,6 +438,14 @@ class Sink:
     `client_cert_names`, when set, refuses MAIL unless the client's verified
     TLS certificate has one of these names as subject CN or DNS SAN (give a
     `starttls_context` that asks for client certificates).
+
+    Faults: `greeting` (a line sent instead of the 220 greeting; a non-2xx one
+    then closes), `data_command_reply` (the answer to DATA instead of 354),
+    `stall` (stages never answered: "greeting", a command verb such as
+    "MAIL", "RCPT", "DATA", or "dot" for the final dot; each stall is noted in
+    `stalled`), and `raw_replies` (stage to bytes written verbatim instead of
+    the reply, e.g. an over-long line). A message whose dot is stalled or
+    answered raw is in `received`, never in `messages`.
 
     Records: `messages` (accepted with a 2xx to the dot), `received` (every
     message whose dot arrived, whatever the answer), `commands` (each command
@@ -447,6 +492,11 @@ class Sink:
         self.drop_after_data = False
         self.hold_data: asyncio.Event | None = None
         self.refuse_plus = False
+        self.greeting: str | None = None
+        self.data_command_reply: str | None = None
+        self.stall: set[str] = set()
+        self.raw_replies: dict[str, bytes] = {}
+        self.stalled: list[str] = []
 
         self.messages: list[Received] = []
         self.received: list[Received] = []
@@ -492,11 +542,12 @@ class Sink:
         self._server = None
 
     def reset(self) -> None:
-        """Forget what was recorded (messages, received, commands, connections)."""
+        """Forget what was recorded (messages, received, commands, connections, stalled, auth_tokens)."""
         self.messages.clear()
         self.received.clear()
         self.commands.clear()
         self.connections = 0
+        self.stalled.clear()
         self.auth_tokens.clear()
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10, what: str = "") -> None:

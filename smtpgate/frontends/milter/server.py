@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import stat
 import uuid
 from collections.abc import Callable
@@ -115,9 +116,11 @@ class MilterConnection:
 
 
 async def start_milter_listener(listener: Listener, settings: Callable[[], MilterSettings], registry: Registry,
-                                *, max_connections: int | None = None) -> asyncio.AbstractServer:
+                                *, max_connections: int | None = None,
+                                sock: socket.socket | None = None) -> asyncio.AbstractServer:
     """Listen on the listener's host:port or unix socket; each connection takes ``settings()`` once.
 
+    sock: a listening socket bound already (by the worker supervisor), served instead.
     Raises OSError when the address cannot be bound (a unix socket path taken by
     something that is not a socket included).
     """
@@ -140,6 +143,8 @@ async def start_milter_listener(listener: Listener, settings: Callable[[], Milte
             active.discard(connection)
             registry.discard(connection)
 
+    if sock is not None:
+        return await asyncio.start_server(connected, sock=sock)
     if listener.path is None:
         return await asyncio.start_server(connected, listener.host, listener.port, reuse_address=True)
     path = str(listener.path)

@@ -97,7 +97,7 @@ class Transaction:
         except UpstreamError as exc:
             self.log.warning("upstream.error", stage="connect", reason=exc.reason,
                              upstream=self.ctx.pool.config.label)
-            raise SMTPReply(replies.UPSTREAM_UNREACHABLE, exc.reason) from None
+            raise SMTPReply(exc.reply or replies.UPSTREAM_UNREACHABLE, exc.reason) from None
         ext = self.upstream.extensions
         if "SMTPUTF8" in params and "smtputf8" not in ext and sender and not str(sender).isascii():
             await self.release(reusable=True)

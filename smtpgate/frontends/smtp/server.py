@@ -18,6 +18,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword, syntax
 from smtpgate.config import Listener
 from smtpgate.frontends.registry import SessionRegistry
 from smtpgate.frontends.smtp.aiosmtpd_glue import AIOSMTPD_REPLIES, DATA_REFUSALS, GlueSMTP
+from smtpgate.frontends.smtp.auth import PasswordMechanisms
 from smtpgate.frontends.smtp.relay import MAIL_PARAMS, RCPT_PARAMS, ClientInfo, RelayContext, Transaction
 from smtpgate.log import get_logger
 from smtpgate.mail import replies
@@ -252,12 +253,18 @@ def _check_sendable(address) -> None:
         raise AddressError("control character in address")
 
 
-class Handler:
-    """aiosmtpd hooks for EHLO, DATA and errors; MAIL and RCPT live in GateSMTP."""
+class Handler(PasswordMechanisms):
+    """aiosmtpd hooks for EHLO, DATA, AUTH and errors; MAIL and RCPT live in GateSMTP."""
 
     def __init__(self, listener: Listener, registry: SessionRegistry):
         self.listener = listener
         self.registry = registry
+
+    async def check_password(self, server: GateSMTP, mechanism: str, credentials: LoginPassword) -> AuthResult:
+        authenticate = server.settings.authenticator
+        if authenticate is None or self.listener.auth == "none":
+            return AuthResult(success=False, handled=False)
+        return await authenticate(server, server.session, server.envelope, mechanism, credentials)
 
     async def handle_EHLO(self, server: GateSMTP, session, envelope, hostname: str, responses: list[str]):
         session.host_name = hostname
@@ -355,7 +362,8 @@ def make_factory(listener: Listener, settings: Callable[[], SmtpSettings], regis
             timeout=300,
             auth_required=listener.auth == "required",
             auth_require_tls=True,
-            authenticator=current.authenticator if listener.auth != "none" else None,
+            # No `authenticator`: aiosmtpd would call it without awaiting; Handler's auth_PLAIN
+            # and auth_LOGIN (smtpgate.frontends.smtp.auth) await the session's settings.authenticator.
             proxy_protocol_timeout=10 if listener.proxy_protocol else None,
         )
 
@@ -363,13 +371,17 @@ def make_factory(listener: Listener, settings: Callable[[], SmtpSettings], regis
 
 
 def file_authenticator(users) -> Callable:
-    """An aiosmtpd authenticator checking LOGIN/PLAIN against one users file snapshot."""
+    """An awaitable authenticator checking LOGIN/PLAIN against one users file snapshot.
 
-    def authenticate(server, session, envelope, mechanism, auth_data) -> AuthResult:
+    It has aiosmtpd's authenticator signature but is a coroutine function: the scrypt
+    check runs in smtpgate.users' own threads, off the event loop.
+    """
+
+    async def authenticate(server, session, envelope, mechanism, auth_data) -> AuthResult:
         if not isinstance(auth_data, LoginPassword):
             return AuthResult(success=False, handled=False)
         name = auth_data.login.decode("utf-8", "replace")
-        ok = users.verify(name, auth_data.password.decode("utf-8", "replace"))
+        ok = await users.verify_off_loop(name, auth_data.password.decode("utf-8", "replace"))
         log = getattr(server, "log", None) or get_logger()
         # A failure is a warning, so fail2ban-style tools can act on it; never the password.
         (log.info if ok else log.warning)("auth.result", user=name, success=ok, mechanism=mechanism)
