@@ -46,8 +46,19 @@ test: venv system-deps
 	$(BIN)/pytest --cov=smtpgate --cov-branch --cov-report=term-missing:skip-covered
 	$(BIN)/coverage report --include='$(CORE)' --fail-under=100
 
-bench: venv
-	$(BIN)/python -m bench
+# Side by side with Postfix (bench/RESULTS.md); needs root, Debian's postfix and PostgreSQL.
+# A quick run: make bench BENCH_MESSAGES=500 BENCH_ROUNDS=1
+BENCH_MESSAGES ?= 5000
+BENCH_ROUNDS ?= 3
+BENCH_ARGS ?=
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install -q -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+bench: venv system-deps $(BENCH_STAMP)
+	$(BIN)/python -m bench --messages $(BENCH_MESSAGES) --rounds $(BENCH_ROUNDS) $(BENCH_ARGS)
 
 fuzz: venv
 	$(BIN)/pip install -q -e '.[fuzz]'

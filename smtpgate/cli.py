@@ -174,8 +174,13 @@ def _reference(config: Config, text: str) -> str | None:
 
 
 def _serve(args) -> int:
+    from smtpgate.runtime import loop
     from smtpgate.runtime.supervisor import serve_main
 
+    try:
+        loop.loop_factory()  # a bad SMTPGATE_EVENT_LOOP is refused before anything starts
+    except loop.LoopChoiceError as exc:
+        return _fail(str(exc), 2)
     return serve_main(config_path(args.config))
 
 

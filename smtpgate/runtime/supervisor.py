@@ -27,7 +27,6 @@ forking copies no event loop, executor or database connection into a worker.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
 import os
@@ -51,6 +50,7 @@ from prometheus_client import multiprocess
 from smtpgate.config import Config, ConfigError, Listener, load_config
 from smtpgate.frontends.milter.server import SOCKET_MODE as MILTER_SOCKET_MODE
 from smtpgate.log import get_logger, setup_logging
+from smtpgate.runtime import loop as event_loop
 from smtpgate.runtime.gate import Gate, StartupError, install_signals, serve, start_or_report
 from smtpgate.runtime.notify import sd_notify
 
@@ -91,7 +91,7 @@ def serve_main(config_path: Path) -> int:
         if metrics_dir:
             _empty_metrics_dir(Path(metrics_dir))
         if config.workers == 1:
-            return asyncio.run(serve(config_path))
+            return event_loop.run(serve(config_path))
         setup_logging(config.logging.format, config.logging.level)
         return Supervisor(config_path, config).run()
     finally:
@@ -474,7 +474,7 @@ class Supervisor:
             _die_with_parent(self.pid)
             os.environ["NOTIFY_SOCKET"] = "@" + self.notify_address
             structlog.contextvars.bind_contextvars(worker=slot.index, pid=os.getpid())
-            status = asyncio.run(run_worker(self.config, self.config_path, slot.sockets, first=slot.index == 0))
+            status = event_loop.run(run_worker(self.config, self.config_path, slot.sockets, first=slot.index == 0))
         except BaseException as exc:  # noqa: BLE001 - a worker never returns into the supervisor's loop
             with contextlib.suppress(Exception):
                 log.error("worker.crashed", error=type(exc).__name__, reason=str(exc))

@@ -219,8 +219,12 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def record_message(self, record: MessageRecord) -> None:
-        """Store the message's header facts; a second call for the same
-        (Message-ID, source reference) changes nothing."""
+        """Store the message's header facts, committed when this returns; a
+        second call for the same (Message-ID, source reference) changes nothing.
+
+        Concurrent calls may share one transaction (group commit); when it
+        fails, each of them raises StoreError.
+        """
 
     @abc.abstractmethod
     async def add_link(

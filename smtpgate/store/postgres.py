@@ -1,7 +1,9 @@
 """The PostgreSQL backend (`store.url: postgresql://...`), for several
 smtpgate nodes sharing one database, through asyncpg.
 
-Get-or-create for one (source activity, mailbox) pair runs under a
+Reads and writes take their connections from two pools, so a look-up never
+waits for a connection held by a write (a link creation waiting for the
+allocator, say). Get-or-create for one (source activity, mailbox) pair runs under a
 transaction-scoped advisory lock named after the pair, so racers on any node
 wait for the first one's commit and then find its link. The lock is held
 around the allocator call (local sequence or HTTP): only that pair waits.
@@ -12,6 +14,7 @@ or a crashed node gives its number back.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -23,7 +26,7 @@ import asyncpg
 from smtpgate.redact import redact_url
 from smtpgate.store import migrations
 from smtpgate.store.errors import StoreError, StoreMissing
-from smtpgate.store.sql import SCHEMA_LOCK_KEY, SqlStore, Tx
+from smtpgate.store.sql import SCHEMA_LOCK_KEY, MessageRow, SqlStore, Tx
 
 if TYPE_CHECKING:
     from smtpgate.store.base import Allocator
@@ -34,6 +37,7 @@ _PLACEHOLDER = re.compile(r"\?")
 _FAILURES = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
 
 
+@functools.lru_cache(maxsize=256)
 def _numbered(sql: str) -> str:
     """`?` placeholders as PostgreSQL's `$1, $2, ...` (the shared SQL has no `?` in literals)."""
     count = 0
@@ -58,6 +62,29 @@ class _PgTx:
 
     async def fetchone(self, sql: str, *args: Any) -> Sequence[Any] | None:
         return await self._conn.fetchrow(_numbered(sql), *args)
+
+
+# A batch of message records and their activities in one statement (one round
+# trip, atomic without BEGIN/COMMIT): the activities of a message already stored
+# find no row in RETURNING and are left out with it.
+_INSERT_MESSAGES = """
+WITH m AS (
+    INSERT INTO messages (message_id, source_reference, source_key, date, from_addr, subject,
+                          recipients, mapping, relayed_at)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                         $7::text[], $8::text[], $9::timestamptz[])
+    ON CONFLICT (message_id, source_key) DO NOTHING
+    RETURNING id, message_id, source_key
+)
+INSERT INTO message_activities (message, reference)
+SELECT m.id, a.reference
+FROM m JOIN unnest($10::text[], $11::text[], $12::text[]) AS a (message_id, source_key, reference)
+USING (message_id, source_key)
+"""
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """A pool reset that sends nothing (asyncpg still rolls back an open transaction)."""
 
 
 class PostgresStore(SqlStore):
@@ -88,43 +115,56 @@ class PostgresStore(SqlStore):
         self.read_only = read_only
         self._timeout = timeout
         self._pool_size = pool_size
-        self._pool: asyncpg.Pool | None = None
+        self._reads: asyncpg.Pool | None = None
+        self._writes: asyncpg.Pool | None = None
 
     async def connect(self) -> None:
-        """Open the connection pool; StoreError when the server cannot be reached,
+        """Open the connection pools; StoreError when the server cannot be reached,
         StoreMissing when the database does not exist. Read-only, every
         transaction is READ ONLY: the server refuses any write."""
-        settings = {"default_transaction_read_only": "on"} if self.read_only else None
         try:
-            self._pool = await asyncpg.create_pool(
-                self.dsn,
-                min_size=1,
-                max_size=self._pool_size,
-                timeout=self._timeout,
-                command_timeout=self._timeout,
-                server_settings=settings,
-            )
+            # Look-ups change no session state (no SET, LISTEN, cursor or lock):
+            # a connection goes back without asyncpg's reset query, a round trip.
+            self._reads = await self._open_pool(reset=_keep_session)
+            # Read-only there are no writes to keep look-ups from: one pool.
+            self._writes = self._reads if self.read_only else await self._open_pool()
         except asyncpg.InvalidCatalogNameError as exc:
+            await self.close()
             raise StoreMissing(f"{self.label}: {exc}") from exc
         except (*_FAILURES, ValueError) as exc:
+            await self.close()
             raise StoreError(f"{self.label}: {exc}") from exc
 
+    async def _open_pool(self, **options: Any) -> asyncpg.Pool:
+        return await asyncpg.create_pool(
+            self.dsn,
+            min_size=1,
+            max_size=self._pool_size,
+            timeout=self._timeout,
+            command_timeout=self._timeout,
+            server_settings={"default_transaction_read_only": "on"} if self.read_only else None,
+            **options,
+        )
+
     async def close(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is not None:
+        if self._writes is not None:
+            await self.records.close(self._timeout)
+        pools = {id(p): p for p in (self._reads, self._writes) if p is not None}
+        self._reads = self._writes = None
+        for pool in pools.values():
             try:
                 await asyncio.wait_for(pool.close(), self._timeout)
             except _FAILURES:
                 pool.terminate()
 
-    def _pool_or_fail(self) -> asyncpg.Pool:
-        if self._pool is None:
+    def _pool_or_fail(self, pool: asyncpg.Pool | None) -> asyncpg.Pool:
+        if pool is None:
             raise StoreError("postgresql: store is closed")
-        return self._pool
+        return pool
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[Tx]:
-        pool = self._pool_or_fail()
+        pool = self._pool_or_fail(self._reads)
         try:
             async with pool.acquire(timeout=self._timeout) as conn:
                 yield _PgTx(conn)
@@ -133,7 +173,7 @@ class PostgresStore(SqlStore):
 
     @asynccontextmanager
     async def _write(self, lock_key: str | None = None) -> AsyncIterator[Tx]:
-        pool = self._pool_or_fail()
+        pool = self._pool_or_fail(self._writes)
         try:
             async with pool.acquire(timeout=self._timeout) as conn:
                 async with conn.transaction():
@@ -147,12 +187,23 @@ class PostgresStore(SqlStore):
         except _FAILURES as exc:
             raise StoreError(f"postgresql: {exc.__class__.__name__}: {exc}") from exc
 
+    async def _insert_messages(self, rows: list[MessageRow]) -> None:
+        columns = [list(column) for column in zip(*(row.values for row in rows))]
+        activities = [(row.key[0], row.key[1], ref) for row in rows for ref in row.references]
+        named = [list(column) for column in zip(*activities)] or [[], [], []]
+        pool = self._pool_or_fail(self._writes)
+        try:
+            async with pool.acquire(timeout=self._timeout) as conn:
+                await conn.execute(_INSERT_MESSAGES, *columns, *named)
+        except _FAILURES as exc:
+            raise StoreError(f"postgresql: {exc.__class__.__name__}: {exc}") from exc
+
     @asynccontextmanager
     async def _schema_write(self) -> AsyncIterator[Tx]:
         # A session lock taken before the transaction starts: a transaction
         # that began before another node's migration committed could still
         # see the old catalog after waiting for an in-transaction lock.
-        pool = self._pool_or_fail()
+        pool = self._pool_or_fail(self._writes)
         try:
             async with pool.acquire(timeout=self._timeout) as conn:
                 await conn.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", SCHEMA_LOCK_KEY)

@@ -8,8 +8,10 @@ import abc
 import json
 import re
 import string
+from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -32,6 +34,7 @@ from smtpgate.store.base import (
     ThreadHit,
 )
 from smtpgate.store.errors import AllocationError, LinkConflict, StoreError
+from smtpgate.store.group import GroupCommit
 
 if TYPE_CHECKING:
     from smtpgate.store.base import Allocator
@@ -40,6 +43,16 @@ log = structlog.get_logger()
 
 # Serialises schema migrations across processes and nodes.
 SCHEMA_LOCK_KEY = "smtpgate:schema"
+
+# How many activity owners a process remembers (a few hundred kB).
+_KNOWN_OWNERS = 10_000
+
+# Bound parameters per statement: under SQLite's old default limit of 999.
+_MAX_PARAMS = 900
+
+_MESSAGE_COLUMNS = (
+    "message_id, source_reference, source_key, date, from_addr, subject, recipients, mapping, relayed_at"
+)
 
 
 class Tx(Protocol):
@@ -91,6 +104,19 @@ def link_lock_key(source_reference: str, mailbox: str) -> str:
     return f"smtpgate:link:{source_reference} {mailbox}"
 
 
+@dataclass(frozen=True)
+class MessageRow:
+    """One message record as the messages table stores it, and the activities it names."""
+
+    values: tuple[Any, ...]  # in _MESSAGE_COLUMNS order
+    references: list[str]
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(message_id, source_key): the unique key of the messages table."""
+        return (self.values[0], self.values[2])
+
+
 class _Untaggable(Exception):
     """The allocated reference cannot tag the mailbox: the transaction rolls back."""
 
@@ -124,6 +150,12 @@ class SqlStore(Store):
 
     def __init__(self, allocator: Allocator | None) -> None:
         self.allocator = allocator
+        # Message records of concurrent sessions share one transaction (group.py).
+        self.records: GroupCommit[MessageRecord] = GroupCommit(self._record_batch)
+        # Activity owners read from the store, newest last. A recorded owner never
+        # changes (DESIGN.md 4 keeps the stored one against contrary evidence), so
+        # what was read once holds for every process and node; see _learn_owner.
+        self._owners: OrderedDict[str, str] = OrderedDict()
 
     # -- what a backend provides ------------------------------------------
 
@@ -229,9 +261,29 @@ class SqlStore(Store):
         return row[0] if row else reference
 
     async def activity_mailbox(self, reference: str) -> str | None:
+        known = self._known_owner(reference)
+        if known is not None:
+            return known
         async with self._read() as tx:
             row = await tx.fetchone("SELECT mailbox FROM activities WHERE reference = ?", reference)
-        return row[0] if row else None
+        mailbox = row[0] if row else None
+        self._learn_owner(reference, mailbox)
+        return mailbox
+
+    def _known_owner(self, reference: str) -> str | None:
+        mailbox = self._owners.get(reference)
+        if mailbox is not None:
+            self._owners.move_to_end(reference)
+        return mailbox
+
+    def _learn_owner(self, reference: str, mailbox: str | None) -> None:
+        # Only owners: an activity without one may get one any time, from any node.
+        if mailbox is None:
+            return
+        self._owners[reference] = mailbox
+        self._owners.move_to_end(reference)
+        if len(self._owners) > _KNOWN_OWNERS:
+            self._owners.popitem(last=False)
 
     async def _remember(self, tx: Tx, owners: dict[str, str | None], now: datetime) -> None:
         # Sorted, so that concurrent transactions lock activity rows in one
@@ -248,9 +300,7 @@ class SqlStore(Store):
             )
 
     async def record_activity(self, reference: str, mailbox: str) -> None:
-        async with self._read() as tx:
-            row = await tx.fetchone("SELECT mailbox FROM activities WHERE reference = ?", reference)
-        if row is not None and row[0] is not None:
+        if await self.activity_mailbox(reference) is not None:
             return  # the common case needs no write lock
         async with self._write() as tx:
             await self._remember(tx, {reference: mailbox}, utcnow())
@@ -346,6 +396,24 @@ class SqlStore(Store):
             await self._insert_link(tx, source_reference, reference, context.message_id, now)
         return LinkOutcome(reference, created=True)
 
+    async def _link_known(
+        self, source: str, source_mailbox: str | None, target: str, target_mailbox: str
+    ) -> bool:
+        """True when the link exists and recording it would change no owner either."""
+        lo, hi = sorted((source, target))
+        async with self._read() as tx:
+            rows = await tx.fetchall(
+                "SELECT a.reference, a.mailbox FROM links l JOIN activities a"
+                " ON a.reference IN (l.lo, l.hi) WHERE l.lo = ? AND l.hi = ?",
+                lo,
+                hi,
+            )
+        owners = {row[0]: row[1] for row in rows}
+        return all(
+            reference in owners and (owners[reference] is not None or mailbox is None)
+            for reference, mailbox in ((source, source_mailbox), (target, target_mailbox))
+        )
+
     async def record_link(
         self,
         source_reference: str,
@@ -356,6 +424,8 @@ class SqlStore(Store):
     ) -> bool:
         if source_reference == target_reference:
             return False  # an activity is not linked to itself
+        if await self._link_known(source_reference, source_mailbox, target_reference, target_mailbox):
+            return False  # a reply-all naming both tags again: nothing to write
         async with self._write() as tx:
             now = utcnow()
             await self._remember(
@@ -468,6 +538,8 @@ class SqlStore(Store):
             return []
         unique = list(dict.fromkeys(wanted))
         marks = ", ".join("?" for _ in unique)
+        # A reply may follow its message before that message's record is committed.
+        await self.records.settled()
         async with self._read() as tx:
             rows = await tx.fetchall(
                 "SELECT m.message_id, m.source_reference, m.mapping, a.mailbox"
@@ -487,32 +559,54 @@ class SqlStore(Store):
         ]
 
     async def record_message(self, record: MessageRecord) -> None:
-        message_id = normalize_message_id(record.message_id)
-        references = {ref for ref in record.mapping.values() if ref}
-        if record.source_reference:
-            references.add(record.source_reference)
-        async with self._write() as tx:
-            rows = await tx.fetchall(
-                "INSERT INTO messages (message_id, source_reference, source_key, date, from_addr,"
-                " subject, recipients, mapping, relayed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (message_id, source_key) DO NOTHING RETURNING id",
-                message_id,
-                record.source_reference,
-                record.source_reference or "",
-                record.date,
-                record.from_,
-                record.subject,
-                json.dumps(list(record.recipients)),
-                json.dumps(dict(record.mapping), sort_keys=True),
-                self._ts(as_utc(record.relayed_at)),
+        # Committed with whatever other sessions recorded meanwhile: one
+        # transaction and one fsync for the lot, durable when this returns.
+        await self.records.submit(record)
+
+    async def _record_batch(self, records: list[MessageRecord]) -> None:
+        """Insert the records in one write transaction. A record already stored
+        (same Message-ID and source) is left as it is; so is the second of two
+        such records in one batch."""
+        rows: dict[tuple[str, str], MessageRow] = {}
+        for record in records:
+            row = MessageRow(
+                values=(
+                    normalize_message_id(record.message_id),
+                    record.source_reference,
+                    record.source_reference or "",
+                    record.date,
+                    record.from_,
+                    record.subject,
+                    json.dumps(list(record.recipients)),
+                    json.dumps(dict(record.mapping), sort_keys=True),
+                    self._ts(as_utc(record.relayed_at)),
+                ),
+                references=_named_activities(record),
             )
-            if not rows:
-                return  # a retry of a message already recorded
-            for reference in sorted(references):
+            rows.setdefault(row.key, row)
+        await self._insert_messages(list(rows.values()))
+
+    async def _insert_messages(self, rows: list[MessageRow]) -> None:
+        """Insert message rows (unique keys) and their activities in one transaction."""
+        width = len(rows[0].values)
+        async with self._write() as tx:
+            ids: dict[tuple[str, str], Any] = {}
+            for chunk in _chunks(rows, _MAX_PARAMS // width):
+                marks = ", ".join(["(" + ", ".join("?" * width) + ")"] * len(chunk))
+                inserted = await tx.fetchall(
+                    f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES {marks}"
+                    " ON CONFLICT (message_id, source_key) DO NOTHING"
+                    " RETURNING id, message_id, source_key",
+                    *(value for row in chunk for value in row.values),
+                )
+                ids.update({(r[1], r[2]): r[0] for r in inserted})
+            # A row not inserted is a retry of a message already recorded: no activities.
+            activities = [(ids[row.key], ref) for row in rows if row.key in ids for ref in row.references]
+            for chunk in _chunks(activities, _MAX_PARAMS // 2):
                 await tx.execute(
-                    "INSERT INTO message_activities (message, reference) VALUES (?, ?)",
-                    rows[0][0],
-                    reference,
+                    "INSERT INTO message_activities (message, reference) VALUES "
+                    + ", ".join(["(?, ?)"] * len(chunk)),
+                    *(value for pair in chunk for value in pair),
                 )
 
     async def prune_messages(self, keep_days: int) -> int:
@@ -533,6 +627,7 @@ class SqlStore(Store):
     # -- views ------------------------------------------------------------
 
     async def show(self, reference: str) -> ActivityView | None:
+        await self.records.settled()
         async with self._read() as tx:
             reference = await self._canonical_reference(tx, reference)
             activity = await tx.fetchone("SELECT mailbox FROM activities WHERE reference = ?", reference)
@@ -611,3 +706,15 @@ class SqlStore(Store):
         ]
 
 
+
+
+def _named_activities(record: MessageRecord) -> list[str]:
+    """The activities a message record is listed under: its source and every mapped one."""
+    references = {ref for ref in record.mapping.values() if ref}
+    if record.source_reference:
+        references.add(record.source_reference)
+    return sorted(references)
+
+
+def _chunks(rows: list, size: int) -> list[list]:
+    return [rows[i : i + size] for i in range(0, len(rows), size)]

@@ -34,19 +34,20 @@ _TS_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 
 class _SqliteTx:
+    # One trip to the connection's thread per statement (execute_fetchall),
+    # not three (execute, fetch, close): each trip wakes the event loop.
     def __init__(self, conn: aiosqlite.Connection) -> None:
         self._conn = conn
 
     async def execute(self, sql: str, *args: Any) -> None:
-        await self._conn.execute(sql, args)
+        await self._conn.execute_fetchall(sql, args)
 
     async def fetchall(self, sql: str, *args: Any) -> list[Sequence[Any]]:
-        async with self._conn.execute(sql, args) as cursor:
-            return list(await cursor.fetchall())
+        return list(await self._conn.execute_fetchall(sql, args))
 
     async def fetchone(self, sql: str, *args: Any) -> Sequence[Any] | None:
-        async with self._conn.execute(sql, args) as cursor:
-            return await cursor.fetchone()
+        rows = await self._conn.execute_fetchall(sql, args)
+        return rows[0] if rows else None
 
 
 class SqliteStore(SqlStore):
@@ -141,6 +142,8 @@ class SqliteStore(SqlStore):
         return conn
 
     async def close(self) -> None:
+        if self._writer is not None:
+            await self.records.close(self._busy_timeout_ms / 1000)
         if self._cleanups:
             await asyncio.gather(*self._cleanups, return_exceptions=True)
         for name in ("_reader", "_writer"):

@@ -9,18 +9,32 @@ hooks `before_serving`, `transaction_ended`, `timed_out`, `unknown_command`
 and the `tls_active` property. `check_internals` fails loudly when an aiosmtpd release renames
 them; a test runs it, and pyproject.toml pins aiosmtpd to the tested minor
 range.
+
+`PrototypeSMTP` (GlueSMTP's base) spares each connection aiosmtpd's
+`SMTP.__init__`, which derives its command, hook and AUTH mechanism tables
+from the class and the handler with `inspect.getmembers` and `dir` (and
+inspects the EHLO hook's signature) every time a client connects: about a
+millisecond of CPU per connection, the same result every time (bench/RESULTS.md).
+The stock `__init__` runs once per (class, handler, loop, settings) on a
+prototype that never serves a connection; a new connection copies the
+prototype's attributes, binds the prototype's own methods to itself, and
+gets a fresh stream reader, exactly as `__init__` would have left it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import types
+import weakref
 from functools import partial
+from typing import Any
 
-from aiosmtpd.smtp import SMTP, syntax
+from aiosmtpd.smtp import SMTP, _AuthMechAttr, syntax
 
 from smtpgate.mail import replies
 
-__all__ = ["AIOSMTPD_REPLIES", "DATA_REFUSALS", "GlueSMTP", "check_internals"]
+__all__ = ["AIOSMTPD_REPLIES", "DATA_REFUSALS", "GlueSMTP", "PrototypeSMTP", "check_internals"]
 
 # The private aiosmtpd members smtpgate relies on, and the kind each must be.
 _INTERNALS = {
@@ -29,7 +43,12 @@ _INTERNALS = {
     "_set_post_data_state": "function",
     "_reset_timeout": "function",
     "_timeout_cb": "function",
+    "_cb_client_connected": "function",  # PrototypeSMTP hands it to a fresh StreamReaderProtocol
 }
+
+# What SMTP.__init__ builds per connection that PrototypeSMTP copies and rebinds.
+_PER_CONNECTION_TABLES = ("self._smtp_methods", "self._auth_methods", "self._handle_hooks",
+                          "self.command_size_limits.clear()")
 
 # aiosmtpd's own reply lines, translated to smtpgate's (code, enhanced code, text).
 AIOSMTPD_REPLIES = {
@@ -64,6 +83,12 @@ def check_internals() -> list[str]:
         elif kind == "function" and not callable(member):
             problems.append(f"aiosmtpd.smtp.SMTP.{name} is no longer callable")
     source = inspect.getsource(inspect.getmodule(SMTP))
+    init = inspect.getsource(SMTP.__init__)
+    for table in _PER_CONNECTION_TABLES:
+        if table not in init:
+            problems.append(f"aiosmtpd.smtp.SMTP.__init__ no longer sets up {table}")
+    if "method" not in getattr(_AuthMechAttr, "_fields", ()):
+        problems.append("aiosmtpd.smtp._AuthMechAttr no longer has a method field")
     if "self._tls_protocol" not in source:
         problems.append("aiosmtpd.smtp.SMTP no longer keeps _tls_protocol")
     if "method = self._smtp_methods.get(command)" not in source:
@@ -91,7 +116,59 @@ class _Commands(dict):
         return found if found is not None else partial(self.unknown, verb)
 
 
-class GlueSMTP(SMTP):
+# handler -> {(class, loop, settings): prototype}; a handler that goes (a stopped
+# gate) takes its prototypes with it, and a reload's new settings replace the oldest.
+_PROTOTYPES: weakref.WeakKeyDictionary[Any, dict[tuple, SMTP]] = weakref.WeakKeyDictionary()
+_PROTOTYPES_PER_HANDLER = 8
+
+
+class PrototypeSMTP(SMTP):
+    """aiosmtpd.smtp.SMTP whose per-connection set-up is a copy of a prototype."""
+
+    def __init__(self, handler: Any, **kwargs: Any) -> None:
+        loop = kwargs.get("loop") or asyncio.get_event_loop()
+        try:
+            key = (type(self), loop, tuple(sorted(kwargs.items())))
+            prototypes = _PROTOTYPES.setdefault(handler, {})
+            prototype = prototypes.get(key)
+        except TypeError:  # a setting that cannot be a key: the stock way
+            super().__init__(handler, **kwargs)
+            return
+        if prototype is None:
+            prototype = object.__new__(type(self))
+            SMTP.__init__(prototype, handler, **kwargs)
+            if len(prototypes) >= _PROTOTYPES_PER_HANDLER:
+                del prototypes[next(iter(prototypes))]
+            prototypes[key] = prototype
+        self._adopt(prototype)
+
+    def _adopt(self, prototype: SMTP) -> None:
+        for name, value in prototype.__dict__.items():
+            if name not in self.__dict__:  # what a subclass set before calling us stays
+                self.__dict__[name] = _rebound(value, prototype, self)
+        # SMTP.__init__ empties the (class-wide) command size limits each time.
+        self.command_size_limits.clear()
+        # A fresh stream reader and protocol state, as StreamReaderProtocol.__init__ makes them.
+        asyncio.StreamReaderProtocol.__init__(
+            self,
+            asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected,
+            loop=self.loop,
+        )
+
+
+def _rebound(value: Any, old: object, new: object) -> Any:
+    """value with the methods bound to old bound to new instead (in dicts and AUTH entries too)."""
+    if isinstance(value, types.MethodType) and value.__self__ is old:
+        return types.MethodType(value.__func__, new)
+    if isinstance(value, _AuthMechAttr):
+        return value._replace(method=_rebound(value.method, old, new))
+    if isinstance(value, dict):
+        return {k: _rebound(v, old, new) for k, v in value.items()}
+    return value
+
+
+class GlueSMTP(PrototypeSMTP):
     """aiosmtpd's protocol with the hooks smtpgate needs; see the module docstring."""
 
     def __init__(self, *args, **kwargs) -> None:

@@ -1,0 +1,46 @@
+"""The event loop `smtpgate serve` runs on: uvloop when it is installed
+(`pip install 'smtpgate[uvloop]'`), else asyncio's own.
+
+`SMTPGATE_EVENT_LOOP` chooses: `auto` (the default: uvloop if installed),
+`asyncio`, or `uvloop` (an error when it is not installed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+CHOICES = ("auto", "asyncio", "uvloop")
+
+
+class LoopChoiceError(Exception):
+    """SMTPGATE_EVENT_LOOP names no loop that can run here."""
+
+
+def loop_factory(choice: str | None = None) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """A factory for the chosen loop; None means asyncio's default loop."""
+    if choice is None:
+        choice = os.environ.get("SMTPGATE_EVENT_LOOP", "auto")
+    choice = choice.strip().lower() or "auto"
+    if choice not in CHOICES:
+        raise LoopChoiceError(f"SMTPGATE_EVENT_LOOP: expected one of {', '.join(CHOICES)}, got {choice!r}")
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise LoopChoiceError("SMTPGATE_EVENT_LOOP=uvloop, but uvloop is not installed "
+                                  "(pip install 'smtpgate[uvloop]')") from None
+        return None
+    return uvloop.new_event_loop
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run(main) on the loop SMTPGATE_EVENT_LOOP chooses (LoopChoiceError when it cannot)."""
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        return runner.run(main)

@@ -1,0 +1,267 @@
+"""Group commit of message records, and look-ups that never wait behind writes,
+on SQLite and PostgreSQL. Another writer holding the database (or a table) is
+a real second connection, as another smtpgate process or node would be."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from smtpgate.store import AllocationContext, LinkOutcome, LinkTarget, MessageRecord, StoreError, open_store
+from smtpgate.store.allocation import LocalAllocator
+from tests.store_helpers import pg_database, store_url  # noqa: F401  (fixtures)
+
+UK = "uk-payroll@corp.example"
+PL = "pl-payroll@corp.example"
+CTX = AllocationContext(subject=None, from_=None, message_id=None)
+
+
+def record(n: int, source: str = "101203-T") -> MessageRecord:
+    return MessageRecord(
+        message_id=f"<m{n}@corp.example>",
+        date=None,
+        from_="anna@corp.example",
+        subject=f"Invoice {n}",
+        source_reference=source,
+        recipients=["client@supplier.example", "pl-payroll+900000-T@corp.example"],
+        mapping={PL: "900000-T"},
+        relayed_at=datetime.now(timezone.utc),
+    )
+
+
+async def opened(url: str, tmp_path: Path, timeout: float = 30.0):
+    return await open_store(url, base_dir=tmp_path, allocator=LocalAllocator(900000), timeout=timeout)
+
+
+async def hold_writes(url: str, tables: str = "messages"):
+    """Another connection that keeps writers of `tables` waiting (readers go on);
+    returns a release function. SQLite has one write lock for the whole file."""
+    if url.startswith("sqlite:"):
+        import sqlite3
+
+        conn = sqlite3.connect(url[len("sqlite:") :], isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+
+        async def release() -> None:
+            conn.execute("ROLLBACK")
+            conn.close()
+
+        return release
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    tx = conn.transaction()
+    await tx.start()
+    # EXCLUSIVE blocks INSERTs and leaves SELECTs alone.
+    await conn.execute(f"LOCK TABLE {tables} IN EXCLUSIVE MODE")
+
+    async def release() -> None:
+        await tx.rollback()
+        await conn.close()
+
+    return release
+
+
+async def writers_waiting(url: str, count: int, timeout: float = 20) -> None:
+    """Until count connections of the database wait for a lock (PostgreSQL; SQLite's
+    waiting writer sits in its busy handler, which no other connection can see)."""
+    if url.startswith("sqlite:"):
+        return
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            waiting = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'")
+            if waiting >= count:
+                return
+            assert asyncio.get_running_loop().time() < deadline, f"{waiting} of {count} writers waiting"
+            await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
+
+
+async def recorded_ids(url: str, tmp_path: Path, reference: str = "101203-T") -> set[str]:
+    """The message ids another connection sees for the activity: what is committed."""
+    other = await opened(url, tmp_path)
+    try:
+        view = await other.show(reference)
+        return {m.message_id for m in view.messages} if view else set()
+    finally:
+        await other.close()
+
+
+async def test_concurrent_records_are_all_committed_in_fewer_transactions(store_url, tmp_path):  # noqa: F811
+    store = await opened(store_url, tmp_path)
+    try:
+        await asyncio.gather(*(store.record_message(record(n)) for n in range(200)))
+        # Each call returned after its commit: a second connection sees every record.
+        assert await recorded_ids(store_url, tmp_path) == {f"<m{n}@corp.example>" for n in range(200)}
+        assert store.records.items == 200
+        assert store.records.batches < 200
+        view = await store.show("900000-T")  # the mapping's activity is indexed too
+        assert len(view.messages) == 200
+    finally:
+        await store.close()
+
+
+async def test_a_record_repeated_within_one_batch_is_stored_once(store_url, tmp_path):  # noqa: F811
+    store = await opened(store_url, tmp_path)
+    try:
+        await asyncio.gather(*(store.record_message(record(1)) for _ in range(5)),
+                             store.record_message(record(2)))
+        view = await store.show("101203-T")
+        assert sorted(m.message_id for m in view.messages) == ["<m1@corp.example>", "<m2@corp.example>"]
+    finally:
+        await store.close()
+
+
+async def test_a_failing_batch_is_reported_to_each_caller(store_url, tmp_path):  # noqa: F811
+    store = await opened(store_url, tmp_path, timeout=0.5)
+    try:
+        await store.record_message(record(0))  # schema and connections ready
+        release = await hold_writes(store_url)
+        try:
+            outcomes = await asyncio.gather(*(store.record_message(record(n)) for n in range(1, 11)),
+                                            return_exceptions=True)
+        finally:
+            await release()
+        assert all(isinstance(o, StoreError) for o in outcomes), outcomes
+        assert len({id(o) for o in outcomes}) == 10  # each caller its own exception
+        # Nothing of the failed batch was written, and the next batch goes through.
+        await store.record_message(record(11))
+        assert await recorded_ids(store_url, tmp_path) == {"<m0@corp.example>", "<m11@corp.example>"}
+    finally:
+        await store.close()
+
+
+async def test_a_cancelled_caller_still_gets_its_record_written(store_url, tmp_path):  # noqa: F811
+    store = await opened(store_url, tmp_path)
+    try:
+        await store.record_message(record(0))
+        release = await hold_writes(store_url)
+        try:
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(store.record_message(record(1)), 0.3)
+        finally:
+            await release()
+        await store.records.close()
+        assert await recorded_ids(store_url, tmp_path) == {"<m0@corp.example>", "<m1@corp.example>"}
+    finally:
+        await store.close()
+
+
+async def test_closing_the_store_writes_the_records_still_queued(store_url, tmp_path):  # noqa: F811
+    store = await opened(store_url, tmp_path)
+    await store.record_message(record(0))
+    release = await hold_writes(store_url)
+    callers = [asyncio.create_task(store.record_message(record(n))) for n in range(1, 6)]
+    await asyncio.sleep(0)  # let them queue their records
+    await release()
+    await store.close()  # the way a drain ends: queued records go in first
+    await asyncio.gather(*callers)
+    assert await recorded_ids(store_url, tmp_path) == {f"<m{n}@corp.example>" for n in range(6)}
+
+
+async def test_a_lookup_answers_while_writers_wait(store_url, tmp_path):  # noqa: F811
+    store = await opened(store_url, tmp_path)
+    target = LinkTarget(PL, "Team B", "{n}-T", True)
+    try:
+        existing = await store.get_or_create_link("5512-C", None, target, CTX)
+        release = await hold_writes(store_url, "links, activities, allocator_sequence, messages")
+        try:
+            # More waiting writers than a pool has connections: link creations and records.
+            creators = [asyncio.create_task(store.get_or_create_link(f"{n}-T", UK, target, CTX))
+                        for n in range(1, 16)]
+            recorders = [asyncio.create_task(store.record_message(record(n))) for n in range(5)]
+            await writers_waiting(store_url, 10)  # as many as a pool of connections holds
+            reused = await asyncio.wait_for(store.get_or_create_link("5512-C", None, target, CTX), 5)
+            assert reused == LinkOutcome(existing.reference, created=False)
+            assert not any(t.done() for t in creators + recorders)
+        finally:
+            await release()
+        created = await asyncio.gather(*creators)
+        await asyncio.gather(*recorders)
+        assert all(o.created for o in created)
+        assert len({o.reference for o in created}) == 15
+    finally:
+        await store.close()
+
+
+async def test_a_known_explicit_link_is_answered_while_writers_wait(store_url, tmp_path):  # noqa: F811
+    store = await opened(store_url, tmp_path)
+    try:
+        assert await store.record_link("101203-T", UK, "5512-C", PL, "<m1@x>") is True
+        release = await hold_writes(store_url, "links, activities")
+        try:
+            # A reply-all naming both tags again writes nothing, so waits for nobody.
+            again = await asyncio.wait_for(store.record_link("101203-T", UK, "5512-C", PL, "<m2@x>"), 5)
+            assert again is False
+            # A new fact (an owner the store did not know) still needs the write.
+            learning = asyncio.create_task(store.record_link("5512-C", PL, "77-A", UK, "<m3@x>"))
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(learning), 0.3)
+        finally:
+            await release()
+        assert await learning is True
+        assert await store.activity_mailbox("77-A") == UK
+    finally:
+        await store.close()
+
+
+async def test_an_owner_another_node_records_later_is_seen(store_url, tmp_path):  # noqa: F811
+    one = await opened(store_url, tmp_path)
+    two = await opened(store_url, tmp_path)
+    try:
+        await one.record_link("101203-T", None, "5512-C", PL, None)
+        assert await one.activity_mailbox("101203-T") is None
+        await two.record_activity("101203-T", UK)
+        # An activity without an owner is asked again, so the other node's answer counts.
+        assert await one.activity_mailbox("101203-T") == UK
+        await one.record_activity("101203-T", PL)  # a known owner stays
+        assert await two.activity_mailbox("101203-T") == UK
+        assert await one.activity_mailbox("5512-C") == PL
+    finally:
+        await one.close()
+        await two.close()
+
+
+
+async def test_a_thread_lookup_sees_a_record_still_being_committed(store_url, tmp_path):  # noqa: F811
+    store = await opened(store_url, tmp_path)
+    try:
+        await store.record_message(record(0))
+        # A caller that does not wait for its record (it answered its client first)...
+        pending = asyncio.create_task(store.record_message(record(1)))
+        await asyncio.sleep(0)  # ...has queued it
+        hit = await store.find_thread(["<m1@corp.example>"])
+        assert hit is not None and hit.source_reference == "101203-T"
+        assert "<m1@corp.example>" in {m.message_id for m in (await store.show("101203-T")).messages}
+        await pending
+    finally:
+        await store.close()
+
+
+async def test_a_thread_lookup_waits_for_a_cancelled_callers_record_too(store_url, tmp_path):  # noqa: F811
+    store = await opened(store_url, tmp_path)
+    try:
+        await store.record_message(record(0))
+        release = await hold_writes(store_url)
+        try:
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(store.record_message(record(1)), 0.3)
+            lookup = asyncio.create_task(store.find_thread(["<m1@corp.example>"]))
+            with pytest.raises(asyncio.TimeoutError):  # its record is still being written
+                await asyncio.wait_for(asyncio.shield(lookup), 0.3)
+        finally:
+            await release()
+        hit = await lookup
+        assert hit is not None and hit.message_id == "<m1@corp.example>"
+    finally:
+        await store.close()
