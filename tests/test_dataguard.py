@@ -77,3 +77,14 @@ def test_scan_finds_the_first_problem(raw: bytes) -> None:
 )
 def test_header_end(raw: bytes, end: int) -> None:
     assert find_header_end(raw) == end
+
+
+@given(st.binary(max_size=200))
+def test_the_counting_shortcut_decides_as_the_byte_scan(data):
+    import re
+
+    oracle = re.search(rb"\r(?!\n)|(?<!\r)\n|\x00", data)
+    found = scan_data(data)
+    assert (found is None) == (oracle is None)
+    if oracle is not None:
+        assert found.offset == oracle.start()
