@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= config/smtpgate.yaml
 FUZZ_SECONDS ?= 60
 
-.PHONY: venv serve test system-deps bench fuzz check-config clean
+.PHONY: venv serve test system-deps bench fuzz mutate check-config clean
 
 venv: $(STAMP)
 
@@ -65,6 +65,23 @@ fuzz: venv
 	for target in tests/fuzz/fuzz_*.py; do \
 		$(BIN)/python $$target -max_total_time=$(FUZZ_SECONDS) || exit 1; \
 	done
+	# The SMTP state machine with its long profile (tests/test_smtp_state_machine.py).
+	SMTPGATE_FUZZ=1 $(BIN)/pytest -q -p no:cacheprovider tests/test_smtp_state_machine.py
+
+# Mutation testing of the pure core, not part of `make test`: mutmut makes small changes to
+# the core modules ([tool.mutmut] in pyproject.toml) and runs the core's unit tests against
+# each; a mutant that survives is a change no test notices. MUTANTS picks some by name
+# (MUTANTS='smtpgate.linking.references*'); MUTATE_SECONDS bounds the run, whose results are
+# kept in mutants/ (a later run goes on from them). `mutmut show NAME` shows one mutant.
+MUTANTS ?=
+MUTATE_SECONDS ?= 1800
+mutate: venv
+	$(BIN)/pip install -q -e '.[mutate]'
+	@status=0; timeout $(MUTATE_SECONDS) $(BIN)/mutmut run --max-children 2 $(MUTANTS) > mutants.log 2>&1 || status=$$?; \
+	if [ $$status = 124 ]; then echo "stopped after $(MUTATE_SECONDS)s: the score counts the mutants judged so far"; \
+	elif [ $$status != 0 ]; then tail -n 30 mutants.log; exit $$status; fi; \
+	$(BIN)/mutmut results | grep -v ': not checked' || true; \
+	$(BIN)/python -m tests.support.mutation_score
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .coverage test-artifacts
+	rm -rf $(VENV) var .pytest_cache .coverage test-artifacts mutants mutants.log

@@ -84,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     users = group("users", "AUTH users")
     p = command(users, "add", _users_add, "add or replace a user; the password is read from stdin")
     p.add_argument("name")
+    rights = p.add_mutually_exclusive_group()
+    rights.add_argument("--sender", metavar="PATTERN", nargs="+", action="extend", dest="senders",
+                        help="an envelope sender or From: address the user may use: ADDRESS, *@DOMAIN "
+                             "or MAILBOX+*@DOMAIN (any tag); repeatable; replaces the user's list "
+                             "(default: keep it; a new user without one may send as anyone)")
+    rights.add_argument("--any-sender", action="store_true",
+                        help="remove the user's sender list: it may send as anyone")
 
     db = group("db", "the store")
     command(db, "upgrade", _db_upgrade, "apply schema migrations")
@@ -312,16 +319,21 @@ def _links_export(args, config: Config) -> int:
 
 
 def _users_add(args, config: Config) -> int:
-    from smtpgate.users import UsersError, add_user
+    from smtpgate.users import Users, UsersError, add_user
 
     if config.users_file is None:
         return _fail(f"{config.path.name}: users_file is not set", 2)
     password = sys.stdin.readline().rstrip("\r\n")
     try:
-        new = add_user(Path(config.users_file), args.name, password)
+        senders = [] if args.any_sender else args.senders
+        new = add_user(Path(config.users_file), args.name, password, senders=senders)
     except UsersError as exc:
         return _fail(str(exc), 2)
-    print(f"{'added' if new else 'replaced'} {args.name} in {config.users_file}; "
+    rights = Users.load(Path(config.users_file)).senders.get(args.name)
+    may = ", ".join(p.text for p in rights) if rights else "any address"
+    if config.auth_backend == "upstream":
+        may += " (not used: auth_backend is upstream, where the upstream decides)"
+    print(f"{'added' if new else 'replaced'} {args.name} in {config.users_file}, sending as {may}; "
           f"`systemctl reload smtpgate` makes serve use it")
     return 0
 

@@ -185,6 +185,7 @@ class Limits:
     max_connections_per_client: int = 20
     idle_timeout: float = 300.0
     max_bad_commands: int = 20
+    auth_failure_delay: float = 1.0  # the first failed AUTH's delay; doubles per failure from one address
 
 
 @dataclass(frozen=True)
@@ -400,6 +401,18 @@ def _str(ctx: _Ctx, node: yaml.Node, key: str) -> str | None:
         ctx.error(node, key, f"expected a string, got {_show(node)}")
         return None
     return str(node.value)
+
+
+def _cipher_string(ctx: _Ctx, node: yaml.Node, key: str) -> str | None:
+    """An OpenSSL TLS 1.2 cipher string that selects at least one suite ("" keeps the default)."""
+    value = _str(ctx, node, key)
+    if value:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(value)
+        except ssl.SSLError:
+            ctx.error(node, key, f"OpenSSL selects no cipher suite from {value!r}")
+            return None
+    return value
 
 
 def _int(ctx: _Ctx, node: yaml.Node, key: str, minimum: int = 0) -> int | None:
@@ -717,7 +730,7 @@ def _listener(ctx: _Ctx, node: yaml.Node, key: str) -> Listener | None:
     proxy = m.get("proxy_protocol", _bool, False)
     direction = m.get("direction", _choice("outbound", "inbound"), "outbound")
     mode = m.get("mode", _choice("enforce", "observe"), None)
-    ciphers = m.get("tls_ciphers", _str, "")
+    ciphers = m.get("tls_ciphers", _cipher_string, "")
     m.finish()
     if tls in ("starttls", "implicit") and (m.has("tls_cert") is False or m.has("tls_key") is False):
         ctx.error(node, f"{key}.tls", f"tls: {tls} needs tls_cert and tls_key")
@@ -1066,8 +1079,9 @@ def _limits(m: _Mapping) -> Limits | None:
         max_hops=m.get("max_hops", _positive_int, 50),
         max_connections=m.get("max_connections", _positive_int, 1000),
         max_connections_per_client=m.get("max_connections_per_client", _positive_int, 20),
-        idle_timeout=m.get("idle_timeout", _number, 300.0),
+        idle_timeout=m.get("idle_timeout", _positive_number, 300.0),
         max_bad_commands=m.get("max_bad_commands", _positive_int, 20),
+        auth_failure_delay=m.get("auth_failure_delay", _number, 1.0),
     )
     m.finish()
     return None if None in values.values() else Limits(**values)
@@ -1209,6 +1223,11 @@ def _build(ctx: _Ctx, root: yaml.Node | None, path: Path) -> Config | None:
     limits = _limits(top.sub("limits"))
     logging_ = _logging(top.sub("logging"))
     admin = _admin(top.sub("admin"), mailboxes or ())
+    if auth_backend == "upstream" and upstream is not None and upstream.scheme not in ("smtps", "smtp+starttls"):
+        # The clients' own passwords go to the upstream: only ever over TLS.
+        ctx.error(top.raw("auth_backend"), "auth_backend",
+                  f"upstream sends each client's password to the upstream, so upstream.url "
+                  f"must be smtps:// or smtp+starttls:// (it is {upstream.scheme}:)")
     top.finish()
     if ctx.problems:
         return None

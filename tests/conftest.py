@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import textwrap
 from pathlib import Path
 
@@ -12,9 +11,12 @@ from hypothesis import settings
 from smtpgate.config import load_config
 from smtpgate.runtime.gate import Gate
 from smtpgate.log import setup_logging
+from tests.support.ci import needs
 from tests.support.sink import Sink
 
-IN_CI = bool(os.environ.get("CI"))
+# `make mutate` runs the core's tests once per mutant on a loaded machine: the same examples
+# every time (a mutant is judged on one input set), no deadline, fewer of them.
+settings.register_profile("mutate", deadline=None, derandomize=True, max_examples=50)
 
 # Properties are about correctness, not speed: a busy 2-core machine must not fail them.
 settings.register_profile("smtpgate", deadline=None)
@@ -102,25 +104,25 @@ async def relay(sink, config_for, start_gate, log_lines):
     return await start_gate(config_for(f"smtp://127.0.0.1:{sink.port}"))
 
 
-@pytest.fixture
-def postfix_ok():
-    """Skip (fail under CI) when a private Postfix instance cannot run here."""
-    from tests.support.postfix import postfix_available
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test marked `postfix` runs only where private Postfix instances can (fails under CI)."""
+    if item.get_closest_marker("postfix") is not None:
+        from tests.support.postfix import postfix_available
 
-    why = postfix_available()
-    if why:
-        if IN_CI:
-            pytest.fail(f"Postfix needed under CI: {why}")
-        pytest.skip(why)
+        why = postfix_available()
+        if why:
+            needs("Postfix", why)
 
 
 @pytest.fixture
-async def corp_postfix(postfix_ok, tmp_path):
+async def corp_postfix(request, tmp_path):
     """A private Postfix for corp.example with plus addressing and Maildirs for both mailboxes."""
     import asyncio
 
     from tests.support.postfix import PostfixInstance
 
+    if request.node.get_closest_marker("postfix") is None:
+        pytest.fail("a test that runs Postfix is marked @pytest.mark.postfix (so -m selects it)")
     instance = PostfixInstance(tmp_path)
     await asyncio.to_thread(instance.start)
     yield instance

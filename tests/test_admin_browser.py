@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import IN_CI
 from tests.support.admin import SOURCE, TEAM_A, TEAM_B, admin_relay  # noqa: F401 - fixture
+from tests.support.ci import needs
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(os.environ.get("SMTPGATE_TEST_ARTIFACTS") or ROOT / "test-artifacts")
@@ -41,9 +41,7 @@ def browser_paths() -> tuple[str, str]:
         missing.append("selenium (the test extra)")
     if missing:
         why = f"the browser test needs Debian's chromium and chromium-driver: missing {', '.join(missing)}"
-        if IN_CI:
-            pytest.fail(why)
-        pytest.skip(why)
+        needs("Chromium", why)
     return chromium, driver
 
 

@@ -41,9 +41,9 @@ store:
 """
 
 
-async def logged_in_over_tls(port: int, tls) -> Wire:
+async def logged_in_over_tls(port: int, tls, source: str) -> Wire:
     """A session that has done EHLO, STARTTLS and EHLO again, ready for AUTH."""
-    wire, greeting = await Wire.open(port)
+    wire, greeting = await Wire.open(port, source=source)
     assert code(greeting) == 220
     await wire.cmd("EHLO burst.test")
     assert code(await wire.cmd("STARTTLS")) == 220
@@ -77,7 +77,8 @@ async def test_relay_transaction_completes_while_logins_are_checked(tmp_path):
         port = free_port()
         config = write_config(tmp_path, CONFIG.format(port=port, cert=cert, key=key, sink_port=sink.port))
         async with ServeProcess(config):
-            wires = await asyncio.gather(*(logged_in_over_tls(port, tls) for _ in range(LOGINS)))
+            # Fifty clients at fifty addresses, as limits.max_connections_per_client expects of them.
+            wires = await asyncio.gather(*(logged_in_over_tls(port, tls, f"127.0.1.{i + 1}") for i in range(LOGINS)))
             plain = base64.b64encode(f"\0jane\0{PASSWORD}".encode()).decode()
             for wire in wires:
                 await wire.send(f"AUTH PLAIN {plain}\r\n")

@@ -203,4 +203,5 @@ def test_users_add_leaves_a_broken_file_alone(tmp_path):
 def test_users_add_says_a_reload_picks_the_user_up(tmp_path):
     config = str(write_config(tmp_path, CONFIG.format(store="sqlite:smtpgate.db")))
     result = smtpgate("users", "add", "jane", "-c", config, stdin="correct horse\n")
-    assert result.stdout == f"added jane in {tmp_path / 'users'}; `systemctl reload smtpgate` makes serve use it\n"
+    assert result.stdout == (f"added jane in {tmp_path / 'users'}, sending as any address; "
+                             "`systemctl reload smtpgate` makes serve use it\n")

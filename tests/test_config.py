@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,7 @@ import pytest
 
 from smtpgate.config import ConfigError, load_config
 from tests.conftest import write_config
+from tests.support.sink import make_test_cert
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,12 +59,39 @@ def test_shipped_configs_are_valid():
     assert len(demo.mailboxes) == 2
 
 
-def test_example_config_documents_only_known_keys():
-    """The production example names real files under /etc; apart from those, it must be valid."""
-    try:
-        load_config(ROOT / "config" / "smtpgate.example.yaml")
-    except ConfigError as exc:
-        assert all(": cannot read /etc/smtpgate/" in p for p in exc.problems), exc.problems
+def test_example_config_loads_once_its_files_exist(tmp_path):
+    """The production example names files under /etc/smtpgate; with them in place it is valid
+    as a whole, and each file key points where the example says."""
+    example = (ROOT / "config" / "smtpgate.example.yaml").read_text()
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    named = sorted(set(re.findall(r"/etc/smtpgate/[\w.-]+", example)))
+    assert "/etc/smtpgate/tls.crt" in named and "/etc/smtpgate/upstream.secret" in named
+    cert, key = make_test_cert(tmp_path / "pem")
+    for name in named:
+        path = etc / Path(name).name
+        if name.endswith((".crt", ".pem")):
+            shutil.copy(cert, path)
+        elif name.endswith(".key"):
+            shutil.copy(key, path)
+        else:
+            path.write_text("" if name.endswith("/users") else "a secret\n")
+    config = load_config(write_config(tmp_path, example.replace("/etc/smtpgate/", f"{etc}/")))
+    submission = config.listeners[0]
+    assert (submission.tls_cert, submission.tls_key) == (etc / "tls.crt", etc / "tls.key")
+    assert config.users_file == etc / "users"
+    assert config.upstream.password_file == etc / "upstream.secret"
+    assert config.upstream.password() == "a secret"
+
+
+def test_example_config_without_its_files_names_each_one(tmp_path):
+    """Where /etc/smtpgate lacks the files, the only problems are those files, each named."""
+    example = (ROOT / "config" / "smtpgate.example.yaml").read_text()
+    missing = tmp_path / "nowhere"
+    found = problems(tmp_path, example.replace("/etc/smtpgate/", f"{missing}/"))
+    assert found, "the example names files that do not exist here"
+    assert all(f": cannot read {missing}/" in p for p in found), found
+    assert {p.split(f"{missing}/")[1].split(":")[0] for p in found} == {"tls.crt", "tls.key", "upstream.secret"}
 
 
 def test_wrong_type_names_file_line_and_key(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from smtpgate.mail.headers import decode_text, parse_header_block
 
 RAW = (
@@ -47,6 +49,23 @@ def test_get_text_decodes_rfc_2047() -> None:
 def test_decode_text_keeps_what_does_not_decode() -> None:
     assert decode_text("=?x-unknown?q?abc?=") == "=?x-unknown?q?abc?="
     assert decode_text("plain") == "plain"
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    # One undecodable word sends the value word by word: the others still decode, and adjacent
+    # words of one charset are joined first (here "é" is split across two of them).
+    ("=?x-unknown?q?abc?= =?utf-8?q?caf=C3?= =?utf-8?q?=A9_101203-T?=", "=?x-unknown?q?abc?= café 101203-T"),
+    # Joined with the word just before, not with an earlier one of the same charset.
+    ("=?utf-8?q?a?= =?x-unknown?q?b?= =?utf-8?q?caf=C3?= =?utf-8?q?=A9?=", "a =?x-unknown?q?b?= café"),
+    # RFC 2047 6.2: no space between two decoded words, even of different charsets.
+    ("=?utf-8?q?a?= =?iso-8859-1?q?b?= =?x-unknown?q?c?=", "ab =?x-unknown?q?c?="),
+    # Bytes the declared charset does not have are replaced; the plain text around stays.
+    ("Re: =?us-ascii?q?caf=E9?= 5512-C", "Re: caf\ufffd 5512-C"),
+    # RFC 2231 section 5: a language after the charset.
+    ("=?utf-8*en?q?caf=C3=A9?=", "café"),
+])
+def test_decode_text_word_by_word(value: str, expected: str) -> None:
+    assert decode_text(value) == expected
 
 
 def test_lf_only_lines_are_located_too() -> None:

@@ -13,6 +13,8 @@ from tests.support.postfix import PostfixInstance
 from tests.support.smtp import send
 from tests.test_milter import MILTER_CONFIG, SENDER, STEP1, milter_config  # noqa: F401 - the fixture
 
+pytestmark = pytest.mark.postfix
+
 # External mail is discarded by this Postfix: what the mailboxes got is what the test reads.
 DISCARD = {"default_transport": "discard:external mail in tests",
            "relay_transport": "discard:external mail in tests"}
@@ -23,7 +25,7 @@ STEP2 = (b"From: uk-payroll+101203-T@corp.example\r\nTo: pl-payroll@corp.example
 
 
 @pytest.fixture
-async def milter_postfix(postfix_ok, tmp_path, milter_config, start_gate, log_lines):  # noqa: F811
+async def milter_postfix(tmp_path, milter_config, start_gate, log_lines):  # noqa: F811
     async def start(store_timeout: float = 10):
         gate, port = await start_gate(milter_config(store_timeout=store_timeout))
         postfix = PostfixInstance(tmp_path / "pf", milter=("127.0.0.1", port), main_cf=DISCARD)
@@ -110,7 +112,7 @@ async def test_store_unavailable_postfix_answers_451_and_delivers_nothing(milter
     assert f"X-Original-To: pl-payroll+{new}@corp.example\n".encode() in landed
 
 
-async def test_locally_submitted_mail_goes_through_non_smtpd_milters(postfix_ok, tmp_path, milter_config,  # noqa: F811
+async def test_locally_submitted_mail_goes_through_non_smtpd_milters(tmp_path, milter_config,  # noqa: F811
                                                                      start_gate, log_lines):
     """A work-management system on the Postfix host hands mail to sendmail(1): cleanup plays the SMTP
     events for the milter, and the mail is tagged the same way."""

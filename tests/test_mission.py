@@ -310,16 +310,22 @@ async def test_upstream_refusing_tags_gets_untagged_delivery(mission):
 async def test_replay_refused_temporarily_gives_451_and_no_dot(mission):
     data = (b"From: uk-payroll+101203-T@corp.example\r\nTo: pl-payroll@corp.example\r\n"
             b"Subject: replay\r\n\r\nbody\r\n")
+    # The reference a fresh store allocates for Team B, from the allocator's configuration.
+    config = mission.gate.config
+    [team_b] = [m for m in config.mailboxes if m.address == "pl-payroll@corp.example"]
+    tagged = f"pl-payroll+{team_b.new_reference.format(n=config.allocator.first_number)}@corp.example"
     # The untagged RCPT is accepted, the tagged one on replay deferred.
-    mission.sink.rcpt_replies["pl-payroll+900000-T@corp.example"] = "451 4.3.0 try later"
-    mission.sink.rcpt_replies["pl-payroll+900001-T@corp.example"] = "451 4.3.0 try later"
+    mission.sink.rcpt_replies[tagged] = "451 4.3.0 try later"
     result = await send("127.0.0.1", mission.port, mail_from="uk-payroll+101203-T@corp.example",
                         rcpt_tos=["pl-payroll@corp.example"], data=data)
-    assert result.data is not None and result.data[0] == 451
+    assert result.rcpts["pl-payroll@corp.example"][0] == 250
+    assert result.data is not None and result.data[0] == 451 and result.data[1].startswith("4.3.0")
+    assert any(c.startswith(f"RCPT TO:<{tagged}>") for c in mission.sink.commands), mission.sink.commands
     assert mission.sink.received == []
 
 
-async def test_reply_all_lands_in_both_activities_through_postfix(postfix_ok, tmp_path, mission_config,
+@pytest.mark.postfix
+async def test_reply_all_lands_in_both_activities_through_postfix(tmp_path, mission_config,
                                                                   start_gate, log_lines):
     """Postfix with plus addressing as the upstream: step 1 lands tagged, and a reply-all written by
     the external party (straight to Postfix, not through smtpgate) reaches BOTH activities."""

@@ -63,5 +63,10 @@ async def test_two_nodes_racing_create_one_link(shared_store, sink, start_gate, 
     created = [e for e in log_lines() if e["event"] == "link.created"]
     assert len(created) == 1
     relayed = [e for e in log_lines() if e["event"] == "message.relayed"]
+    assert len(relayed) == 20
     assert sum(len(e["links_created"]) for e in relayed) == 1
-    assert {e["session"] for e in relayed} and len(relayed) == 20
+    # One session per message, each logged under its own id.
+    assert len({e["session"] for e in relayed}) == 20
+    # Both nodes relayed: each stamps its own name in the Received field it adds.
+    relays = {re.search(rb"\tby (\S+) \(smtpgate\)", m.data).group(1) for m in sink.messages}
+    assert relays == {b"node-a.test.example", b"node-b.test.example"}

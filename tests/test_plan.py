@@ -206,6 +206,7 @@ def test_thread_message_ids() -> None:
         (["Auto-Submitted: No (a person wrote this)"], False),
         (["Auto-Submitted: auto-replied"], True),
         (["Auto-Submitted: auto-generated; owner-email=x@y"], True),
+        (["Auto-Submitted: no; owner-email=x@y"], False),  # RFC 3834 5: parameters follow the keyword
         (["Auto-Submitted: auto-notified"], True),
         (["Precedence: bulk"], True),
         (["Precedence: JUNK"], True),
@@ -276,6 +277,7 @@ def test_no_source_changes_nothing() -> None:
     assert [r.cls for r in plan.recipients] == [RecipientClass.UNTAGGED_MAILBOX] * 3
     resolution = plan.resolve({"pl-payroll@corp.example": "900001-T"})
     assert resolution.envelope == [(r, r) for r in rcpts]
+    assert resolution.targets == rcpts  # each relayed as given, the repeat too: nothing is decided
     assert resolution.header_mapping == {} and resolution.mapping == {} and resolution.untaggable == []
     assert resolution.changed is False
 
@@ -313,6 +315,31 @@ def test_own_mailbox_is_tagged_with_the_source_reference_everywhere() -> None:
     assert [str(b) for _, b in resolution.envelope] == ["UK-Payroll+101203-T@corp.example"]
     assert resolution.header_mapping == {"uk-payroll@corp.example": "uk-payroll+101203-T@corp.example"}
     assert resolution.mapping == {"uk-payroll@corp.example": "101203-T"}
+
+
+def test_own_mailbox_only_in_reply_to_is_tagged() -> None:
+    """DESIGN.md 4: an agent writing for Team A with Reply-To its mailbox: replies route back."""
+    block = headers("From: Jane <jane@corp.example>", "Reply-To: Team A <uk-payroll@corp.example>",
+                    "To: client@supplier.example")
+    plan = make_plan(addr("jane@corp.example"), [addr("client@supplier.example")], block, OWN, DIRECTORY)
+    resolution = plan.resolve({})
+    assert resolution.header_mapping == {"uk-payroll@corp.example": "uk-payroll+101203-T@corp.example"}
+    assert [str(b) for _, b in resolution.envelope] == ["client@supplier.example"]
+    assert resolution.changed is True  # the header changes though the envelope does not
+
+
+def test_an_explicit_tag_is_used_for_untagged_copies_of_that_mailbox() -> None:
+    """DESIGN.md 5: the same message names the mailbox tagged; its untagged copies get that tag."""
+    block = headers("To: pl-payroll+5512-C@corp.example", "Cc: Team B <pl-payroll@corp.example>")
+    rcpts = [addr("pl-payroll+5512-C@corp.example"), addr("PL-Payroll@corp.example"), addr("client@x.example")]
+    plan = make_plan(None, rcpts, block, OWN, DIRECTORY)
+    assert plan.lookups == ()
+    resolution = plan.resolve({})
+    assert resolution.header_mapping == {"pl-payroll@corp.example": "pl-payroll+5512-C@corp.example"}
+    # Per recipient: the copy merges into the tagged spelling already sent (DESIGN.md 6).
+    assert [str(t) if t else None for t in resolution.targets] == [
+        "pl-payroll+5512-C@corp.example", None, "client@x.example"]
+    assert [str(b) for _, b in resolution.envelope] == ["pl-payroll+5512-C@corp.example", "client@x.example"]
 
 
 def test_lookups_cover_envelope_and_to_cc_once_each() -> None:

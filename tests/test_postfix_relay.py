@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.support.smtp import send
+
+pytestmark = pytest.mark.postfix
 
 
 async def test_relay_to_postfix_delivers_to_maildir(corp_postfix, config_for, start_gate, log_lines):
@@ -33,3 +37,43 @@ async def test_postfix_refusal_reaches_client(corp_postfix, config_for, start_ga
     assert result.rcpts["uk-payroll@corp.example"][0] == 250
     assert result.data is not None and result.data[0] == 250
     await corp_postfix.wait_for_delivery_async("uk-payroll", count=1)
+
+
+async def test_tag_refused_by_postfix_without_plus_addressing_is_delivered_untagged(tmp_path, config_for,
+                                                                                   start_gate, log_lines):
+    """DESIGN.md 2.3 against the real thing: a Postfix with plus addressing off refuses the tagged
+    address on replay; smtpgate delivers untagged, logs upstream.tag_refused, and shows and
+    records what it relayed."""
+    import asyncio
+
+    from tests.support.postfix import PostfixInstance
+
+    postfix = PostfixInstance(tmp_path / "pf", recipient_delimiter="")
+    await asyncio.to_thread(postfix.start)
+    try:
+        gate, port = await start_gate(config_for(f"smtp://127.0.0.1:{postfix.port}"))
+        body = (b"From: Team A <uk-payroll+101203-T@corp.example>\r\n"
+                b"To: Team B <pl-payroll@corp.example>\r\n"
+                b"Subject: no plus addressing here\r\n"
+                b"Message-ID: <noplus@corp.example>\r\n\r\nbody\r\n")
+        result = await send("127.0.0.1", port, mail_from="uk-payroll+101203-T@corp.example",
+                            rcpt_tos=["pl-payroll@corp.example"], data=body)
+        assert result.rcpts["pl-payroll@corp.example"][0] == 250
+        assert result.data is not None and result.data[0] == 250, result.data
+        [landed] = await postfix.wait_for_delivery_async("pl-payroll", count=1)
+        assert b"Delivered-To: pl-payroll@corp.example\n" in landed
+        # What a reply-all would use is what was delivered: no tag Postfix refuses.
+        assert b"To: Team B <pl-payroll@corp.example>\n" in landed
+        events = log_lines()
+        [refused] = [e for e in events if e["event"] == "upstream.tag_refused"]
+        assert refused["recipient"] == "pl-payroll@corp.example"
+        assert refused["tagged"].startswith("pl-payroll+") and refused["reply"].startswith("550")
+        [relayed] = [e for e in events if e["event"] == "message.relayed"]
+        assert relayed["recipients"] == [{"original": "pl-payroll@corp.example",
+                                          "relayed": "pl-payroll@corp.example"}]
+        view = await gate.store.show("101203-T")
+        assert [m.recipients for m in view.messages] == [["pl-payroll@corp.example"]]
+        # The link itself was made before the dot, and stays for the next message.
+        assert [link.mailbox for link in view.links] == ["pl-payroll@corp.example"]
+    finally:
+        await asyncio.to_thread(postfix.stop)

@@ -75,3 +75,13 @@ def test_normalize(text: str, expected: str | None) -> None:
 def test_invalid_pattern(pattern: str) -> None:
     with pytest.raises(ValueError):
         ReferenceMatcher(pattern)
+
+
+@pytest.mark.parametrize(("pattern", "problem"), [
+    ("[0-9", "invalid reference pattern '\\[0-9'"),
+    ("[0-9]*", "reference pattern '\\[0-9\\]\\*' matches the empty string"),
+])
+def test_invalid_pattern_is_named_with_its_problem(pattern: str, problem: str) -> None:
+    """The message ends up in check-config's output: it says which pattern and what is wrong."""
+    with pytest.raises(ValueError, match=f"^{problem}"):
+        ReferenceMatcher(pattern)

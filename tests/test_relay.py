@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import pytest
 
@@ -34,6 +35,11 @@ def dot_stuff(data: bytes) -> bytes:
     return b"\r\n".join(b"." + line if line.startswith(b".") else line for line in lines)
 
 
+def ehlo_keywords(reply: str) -> list[str]:
+    """The extension keywords of an EHLO reply (the lines after the greeting line)."""
+    return [line[4:].split(" ")[0].upper() for line in reply.split("\n")[1:]]
+
+
 async def send_data(wire: Wire, data: bytes) -> str:
     assert code(await wire.cmd("DATA")) == 354
     await wire.send(dot_stuff(data) + b".\r\n")
@@ -45,22 +51,37 @@ async def test_message_arrives_unchanged_plus_one_received(relay, sink):
     wire = await session(port)
     assert code(await wire.cmd("MAIL FROM:<jane@corp.example>")) == 250
     assert code(await wire.cmd("RCPT TO:<client@supplier.example>")) == 250
-    hold = asyncio.Event()
-    sink.hold_data = hold
-    reply_task = asyncio.create_task(send_data(wire, MESSAGE))
-    await sink.wait_for_received(1)
-    # The sink has the data but has not answered: the client must not have its 250 yet.
-    await asyncio.sleep(0)
-    assert not reply_task.done()
-    hold.set()
-    reply = await reply_task
-    assert code(reply) == 250
+    assert code(await send_data(wire, MESSAGE)) == 250
     received = sink.messages[0]
     added, rest = strip_trace(received.data)
     assert rest == MESSAGE
     assert len(added) == 1 and added[0].startswith(b"Received: from client.test ([127.0.0.1])")
     assert received.mail_from == "jane@corp.example"
     assert received.rcpt_tos == ["client@supplier.example"]
+    await wire.cmd("QUIT")
+
+
+async def test_client_hears_250_only_after_the_upstream_said_250(relay, sink):
+    """DESIGN.md 2.5, lockstep: while the upstream holds its answer to the dot, the client hears
+    nothing; then it hears the upstream's own 250, which names a queue id only the upstream knew."""
+    gate, port = relay
+    wire = await session(port)
+    assert code(await wire.cmd("MAIL FROM:<jane@corp.example>")) == 250
+    assert code(await wire.cmd("RCPT TO:<client@supplier.example>")) == 250
+    queue_id = uuid.uuid4().hex.upper()
+    sink.data_reply = f"250 2.0.0 Ok: queued as {queue_id}"
+    sink.hold_data = asyncio.Event()
+    assert code(await wire.cmd("DATA")) == 354
+    await wire.send(dot_stuff(MESSAGE) + b".\r\n")
+    await sink.wait_for_received(1)
+    # A whole other session through smtpgate (one event loop) while the upstream holds: any
+    # reply smtpgate had for the first client by now is in that client's socket.
+    other = await session(port)
+    assert code(await other.cmd("NOOP")) == 250
+    await other.cmd("QUIT")
+    assert wire.pending() == b""
+    sink.hold_data.set()
+    assert await wire.reply() == f"250 2.0.0 Ok: queued as {queue_id}"
     await wire.cmd("QUIT")
 
 
@@ -98,21 +119,41 @@ async def test_upstream_552_to_rcpt_becomes_452(relay, sink):
     assert (await wire.cmd("RCPT TO:<many@supplier.example>")).startswith("452 4.5.3")
 
 
+TAGGED = (
+    b"From: Team A <uk-payroll+101203-T@corp.example>\r\n"
+    b"To: client@supplier.example\r\n"
+    b"Subject: refused at the dot\r\n"
+    b"Message-ID: <dot-refused@corp.example>\r\n"
+    b"\r\n"
+    b"body\r\n"
+)
+
+
 @pytest.mark.parametrize("upstream_reply", ["451 4.3.0 Try again later", "554 5.7.1 Content refused"])
-async def test_final_dot_refusal_passed_through(relay, sink, upstream_reply):
+async def test_final_dot_refusal_passed_through(relay, sink, log_lines, upstream_reply):
+    """DESIGN.md 2.5: the upstream's 4xx/5xx to the dot reaches the client unchanged, and the
+    message counts as refused: logged message.rejected, no message record, the upstream reset."""
     gate, port = relay
     sink.data_reply = upstream_reply
     wire = await session(port)
-    await wire.cmd("MAIL FROM:<jane@corp.example>")
-    await wire.cmd("RCPT TO:<client@supplier.example>")
-    reply = await send_data(wire, MESSAGE)
-    assert code(reply) // 100 == int(upstream_reply[0])
-    assert reply.startswith(upstream_reply[:9])
-    # The session goes on: the next transaction works.
+    assert code(await wire.cmd("MAIL FROM:<uk-payroll+101203-T@corp.example>")) == 250
+    assert code(await wire.cmd("RCPT TO:<client@supplier.example>")) == 250
+    assert await send_data(wire, TAGGED) == upstream_reply
+    outcomes = [e for e in log_lines() if e["event"] in ("message.relayed", "message.rejected")]
+    assert [(e["event"], e["code"]) for e in outcomes] == [("message.rejected", int(upstream_reply[:3]))]
+    assert await gate.store.find_thread(["<dot-refused@corp.example>"]) is None
+    after_dot = sink.commands[sink.commands.index("DATA") + 1:]
+    assert after_dot[:1] == ["RSET"], sink.commands
+    # The session goes on, on the same upstream connection: the retry is relayed and recorded.
     sink.data_reply = None
-    await wire.cmd("MAIL FROM:<jane@corp.example>")
-    await wire.cmd("RCPT TO:<client@supplier.example>")
-    assert code(await send_data(wire, MESSAGE)) == 250
+    assert code(await wire.cmd("MAIL FROM:<uk-payroll+101203-T@corp.example>")) == 250
+    assert code(await wire.cmd("RCPT TO:<client@supplier.example>")) == 250
+    assert code(await send_data(wire, TAGGED)) == 250
+    assert [e["event"] for e in log_lines() if e["event"] == "message.relayed"] == ["message.relayed"]
+    hit = await gate.store.find_thread(["<dot-refused@corp.example>"])
+    assert hit is not None and hit.source_reference == "101203-T"
+    assert sink.connections == 1
+    await wire.cmd("QUIT")
 
 
 async def test_upstream_drops_after_dot_gives_451(relay, sink):
@@ -152,8 +193,7 @@ async def test_dsn_parameters_dropped_for_a_sink_without_dsn(config_for, start_g
     async with Sink(dsn=False) as plain:
         gate, port = await start_gate(config_for(f"smtp://127.0.0.1:{plain.port}"))
         wire = await session(port)
-        ehlo = await wire.cmd("EHLO again.test")
-        assert "DSN" not in ehlo.split("\n")[1:] and "250-DSN" not in ehlo
+        assert "DSN" not in ehlo_keywords(await wire.cmd("EHLO again.test"))
         assert code(await wire.cmd("MAIL FROM:<a@corp.example> AUTH=<> RET=FULL")) == 250
         assert code(await wire.cmd("RCPT TO:<b@x.example> NOTIFY=NEVER")) == 250
         assert code(await send_data(wire, MESSAGE)) == 250
@@ -167,7 +207,7 @@ async def test_ehlo_advertises_pipelining_and_size(relay, sink):
     wire, _ = await Wire.open(port)
     ehlo = await wire.cmd("EHLO client.test")
     lines = [line[4:] for line in ehlo.split("\n")]
-    assert "PIPELINING" in lines and "ENHANCEDSTATUSCODES" in lines and "DSN" in lines
+    assert {"PIPELINING", "ENHANCEDSTATUSCODES", "DSN", "8BITMIME", "SMTPUTF8"} <= set(ehlo_keywords(ehlo))
     assert f"SIZE {gate.config.limits.max_message_size}" in lines
     assert not any(line.startswith("AUTH") for line in lines)
 
@@ -192,7 +232,8 @@ async def test_stranger_gets_530_at_mail(relay, sink, log_lines):
     reply = await wire.cmd("MAIL FROM:<spammer@evil.example>")
     assert reply.startswith("530 5.7.0")
     assert code(await wire.cmd("RCPT TO:<victim@x.example>")) == 503
-    assert sink.connections == 0 or not sink.messages
+    # Judged before any upstream work: the upstream never saw a MAIL for it.
+    assert not any(c.startswith("MAIL") for c in sink.commands), sink.commands
     assert any(e["event"] == "message.rejected" and e.get("code") == 530 for e in log_lines())
 
 

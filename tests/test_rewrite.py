@@ -118,6 +118,17 @@ def test_invalid_mapping_is_refused(mapping: dict[str, str]) -> None:
         rewrite_headers(b"To: pl-payroll@corp.example\r\n\r\n", mapping)
 
 
+def test_a_mapping_that_is_no_address_is_named_when_refused() -> None:
+    with pytest.raises(ValueError, match="^invalid rewrite mapping: "):
+        rewrite_headers(b"To: pl-payroll@corp.example\r\n\r\n", {"bad": "a@b"})
+
+
+@pytest.mark.parametrize("mapping", [{"pl-payroll@corp.example": "<>"}, {"<>": "a@b"}])
+def test_the_null_path_is_named_when_refused(mapping: dict[str, str]) -> None:
+    with pytest.raises(ValueError, match="^the null path cannot be rewritten$"):
+        rewrite_headers(b"To: pl-payroll@corp.example\r\n\r\n", mapping)
+
+
 def test_count_received() -> None:
     block = parse_header_block(b"Received: a\r\nreceived: b\r\n  c\r\nX-Received: d\r\n\r\nReceived: e\r\n")
     assert count_received(block) == 2

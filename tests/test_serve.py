@@ -10,6 +10,8 @@ import socket
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import write_config
 from tests.support.wire import Wire, code, free_port
 
@@ -91,9 +93,14 @@ async def test_ready_reload_and_drain(tmp_path):
         assert code(await wire.cmd("MAIL FROM:<a@corp.example>")) == 250
         assert code(await wire.cmd("RCPT TO:<b@x.example>")) == 250
 
-        # SIGTERM with a transaction in flight: it may finish, new clients are turned away.
+        # SIGTERM with a transaction in flight: smtpgate stops accepting (DESIGN.md 9), and the
+        # transaction may finish.
         served.proc.send_signal(signal.SIGTERM)
         await served.wait_event("shutdown.started")
+        # Handled after the drain began: the listeners were closed in the same step as that event.
+        assert code(await wire.cmd("NOOP")) == 250
+        with pytest.raises(ConnectionRefusedError):
+            await Wire.open(port)
         assert code(await wire.cmd("DATA")) == 354
         await wire.send(b"Subject: in flight\r\n\r\nbody\r\n.\r\n")
         assert code(await wire.reply()) == 250
@@ -104,6 +111,36 @@ async def test_ready_reload_and_drain(tmp_path):
         assert envelope["mail_from"] == "a@corp.example" and envelope["rcpt_tos"] == ["b@x.example"]
     finally:
         notify.close()
+        if served.proc.returncode is None:
+            served.proc.kill()
+            await served.proc.wait()
+
+
+async def test_grace_expiry_says_421_to_every_session_still_open(tmp_path):
+    """A transaction that outlasts shutdown_grace is cut with 421 4.3.2, idle sessions too;
+    nothing half-sent is delivered."""
+    port = free_port()
+    config = write_config(tmp_path, config_text(port).replace("shutdown_grace: 20", "shutdown_grace: 1"))
+    served = await start_serve(config)
+    try:
+        await served.wait_event("smtpgate.ready")
+        idle, _ = await Wire.open(port)
+        assert code(await idle.cmd("EHLO idle.test")) == 250
+        busy, _ = await Wire.open(port)
+        assert code(await busy.cmd("EHLO busy.test")) == 250
+        assert code(await busy.cmd("MAIL FROM:<a@corp.example>")) == 250
+        assert code(await busy.cmd("RCPT TO:<b@x.example>")) == 250
+        served.proc.send_signal(signal.SIGTERM)
+        await served.wait_event("shutdown.started")
+        # Unprompted, once the grace is over: the goodbye, then the end of the connection.
+        for wire in (busy, idle):
+            assert (await wire.reply(timeout=20)).startswith("421 4.3.2 "), wire
+            assert await wire.reply() == ""
+        complete = await served.wait_event("shutdown.complete")
+        assert complete["sessions_closed"] == 2
+        assert await asyncio.wait_for(served.proc.wait(), 30) == 0
+        assert not (tmp_path / "outbox" / "new").exists() or not list((tmp_path / "outbox" / "new").iterdir())
+    finally:
         if served.proc.returncode is None:
             served.proc.kill()
             await served.proc.wait()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import sqlite3
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from smtpgate.store.allocation import LocalAllocator
 from smtpgate.store import (
@@ -252,21 +254,70 @@ async def test_an_allocation_too_long_to_tag_makes_no_link(store):
     assert outcome.reference == "900000-T"
 
 
-async def test_the_pruner_prunes_until_cancelled(store):
-    old = datetime.now(timezone.utc) - timedelta(days=30)
-    await store.record_message(message("<old@x>", "101203-T", {}, when=old))
-    pruned = asyncio.Event()
-    prune = store.prune_messages
+async def eventually(check, timeout: float = 10.0, what: str = "condition") -> None:
+    """Wait until the async check() is true (the store changes in the background); fail after timeout."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await check():
+        if loop.time() > deadline:
+            raise AssertionError(f"{what}: not reached in {timeout}s")
+        await asyncio.sleep(0.01)
 
-    async def watched(keep_days):
-        count = await prune(keep_days)
-        pruned.set()
-        return count
 
-    store.prune_messages = watched
-    task = asyncio.create_task(run_pruner(store, keep_days=7, every=3600))
-    await pruned.wait()
+async def cancelled(task: asyncio.Task) -> str:
+    """Cancel a background task; say how it ended: "cancelled", or what it returned or raised before."""
     task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert await store.find_thread(["<old@x>"]) is None
+    [outcome] = await asyncio.gather(task, return_exceptions=True)
+    return "cancelled" if isinstance(outcome, asyncio.CancelledError) else repr(outcome)
+
+
+def pruned(store, message_id: str):
+    async def check() -> bool:
+        return await store.find_thread([message_id]) is None
+    return check
+
+
+async def test_the_pruner_prunes_again_until_cancelled(store):
+    old = datetime.now(timezone.utc) - timedelta(days=30)
+    await store.record_message(message("<old-1@x>", "101203-T", {}, when=old))
+    await store.record_message(message("<new@x>", "101203-T", {}))
+    task = asyncio.create_task(run_pruner(store, keep_days=7, every=0.01))
+    try:
+        await eventually(pruned(store, "<old-1@x>"), what="first prune")
+        # A record old enough only after that round goes in a later one.
+        await store.record_message(message("<old-2@x>", "101203-T", {}, when=old))
+        await eventually(pruned(store, "<old-2@x>"), what="a later prune")
+    finally:
+        ended = await cancelled(task)
+    assert ended == "cancelled", f"the pruner stopped by itself: {ended}"
+    assert (await store.find_thread(["<new@x>"])).message_id == "<new@x>"
+
+
+async def test_the_pruner_tries_again_after_a_store_error(tmp_path):
+    """A prune that fails (another writer holds SQLite's lock past store.timeout) is logged,
+    and the next round prunes."""
+    path = tmp_path / "db" / "smtpgate.db"
+    store = await open_store(f"sqlite:{path}", base_dir=tmp_path, timeout=0.2)
+    task = None
+    try:
+        old = datetime.now(timezone.utc) - timedelta(days=30)
+        await store.record_message(message("<old@x>", "101203-T", {}, when=old))
+        blocker = sqlite3.connect(path, timeout=0)
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            with capture_logs() as logs:
+                task = asyncio.create_task(run_pruner(store, keep_days=7, every=0.05))
+
+                async def failed() -> bool:
+                    return any(entry["event"] == "store.prune_failed" for entry in logs)
+
+                await eventually(failed, what="store.prune_failed")
+            assert await store.find_thread(["<old@x>"]) is not None
+        finally:
+            blocker.rollback()
+            blocker.close()
+        await eventually(pruned(store, "<old@x>"), what="prune after the lock is gone")
+    finally:
+        ended = await cancelled(task) if task is not None else None
+        await store.close()
+    assert ended == "cancelled", f"the pruner stopped by itself: {ended}"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import postfix as postfix_module
-from tests.support.postfix import PostfixError, PostfixInstance, postfix_available
+from tests.support.postfix import PostfixError, PostfixInstance
 from tests.support.sink import Sink
 
 MESSAGE = (
@@ -23,15 +23,6 @@ MESSAGE = (
     b"\r\n"
     b"hello\r\n"
 )
-
-
-@pytest.fixture
-def needs_postfix():
-    reason = postfix_available()
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the Postfix tests: {reason}")
-        pytest.skip(reason)
 
 
 def _send(port: int, rcpts: list[str], mail_from: str = "client@supplier.example") -> dict:
@@ -54,8 +45,8 @@ def _header(message: bytes, name: str) -> list[str]:
     ]
 
 
-def test_plus_address_lands_in_the_mailbox_maildir(needs_postfix, tmp_path):
-    before = _default_main_cf()
+@pytest.mark.postfix
+def test_plus_address_lands_in_the_mailbox_maildir(tmp_path):
     with PostfixInstance(tmp_path) as postfix:
         assert str(postfix.config_dir) in postfix_module._alternates(_default_main_cf().decode())
         refused = _send(postfix.port, ["pl-payroll+900001-T@corp.example"])
@@ -66,10 +57,14 @@ def test_plus_address_lands_in_the_mailbox_maildir(needs_postfix, tmp_path):
         assert b"Subject: payslip 101203-T" in message
         assert "status=sent" in postfix.maillog()
         assert list((postfix.maildir("uk-payroll") / "new").iterdir()) == []
-    assert _default_main_cf() == before
+    # Its folder is listed no more. (Other instances, of other test runs on this machine,
+    # may come and go meanwhile: the whole file is not compared with what it was.)
+    after = _default_main_cf()
+    assert after is None or str(postfix.config_dir) not in postfix_module._alternates(after.decode())
 
 
-def test_without_plus_addressing_a_tagged_address_is_refused(needs_postfix, tmp_path):
+@pytest.mark.postfix
+def test_without_plus_addressing_a_tagged_address_is_refused(tmp_path):
     with PostfixInstance(tmp_path, recipient_delimiter="") as postfix:
         with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
             _send(postfix.port, ["pl-payroll+900001-T@corp.example"])
@@ -80,7 +75,8 @@ def test_without_plus_addressing_a_tagged_address_is_refused(needs_postfix, tmp_
         assert _header(message, "Delivered-To") == ["pl-payroll@corp.example"]
 
 
-async def test_relays_everything_to_the_relayhost(needs_postfix, tmp_path):
+@pytest.mark.postfix
+async def test_relays_everything_to_the_relayhost(tmp_path):
     async with Sink() as sink:
         postfix = PostfixInstance(tmp_path, relayhost=(sink.host, sink.port))
         await asyncio.to_thread(postfix.start)
@@ -97,7 +93,8 @@ async def test_relays_everything_to_the_relayhost(needs_postfix, tmp_path):
     assert b"Message-ID: <m1@supplier.example>" in message.data
 
 
-def test_a_dead_milter_defers_mail(needs_postfix, tmp_path):
+@pytest.mark.postfix
+def test_a_dead_milter_defers_mail(tmp_path):
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
         milter_port = unused.getsockname()[1]
@@ -111,12 +108,13 @@ def test_a_dead_milter_defers_mail(needs_postfix, tmp_path):
             assert 400 <= code < 500
 
 
-def test_two_instances_at_once_keep_listed_folders(needs_postfix, tmp_path):
-    before = _default_main_cf()
+@pytest.mark.postfix
+def test_two_instances_at_once_keep_listed_folders(tmp_path):
+    # A folder some other Postfix setup of this machine lists; edited under the helper's lock,
+    # and taken out again alone, so concurrent test runs keep their own entries.
     keep = "/srv/other-instance/etc"
     path = postfix_module.DEFAULT_CONFIG / "main.cf"
-    text = before.decode() if before is not None else ""
-    path.write_text(postfix_module._with_alternates(text, [*postfix_module._alternates(text), keep]))
+    postfix_module._register(Path(keep))
     try:
         with PostfixInstance(tmp_path / "a") as first, PostfixInstance(tmp_path / "b") as second:
             assert first.port != second.port
@@ -131,13 +129,11 @@ def test_two_instances_at_once_keep_listed_folders(needs_postfix, tmp_path):
         assert keep in listed
         assert str(first.config_dir) not in listed and str(second.config_dir) not in listed
     finally:
-        if before is None:
-            path.unlink(missing_ok=True)
-        else:
-            path.write_bytes(before)
+        postfix_module._unregister(Path(keep))
 
 
-def test_wait_for_delivery_times_out_with_the_maillog(needs_postfix, tmp_path):
+@pytest.mark.postfix
+def test_wait_for_delivery_times_out_with_the_maillog(tmp_path):
     with PostfixInstance(tmp_path) as postfix:
         with pytest.raises(PostfixError, match="maillog"):
             postfix.wait_for_delivery("pl-payroll", timeout=0.3)
@@ -160,14 +156,16 @@ def test_main_cf_editing_keeps_other_settings_and_folders():
     assert removed == "# site settings\nmyhostname = mx.example\nmynetworks = 127.0.0.0/8\n"
 
 
-def test_master_cf_listens_on_the_chosen_port_without_chroot(needs_postfix):
+@pytest.mark.postfix
+def test_master_cf_listens_on_the_chosen_port_without_chroot():
     master = postfix_module._master_cf("127.0.0.1", 2526)
     services = [line.split() for line in master.splitlines() if line and line[0].isalnum()]
     assert ["127.0.0.1:2526", "inet"] == services[0][:2]
     assert all(fields[4] == "n" for fields in services if len(fields) >= 8)
 
 
-def test_tmp_path_is_reached_through_a_traversable_folder(needs_postfix, tmp_path):
+@pytest.mark.postfix
+def test_tmp_path_is_reached_through_a_traversable_folder(tmp_path):
     root, own = postfix_module._traversable_folder(tmp_path)
     try:
         for folder in [root, *root.parents]:
@@ -179,7 +177,8 @@ def test_tmp_path_is_reached_through_a_traversable_folder(needs_postfix, tmp_pat
     assert isinstance(root, Path)
 
 
-async def test_async_wait_for_delivery(needs_postfix, tmp_path):
+@pytest.mark.postfix
+async def test_async_wait_for_delivery(tmp_path):
     postfix = PostfixInstance(tmp_path)
     await asyncio.to_thread(postfix.start)
     try:

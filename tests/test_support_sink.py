@@ -324,3 +324,23 @@ async def test_raw_reply_replaces_one_reply():
         await wire.send(b"RCPT TO:<b@corp.example>\r\n")
         assert await wire.reader.readexactly(len(long_line)) == long_line
         await wire.close()
+
+
+async def test_without_8bitmime_refuses_body_8bitmime():
+    async with Sink(eightbitmime=False) as sink:
+        result = await send(sink.host, sink.port, mail_from="a@corp.example", rcpt_tos=["b@corp.example"],
+                            data=MESSAGE, mail_options=["BODY=8BITMIME"])
+        assert "8BITMIME" not in result.ehlo[1].split("\n")
+        assert result.mail[0] == 555
+
+
+async def test_drop_connections_cuts_sessions_and_keeps_listening():
+    async with Sink() as sink:
+        reader, writer = await asyncio.open_connection(sink.host, sink.port)
+        assert (await reader.readline()).startswith(b"220 ")
+        assert await sink.drop_connections() == 1
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # cut, no goodbye
+        writer.close()
+        result = await send(sink.host, sink.port, mail_from="a@corp.example", rcpt_tos=["b@corp.example"],
+                            data=MESSAGE)
+        assert result.data[0] == 250 and sink.connections == 2

@@ -72,8 +72,11 @@ async def test_auth_not_offered_without_tls(tmp_path, sink, start_gate, log_line
     wire, _ = await Wire.open(port)
     ehlo = await wire.cmd("EHLO client.test")
     assert "250-STARTTLS" in ehlo and "AUTH" not in ehlo
-    # Passwords never cross in clear: AUTH before STARTTLS is refused.
-    assert code(await wire.cmd("AUTH PLAIN AGphbmUAczNjcmV0IHBhc3M=")) >= 500
+    # Passwords never cross in clear: AUTH before STARTTLS is refused as needing encryption
+    # (RFC 4954 6), which tells the client to start TLS first.
+    refused = await wire.cmd("AUTH PLAIN AGphbmUAczNjcmV0IHBhc3M=")
+    assert refused.startswith("538 5.7.11 "), refused
+    assert not any(e["event"] == "auth.result" for e in log_lines())  # the password was not even checked
     # relay_networks still lets loopback relay without AUTH on an optional listener.
     assert code(await wire.cmd("MAIL FROM:<a@corp.example>")) == 250
 
@@ -137,10 +140,14 @@ async def test_upstream_starttls_and_login(tmp_path, start_gate, log_lines):
 async def test_upstream_certificate_verified_by_default(tmp_path, start_gate, log_lines):
     context, _ = make_test_tls(tmp_path / "up")
     async with Sink(implicit_tls=context) as up:
-        gate, port = await start_gate(await upstream_config(tmp_path, f"smtps://localhost:{up.port}"))
+        gate, port = await start_gate(await upstream_config(tmp_path, f"smtps://localhost:{up.port}",
+                                                            "  timeout: 3\n"))
         code_, text = await relay_one(port)
         assert code_ == 451 and text.startswith("4.4.1")
-        assert up.messages == []
+        assert up.messages == [] and up.commands == []
+        # Refused because the self-signed certificate is not trusted, not for some other fault.
+        [error] = [e for e in log_lines() if e["event"] == "upstream.error" and e["stage"] == "connect"]
+        assert "CERTIFICATE_VERIFY_FAILED" in error["reason"], error
 
 
 async def test_upstream_login_refused_is_temporary(tmp_path, start_gate, log_lines):
@@ -152,3 +159,27 @@ async def test_upstream_login_refused_is_temporary(tmp_path, start_gate, log_lin
         code_, _ = await relay_one(port)
         assert code_ == 451
         assert up.messages == []
+
+
+async def test_auth_inside_a_transaction_is_refused(tmp_path, sink, start_gate, log_lines):
+    """RFC 4954 4: AUTH is not permitted during a mail transaction; the transaction goes on."""
+    gate, port = await start_gate(config_with_listener(tmp_path, sink.port, "optional"))
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False,
+                             tls_context=client_tls_context(str(tmp_path / "tls" / "test-cert.pem")))
+    await client.connect()
+    try:
+        await client.ehlo()
+        await client.starttls()
+        await client.ehlo()
+        assert "auth" in client.esmtp_extensions
+        assert (await client.mail("jane@corp.example")).code == 250
+        # "jane" / "s3cret pass", good credentials: refused for where they come, not for what they are.
+        refused = await client.execute_command(b"AUTH", b"PLAIN", b"AGphbmUAczNjcmV0IHBhc3M=")
+        assert (refused.code, refused.message) == (503, "5.5.1 AUTH not allowed during a mail transaction")
+        assert not any(e["event"] == "auth.result" for e in log_lines())
+        assert (await client.rcpt("b@x.example")).code == 250
+        assert (await client.data(BODY)).code == 250
+        [msg] = sink.messages
+        assert b"with ESMTPS id" in msg.data.split(b"\r\n\r\n")[0]  # relayed as not authenticated
+    finally:
+        await client.quit()

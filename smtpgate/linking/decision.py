@@ -128,6 +128,25 @@ class LinkDecision:
         """The message bytes with the header edits spliced in; every other byte kept."""
         return apply_edits(raw, self.headers, self.header_edits)
 
+    def observation(self) -> dict:
+        """What enforce mode would have done: the fields of a `message.observed` event."""
+        new = set(self.would_create)
+        recipients = []
+        for r in self.recipients:
+            target = str(r.target) if r.target is not None else None
+            if r.mailbox in new and r.target == r.original:
+                target = "(new linked activity)"  # its reference is known only once allocated
+            recipients.append({"original": str(r.original), "would_relay": target, "class": r.recipient_class})
+        return {
+            "source_reference": self.source_reference,
+            "source_found_in": self.source_found_in,
+            "recipients": recipients,
+            "header_changes": dict(self.header_mapping),
+            "links_would_create": sorted(new) + list(self.links_created),
+            "links_would_reuse": list(self.links_reused),
+            "automatic": self.automatic,
+        }
+
     def without_changes(self) -> LinkDecision:
         """The decision relayed as received (observe mode): every recipient and field unchanged."""
         recipients = tuple(dataclasses.replace(r, target=r.original) for r in self.recipients)

@@ -41,6 +41,9 @@ class SMTPReply(Exception):
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 # RFC 3463 5.7.1: relaying denied.
 RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
+# RFC 3463 5.7.1 (delivery not authorized): the authenticated user's sender list
+# (users_file) does not name the envelope sender or the From: address.
+SENDER_NOT_ALLOWED = Reply(550, "5.7.1", "Sender address not allowed for this login")
 # RFC 5321 4.5.3.1.10 and 3.3: too many recipients is temporary for the client.
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 # RFC 3463 4.4.1: no answer from host.
@@ -60,6 +63,8 @@ UPSTREAM_DNS_FAILURE = Reply(451, "4.4.3", "Upstream mail server could not be lo
 UPSTREAM_NO_ROUTE = Reply(451, "4.4.4", "No route to the upstream mail server, try again later")
 # RFC 7505 section 4.1 and RFC 7504 (556): the upstream domain publishes a null MX, it accepts no mail.
 NULL_MX = Reply(556, "5.1.10", "The upstream mail domain accepts no mail (null MX)")
+# RFC 4954 6: the credentials could not be checked now (auth_backend: upstream, upstream unreachable).
+AUTH_TEMPORARY = Reply(454, "4.7.0", "Temporary authentication failure")
 # RFC 3463 4.3.0: other or undefined mail system status (store, allocator, internal fault).
 TEMPORARY_FAILURE = Reply(451, "4.3.0", "Temporary failure, try again later")
 # Smuggling defence (bare CR/LF, NUL): RFC 5321 2.3.8 and 4.1.4.
@@ -84,7 +89,13 @@ SMTPUTF8_UNSUPPORTED = Reply(553, "5.6.7", "SMTPUTF8 not supported by the upstre
 OK = Reply(250, "2.0.0", "OK")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
+# RFC 5321 4.5.3.2.7: a server may close a silent client (limits.idle_timeout); 421 says so first.
 TIMEOUT = Reply(421, "4.4.2", "Timeout, closing connection")
+# RFC 3463 4.7.0 (other security status), 421 as RFC 5321 3.8: the client's address has
+# limits.max_connections_per_client sessions open already.
+TOO_MANY_FROM_CLIENT = Reply(421, "4.7.0", "Too many connections from your address, try again later")
+# limits.max_bad_commands unknown or malformed commands in one session.
+TOO_MANY_BAD_COMMANDS = Reply(421, "4.7.0", "Too many bad commands, closing connection")
 
 
 def split_reply(code: int, message: str) -> tuple[str | None, str]:

@@ -20,7 +20,9 @@ from smtpgate.frontends.milter.server import start_milter_listener
 from smtpgate.frontends.milter.session import MilterSettings
 from smtpgate.frontends.registry import SessionRegistry
 from smtpgate.frontends.smtp.relay import RelayContext
+from smtpgate.frontends.smtp.auth import upstream_authenticator
 from smtpgate.frontends.smtp.server import SmtpSettings, file_authenticator, make_factory, tls_context
+from smtpgate.frontends.smtp.tls import TlsSetupError
 from smtpgate.linking.plan import Directory
 from smtpgate.linking.references import ReferenceMatcher
 from smtpgate.linking.service import LinkService
@@ -86,8 +88,11 @@ class Snapshot:
             relay = RelayContext(pool=self.pool, links=self.links, limits=self.config.limits,
                                  hostname=self.config.hostname, mode=listener.mode or self.config.mode,
                                  direction=listener.direction, unknown_tags=self.config.inbound.unknown_tags)
-            settings = SmtpSettings(relay=relay, authenticator=file_authenticator(self.users),
-                                    max_connections=self.config.limits.max_connections)
+            by_upstream = self.config.auth_backend == "upstream"  # the upstream's own send-as rules apply
+            settings = SmtpSettings(relay=relay, max_connections=self.config.limits.max_connections,
+                                    authenticator=(upstream_authenticator(self.pool) if by_upstream
+                                                   else file_authenticator(self.users)),
+                                    sender_rights=None if by_upstream else self.users.may_send_as)
             self._smtp[listener.name] = settings
         return settings
 
@@ -160,7 +165,10 @@ class Gate:
             raise StartupError(f"listener {listener.name}: kind {listener.kind} is not available yet")
         if listener.kind == "milter":
             return await self._listen_milter(listener, bound)
-        context = tls_context(listener)
+        try:
+            context = tls_context(listener)
+        except TlsSetupError as exc:
+            raise StartupError(f"listener {listener.name}: {exc}") from None
         if context is not None:
             self.tls[listener.name] = context
         factory, tls = make_factory(listener, lambda: self._current().smtp(listener), self.registry, context)
@@ -248,7 +256,9 @@ class Gate:
         deadline = time.monotonic() + grace
         while self.registry.busy and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for session in list(self.registry.sessions):
+        # Counted now: a closed session leaves the registry before the summary is logged.
+        still_open = list(self.registry.sessions)
+        for session in still_open:
             session.say_goodbye(replies.SHUTTING_DOWN.line())
         if self.pruner is not None:
             self.pruner.cancel()
@@ -260,26 +270,23 @@ class Gate:
             await self.snapshot.pool.close()
         if self.store is not None:
             await self.store.close()
-        log.info("shutdown.complete", sessions_closed=len(self.registry))
+        log.info("shutdown.complete", sessions_closed=len(still_open))
 
 
-async def serve(config_path: Path) -> int:
-    """`smtpgate serve`: run until SIGTERM/SIGINT; SIGHUP reloads the config."""
+async def start_or_report(gate: Gate, *args, **kwargs) -> bool:
+    """Start the gate; a failure is logged as startup.failed and what started is drained."""
     try:
-        config = load_config(config_path)
-    except ConfigError as exc:
-        setup_logging()
-        for problem in exc.problems:
-            log.error("config.rejected", error=problem)
-        return 2
-    setup_logging(config.logging.format, config.logging.level)
-    gate = Gate(config)
-    try:
-        await gate.start()
+        await gate.start(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - every start-up failure is reported, then exit 1
         log.error("startup.failed", reason=str(exc), error=type(exc).__name__)
         await gate.drain(0)
-        return 1
+        return False
+    return True
+
+
+def install_signals(gate: Gate, config_path: Path) -> asyncio.Event:
+    """SIGHUP reloads (a bad file refused, the old config kept; systemd told RELOADING/READY);
+    SIGTERM and SIGINT set the returned event."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -296,6 +303,23 @@ async def serve(config_path: Path) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload)
+    return stop
+
+
+async def serve(config_path: Path) -> int:
+    """`smtpgate serve`: run until SIGTERM/SIGINT; SIGHUP reloads the config."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        setup_logging()
+        for problem in exc.problems:
+            log.error("config.rejected", error=problem)
+        return 2
+    setup_logging(config.logging.format, config.logging.level)
+    gate = Gate(config)
+    if not await start_or_report(gate):
+        return 1
+    stop = install_signals(gate, config_path)
     sd_notify("READY=1")
     log.info("smtpgate.ready", config=str(config.path), listeners=[f"{h}:{p}" for h, p in gate.bound],
              upstream=config.upstream.label, mode=config.mode,

@@ -52,9 +52,8 @@ from smtpgate.config import Config, ConfigError, Listener, load_config
 from smtpgate.frontends.milter.server import SOCKET_MODE as MILTER_SOCKET_MODE
 from smtpgate.log import get_logger, setup_logging
 from smtpgate.runtime import loop as event_loop
-from smtpgate.runtime.gate import Gate, ReloadRefused, StartupError, serve
+from smtpgate.runtime.gate import Gate, StartupError, install_signals, serve, start_or_report
 from smtpgate.runtime.notify import sd_notify
-from smtpgate.users import UsersError
 
 log = get_logger()
 
@@ -504,28 +503,9 @@ async def run_worker(config: Config, config_path: Path, sockets: Bound, *, first
     first: this is worker 0, which also prunes the store and serves the admin listener.
     """
     gate = Gate(config)
-    try:
-        await gate.start(sockets, prune=first, admin=first)
-    except Exception as exc:  # noqa: BLE001 - every start-up failure is reported, then exit 1
-        log.error("startup.failed", reason=str(exc), error=type(exc).__name__)
-        await gate.drain(0)
+    if not await start_or_report(gate, sockets, prune=first, admin=first):
         return 1
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-
-    def reload() -> None:
-        sd_notify("RELOADING=1")
-        try:
-            gate.reload(load_config(config_path))
-        except ConfigError as exc:
-            log.error("config.rejected", path=str(config_path), errors=exc.problems)
-        except (UsersError, ReloadRefused) as exc:
-            log.error("config.rejected", path=str(config_path), errors=[str(exc)])
-        sd_notify("READY=1")
-
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload)
+    stop = install_signals(gate, config_path)
     # Signals that came while starting were held back (blocked across fork); they act now.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_SIGNALS)
     sd_notify("READY=1")

@@ -21,6 +21,7 @@ import socket
 import ssl
 import time
 import weakref
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -252,6 +253,10 @@ class _TlsFailed(Exception):
     """Opportunistic STARTTLS failed on a host that offered it (the caller may go on in clear)."""
 
 
+# How a new connection logs in: upstream.auth's own way, or a client's credentials.
+Login = Callable[[aiosmtplib.SMTP], Awaitable[None]]
+
+
 class UpstreamPool:
     """Connections to one upstream, opened at MAIL and reused when healthy.
 
@@ -341,9 +346,12 @@ class UpstreamPool:
         verify=False is opportunistic TLS to an MX host (RFC 7435): encrypt, whatever
         certificate the host shows.
         """
-        context = ssl.create_default_context(
-            cafile=str(self.config.ca_file) if self.config.ca_file else None
-        )
+        try:
+            context = ssl.create_default_context(
+                cafile=str(self.config.ca_file) if self.config.ca_file else None
+            )
+        except OSError as exc:  # ssl.SSLError too: a ca_file gone or garbled since the config was read
+            raise UpstreamError(f"upstream.ca_file {self.config.ca_file}: {exc}") from None
         if not (verify and self.config.verify_tls):
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
@@ -356,12 +364,28 @@ class UpstreamPool:
                 raise UpstreamError(f"client certificate {cert}: {type(exc).__name__}: {exc}") from None
         return context
 
-    async def _connect(self) -> SmtpSession:
+    async def _connect(self, login: Login | None = None) -> SmtpSession:
         cfg = self.config
         assert cfg.host is not None and cfg.port is not None
         tls = {"smtps": "implicit", "smtp+starttls": "required"}.get(cfg.scheme, "none")
-        client = await self._open(cfg.host, cfg.port, server_name=cfg.host, tls=tls)
+        client = await self._open(cfg.host, cfg.port, server_name=cfg.host, tls=tls, login=login)
         return SmtpSession(self, client)
+
+    async def connect_as(self, login: Login) -> SmtpSession:
+        """A new connection that `login` authenticates instead of upstream.auth (a client's own
+        credentials, auth_backend: upstream); counted under max_connections, never pooled."""
+        cap = self.config.max_connections
+        if self.open_connections >= cap:
+            raise UpstreamError(f"upstream.max_connections ({cap}) connections open",
+                                reply=replies.UPSTREAM_BUSY)
+        self._connecting += 1
+        try:
+            session = await self._connect(login=login)
+        finally:
+            self._connecting -= 1
+        self._live.add(session)
+        self.extensions = session.extensions
+        return session
 
     async def _connect_mx(self) -> SmtpSession:
         """The first MX host (RFC 5321 5.1 order) that takes a connection."""
@@ -405,7 +429,8 @@ class UpstreamPool:
                         address=target.address, reason=str(exc))
             return await self._open(target.address, self.route.port, server_name=target.host, tls="none")
 
-    async def _open(self, host: str, port: int, *, server_name: str, tls: str) -> aiosmtplib.SMTP:
+    async def _open(self, host: str, port: int, *, server_name: str, tls: str,
+                    login: Login | None = None) -> aiosmtplib.SMTP:
         """Connect, greet and start TLS as `tls` says within upstream.timeouts.connect, then
         log in (each AUTH command, and the token request, waits as long at most).
 
@@ -428,7 +453,7 @@ class UpstreamPool:
                 if tls in ("required", "opportunistic"):
                     await self._starttls(client, server_name, tls)
             # After the connect wait: a token request that runs out is a 451 4.7.0, not a dead host.
-            await self._login(client)
+            await (login or self._login)(client)
         except _TlsFailed:
             client.close()
             raise

@@ -2,7 +2,7 @@
 
 PostgreSQL tests use a database created for this test run
 (`smtpgate_test_<random>`, dropped at the end) and a fresh schema per test.
-Without the server they skip, unless CI is set: then they fail.
+Without the server they skip, unless CI is true (tests/support/ci.py): then they fail.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.support.ci import needs
 
 PG_ADMIN_DSN = os.environ.get("SMTPGATE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REPO = Path(__file__).resolve().parents[2]
@@ -44,9 +46,7 @@ def pg_database() -> Iterator[str]:
     try:
         asyncio.run(_pg_admin([f"CREATE DATABASE {name}"]))
     except Exception as exc:  # any failure to reach the server
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL at {PG_ADMIN_DSN} is needed under CI: {exc!r}")
-        pytest.skip(f"PostgreSQL at {PG_ADMIN_DSN} is not answering: {exc!r}")
+        needs(f"PostgreSQL at {PG_ADMIN_DSN}", f"not answering: {exc!r}")
     try:
         yield _dsn_for(name)
     finally:

@@ -4,9 +4,11 @@
 async test can change its behaviour between two commands and wait for what it
 recorded without sleeping. It speaks the extensions smtpgate passes through:
 DSN (RFC 3461), SMTPUTF8, 8BITMIME, SIZE, PIPELINING, STARTTLS and AUTH
-PLAIN/LOGIN/XOAUTH2, and records MAIL/RCPT parameters with their original case.
-It can also stand for a certificate-based connector: MAIL is refused unless
-the client presented a TLS certificate naming an expected host.
+PLAIN/LOGIN/XOAUTH2 (each of DSN, SMTPUTF8, 8BITMIME and PIPELINING can be
+switched off to play an upstream without it), and records MAIL/RCPT
+parameters with their original case. It can also stand for a
+certificate-based connector: MAIL is refused unless the client presented a
+TLS certificate naming an expected host.
 """
 
 from __future__ import annotations
@@ -152,7 +154,8 @@ class SinkSMTP(SMTP):
         keywords = [self.hostname]
         if self.data_size_limit:
             keywords.append(f"SIZE {self.data_size_limit}")
-        keywords.append("8BITMIME")
+        if sink.eightbitmime:
+            keywords.append("8BITMIME")
         if sink.pipelining:
             keywords.append("PIPELINING")
         if self.enable_SMTPUTF8:
@@ -261,6 +264,8 @@ class SinkSMTP(SMTP):
                 if self.data_size_limit and int(value) > self.data_size_limit:
                     return "552 5.3.4 Message size exceeds fixed limit"
             elif key == "BODY":
+                if not sink.eightbitmime:
+                    return "555 5.5.4 BODY needs 8BITMIME, which is not offered"
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
                     return "501 5.5.4 BODY must be 7BIT or 8BITMIME"
             elif key == "SMTPUTF8":
@@ -431,8 +436,9 @@ class Sink:
     command that reads them: `rcpt_replies` (address, case-insensitive, to a
     full reply line; a 2xx line accepts with that text), `mail_reply`,
     `data_reply`, `drop_after_data`, `hold_data`, `refuse_plus`,
-    `require_auth`, `client_cert_names`, and `dsn`/`pipelining` (read at
-    EHLO).
+    `require_auth`, `client_cert_names`, and `dsn`/`pipelining`/`eightbitmime`
+    (read at EHLO). `drop_connections()` cuts every open session while the
+    sink keeps listening, as an upstream does that times idle clients out.
 
     `xoauth2(user, token) -> bool` decides AUTH XOAUTH2 (offered when set);
     `client_cert_names`, when set, refuses MAIL unless the client's verified
@@ -460,6 +466,7 @@ class Sink:
         *,
         dsn: bool = True,
         smtputf8: bool = True,
+        eightbitmime: bool = True,
         pipelining: bool = True,
         starttls_context: ssl.SSLContext | None = None,
         auth: dict[str, str] | None = None,
@@ -475,6 +482,7 @@ class Sink:
         self.port = port
         self.dsn = dsn
         self.smtputf8 = smtputf8
+        self.eightbitmime = eightbitmime
         self.pipelining = pipelining
         self.starttls_context = starttls_context
         self.implicit_tls = implicit_tls
@@ -528,8 +536,15 @@ class Sink:
         if self._server is None:
             return
         self._server.close()
+        await self.drop_connections()
+        await self._server.wait_closed()
+        self._server = None
+
+    async def drop_connections(self) -> int:
+        """Cut every open session without a reply (the sink keeps listening); return how many."""
         tasks = []
-        for protocol in list(self._protocols):
+        protocols = list(self._protocols)
+        for protocol in protocols:
             # The plain transport under a STARTTLS session, so no TLS goodbye is awaited.
             transport = protocol._original_transport or protocol.transport
             if transport is not None:
@@ -538,8 +553,7 @@ class Sink:
                 tasks.append(protocol._handler_coroutine)
         if tasks:
             await asyncio.wait(tasks, timeout=5)
-        await self._server.wait_closed()
-        self._server = None
+        return len(protocols)
 
     def reset(self) -> None:
         """Forget what was recorded (messages, received, commands, connections, stalled, auth_tokens)."""

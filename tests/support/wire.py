@@ -7,6 +7,7 @@ so tests can send bare LFs, pipelined commands and protocol violations.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 
 
@@ -46,6 +47,23 @@ class Wire:
     async def cmd(self, line: str) -> str:
         await self.send(line + "\r\n")
         return await self.reply()
+
+    def pending(self) -> bytes:
+        """What the server has sent that no reply() read yet, without waiting for more.
+
+        Looks at the stream's buffer and, without consuming it, at the socket's
+        receive queue: a test can assert the server said nothing so far.
+        """
+        buffered = bytes(self.reader._buffer)  # the StreamReader's own buffer (CPython)
+        sock = self.writer.get_extra_info("socket")
+        if sock is None:
+            return buffered
+        with socket.socket(fileno=os.dup(sock.fileno())) as raw:
+            try:
+                queued = raw.recv(65536, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                queued = b""
+        return buffered + queued
 
     async def close(self) -> None:
         self.writer.close()

@@ -422,22 +422,4 @@ def _log_retagged(log, decision: LinkDecision, observe: bool, fields: dict) -> N
 
 def _log_observed(log, decision: LinkDecision, fields: dict) -> None:
     """Observe mode: what enforce mode would have done with this message."""
-    new = set(decision.would_create)
-    recipients = []
-    for r in decision.recipients:
-        target = str(r.target) if r.target is not None else None
-        if r.mailbox in new and r.target == r.original:
-            target = "(new linked activity)"
-        recipients.append({"original": str(r.original), "would_relay": target, "class": r.recipient_class})
-    log.info(
-        "message.observed",
-        message_id=decision.message_id,
-        **fields,
-        source_reference=decision.source_reference,
-        source_found_in=decision.source_found_in,
-        recipients=recipients,
-        header_changes=dict(decision.header_mapping),
-        links_would_create=sorted(new) + list(decision.links_created),
-        links_would_reuse=list(decision.links_reused),
-        automatic=decision.automatic,
-    )
+    log.info("message.observed", message_id=decision.message_id, **fields, **decision.observation())

@@ -2,10 +2,11 @@
 
 aiosmtpd has public handler hooks for EHLO, DATA, AUTH and PROXY, but none for
 "a connection is about to be served", "the transaction ended" (HELO, EHLO,
-RSET, or aiosmtpd refusing the data itself) or "TLS is on"; smtpgate needs all
-three. `GlueSMTP` overrides the private methods behind them and turns them
-into the hooks `before_serving`, `transaction_ended` and the `tls_active`
-property. `check_internals` fails loudly when an aiosmtpd release renames
+RSET, or aiosmtpd refusing the data itself), "TLS is on", "the client was
+silent too long" or "a command nobody knows"; smtpgate needs them all.
+`GlueSMTP` overrides the private methods behind them and turns them into the
+hooks `before_serving`, `transaction_ended`, `timed_out`, `unknown_command`
+and the `tls_active` property. `check_internals` fails loudly when an aiosmtpd release renames
 them; a test runs it, and pyproject.toml pins aiosmtpd to the tested minor
 range.
 
@@ -13,7 +14,7 @@ range.
 `SMTP.__init__`, which derives its command, hook and AUTH mechanism tables
 from the class and the handler with `inspect.getmembers` and `dir` (and
 inspects the EHLO hook's signature) every time a client connects: about a
-millisecond of CPU per connection, the same result every time (bench/RESULTS.md).
+millisecond of CPU per connection, the same result every time.
 The stock `__init__` runs once per (class, handler, loop, settings) on a
 prototype that never serves a connection; a new connection copies the
 prototype's attributes, binds the prototype's own methods to itself, and
@@ -26,9 +27,10 @@ import asyncio
 import inspect
 import types
 import weakref
+from functools import partial
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, _AuthMechAttr
+from aiosmtpd.smtp import SMTP, _AuthMechAttr, syntax
 
 from smtpgate.mail import replies
 
@@ -39,6 +41,8 @@ _INTERNALS = {
     "_handle_client": "coroutine",
     "_set_rset_state": "function",
     "_set_post_data_state": "function",
+    "_reset_timeout": "function",
+    "_timeout_cb": "function",
     "_cb_client_connected": "function",  # PrototypeSMTP hands it to a fresh StreamReaderProtocol
 }
 
@@ -87,6 +91,8 @@ def check_internals() -> list[str]:
         problems.append("aiosmtpd.smtp._AuthMechAttr no longer has a method field")
     if "self._tls_protocol" not in source:
         problems.append("aiosmtpd.smtp.SMTP no longer keeps _tls_protocol")
+    if "method = self._smtp_methods.get(command)" not in source:
+        problems.append("aiosmtpd.smtp.SMTP no longer looks commands up in _smtp_methods")
     for line in AIOSMTPD_REPLIES:
         written = line.replace("send HELO first", "send {helo} first")  # an f-string there
         if not any(f"{q}{written}{q}" in source for q in ("'", '"')):
@@ -146,8 +152,58 @@ def _rebound(value: Any, old: object, new: object) -> Any:
     return value
 
 
+class _Commands(dict):
+    """aiosmtpd's command table, answering every verb: an unknown one goes to `unknown`.
+
+    aiosmtpd closes a session after five unknown verbs with a 502 of its own; smtpgate
+    counts them with its other bad commands against limits.max_bad_commands instead.
+    """
+
+    def __init__(self, table: dict, unknown) -> None:
+        super().__init__(table)
+        self.unknown = unknown
+
+    def get(self, verb, default=None):
+        found = super().get(verb)
+        return found if found is not None else partial(self.unknown, verb)
+
+
 class GlueSMTP(PrototypeSMTP):
     """aiosmtpd's protocol with the hooks smtpgate needs; see the module docstring."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._smtp_methods = _Commands(self._smtp_methods, self.unknown_command)
+        self.receiving_data = False  # between DATA's 354 and the final dot
+
+    async def unknown_command(self, verb: str, arg: str | None) -> None:
+        """A verb aiosmtpd does not know (HELP's lookup of one never gets here: no syntax)."""
+        await self.push(f'500 5.5.2 Error: command "{verb}" not recognized')
+
+    def timed_out(self) -> None:
+        """limits.idle_timeout passed without a command (or message data); the default closes."""
+        super()._timeout_cb()
+
+    def restart_timer(self) -> None:
+        self._reset_timeout()
+
+    def _timeout_cb(self) -> None:
+        self.timed_out()
+
+    def data_received(self, data: bytes) -> None:
+        # Message data is not a command, so aiosmtpd would not restart the timer for it; a
+        # big message on a slow link must not time out while its bytes keep coming.
+        if self.receiving_data:
+            self._reset_timeout()
+        super().data_received(data)
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str | None) -> None:
+        self.receiving_data = True
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self.receiving_data = False
 
     async def before_serving(self) -> bool:
         """Called before the greeting; False closes the connection (the hook pushed a reply)."""

@@ -13,8 +13,14 @@ from __future__ import annotations
 
 import binascii
 from base64 import b64decode
+from collections.abc import Callable
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword
+
+from smtpgate.log import get_logger
+from smtpgate.mail.replies import AUTH_TEMPORARY
+from smtpgate.upstream.client import UpstreamAuthError, UpstreamError, UpstreamPool
+from smtpgate.upstream.passthrough import UserUpstream
 
 
 class PasswordMechanisms:
@@ -59,3 +65,38 @@ class PasswordMechanisms:
             return AuthResult(success=False)
         assert isinstance(login, bytes) and isinstance(password, bytes)
         return await self.check_password(server, "LOGIN", LoginPassword(login, password))
+
+
+def upstream_authenticator(pool: UpstreamPool) -> Callable:
+    """auth_backend: upstream: the client's credentials are checked by logging in to the upstream.
+
+    On success the session adopts that logged-in connection (smtpgate.upstream.passthrough)
+    for its messages. An upstream that cannot be reached is RFC 4954's temporary failure
+    (454 4.7.0), never a wrong password.
+    """
+
+    async def authenticate(server, session, envelope, mechanism: str, auth_data) -> AuthResult:
+        if not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        name = auth_data.login.decode("utf-8", "replace")
+        user = UserUpstream(pool, name, auth_data.password.decode("utf-8", "replace"))
+        log = getattr(server, "log", None) or get_logger()
+        try:
+            await user.login()
+        except UpstreamAuthError as exc:
+            await user.close()
+            # The upstream's own words, never the password (docs: SECURITY.md, "Secrets").
+            log.warning("auth.result", user=name, success=False, mechanism=mechanism, backend="upstream",
+                        reason=exc.reason)
+            return AuthResult(success=False, handled=False)
+        except UpstreamError as exc:
+            await user.close()
+            log.warning("auth.result", user=name, success=False, mechanism=mechanism, backend="upstream",
+                        reason=exc.reason, temporary=True)
+            await server.push(AUTH_TEMPORARY.line())
+            return AuthResult(success=False, handled=True)
+        server.adopt_upstream(user)
+        log.info("auth.result", user=name, success=True, mechanism=mechanism, backend="upstream")
+        return AuthResult(success=True, handled=False, auth_data=name)
+
+    return authenticate

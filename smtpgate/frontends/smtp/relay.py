@@ -284,26 +284,8 @@ class Transaction:
 
     def _log_observed(self, decision: LinkDecision) -> None:
         """Observe mode: what enforce mode would have done with this message."""
-        new = set(decision.would_create)
-        recipients = []
-        for r in decision.recipients:
-            target = str(r.target) if r.target is not None else None
-            if r.mailbox in new and r.target == r.original:
-                target = "(new linked activity)"
-            recipients.append({"original": str(r.original), "would_relay": target,
-                               "class": r.recipient_class})
-        self.log.info(
-            "message.observed",
-            message_id=decision.message_id,
-            mail_from=self._sender_text(),
-            source_reference=decision.source_reference,
-            source_found_in=decision.source_found_in,
-            recipients=recipients,
-            header_changes={k: v for k, v in decision.header_mapping.items()},
-            links_would_create=sorted(new) + [r for r in decision.links_created],
-            links_would_reuse=list(decision.links_reused),
-            automatic=decision.automatic,
-        )
+        self.log.info("message.observed", message_id=decision.message_id, mail_from=self._sender_text(),
+                      **decision.observation())
 
     async def _replay(self, decision: LinkDecision) -> LinkDecision:
         """Replay MAIL and the rewritten RCPTs upstream when the envelope changed (DESIGN.md 2.3).

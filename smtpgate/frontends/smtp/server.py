@@ -8,21 +8,24 @@ lockstep), so every reply comes from smtpgate.mail.replies or from the upstream.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ssl
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from aiosmtpd.smtp import AuthResult, LoginPassword, syntax
+from aiosmtpd.smtp import AuthResult, LoginPassword, TLSSetupException, syntax
 
 from smtpgate.config import Listener
 from smtpgate.frontends.registry import SessionRegistry
 from smtpgate.frontends.smtp.aiosmtpd_glue import AIOSMTPD_REPLIES, DATA_REFUSALS, GlueSMTP
 from smtpgate.frontends.smtp.auth import PasswordMechanisms
 from smtpgate.frontends.smtp.relay import MAIL_PARAMS, RCPT_PARAMS, ClientInfo, RelayContext, Transaction
+from smtpgate.frontends.smtp.tls import server_context
 from smtpgate.log import get_logger
 from smtpgate.mail import replies
-from smtpgate.mail.addresses import AddressError, parse_path
+from smtpgate.mail.addresses import Address, AddressError, parse_address_list, parse_path
+from smtpgate.mail.headers import parse_header_block
 from smtpgate.mail.params import parse_params, split_argument
 from smtpgate.mail.replies import SMTPReply
 
@@ -34,6 +37,8 @@ class SmtpSettings:
     relay: RelayContext
     authenticator: Callable | None
     max_connections: int
+    # (user, address) -> may that user send as that address (auth_backend: file sender lists)
+    sender_rights: Callable[[str, Address | None], bool] | None = None
 
 
 class GateSMTP(GlueSMTP):
@@ -49,6 +54,9 @@ class GateSMTP(GlueSMTP):
         self.tx: Transaction | None = None
         self.finishing = False  # between the client's final dot and smtpgate's reply
         self.counted = False
+        self.admitted: str | None = None  # the address counted against max_connections_per_client
+        self.user_upstream = None  # auth_backend: upstream: the client's own upstream login
+        self.bad_commands = 0
         super().__init__(handler, **kwargs)
 
     # -------------------------------------------------------- connection life
@@ -66,6 +74,12 @@ class GateSMTP(GlueSMTP):
     def connection_lost(self, error: Exception | None) -> None:
         super().connection_lost(error)
         self.transaction_ended()
+        admitted, self.admitted = self.admitted, None
+        if admitted is not None:
+            self.registry.release(admitted)
+        user_upstream, self.user_upstream = self.user_upstream, None
+        if user_upstream is not None:
+            self.registry.spawn(user_upstream.close())  # after the transaction's abort, on the same loop
         if self.counted:
             self.counted = False
             self.registry.discard(self)
@@ -81,7 +95,28 @@ class GateSMTP(GlueSMTP):
             self.log.warning("session.refused", reason="limits.max_connections reached")
             self.transport.close()
             return False
+        if not self.listener.proxy_protocol:  # behind a proxy the client is known after PROXY
+            return await self.admit(self.client_ip)
         return True
+
+    async def admit(self, client: str) -> bool:
+        """Count this session against its client address; 421 and close when it has too many."""
+        limit = self.settings.relay.limits.max_connections_per_client
+        if self.registry.admit(client, limit):
+            self.admitted = client
+            return True
+        await self.push(replies.TOO_MANY_FROM_CLIENT.line())
+        self.log.warning("session.refused", reason="limits.max_connections_per_client reached", limit=limit)
+        self.transport.close()
+        return False
+
+    def timed_out(self) -> None:
+        if self.finishing:
+            # The client sent its dot and waits for the upstream's verdict; upstream.timeout bounds that.
+            self.restart_timer()
+            return
+        self.log.info("session.timeout", idle_timeout=self.settings.relay.limits.idle_timeout)
+        self.say_goodbye(replies.TIMEOUT.line())
 
     @property
     def busy(self) -> bool:
@@ -111,6 +146,14 @@ class GateSMTP(GlueSMTP):
                               refused=[{"recipient": a, "reply": why} for a, why in self.tx.refused],
                               **self.tx.client.log_fields())
             status = AIOSMTPD_REPLIES.get(status, status)
+            if status[:3] in _BAD_COMMAND_CODES:
+                self.bad_commands += 1
+                if self.bad_commands >= self.settings.relay.limits.max_bad_commands:
+                    await super().push(status)
+                    self.log.warning("session.refused", reason="limits.max_bad_commands reached",
+                                     bad_commands=self.bad_commands)
+                    self.say_goodbye(replies.TOO_MANY_BAD_COMMANDS.line())
+                    return
         await super().push(status)
 
     def transaction_ended(self) -> None:
@@ -149,6 +192,35 @@ class GateSMTP(GlueSMTP):
             return None
         cipher = ssl_object.cipher()
         return f"{ssl_object.version()} {cipher[0]}" if cipher else ssl_object.version()
+
+    def adopt_upstream(self, user_upstream) -> None:
+        """auth_backend: upstream: this session's messages go over the client's own upstream login."""
+        self.user_upstream = user_upstream
+
+    @property
+    def authenticated_user(self) -> str | None:
+        data = self.session.auth_data if self.session and self.session.authenticated else None
+        return str(data) if data else None
+
+    def may_send_as(self, user: str, address: Address | None) -> bool:
+        rights = self.settings.sender_rights
+        return rights is None or rights(user, address)
+
+    def check_from(self, raw: bytes) -> None:
+        """End of DATA: every From: address must be in the user's sender list (SMTPReply if not)."""
+        user = self.authenticated_user
+        if user is None or self.settings.sender_rights is None:
+            return
+        for value in parse_header_block(raw).get_all("From"):
+            try:
+                addresses = parse_address_list(value)
+            except AddressError:
+                # Unreadable here may still be shown as someone by a mail client: refused.
+                raise SMTPReply(replies.SENDER_NOT_ALLOWED, "From: field that cannot be parsed") from None
+            for address in addresses:
+                if not self.may_send_as(user, address):
+                    raise SMTPReply(replies.SENDER_NOT_ALLOWED, "From: address not in the user's sender list",
+                                    header_from=str(address))
 
     # -------------------------------------------------------- commands
 
@@ -189,7 +261,17 @@ class GateSMTP(GlueSMTP):
         except SMTPReply as exc:
             await self._reply(exc, stage="mail")
             return
-        tx = Transaction(ctx=self.settings.relay, client=self.client_info(), log=self.log)
+        user = self.authenticated_user
+        if user is not None and not self.may_send_as(user, sender):
+            self.log.info("message.rejected", code=replies.SENDER_NOT_ALLOWED.code, stage="mail",
+                          reason="envelope sender not in the user's sender list", mail_from=str(sender),
+                          **self.client_info().log_fields())
+            await self.push(replies.SENDER_NOT_ALLOWED.line())
+            return
+        ctx = self.settings.relay
+        if self.user_upstream is not None:
+            ctx = dataclasses.replace(ctx, pool=self.user_upstream)
+        tx = Transaction(ctx=ctx, client=self.client_info(), log=self.log)
         try:
             line = await tx.open(sender, params)
         except SMTPReply as exc:
@@ -247,6 +329,14 @@ class GateSMTP(GlueSMTP):
         await super().smtp_AUTH(arg)
 
 
+# The longest a failed AUTH's answer is held (seconds): well inside limits.idle_timeout's default.
+AUTH_DELAY_CAP = 30.0
+
+# Replies to a command the client should not have sent as it did (RFC 5321 4.2.4: unknown,
+# syntax, not implemented, out of sequence); each counts against limits.max_bad_commands.
+_BAD_COMMAND_CODES = {"500", "501", "502", "503", "504"}
+
+
 def _check_sendable(address) -> None:
     """RFC 5321 4.1.2: no control character in a path, not even TAB in a quoted string."""
     if address is not None and any(ch < " " or ch == "\x7f" for ch in str(address)):
@@ -264,7 +354,23 @@ class Handler(PasswordMechanisms):
         authenticate = server.settings.authenticator
         if authenticate is None or self.listener.auth == "none":
             return AuthResult(success=False, handled=False)
-        return await authenticate(server, server.session, server.envelope, mechanism, credentials)
+        result = await authenticate(server, server.session, server.envelope, mechanism, credentials)
+        if not result.success and not result.handled:  # handled: a temporary failure, already answered
+            await self._slow_down(server, mechanism)
+        return result
+
+    async def _slow_down(self, server: GateSMTP, mechanism: str) -> None:
+        """Hold a failed AUTH's answer, longer with each failure from the same client address.
+
+        With limits.max_connections_per_client sessions at most, an address tries at most
+        that many passwords per delay, and the delay doubles (up to AUTH_DELAY_CAP) as it fails.
+        """
+        failures = self.registry.auth_failures.fail(server.client_ip)
+        base = server.settings.relay.limits.auth_failure_delay
+        delay = min(base * 2 ** min(failures - 1, 32), AUTH_DELAY_CAP)
+        server.log.warning("auth.delayed", failures=failures, delay_s=round(delay, 3), mechanism=mechanism)
+        if delay > 0:
+            await asyncio.sleep(delay)
 
     async def handle_EHLO(self, server: GateSMTP, session, envelope, hostname: str, responses: list[str]):
         session.host_name = hostname
@@ -301,6 +407,7 @@ class Handler(PasswordMechanisms):
 
     async def _finish(self, server: GateSMTP, tx, raw: bytes) -> str:
         try:
+            server.check_from(raw)
             return await tx.finish(raw)
         except SMTPReply as exc:
             server.log.info("message.rejected", code=exc.reply.code, reason=exc.reason,
@@ -319,20 +426,25 @@ class Handler(PasswordMechanisms):
             proxy = str(session.peer[0]) if session.peer else None
             server.log = server.log.bind(client_ip=str(proxy_data.src_addr), proxy=proxy)
             server.log.info("session.proxied")
-        return bool(proxy_data)
+        # Counted on the address the proxy reports (the proxy's own for a PROXY LOCAL health check).
+        return bool(proxy_data) and await server.admit(server.client_ip)
 
     async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):
+            # A client (or a scanner) that shares no suite with the profile: its fault, no traceback.
+            cause = error.__cause__
+            get_logger().warning("tls.handshake_failed", reason=str(cause or error) or type(error).__name__)
+            return replies.TEMPORARY_FAILURE.line()  # aiosmtpd closes the connection instead
         # Never aiosmtpd's "500 Error: (ClassName)": an internal fault is temporary.
         get_logger().exception("session.error", reason=type(error).__name__)
         return replies.TEMPORARY_FAILURE.line()
 
 
 def tls_context(listener: Listener) -> ssl.SSLContext | None:
+    """The listener's server context: Mozilla "intermediate" unless tls_ciphers says otherwise."""
     if listener.tls == "none" or listener.tls_cert is None or listener.tls_key is None:
         return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(str(listener.tls_cert), str(listener.tls_key))
-    return context
+    return server_context(listener.tls_cert, listener.tls_key, listener.tls_ciphers)
 
 
 def make_factory(listener: Listener, settings: Callable[[], SmtpSettings], registry: SessionRegistry,
@@ -359,7 +471,7 @@ def make_factory(listener: Listener, settings: Callable[[], SmtpSettings], regis
             ident="smtpgate ESMTP",
             tls_context=tls if listener.tls == "starttls" else None,
             require_starttls=False,
-            timeout=300,
+            timeout=current.relay.limits.idle_timeout,
             auth_required=listener.auth == "required",
             auth_require_tls=True,
             # No `authenticator`: aiosmtpd would call it without awaiting; Handler's auth_PLAIN
