@@ -14,7 +14,7 @@ range.
 `SMTP.__init__`, which derives its command, hook and AUTH mechanism tables
 from the class and the handler with `inspect.getmembers` and `dir` (and
 inspects the EHLO hook's signature) every time a client connects: about a
-millisecond of CPU per connection, the same result every time (bench/RESULTS.md).
+millisecond of CPU per connection, the same result every time.
 The stock `__init__` runs once per (class, handler, loop, settings) on a
 prototype that never serves a connection; a new connection copies the
 prototype's attributes, binds the prototype's own methods to itself, and
@@ -100,22 +100,6 @@ def check_internals() -> list[str]:
     return problems
 
 
-class _Commands(dict):
-    """aiosmtpd's command table, answering every verb: an unknown one goes to `unknown`.
-
-    aiosmtpd closes a session after five unknown verbs with a 502 of its own; smtpgate
-    counts them with its other bad commands against limits.max_bad_commands instead.
-    """
-
-    def __init__(self, table: dict, unknown) -> None:
-        super().__init__(table)
-        self.unknown = unknown
-
-    def get(self, verb, default=None):
-        found = super().get(verb)
-        return found if found is not None else partial(self.unknown, verb)
-
-
 # handler -> {(class, loop, settings): prototype}; a handler that goes (a stopped
 # gate) takes its prototypes with it, and a reload's new settings replace the oldest.
 _PROTOTYPES: weakref.WeakKeyDictionary[Any, dict[tuple, SMTP]] = weakref.WeakKeyDictionary()
@@ -166,6 +150,22 @@ def _rebound(value: Any, old: object, new: object) -> Any:
     if isinstance(value, dict):
         return {k: _rebound(v, old, new) for k, v in value.items()}
     return value
+
+
+class _Commands(dict):
+    """aiosmtpd's command table, answering every verb: an unknown one goes to `unknown`.
+
+    aiosmtpd closes a session after five unknown verbs with a 502 of its own; smtpgate
+    counts them with its other bad commands against limits.max_bad_commands instead.
+    """
+
+    def __init__(self, table: dict, unknown) -> None:
+        super().__init__(table)
+        self.unknown = unknown
+
+    def get(self, verb, default=None):
+        found = super().get(verb)
+        return found if found is not None else partial(self.unknown, verb)
 
 
 class GlueSMTP(PrototypeSMTP):
