@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram,
                                generate_latest, multiprocess)
@@ -137,12 +138,23 @@ _HANDLERS = {
 }
 
 
+# smtpgate_events_total's child per (event, level): labels() takes a lock and builds a key each time.
+_EVENT_COUNTERS: dict[tuple[str, str], Any] = {}
+
+
+def _event_counter(event: str, level: str):
+    child = _EVENT_COUNTERS.get((event, level))
+    if child is None:
+        child = _EVENT_COUNTERS[event, level] = EVENTS.labels(event=event, level=level)
+    return child
+
+
 def observe(_logger, method_name: str, event_dict: dict) -> dict:
     """structlog processor: update the metrics for this event and pass it on unchanged."""
     event = event_dict.get("event")
     if isinstance(event, str):
         try:
-            EVENTS.labels(event=event, level=str(event_dict.get("level", method_name))).inc()
+            _event_counter(event, str(event_dict.get("level", method_name))).inc()
             handler = _HANDLERS.get(event)
             if handler is not None:
                 handler(event_dict)

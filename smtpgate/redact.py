@@ -9,6 +9,7 @@ Used by the log processor (smtpgate.log), by `check-config` (its summary and
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -27,12 +28,14 @@ _USERINFO_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@?#\s]*
 _QUERY_SECRET = re.compile(r"(?P<head>[?&;](?P<name>[^=&;#\s]+)=)[^&;#\s]*")
 
 
+@lru_cache(maxsize=1024)  # field names are few and recur in every event
 def is_secret_key(name: str) -> bool:
     """True for a field name that holds a credential (`password`, `client_secret`,
     `token`, ...); the name of a file that holds one (`password_file`) is not."""
     return _SECRET_NAME.search(name) is not None
 
 
+@lru_cache(maxsize=256)  # the same upstream and store URLs recur in every event
 def redact_url(url: str) -> str:
     """url with the password of its user info and secret query parameters replaced:
     `postgresql://smtpgate:pw@db/x?sslpassword=k` gives

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from smtpgate.upstream.client import IDLE_SECONDS
+from smtpgate.upstream.client import FRESH_SECONDS, IDLE_SECONDS
 from tests.support.sink import Sink, make_test_tls
 from tests.test_relay import MESSAGE, send_data, session
 from tests.test_tls_auth import relay_one, upstream_config
@@ -30,11 +30,28 @@ async def relay_message(port: int) -> str:
 
 
 async def test_a_pooled_connection_the_upstream_dropped_is_replaced(relay, sink, log_lines):
-    """Servers drop idle clients (RFC 5321 4.5.3.2.7): the NOOP check finds it, and the client
-    never notices."""
+    """Servers drop idle clients (RFC 5321 4.5.3.2.7). Handed out without a NOOP (it was used
+    a moment ago), the dropped connection fails at MAIL, which goes out once more on a new
+    connection in the same pool slot; the client never notices."""
     gate, port = relay
     assert (await relay_message(port)).startswith("250")
     assert sink.connections == 1 and len(gate.snapshot.pool.idle) == 1
+    [pooled] = gate.snapshot.pool.idle
+    assert await sink.drop_connections() == 1
+    assert (await relay_message(port)).startswith("250")
+    assert sink.connections == 2 and len(sink.messages) == 2
+    assert "NOOP" not in sink.commands
+    assert not events(log_lines, "upstream.error")
+    assert gate.snapshot.pool.idle == [pooled] and gate.snapshot.pool.open_connections == 1
+
+
+@pytest.mark.parametrize("check", ["noop", "mail"])
+async def test_a_pooled_connection_dropped_while_idle_is_replaced(relay, sink, log_lines, check):
+    """Idle past FRESH_SECONDS the NOOP finds the drop; within it the MAIL does."""
+    gate, port = relay
+    assert (await relay_message(port)).startswith("250")
+    if check == "noop":
+        gate.snapshot.pool.idle[0].last_used -= FRESH_SECONDS + 0.5
     assert await sink.drop_connections() == 1
     assert (await relay_message(port)).startswith("250")
     assert sink.connections == 2 and len(sink.messages) == 2
@@ -55,12 +72,22 @@ async def test_a_pooled_connection_idle_too_long_is_closed_unused(relay, sink):
     assert len(sink.messages) == 2 and len(gate.snapshot.pool.idle) == 1 and gate.snapshot.pool.idle[0] is not pooled
 
 
-async def test_a_fresh_pooled_connection_is_reused_after_a_noop(relay, sink):
+async def test_a_pooled_connection_used_a_moment_ago_is_reused_without_a_noop(relay, sink):
     gate, port = relay
     for _ in range(2):
         assert (await relay_message(port)).startswith("250")
     assert sink.connections == 1
-    assert [c for c in sink.commands if c in ("NOOP", "QUIT")] == ["NOOP", "NOOP"]
+    assert [c for c in sink.commands if c in ("NOOP", "QUIT")] == []
+
+
+async def test_a_pooled_connection_idle_a_while_is_checked_with_a_noop(relay, sink):
+    gate, port = relay
+    assert (await relay_message(port)).startswith("250")
+    [pooled] = gate.snapshot.pool.idle
+    pooled.last_used -= FRESH_SECONDS + 0.5  # as if it had waited in the pool that long
+    assert (await relay_message(port)).startswith("250")
+    assert sink.connections == 1
+    assert [c for c in sink.commands if c in ("NOOP", "QUIT")] == ["NOOP"]
 
 
 @pytest.mark.parametrize("change", ["removed", "garbled"])

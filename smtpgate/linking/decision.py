@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from smtpgate.mail.addresses import Address
 from smtpgate.mail.headers import HeaderBlock
-from smtpgate.mail.rewrite import HeaderEdit, apply_edits, header_edits
+from smtpgate.mail.rewrite import HeaderEdit, apply_edits, header_edits, split_edits
 
 if TYPE_CHECKING:
     from smtpgate.linking.inbound import InboundPlan
@@ -127,6 +127,11 @@ class LinkDecision:
     def apply(self, raw: bytes) -> bytes:
         """The message bytes with the header edits spliced in; every other byte kept."""
         return apply_edits(raw, self.headers, self.header_edits)
+
+    def split(self, raw: bytes) -> tuple[bytes, int]:
+        """``apply`` without copying the body: ``(head, rest)``, the message being
+        ``head + raw[rest:]`` (smtpgate.mail.rewrite.split_edits)."""
+        return split_edits(raw, self.headers, self.header_edits)
 
     def observation(self) -> dict:
         """What enforce mode would have done: the fields of a `message.observed` event."""

@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 from smtpgate.mail.addresses import AddressError, locate_addresses, parse_path
 from smtpgate.mail.headers import HeaderBlock, count_received, parse_header_block
 
-__all__ = ["REWRITTEN_FIELDS", "HeaderEdit", "apply_edits", "count_received", "header_edits", "rewrite_headers"]
+__all__ = ["REWRITTEN_FIELDS", "HeaderEdit", "apply_edits", "count_received", "split_edits", "header_edits", "rewrite_headers"]
 
 REWRITTEN_FIELDS = frozenset({"to", "cc", "from", "reply-to"})
 
@@ -91,8 +91,17 @@ def apply_edits(raw: bytes, block: HeaderBlock, edits: Sequence[HeaderEdit]) -> 
     Raises ValueError when an edit names a field the block does not have or
     whose value is not ``old``.
     """
+    head, rest = split_edits(raw, block, edits)
+    return head + raw[rest:] if head else raw
+
+
+def split_edits(raw: bytes, block: HeaderBlock, edits: Sequence[HeaderEdit]) -> tuple[bytes, int]:
+    """``apply_edits`` without copying the rest of the message: ``(head, rest)`` where
+    ``head + raw[rest:]`` is the edited message. ``head`` runs to the end of the last
+    edited field, line end included; with no edits it is empty and ``rest`` is 0.
+    """
     if not edits:
-        return raw
+        return b"", 0
     wanted = {(e.name.lower(), e.index): e for e in edits}
     pieces: list[bytes] = []
     done = 0
@@ -110,8 +119,7 @@ def apply_edits(raw: bytes, block: HeaderBlock, edits: Sequence[HeaderEdit]) -> 
     if wanted:
         name, index = next(iter(wanted))
         raise ValueError(f"header edit for {name} #{index}: no such field")
-    pieces.append(raw[done:])
-    return b"".join(pieces)
+    return b"".join(pieces), done
 
 
 def rewrite_headers(raw: bytes, mapping: Mapping[str, str]) -> bytes:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiosmtplib
+from aiosmtplib.protocol import normalize_message_line_endings
 
 from smtpgate.config import Upstream, load_client_certificate
 from smtpgate.log import get_logger
@@ -40,6 +41,10 @@ log = get_logger()
 # How long an idle pooled connection is kept; servers drop idle clients after
 # a few minutes (RFC 5321 4.5.3.2.7), so reuse only recent ones.
 IDLE_SECONDS = 30.0
+# A connection given back less than this long ago is handed out without a NOOP (as
+# Postfix's smtp_connection_cache_time_limit reuses one); should the upstream have
+# dropped it meanwhile, the MAIL finds out and goes out once more on a new connection.
+FRESH_SECONDS = 2.0
 
 
 class UpstreamError(Exception):
@@ -49,10 +54,12 @@ class UpstreamError(Exception):
     default for that stage (a null MX, the connection cap).
     """
 
-    def __init__(self, reason: str, *, reply: Reply | None = None):
+    def __init__(self, reason: str, *, reply: Reply | None = None, dropped: bool = False):
         super().__init__(reason)
         self.reason = reason
         self.reply = reply
+        self.dropped = dropped  # the connection was closed under the command (not a timeout)
+        self.connecting = False  # raised while opening a connection (a MAIL's reconnect included)
 
 
 class UpstreamAuthError(UpstreamError):
@@ -78,7 +85,9 @@ class UpstreamSession:
     async def mail(self, sender: str, params: list[str]) -> Verdict: ...
     async def rcpt(self, recipient: str, params: list[str]) -> Verdict: ...
     async def rset(self) -> Verdict: ...
-    async def data(self, content: bytes) -> Verdict: ...
+    async def data(self, content: bytes, *, head: bytes = b"", start: int = 0) -> Verdict:
+        """Send the message ``head + content[start:]`` (head and start spare a copy of a
+        large body when only the header block changed)."""
     async def release(self, reusable: bool) -> None: ...
 
 
@@ -96,6 +105,7 @@ class SmtpSession(UpstreamSession):
         self.last_used = time.monotonic()
         self.desynced = False  # a reply went missing or was garbled: the connection is only closed
         self.deadline: float | None = None  # the client's MAIL is answered by then (set at acquire)
+        self.unchecked = False  # handed out without a NOOP (FRESH_SECONDS): MAIL may reconnect once
 
     async def _command(self, *parts: bytes, timeout: float | None = None) -> Verdict:
         wait = self.pool.config.timeouts.command if timeout is None else timeout
@@ -108,17 +118,44 @@ class SmtpSession(UpstreamSession):
             raise
         except (aiosmtplib.SMTPException, OSError) as exc:  # TimeoutError is an OSError
             self.desynced = True
-            raise UpstreamError(f"{parts[0].decode()}: {_describe(exc, wait)}") from None
+            dropped = isinstance(exc, (aiosmtplib.SMTPServerDisconnected, ConnectionError))
+            raise UpstreamError(f"{parts[0].decode()}: {_describe(exc, wait)}", dropped=dropped) from None
         return Verdict(response.code, response.message)
 
     async def mail(self, sender: str, params: list[str]) -> Verdict:
+        deadline, self.deadline = self.deadline, None
+        unchecked, self.unchecked = self.unchecked, False
+        command = (b"MAIL", b"FROM:<" + _encode(sender) + b">", *map(_encode, params))
+        try:
+            return await self._command(*command, timeout=self._mail_wait(deadline))
+        except UpstreamError as exc:
+            if not (unchecked and exc.dropped):
+                raise
+        # Nothing of this transaction reached the upstream, which had closed the pooled
+        # connection: MAIL goes out once more, on a new one.
+        await self._reconnect(deadline)
+        return await self._command(*command, timeout=self._mail_wait(deadline))
+
+    def _mail_wait(self, deadline: float | None) -> float:
+        """The first MAIL after acquire shares the client's MAIL budget with the connecting."""
         wait = self.pool.config.timeouts.command
-        if self.deadline is not None:
-            # The first MAIL after acquire shares the client's MAIL budget with the connecting.
-            wait = max(0.001, min(wait, self.deadline - time.monotonic()))
-            self.deadline = None
-        return await self._command(b"MAIL", b"FROM:<" + _encode(sender) + b">", *map(_encode, params),
-                                   timeout=wait)
+        return wait if deadline is None else max(0.001, min(wait, deadline - time.monotonic()))
+
+    async def _reconnect(self, deadline: float | None) -> None:
+        self.client.close()
+        budget = self.pool.config.timeout if deadline is None else deadline - time.monotonic()
+        try:
+            async with asyncio.timeout(max(0.001, budget)):
+                fresh = await self.pool.open_session()
+        except TimeoutError:
+            error = UpstreamError(f"no upstream connection within upstream.timeout ({self.pool.config.timeout:g}s)")
+            error.connecting = True
+            raise error from None
+        except UpstreamError as error:
+            error.connecting = True
+            raise
+        self.client, self.label, self.extensions = fresh.client, fresh.label, fresh.extensions
+        self.desynced = False
 
     async def rcpt(self, recipient: str, params: list[str]) -> Verdict:
         return await self._command(b"RCPT", b"TO:<" + _encode(recipient) + b">", *map(_encode, params))
@@ -130,16 +167,23 @@ class SmtpSession(UpstreamSession):
         # The health check of a pooled connection: a dead one must not eat the MAIL budget.
         return await self._command(b"NOOP", timeout=self.pool.config.timeouts.connect)
 
-    async def data(self, content: bytes) -> Verdict:
+    async def data(self, content: bytes, *, head: bytes = b"", start: int = 0) -> Verdict:
         wait = self.pool.config.timeouts.data
         try:
-            response = await self.client.data(content, timeout=wait)
+            ready = await self.client.execute_command(b"DATA", timeout=wait)
+            if ready.code != 354:
+                return Verdict(ready.code, ready.message)
+            # The payload is written as pieces, the body straight from the received bytes:
+            # no copy of a large message unless it has lines to dot-stuff.
+            protocol = self.client.protocol
+            for piece in wire_pieces(head, content, start):
+                protocol.write(piece)
+            # Nothing runs between the last write and read_response marking a reply as awaited.
+            response = await protocol.read_response(timeout=wait)
         except asyncio.CancelledError:
             self.desynced = True
             self.client.close()
             raise
-        except aiosmtplib.SMTPDataError as exc:
-            return Verdict(exc.code, exc.message)
         except (aiosmtplib.SMTPException, OSError) as exc:
             self.desynced = True
             raise UpstreamError(f"DATA: {_describe(exc, wait)}") from None
@@ -148,6 +192,7 @@ class SmtpSession(UpstreamSession):
     async def release(self, reusable: bool) -> None:
         self.last_used = time.monotonic()
         self.deadline = None
+        self.unchecked = False
         await self.pool.give_back(self, reusable)
 
     async def close(self) -> None:
@@ -166,6 +211,41 @@ def _describe(exc: BaseException, wait: float) -> str:
     if isinstance(exc, TimeoutError):  # aiosmtplib's timeouts are TimeoutErrors too
         return f"no reply within {wait:g}s"
     return f"{type(exc).__name__}: {exc}"
+
+
+def _crlf_only(data: bytes, start: int) -> bool:
+    """data[start:] has no CR or LF outside CRLF pairs (the data guard's count test)."""
+    pairs = data.count(b"\r\n", start)
+    return data.count(b"\r", start) == pairs == data.count(b"\n", start)
+
+
+def _stuffed(data: bytes) -> bytes:
+    """RFC 5321 4.5.2: a period at the start of a line is doubled (data starts a line)."""
+    data = data.replace(b"\r\n.", b"\r\n..")
+    return b"." + data if data.startswith(b".") else data
+
+
+def wire_pieces(head: bytes, content: bytes, start: int = 0) -> list[bytes | memoryview]:
+    """The DATA payload for the message ``head + content[start:]``: dot-stuffed, ending
+    in CRLF, then the final dot, as pieces to write in order.
+
+    The body goes out as a view of ``content`` (no copy) unless a line of it starts with
+    a period. A message with a bare CR or LF (which the SMTP front end refuses before it
+    gets here) has its line endings made CRLF first, as aiosmtplib would.
+    """
+    if (head and not head.endswith(b"\r\n")) or not (_crlf_only(head, 0) and _crlf_only(content, start)):
+        whole = normalize_message_line_endings(head + content[start:])
+        return [_stuffed(whole), b".\r\n"]
+    pieces: list[bytes | memoryview] = [_stuffed(head)] if head else []
+    if start < len(content):
+        if content.startswith(b".", start) or content.find(b"\r\n.", start) != -1:
+            pieces.append(_stuffed(content[start:]))
+        else:
+            pieces.append(memoryview(content)[start:])
+        if not content.endswith(b"\r\n"):
+            pieces.append(b"\r\n")
+    pieces.append(b".\r\n")
+    return pieces
 
 
 @dataclass
@@ -199,7 +279,9 @@ class MaildirSession(UpstreamSession):
         self.sender, self.recipients, self.rcpt_params = "", [], []
         return Verdict(250, "2.0.0 OK")
 
-    async def data(self, content: bytes) -> Verdict:
+    async def data(self, content: bytes, *, head: bytes = b"", start: int = 0) -> Verdict:
+        if head or start:
+            content = head + content[start:]
         envelope = {
             "mail_from": self.sender,
             "mail_options": self.mail_params,
@@ -312,9 +394,14 @@ class UpstreamPool:
     async def _take(self) -> SmtpSession:
         while self.idle:
             session = self.idle.pop()
-            if time.monotonic() - session.last_used > IDLE_SECONDS:
+            idle_for = time.monotonic() - session.last_used
+            if idle_for > IDLE_SECONDS:
                 await session.close()
                 continue
+            if idle_for <= FRESH_SECONDS:
+                session.unchecked = True
+                UPSTREAM_IN_USE.inc()
+                return session
             try:
                 if (await session.noop()).ok:
                     UPSTREAM_IN_USE.inc()
@@ -328,13 +415,17 @@ class UpstreamPool:
                                 reply=replies.UPSTREAM_BUSY)
         self._connecting += 1
         try:
-            session = await (self._connect_mx() if self.route is not None else self._connect())
+            session = await self.open_session()
         finally:
             self._connecting -= 1
         self._live.add(session)
         self.extensions = session.extensions
         UPSTREAM_IN_USE.inc()
         return session
+
+    async def open_session(self) -> SmtpSession:
+        """A new connection, to the host or the first MX host that takes it."""
+        return await (self._connect_mx() if self.route is not None else self._connect())
 
     def forget(self, session: SmtpSession) -> None:
         """session is closing: its slot under max_connections is free."""

@@ -90,14 +90,8 @@ class Transaction:
             raise SMTPReply(replies.MESSAGE_TOO_BIG, "declared SIZE over limits.max_message_size")
         try:
             self.upstream = await self.ctx.pool.acquire()
-        except UpstreamAuthError as exc:
-            self.log.warning("upstream.auth_failed", stage="connect", reason=exc.reason,
-                             upstream=self.ctx.pool.config.label)
-            raise SMTPReply(replies.UPSTREAM_AUTH_FAILED, exc.reason) from None
         except UpstreamError as exc:
-            self.log.warning("upstream.error", stage="connect", reason=exc.reason,
-                             upstream=self.ctx.pool.config.label)
-            raise SMTPReply(exc.reply or replies.UPSTREAM_UNREACHABLE, exc.reason) from None
+            raise self._not_connected(exc) from None
         ext = self.upstream.extensions
         if "SMTPUTF8" in params and "smtputf8" not in ext and sender and not str(sender).isascii():
             await self.release(reusable=True)
@@ -156,11 +150,22 @@ class Transaction:
             return None
         return await self.ctx.links.early_target(self.mail_from, address)
 
+    def _not_connected(self, exc: UpstreamError) -> SMTPReply:
+        """No upstream connection could be had: logged at stage connect, and the reply."""
+        if isinstance(exc, UpstreamAuthError):
+            self.log.warning("upstream.auth_failed", stage="connect", reason=exc.reason,
+                             upstream=self.ctx.pool.config.label)
+            return SMTPReply(replies.UPSTREAM_AUTH_FAILED, exc.reason)
+        self.log.warning("upstream.error", stage="connect", reason=exc.reason, upstream=self.ctx.pool.config.label)
+        return SMTPReply(exc.reply or replies.UPSTREAM_UNREACHABLE, exc.reason)
+
     async def _upstream_call(self, call) -> Verdict:
         try:
             return await call
         except UpstreamError as exc:
             self.broken = exc.reason
+            if exc.connecting:  # a pooled connection found dropped at MAIL, and no new one
+                raise self._not_connected(exc) from None
             self.log.warning("upstream.error", stage="transaction", reason=exc.reason,
                              upstream=self.ctx.pool.config.label)
             raise SMTPReply(replies.UPSTREAM_LOST, exc.reason) from None
@@ -190,8 +195,11 @@ class Transaction:
                 if rcpt.tag_refused:
                     decision = decision.without_tag(rcpt.address)
             applied = await self._replay(decision)
-        content = self._trace_fields(applied) + applied.apply(raw)
-        verdict = await self._timed("upstream_ms", self._send(content))
+        # The trace fields and the edited header block, then the rest of raw as received.
+        head, rest = applied.split(raw)
+        head = self._trace_fields(applied) + head
+        size = len(head) + len(raw) - rest
+        verdict = await self._timed("upstream_ms", self._send(head, raw, rest))
         if not verdict.ok:
             self.log.info("message.rejected", code=verdict.code, reason=f"upstream: {verdict.text}",
                           message_id=applied.message_id, mail_from=self._sender_text(), stage="data",
@@ -203,7 +211,7 @@ class Transaction:
         await self.release(reusable=True)
         await self._timed("store_ms", self.ctx.links.record(applied, [r.relayed for r in self.recipients],
                                                             log=self.log))
-        self._log_relayed(applied, len(content), upstream_label, verdict)
+        self._log_relayed(applied, size, upstream_label, verdict)
         return _client_line(verdict)
 
     def _check(self, raw: bytes) -> HeaderBlock:
@@ -335,10 +343,11 @@ class Transaction:
         self.recipients = kept
         return decision
 
-    async def _send(self, content: bytes) -> Verdict:
+    async def _send(self, head: bytes, raw: bytes, rest: int) -> Verdict:
+        """DATA upstream: the message head + raw[rest:]."""
         assert self.upstream is not None
         try:
-            return await self.upstream.data(content)
+            return await self.upstream.data(raw, head=head, start=rest)
         except UpstreamError as exc:
             self.broken = exc.reason
             self.log.warning("upstream.error", stage="data", reason=exc.reason,
