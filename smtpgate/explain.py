@@ -155,8 +155,8 @@ def _why_tagged(facts: _Facts, cls: str, mailbox: str | None, reference: str | N
     decision = facts.decision
     if cls == RecipientClass.SOURCE_MAILBOX.value:
         return f"the source activity's own mailbox: tagged with {reference} so replies route back to it"
-    named = {facts.directory.tag_reference(a)[1] for a in list(facts.envelope.addresses)
-             + header_addresses(facts.headers, "To", "Cc") if facts.directory.tag_reference(a)}
+    named = {_tag_of(facts, a) for a in list(facts.envelope.addresses) + header_addresses(facts.headers, "To", "Cc")}
+    named.discard(None)
     if reference in named:
         return f"this message names {reference} for this mailbox elsewhere: that activity is used"
     if reference in decision.links_reused:

@@ -301,10 +301,7 @@ class Transaction:
         Returns the decision as relayed: a tag the upstream refused is dropped from it.
         """
         assert self.upstream is not None
-        targets = {}
-        for r in decision.recipients:
-            targets.setdefault(str(r.original), r.target)
-        if all(targets.get(str(r.address), r.address) == r.relayed for r in self.recipients):
+        if all(decision.target_of(r.address) == r.relayed for r in self.recipients):
             return decision
         upstream = self.upstream
         verdict = await self._upstream_call(upstream.rset())
@@ -316,7 +313,7 @@ class Transaction:
         seen: set[tuple[str, str]] = set()
         kept: list[Recipient] = []
         for rcpt in self.recipients:
-            target = targets.get(str(rcpt.address), rcpt.address)
+            target = decision.target_of(rcpt.address)
             if target is None:
                 continue  # merged into an earlier spelling of the same mailbox
             key = envelope_key(target)
