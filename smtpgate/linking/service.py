@@ -11,7 +11,7 @@ message is accepted. A store or allocator failure is `LinkUnavailable`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 
 from smtpgate.linking.decision import Envelope, LinkDecision, RecipientDecision
@@ -58,11 +58,15 @@ class LinkService:
         message_id: str | None = None,
         observe: bool = False,
         log=None,
+        known_links: Mapping[tuple[str, str], str] | None = None,
     ) -> LinkDecision:
         """The decision for one message; with ``observe`` the store is only read.
 
         ``message_id`` None: the Message-ID field's ``<id>``, else a new one
-        (``message_id_added``). Raises LinkUnavailable when the store fails.
+        (``message_id_added``). ``known_links``: what ``early_target`` found for this
+        transaction, (source reference, mailbox) -> linked reference; those links are
+        reused as found then, without asking the store again (the RCPT already named them
+        upstream). Raises LinkUnavailable when the store fails.
         """
         log = log or _log
         added = False
@@ -71,12 +75,13 @@ class LinkService:
             if message_id is None:
                 message_id, added = make_message_id(self.hostname), True
         try:
-            return await self._decide(envelope, headers, message_id, added, observe, log)
+            return await self._decide(envelope, headers, message_id, added, observe, log, known_links or {})
         except StoreError as exc:
             raise LinkUnavailable(f"store: {exc}") from None
 
     async def _decide(
-        self, envelope: Envelope, headers: HeaderBlock, message_id: str, added: bool, observe: bool, log
+        self, envelope: Envelope, headers: HeaderBlock, message_id: str, added: bool, observe: bool, log,
+        known_links: Mapping[tuple[str, str], str],
     ) -> LinkDecision:
         facts = dict(
             message_id=message_id,
@@ -106,7 +111,7 @@ class LinkService:
 
         context = AllocationContext(subject=facts["subject"], from_=facts["from_"], message_id=message_id)
         found, created, reused, would_create, untaggable = await self._links(
-            plan, source, owner, context, message_id, observe, log)
+            plan, source, owner, context, message_id, observe, log, known_links)
 
         resolution = plan.resolve(found)
         for mailbox in resolution.untaggable:
@@ -164,7 +169,7 @@ class LinkService:
         return None
 
     async def _links(self, plan: Plan, source: Source, owner: str | None, context: AllocationContext,
-                     message_id: str, observe: bool, log):
+                     message_id: str, observe: bool, log, known_links: Mapping[tuple[str, str], str]):
         found: dict[str, str | None] = {}
         created: list[str] = []
         reused: list[str] = []
@@ -179,6 +184,11 @@ class LinkService:
                     reused.append(reference)
                 elif lookup.allow_create:
                     would_create.append(mb.address)
+                continue
+            known = known_links.get((source.reference, mb.address))
+            if known is not None:
+                found[mb.address] = known
+                reused.append(known)
                 continue
             target = LinkTarget(mailbox=mb.address, team=mb.team, new_reference=mb.new_reference,
                                 allow_create=lookup.allow_create,
@@ -206,10 +216,12 @@ class LinkService:
                 reused.append(reference)
         return found, created, reused, would_create, untaggable
 
-    async def early_target(self, mail_from: Address, recipient: Address) -> Address | None:
+    async def early_target(self, mail_from: Address, recipient: Address,
+                           found: dict[tuple[str, str], str] | None = None) -> Address | None:
         """The tagged form of ``recipient`` when the envelope sender names the source and the
         link already exists (or it is the source's own mailbox); None otherwise, and on any
-        store failure (end of DATA decides for good). Reads only."""
+        store failure (end of DATA decides for good). Reads only; a link it finds is added
+        to ``found`` (for ``decide``'s ``known_links``)."""
         source = self.directory.tag_reference(mail_from)
         match = self.directory._match(recipient)
         if source is None or match is None or match.tag is not None:
@@ -222,6 +234,8 @@ class LinkService:
                 return None
             if reference is None:
                 return None
+            if found is not None:
+                found[source[1], match.info.address] = reference
         local = join_tag(match.base, reference, self.directory.separator)
         return Address(local, recipient.domain) if local is not None else None
 

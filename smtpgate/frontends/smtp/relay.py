@@ -80,6 +80,8 @@ class Transaction:
     refused: list[tuple[str, str]] = field(default_factory=list)
     # upstream_ms and store_ms for message.relayed/rejected, which feed the latency metrics
     timings: dict[str, float] = field(default_factory=dict)
+    # links found at RCPT time, (source reference, mailbox) -> reference: the decision reuses them
+    known_links: dict[tuple[str, str], str] = field(default_factory=dict)
 
     # ----------------------------------------------------------------- MAIL
 
@@ -148,7 +150,7 @@ class Transaction:
         (a replay follows if the message says otherwise)."""
         if self.ctx.mode != "enforce" or self.ctx.direction != "outbound" or self.mail_from is None:
             return None
-        return await self.ctx.links.early_target(self.mail_from, address)
+        return await self.ctx.links.early_target(self.mail_from, address, self.known_links)
 
     def _not_connected(self, exc: UpstreamError) -> SMTPReply:
         """No upstream connection could be had: logged at stage connect, and the reply."""
@@ -243,7 +245,7 @@ class Transaction:
             if self.ctx.direction == "inbound":
                 return await self.ctx.links.retag(self.envelope(), headers, unknown_tags=self.ctx.unknown_tags)
             return await self.ctx.links.decide(self.envelope(), headers, observe=self.ctx.mode == "observe",
-                                               log=self.log)
+                                               log=self.log, known_links=self.known_links)
         except LinkUnavailable as exc:
             raise SMTPReply(replies.TEMPORARY_FAILURE, str(exc)) from None
 
