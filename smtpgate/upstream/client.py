@@ -176,9 +176,12 @@ class SmtpSession(UpstreamSession):
             # The payload is written as pieces, the body straight from the received bytes:
             # no copy of a large message unless it has lines to dot-stuff.
             protocol = self.client.protocol
-            for piece in wire_pieces(head, content, start):
-                protocol.write(piece)
-            # Nothing runs between the last write and read_response marking a reply as awaited.
+            transport = protocol.transport if protocol is not None else None
+            if transport is None or transport.is_closing():
+                raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+            # One write call for all the pieces (uvloop: one writev).
+            transport.writelines(wire_pieces(head, content, start))
+            # Nothing runs between the write and read_response marking a reply as awaited.
             response = await protocol.read_response(timeout=wait)
         except asyncio.CancelledError:
             self.desynced = True
