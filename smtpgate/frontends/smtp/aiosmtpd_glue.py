@@ -10,6 +10,16 @@ and the `tls_active` property. `check_internals` fails loudly when an aiosmtpd r
 them; a test runs it, and pyproject.toml pins aiosmtpd to the tested minor
 range.
 
+`GlueSMTP.smtp_DATA` reads the message data with smtpgate's own reader
+(`read_message_data`): aiosmtpd reads it a line at a time, keeps a list of
+lines and joins them, and its stream reader's 1001-octet limit pauses and
+resumes the transport every 2 KB. smtpgate reads it in large chunks up to the
+final dot, with the reader's limit raised (`DATA_READ_LIMIT`) only while it
+does, and keeps everything aiosmtpd's `smtp_DATA` shows a client or a handler:
+the same replies, the same refusals (`data_refusal`, decided as aiosmtpd's
+line-by-line reader decides them, sent once the final dot is in), the same
+dot-unstuffing, `envelope.content` and `original_content`, and the DATA hook.
+
 `PrototypeSMTP` (GlueSMTP's base) spares each connection aiosmtpd's
 `SMTP.__init__`, which derives its command, hook and AUTH mechanism tables
 from the class and the handler with `inspect.getmembers` and `dir` (and
@@ -25,16 +35,20 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import types
 import weakref
+from collections.abc import Callable
 from functools import partial
 from typing import Any
+from warnings import warn
 
-from aiosmtpd.smtp import SMTP, _AuthMechAttr, syntax
+from aiosmtpd.smtp import MISSING, SMTP, _AuthMechAttr, syntax
 
 from smtpgate.mail import replies
 
-__all__ = ["AIOSMTPD_REPLIES", "DATA_REFUSALS", "GlueSMTP", "PrototypeSMTP", "check_internals"]
+__all__ = ["AIOSMTPD_REPLIES", "DATA_READ_LIMIT", "DATA_REFUSALS", "GlueSMTP", "PrototypeSMTP", "check_internals",
+           "data_refusal", "read_message_data"]
 
 # The private aiosmtpd members smtpgate relies on, and the kind each must be.
 _INTERNALS = {
@@ -44,7 +58,14 @@ _INTERNALS = {
     "_reset_timeout": "function",
     "_timeout_cb": "function",
     "_cb_client_connected": "function",  # PrototypeSMTP hands it to a fresh StreamReaderProtocol
+    "_call_handler_hook": "coroutine",  # smtp_DATA calls the DATA hook as aiosmtpd does
+    "check_helo_needed": "coroutine",
+    "check_auth_needed": "coroutine",
 }
+
+# The instance attributes of aiosmtpd's SMTP that smtp_DATA reads, as its source names them.
+_DATA_ATTRIBUTES = ("self._reader", "self._writer", "self._decode_data", "self._handle_hooks",
+                    "self.data_size_limit", "self.line_length_limit", "self.enable_SMTPUTF8")
 
 # What SMTP.__init__ builds per connection that PrototypeSMTP copies and rebinds.
 _PER_CONNECTION_TABLES = ("self._smtp_methods", "self._auth_methods", "self._handle_hooks",
@@ -65,10 +86,20 @@ AIOSMTPD_REPLIES = {
 }
 
 # aiosmtpd's refusals of the message data itself: each is the message's one message.rejected.
+TOO_MUCH_DATA = "552 Error: Too much mail data"
+LINE_TOO_LONG = "500 Line too long (see RFC5321 4.5.3.1.6)"
 DATA_REFUSALS = {
-    "552 Error: Too much mail data": "data over limits.max_message_size",
-    "500 Line too long (see RFC5321 4.5.3.1.6)": "line over 1000 octets",
+    TOO_MUCH_DATA: "data over limits.max_message_size",
+    LINE_TOO_LONG: "line over 1000 octets",
 }
+
+# The stream reader's limit while message data is read (commands keep aiosmtpd's
+# line_length_limit): the most a chunk holds before it is moved out, and half of
+# what the reader buffers before it pauses the transport.
+DATA_READ_LIMIT = 64 * 1024
+
+# aiosmtpd's logger, which tells of a connection lost during DATA.
+_aiosmtpd_log = logging.getLogger("mail.log")
 
 
 def check_internals() -> list[str]:
@@ -87,6 +118,11 @@ def check_internals() -> list[str]:
     for table in _PER_CONNECTION_TABLES:
         if table not in init:
             problems.append(f"aiosmtpd.smtp.SMTP.__init__ no longer sets up {table}")
+    data = inspect.getsource(SMTP.smtp_DATA)
+    for attribute in _DATA_ATTRIBUTES:
+        if attribute not in data:
+            problems.append(f"aiosmtpd.smtp.SMTP.smtp_DATA no longer uses {attribute}")
+    problems.extend(_check_stream_reader_limit())
     if "method" not in getattr(_AuthMechAttr, "_fields", ()):
         problems.append("aiosmtpd.smtp._AuthMechAttr no longer has a method field")
     if "self._tls_protocol" not in source:
@@ -98,6 +134,156 @@ def check_internals() -> list[str]:
         if not any(f"{q}{written}{q}" in source for q in ("'", '"')):
             problems.append(f"aiosmtpd no longer replies {line!r}")
     return problems
+
+
+def _check_stream_reader_limit() -> list[str]:
+    """asyncio.StreamReader keeps its limit in _limit, and readuntil obeys a changed one."""
+    loop = asyncio.new_event_loop()  # never run: readuntil finds what is buffered without waiting
+    try:
+        reader = asyncio.StreamReader(limit=4, loop=loop)
+        if getattr(reader, "_limit", None) != 4:
+            return ["asyncio.StreamReader no longer keeps its limit in _limit"]
+        reader.feed_data(b"123456\r\n")
+        try:
+            _run_at_once(reader.readuntil(b"\r\n"))
+            return ["asyncio.StreamReader.readuntil no longer enforces its limit"]
+        except asyncio.LimitOverrunError:
+            pass
+        reader._limit = 16
+        if _run_at_once(reader.readuntil(b"\r\n")) != b"123456\r\n":
+            return ["asyncio.StreamReader.readuntil no longer obeys a changed _limit"]
+        return []
+    finally:
+        loop.close()
+
+
+def _run_at_once(coroutine):
+    """The result of a coroutine that finishes without waiting."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value
+    coroutine.close()
+    raise RuntimeError("the coroutine waited")
+
+
+def data_refusal(data: bytes, size_limit: int | None, line_limit: int, read_limit: int) -> str | None:
+    """aiosmtpd's refusal of message data (its 552 or its 500 line), or None when it takes it.
+
+    `data` is the message data as sent (dot-stuffed CRLF lines, without the final dot) or,
+    once it is longer than size_limit, at least its first size_limit + read_limit + 3
+    octets. aiosmtpd reads it a line at a time from a stream reader limited to
+    read_limit: a line whose text is longer than that overruns the reader and is refused
+    before it is counted; any other line is counted (552 once the count passes
+    size_limit) and then measured (500 when it is longer than line_limit with its CRLF).
+    The first of these decides, as it does in aiosmtpd.
+    """
+    pos, end = 0, len(data)
+    while pos < end:
+        if size_limit and pos > size_limit:
+            return TOO_MUCH_DATA
+        # Every line that ends within line_limit octets of pos is short enough: past them all.
+        crlf = data.rfind(b"\r\n", pos, pos + line_limit)
+        if crlf != -1:
+            pos = crlf + 2
+            continue
+        # The line at pos is too long.
+        crlf = data.find(b"\r\n", pos, pos + read_limit + 2)
+        if crlf == -1:  # it overran aiosmtpd's reader: refused before it was counted
+            return LINE_TOO_LONG
+        return TOO_MUCH_DATA if size_limit and crlf + 2 > size_limit else LINE_TOO_LONG
+    return TOO_MUCH_DATA if size_limit and end > size_limit else None
+
+
+class _MessageData:
+    """Message data as it arrives, dot-stuffed, and aiosmtpd's verdict on it.
+
+    Once the data is far enough past the size limit for the verdict to be known, it is
+    dropped: what follows is read up to the final dot and counted, no longer kept.
+    """
+
+    __slots__ = ("chunks", "size", "refusal", "_size_limit", "_line_limit", "_read_limit", "_decide_at")
+
+    def __init__(self, size_limit: int | None, line_limit: int, read_limit: int) -> None:
+        self.chunks: list[bytes | memoryview] = []
+        self.size = 0
+        self.refusal: str | None = None
+        self._size_limit = size_limit
+        self._line_limit = line_limit
+        self._read_limit = read_limit
+        self._decide_at = size_limit + read_limit + 3 if size_limit else None
+
+    def add(self, piece: bytes | memoryview) -> None:
+        self.size += len(piece)
+        if self.refusal is not None:
+            return
+        self.chunks.append(piece)
+        if self._decide_at is not None and self.size >= self._decide_at:
+            self.refusal = self._verdict(b"".join(self.chunks))
+            self.chunks = []
+
+    def _verdict(self, data: bytes) -> str | None:
+        return data_refusal(data, self._size_limit, self._line_limit, self._read_limit)
+
+    def finish(self) -> tuple[str | None, bytes]:
+        """(aiosmtpd's refusal, b"") or (None, the data dot-unstuffed as RFC 5321 4.5.2 says)."""
+        if self.refusal is not None:
+            return self.refusal, b""
+        data = b"".join(self.chunks)
+        self.chunks = []
+        refusal = self._verdict(data)
+        if refusal is not None:
+            return refusal, b""
+        # A line that begins with "." loses that ".": the first line, and each after a CRLF.
+        if b"\r\n." in data:
+            data = data.replace(b"\r\n.", b"\r\n")
+        if data[:1] == b".":
+            data = data[1:]
+        return None, data
+
+
+async def read_message_data(reader: asyncio.StreamReader, add: Callable[[bytes | memoryview], None]) -> None:
+    """Read message data up to and including its final dot, handing `add` what precedes the dot.
+
+    The final dot is a line "." (RFC 5321 4.1.1.4), the first line included; lines end at
+    CRLF only. `add` gets the octets as sent (dot-stuffed), in order, in pieces no longer
+    than the reader's limit allows; whatever follows the final dot stays in the reader.
+    """
+    while True:  # at the start of a line
+        first = await reader.readexactly(1)
+        if first != b"." and first != b"\r":
+            add(first)
+            break
+        # The final dot, a dot-stuffed line, or a line whose first octet is a CR that the
+        # next may make a CRLF: read to the next LF, so no separator begins in what was read.
+        head = first
+        while True:
+            try:
+                rest = await reader.readuntil(b"\n")
+                break
+            except asyncio.LimitOverrunError as exc:
+                # A long run without LF: move it out but for its last octet (maybe a CR),
+                # so no CRLF is split between two pieces.
+                if head:
+                    add(head)
+                    head = b""
+                add(await reader.read(exc.consumed - 1))
+        line = head + rest
+        if head and line == b".\r\n":
+            return
+        add(line)
+        if not line.endswith(b"\r\n"):
+            break  # within a line, after a bare LF
+    # No separator begins in what was read: the first CRLF "." CRLF from here ends the data.
+    while True:
+        try:
+            chunk = await reader.readuntil(b"\r\n.\r\n")
+            break
+        except asyncio.LimitOverrunError as exc:
+            # CPython leaves the last len(separator) - 1 octets in the reader, so a
+            # separator that arrives in pieces is still found.
+            add(await reader.read(exc.consumed))
+    add(memoryview(chunk)[:-3])  # the last line keeps its CRLF; ".\r\n" is the final dot
 
 
 # handler -> {(class, loop, settings): prototype}; a handler that goes (a stopped
@@ -171,6 +357,8 @@ class _Commands(dict):
 class GlueSMTP(PrototypeSMTP):
     """aiosmtpd's protocol with the hooks smtpgate needs; see the module docstring."""
 
+    data_read_limit = DATA_READ_LIMIT
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._smtp_methods = _Commands(self._smtp_methods, self.unknown_command)
@@ -201,9 +389,74 @@ class GlueSMTP(PrototypeSMTP):
     async def smtp_DATA(self, arg: str | None) -> None:
         self.receiving_data = True
         try:
-            await super().smtp_DATA(arg)
+            await self._serve_data(arg)
         finally:
             self.receiving_data = False
+
+    async def _serve_data(self, arg: str | None) -> None:
+        """aiosmtpd's smtp_DATA (1.4), but for how the message data is read."""
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+
+        reader = self._reader
+        command_limit = reader._limit
+        data = _MessageData(self.data_size_limit, self.line_length_limit, command_limit)
+        reader._limit = max(command_limit, self.data_read_limit)
+        try:
+            await read_message_data(reader, data.add)
+        except asyncio.CancelledError:
+            _aiosmtpd_log.info("Connection lost during DATA")
+            self._writer.close()
+            raise
+        finally:
+            reader._limit = command_limit
+
+        # As aiosmtpd: a refusal of the data is sent once the final dot is in.
+        refusal, original_content = data.finish()
+        if refusal is not None:
+            await self.push(refusal)
+            self._set_post_data_state()
+            return
+        content: str | bytes
+        if self._decode_data:
+            if self.enable_SMTPUTF8:
+                content = original_content.decode("utf-8", errors="surrogateescape")
+            else:
+                try:
+                    content = original_content.decode("ascii", errors="strict")
+                except UnicodeDecodeError:
+                    await self.push("500 Error: strict ASCII mode")
+                    return
+        else:
+            content = original_content
+        self.envelope.content = content
+        self.envelope.original_content = original_content
+
+        if "DATA" in self._handle_hooks:
+            status = await self._call_handler_hook("DATA")
+        else:
+            status = MISSING
+            if hasattr(self.event_handler, "process_message"):
+                warn("Use handler.handle_DATA() instead of .process_message()", DeprecationWarning)
+                args = (self.session.peer, self.envelope.mail_from, self.envelope.rcpt_tos, self.envelope.content)
+                if asyncio.iscoroutinefunction(self.event_handler.process_message):
+                    status = await self.event_handler.process_message(*args)
+                else:
+                    status = self.event_handler.process_message(*args)
+                if status is None:
+                    status = MISSING
+        self._set_post_data_state()
+        await self.push("250 OK" if status is MISSING else status)
 
     async def before_serving(self) -> bool:
         """Called before the greeting; False closes the connection (the hook pushed a reply)."""

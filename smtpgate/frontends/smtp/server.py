@@ -1,8 +1,10 @@
 """The SMTP front end: aiosmtpd's protocol on smtpgate's own asyncio loop.
 
-`GateSMTP` keeps aiosmtpd's command loop, STARTTLS, AUTH and DATA reader, and
-replaces MAIL and RCPT (to keep parameters as written and to relay each one in
-lockstep), so every reply comes from smtpgate.mail.replies or from the upstream.
+`GateSMTP` keeps aiosmtpd's command loop, STARTTLS and AUTH, reads message data
+with GlueSMTP's chunked reader (aiosmtpd's replies and refusals, see
+aiosmtpd_glue), and replaces MAIL and RCPT (to keep parameters as written and to
+relay each one in lockstep), so every reply comes from smtpgate.mail.replies or
+from the upstream.
 """
 
 from __future__ import annotations
