@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from smtpgate.mail.dataguard import DataProblem, find_header_end, scan_data
+from smtpgate.mail.dataguard import DataProblem, crlf_only, find_header_end, find_in_slices, scan_data
 
 
 @pytest.mark.parametrize(
@@ -88,3 +88,21 @@ def test_the_counting_shortcut_decides_as_the_byte_scan(data):
     assert (found is None) == (oracle is None)
     if oracle is not None:
         assert found.offset == oracle.start()
+
+
+# Whole-message searches a slice at a time must answer as the one-call search would,
+# wherever a slice boundary falls (a CRLF or the searched bytes split across two slices).
+_octets = st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b".", b"a", b"\0", b"\r\n."]), max_size=16).map(b"".join)
+
+
+@given(data=_octets, start=st.integers(0, 6), slice_octets=st.integers(1, 7))
+def test_crlf_only_in_slices_is_the_whole_count(data, start, slice_octets):
+    rest = data[start:]
+    expected = b"\0" not in rest and rest.count(b"\r") == rest.count(b"\n") == rest.count(b"\r\n")
+    assert crlf_only(data, start, slice_octets=slice_octets) is expected
+
+
+@given(data=_octets, sub=st.sampled_from([b"\r\n.", b"\n", b".."]), start=st.integers(0, 6),
+       slice_octets=st.integers(1, 7))
+def test_find_in_slices_is_find(data, sub, start, slice_octets):
+    assert find_in_slices(data, sub, start, slice_octets=slice_octets) == data.find(sub, start)

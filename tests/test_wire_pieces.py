@@ -53,3 +53,13 @@ def test_a_body_without_final_line_end_gets_one():
 def test_an_empty_message_is_the_final_dot():
     assert wire(b"", b"", 0) == b".\r\n"
     assert wire(b"", b"skipped", 7) == b".\r\n"
+
+
+clean_lines = lines.filter(lambda b: b.count(b"\r") == b.count(b"\n") == b.count(b"\r\n"))
+
+
+@given(head=clean_lines | st.just(b""), body=clean_lines)
+def test_a_clean_body_needs_no_recount(head, body):
+    """What the data guard passed (CRLF line ends only) goes out the same with clean=True."""
+    if head + body:
+        assert b"".join(bytes(p) for p in wire_pieces(head, body, 0, clean=True)) == reference(head + body)

@@ -7,7 +7,13 @@ from dataclasses import dataclass
 
 from smtpgate.mail.headers import parse_header_block
 
-__all__ = ["DataProblem", "find_header_end", "scan_data"]
+__all__ = ["OFF_LOOP_OCTETS", "SLICE_OCTETS", "DataProblem", "crlf_only", "find_header_end", "find_in_slices",
+           "scan_data"]
+
+# From this size on, smtpgate runs whole-message work (this scan, joining and unstuffing the
+# data, searching it for dots to stuff) in a thread rather than on the event loop: bytes
+# methods hold the GIL per call only, so other sessions get their turns in between.
+OFF_LOOP_OCTETS = 1 << 20
 
 # A CR not followed by LF, an LF not preceded by CR, or a NUL: the smuggling shapes.
 _PROBLEM = re.compile(rb"\r(?!\n)|(?<!\r)\n|\x00")
@@ -22,11 +28,42 @@ class DataProblem:
     offset: int
 
 
+# Whole-message searches go a slice at a time: a bytes method holds the GIL for its whole
+# call, and a 25 MB message searched in one call would stall the event loop for ~20 ms.
+SLICE_OCTETS = 1 << 20
+
+
+def find_in_slices(data: bytes, sub: bytes, start: int = 0, *, slice_octets: int = SLICE_OCTETS) -> int:
+    """``data.find(sub, start)``, one slice of ``slice_octets`` at a time."""
+    while start < len(data):
+        found = data.find(sub, start, start + slice_octets + len(sub) - 1)
+        if found != -1:
+            return found
+        start += slice_octets
+    return -1
+
+
+def crlf_only(data: bytes, start: int = 0, *, slice_octets: int = SLICE_OCTETS) -> bool:
+    """``data[start:]`` has no NUL, and every CR and LF in it is part of a CRLF.
+
+    Decided by byte counts (C speed, a slice at a time): the counts of CR, of LF and of
+    CRLF agree exactly when no CR or LF stands alone.
+    """
+    cr = lf = pairs = 0
+    for begin in range(start, len(data), slice_octets):
+        end = begin + slice_octets
+        if data.find(b"\0", begin, end) != -1:
+            return False
+        cr += data.count(b"\r", begin, end)
+        lf += data.count(b"\n", begin, end)
+        pairs += data.count(b"\r\n", begin, end + 1)  # the pairs that start in this slice
+    return cr == lf == pairs
+
+
 def scan_data(raw: bytes) -> DataProblem | None:
     """The first bare CR, bare LF or NUL in ``raw`` (dot-unstuffed DATA with CRLF line ends), or None."""
-    # Every CR and every LF is part of a CRLF exactly when the three counts agree: the
-    # common clean message is decided by byte counts (C speed); the regex only finds where.
-    if b"\0" not in raw and raw.count(b"\r") == raw.count(b"\n") == raw.count(b"\r\n"):
+    # The common clean message is decided by byte counts; the regex only finds where.
+    if crlf_only(raw):
         return None
     match = _PROBLEM.search(raw)
     assert match is not None  # a NUL, or a CR or LF outside a CRLF: the counts said so

@@ -31,6 +31,7 @@ from aiosmtplib.protocol import normalize_message_line_endings
 from smtpgate.config import Upstream, load_client_certificate
 from smtpgate.log import get_logger
 from smtpgate.mail import replies
+from smtpgate.mail.dataguard import OFF_LOOP_OCTETS, crlf_only, find_in_slices
 from smtpgate.mail.replies import Reply
 from smtpgate.metrics import UPSTREAM_IN_USE
 from smtpgate.upstream.mx import MxRoute, RouteError, Target
@@ -85,9 +86,10 @@ class UpstreamSession:
     async def mail(self, sender: str, params: list[str]) -> Verdict: ...
     async def rcpt(self, recipient: str, params: list[str]) -> Verdict: ...
     async def rset(self) -> Verdict: ...
-    async def data(self, content: bytes, *, head: bytes = b"", start: int = 0) -> Verdict:
+    async def data(self, content: bytes, *, head: bytes = b"", start: int = 0, clean: bool = False) -> Verdict:
         """Send the message ``head + content[start:]`` (head and start spare a copy of a
-        large body when only the header block changed)."""
+        large body when only the header block changed; ``clean``: content is known to have
+        only CRLF line ends)."""
     async def release(self, reusable: bool) -> None: ...
 
 
@@ -167,7 +169,7 @@ class SmtpSession(UpstreamSession):
         # The health check of a pooled connection: a dead one must not eat the MAIL budget.
         return await self._command(b"NOOP", timeout=self.pool.config.timeouts.connect)
 
-    async def data(self, content: bytes, *, head: bytes = b"", start: int = 0) -> Verdict:
+    async def data(self, content: bytes, *, head: bytes = b"", start: int = 0, clean: bool = False) -> Verdict:
         wait = self.pool.config.timeouts.data
         try:
             ready = await self.client.execute_command(b"DATA", timeout=wait)
@@ -179,8 +181,14 @@ class SmtpSession(UpstreamSession):
             transport = protocol.transport if protocol is not None else None
             if transport is None or transport.is_closing():
                 raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+            if len(content) - start > OFF_LOOP_OCTETS:  # a large body is searched for dots in a thread
+                pieces = await asyncio.to_thread(wire_pieces, head, content, start, clean=clean)
+                if transport.is_closing():
+                    raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+            else:
+                pieces = wire_pieces(head, content, start, clean=clean)
             # One write call for all the pieces (uvloop: one writev).
-            transport.writelines(wire_pieces(head, content, start))
+            transport.writelines(pieces)
             # Nothing runs between the write and read_response marking a reply as awaited.
             response = await protocol.read_response(timeout=wait)
         except asyncio.CancelledError:
@@ -216,32 +224,28 @@ def _describe(exc: BaseException, wait: float) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _crlf_only(data: bytes, start: int) -> bool:
-    """data[start:] has no CR or LF outside CRLF pairs (the data guard's count test)."""
-    pairs = data.count(b"\r\n", start)
-    return data.count(b"\r", start) == pairs == data.count(b"\n", start)
-
-
 def _stuffed(data: bytes) -> bytes:
     """RFC 5321 4.5.2: a period at the start of a line is doubled (data starts a line)."""
-    data = data.replace(b"\r\n.", b"\r\n..")
+    if find_in_slices(data, b"\r\n.") != -1:
+        data = data.replace(b"\r\n.", b"\r\n..")
     return b"." + data if data.startswith(b".") else data
 
 
-def wire_pieces(head: bytes, content: bytes, start: int = 0) -> list[bytes | memoryview]:
+def wire_pieces(head: bytes, content: bytes, start: int = 0, *, clean: bool = False) -> list[bytes | memoryview]:
     """The DATA payload for the message ``head + content[start:]``: dot-stuffed, ending
     in CRLF, then the final dot, as pieces to write in order.
 
     The body goes out as a view of ``content`` (no copy) unless a line of it starts with
     a period. A message with a bare CR or LF (which the SMTP front end refuses before it
-    gets here) has its line endings made CRLF first, as aiosmtplib would.
+    gets here) has its line endings made CRLF first, as aiosmtplib would; ``clean`` says
+    content has none (the data guard passed it), which spares counting them again.
     """
-    if (head and not head.endswith(b"\r\n")) or not (_crlf_only(head, 0) and _crlf_only(content, start)):
+    if (head and not head.endswith(b"\r\n")) or not (crlf_only(head) and (clean or crlf_only(content, start))):
         whole = normalize_message_line_endings(head + content[start:])
         return [_stuffed(whole), b".\r\n"]
     pieces: list[bytes | memoryview] = [_stuffed(head)] if head else []
     if start < len(content):
-        if content.startswith(b".", start) or content.find(b"\r\n.", start) != -1:
+        if content.startswith(b".", start) or find_in_slices(content, b"\r\n.", start) != -1:
             pieces.append(_stuffed(content[start:]))
         else:
             pieces.append(memoryview(content)[start:])
@@ -282,7 +286,7 @@ class MaildirSession(UpstreamSession):
         self.sender, self.recipients, self.rcpt_params = "", [], []
         return Verdict(250, "2.0.0 OK")
 
-    async def data(self, content: bytes, *, head: bytes = b"", start: int = 0) -> Verdict:
+    async def data(self, content: bytes, *, head: bytes = b"", start: int = 0, clean: bool = False) -> Verdict:
         if head or start:
             content = head + content[start:]
         envelope = {

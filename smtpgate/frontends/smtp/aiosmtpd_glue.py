@@ -46,6 +46,7 @@ from warnings import warn
 from aiosmtpd.smtp import MISSING, SMTP, _AuthMechAttr, syntax
 
 from smtpgate.mail import replies
+from smtpgate.mail.dataguard import OFF_LOOP_OCTETS, find_in_slices
 
 __all__ = ["AIOSMTPD_REPLIES", "DATA_READ_LIMIT", "DATA_REFUSALS", "GlueSMTP", "PrototypeSMTP", "check_internals",
            "data_refusal", "read_message_data"]
@@ -235,7 +236,7 @@ class _MessageData:
         if refusal is not None:
             return refusal, b""
         # A line that begins with "." loses that ".": the first line, and each after a CRLF.
-        if b"\r\n." in data:
+        if find_in_slices(data, b"\r\n.") != -1:
             data = data.replace(b"\r\n.", b"\r\n")
         if data[:1] == b".":
             data = data[1:]
@@ -422,7 +423,10 @@ class GlueSMTP(PrototypeSMTP):
             reader._limit = command_limit
 
         # As aiosmtpd: a refusal of the data is sent once the final dot is in.
-        refusal, original_content = data.finish()
+        # Joining, checking and unstuffing a large message takes tens of milliseconds of
+        # CPU: off the event loop, so other sessions are served meanwhile.
+        refusal, original_content = (await asyncio.to_thread(data.finish) if data.size > OFF_LOOP_OCTETS
+                                     else data.finish())
         if refusal is not None:
             await self.push(refusal)
             self._set_post_data_state()

@@ -10,6 +10,7 @@ recipients before the data is sent.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from smtpgate.mail.dataguard import scan_data
 from smtpgate.mail.headers import HeaderBlock, parse_header_block
 from smtpgate.mail.params import Param, xtext
 from smtpgate.mail.replies import SMTPReply
+from smtpgate.mail.dataguard import OFF_LOOP_OCTETS
 from smtpgate.upstream.client import UpstreamAuthError, UpstreamError, UpstreamPool, UpstreamSession, Verdict
 
 __all__ = ["MAIL_PARAMS", "RCPT_PARAMS", "ClientInfo", "RelayContext", "Transaction"]
@@ -184,7 +186,7 @@ class Transaction:
         """
         if self.broken or self.upstream is None:
             raise SMTPReply(replies.UPSTREAM_LOST, self.broken or "no upstream transaction")
-        headers = self._check(raw)
+        headers = await asyncio.to_thread(self._check, raw) if len(raw) > OFF_LOOP_OCTETS else self._check(raw)
         decision = await self._timed("store_ms", self._decide(headers))
         observe = self.ctx.mode == "observe"
         if decision.inbound is not None:
@@ -346,7 +348,7 @@ class Transaction:
         """DATA upstream: the message head + raw[rest:]."""
         assert self.upstream is not None
         try:
-            return await self.upstream.data(raw, head=head, start=rest)
+            return await self.upstream.data(raw, head=head, start=rest, clean=True)  # _check passed raw
         except UpstreamError as exc:
             self.broken = exc.reason
             self.log.warning("upstream.error", stage="data", reason=exc.reason,
