@@ -253,6 +253,51 @@ def test_locate_addresses_skips_what_does_not_decode() -> None:
     assert [str(m.address) for m in locate_addresses(value, decode)] == ["c@d"]
 
 
+def test_a_run_of_atext_or_white_space_is_one_token() -> None:
+    local = "a.Z9!#$%&'*+-/=?^_`{|}~\x80ü\U0010ffff\udcff"
+    value = f"{local}@x.example \t\r\n, c@d"
+    located = locate_addresses(value)
+    assert [(m.address, m.start, m.end) for m in located] == [
+        (Address(local, "x.example"), 0, len(local) + 10),
+        (Address("c", "d"), len(value) - 3, len(value)),
+    ]
+
+
+def test_kept_parses_give_a_new_list_each_time() -> None:
+    value = "Team B <pl-payroll@corp.example>, client@supplier.example"
+    first = locate_addresses(value)
+    first.clear()
+    assert [str(m.address) for m in locate_addresses(value)] == ["pl-payroll@corp.example", "client@supplier.example"]
+    lenient = parse_address_list(value, strict=False)
+    lenient.append(Address("x", "y"))
+    assert parse_address_list(value, strict=False) == [Address("pl-payroll", "corp.example"),
+                                                       Address("client", "supplier.example")]
+    assert parse_path("<pl-payroll@corp.example>") == parse_path("<pl-payroll@corp.example>") == Address(
+        "pl-payroll", "corp.example")
+
+
+def test_a_refused_text_is_refused_every_time() -> None:
+    for _ in range(2):
+        with pytest.raises(AddressError):
+            parse_path("<a b@c>")
+        assert locate_addresses("a@b, (") == []
+
+
+def test_long_texts_parse_like_short_ones() -> None:
+    # Over 1024 characters a text is parsed each time and never kept: the same answers.
+    many = ", ".join(f"User {i} <u{i}@corp.example>" for i in range(60))
+    assert len(many) > 1024
+    located = locate_addresses(many)
+    assert [str(m.address) for m in located] == [f"u{i}@corp.example" for i in range(60)]
+    assert [many[m.start : m.end] for m in located] == [f"u{i}@corp.example" for i in range(60)]
+    assert locate_addresses(many) == located
+    route = ",".join(["@relay.corp.example"] * 60)
+    assert len(route) > 1024
+    assert parse_path(f"<{route}:u@corp.example>") == Address("u", "corp.example")
+    with pytest.raises(AddressError):
+        parse_path(f"<{'a' * 1100}@corp.example>")
+
+
 @pytest.mark.parametrize(
     ("domain", "expected"),
     [

@@ -39,6 +39,15 @@ def test_values_are_unfolded_but_not_decoded() -> None:
     assert block.get_all("Missing") == []
 
 
+def test_get_all_gives_a_new_list_each_time() -> None:
+    block = parse_header_block(RAW)
+    block.get_all("To").append("extra@example.org")
+    block.get_all("Missing").append("extra@example.org")
+    assert block.get_all("To") == ["x@y, z@w"]
+    assert block.get_all("Missing") == []
+    assert [f.value for f in block.fields] == [block.get(f.name) for f in block.fields]
+
+
 def test_get_text_decodes_rfc_2047() -> None:
     block = parse_header_block(RAW)
     assert block.get_text("Subject") == "café 101203-T"

@@ -38,22 +38,19 @@ MAX_PATH_OCTETS = 254  # RFC 5321 4.5.3.1.3: 256 for the path including < and >
 # Local parts the relay must never split, whatever the separator (RFC 5321 4.5.1).
 UNSPLITTABLE = frozenset({"postmaster", "mailer-daemon"})
 
-_ATEXT_ASCII = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-/=?^_`{|}~")
 _ATEXT_CLASS = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~\x80-\U0010ffff]"
 _DOT_ATOM = re.compile(rf"{_ATEXT_CLASS}+(?:\.{_ATEXT_CLASS}+)*")
 _LDH_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
-_SPECIALS = frozenset("<>@,;:")
 _WSP = frozenset(" \t\r\n")
+# The tokens one regular expression finds: a run of white space (group 1), a run
+# of atext (RFC 5322 3.2.3, 8-bit included) or "." (group 2), one special character (3).
+_SIMPLE_TOKEN = re.compile(r"([ \t\r\n]+)|([A-Za-z0-9!#$%&'*+\-/=?^_`{|}~.\x80-\U0010ffff]+)|([<>@,;:])")
 # Bound on the hops followed inside one local part (each hop shortens it anyway).
 _HOPS_LIMIT = 32
 
 
 class AddressError(ValueError):
     """An address, path or address list that smtpgate refuses to interpret."""
-
-
-def _is_atext(ch: str) -> bool:
-    return ch in _ATEXT_ASCII or ch == "." or ch >= "\x80"
 
 
 def _is_control(ch: str) -> bool:
@@ -75,21 +72,18 @@ def _tokenize(s: str) -> list[_Token]:
     """
     tokens: list[_Token] = []
     i, n = 0, len(s)
+    simple = _SIMPLE_TOKEN.match
     while i < n:
+        found = simple(s, i)
+        if found is not None:
+            text, end = found.group(), found.end()
+            kind = found.lastindex
+            tokens.append(_Token("ws" if kind == 1 else "atom" if kind == 2 else text, text, i, end))
+            i = end
+            continue
         ch = s[i]
         start = i
-        if ch in _WSP:
-            while i < n and s[i] in _WSP:
-                i += 1
-            tokens.append(_Token("ws", s[start:i], start, i))
-        elif _is_atext(ch):
-            while i < n and _is_atext(s[i]):
-                i += 1
-            tokens.append(_Token("atom", s[start:i], start, i))
-        elif ch in _SPECIALS:
-            tokens.append(_Token(ch, ch, i, i + 1))
-            i += 1
-        elif ch == '"':
+        if ch == '"':
             i = _scan_quoted(s, i + 1, '"')
             tokens.append(_Token("qstr", s[start:i], start, i))
         elif ch == "(":
@@ -152,6 +146,12 @@ def _unquote(qstr: str) -> str:
     """The content of a quoted string: quotes removed, quoted pairs resolved."""
     inner = qstr[1:-1]
     return re.sub(r"\\(.)", r"\1", inner, flags=re.DOTALL)
+
+
+def _addr_spec(local: str, domain: str) -> str:
+    """The addr-spec of an unquoted local part and a domain (none for ``postmaster``)."""
+    local = _format_local(local)
+    return f"{local}@{domain}" if domain else local
 
 
 def _format_local(local: str) -> str:
@@ -238,14 +238,17 @@ class Address:
 
     def __str__(self) -> str:
         """The addr-spec, with the local part quoted when it is not a dot-atom."""
-        local = _format_local(self.local)
-        return f"{local}@{self.domain}" if self.domain else local
+        # Kept in the instance once made, as cached_property does, without its lock.
+        text = self.__dict__.get("_addr_spec")
+        if text is None:
+            text = self.__dict__["_addr_spec"] = _addr_spec(self.local, self.domain)
+        return text
 
     @cached_property
     def canonical(self) -> str:
         """The comparison key: lowercased local part, lowercase A-label domain."""
         domain = normalize_domain(self.domain) if self.domain else ""
-        return str(Address(self.local.lower(), domain))
+        return _addr_spec(self.local.lower(), domain)
 
     @cached_property
     def route_domains(self) -> tuple[str, ...]:
@@ -438,12 +441,19 @@ def locate_addresses(value: str, decode: Callable[[str], str] = _identity) -> li
     Lenient: an element that is not a valid mailbox or group is skipped, and a
     value that does not even tokenize yields nothing. ``decode`` maps token
     text to the real characters (the rewriter passes Latin-1 text of raw bytes
-    and decodes it as UTF-8 here, so offsets stay byte offsets).
+    and decodes it as UTF-8 here, so offsets stay byte offsets); it must be a
+    pure function, since the result for a (value, decode) pair is kept.
     """
+    if len(value) > _KEPT_TEXT_CHARS:
+        return list(_locate(value, decode))
+    return list(_locate_kept(value, decode))
+
+
+def _locate(value: str, decode: Callable[[str], str]) -> tuple[HeaderMailbox, ...]:
     try:
         parser = _ListParser(_tokenize(value), lenient=True)
     except AddressError:
-        return []
+        return ()
     parser.parse()
     located = []
     for found in parser.found:
@@ -452,7 +462,7 @@ def locate_addresses(value: str, decode: Callable[[str], str] = _identity) -> li
         except (AddressError, UnicodeError):
             continue
         located.append(HeaderMailbox(address, found.local.start, found.domain.end))
-    return located
+    return tuple(located)
 
 
 def parse_address_list(value: str, *, strict: bool = True) -> list[Address]:
@@ -480,6 +490,12 @@ def parse_path(text: str) -> Address | None:
     AddressError for anything else: comments, white space, control
     characters, a local part over 64 octets, a path over 254 octets.
     """
+    if len(text) > _KEPT_TEXT_CHARS:
+        return _parse_path(text)
+    return _parse_path_kept(text)
+
+
+def _parse_path(text: str) -> Address | None:
     inner = text
     if text.startswith("<") or text.endswith(">"):
         if not (text.startswith("<") and text.endswith(">") and len(text) >= 2):
@@ -508,6 +524,16 @@ def parse_path(text: str) -> Address | None:
     if len(str(address).encode("utf-8", "surrogatepass")) > MAX_PATH_OCTETS:
         raise AddressError("address longer than 254 octets")
     return address
+
+
+# Header field values and envelope paths recur (a team's mailboxes, the same
+# correspondents): their parses are kept, a bounded number of them and only for
+# short texts. What is kept is immutable (frozen Address, tuples); an
+# AddressError is never kept, so a refused text is parsed again each time.
+_KEPT_PARSES = 4096
+_KEPT_TEXT_CHARS = 1024
+_locate_kept = lru_cache(maxsize=_KEPT_PARSES)(_locate)
+_parse_path_kept = lru_cache(maxsize=_KEPT_PARSES)(_parse_path)
 
 
 def split_tag(local: str, separator: str) -> tuple[str, str | None]:

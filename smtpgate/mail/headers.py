@@ -12,6 +12,7 @@ import email.errors
 import email.header
 import re
 from dataclasses import dataclass
+from functools import cached_property
 
 __all__ = ["HeaderBlock", "HeaderField", "count_received", "decode_text", "parse_header_block"]
 
@@ -35,7 +36,7 @@ class HeaderField:
         """The bytes after the colon, folding and the final line end included."""
         return self.raw[self.value_start - self.start :]
 
-    @property
+    @cached_property
     def value(self) -> str:
         """The unfolded value without leading white space or line end.
 
@@ -55,8 +56,15 @@ class HeaderBlock:
 
     def get_all(self, name: str) -> list[str]:
         """The unfolded values (see HeaderField.value) of every field called ``name``, in order."""
-        key = name.lower()
-        return [f.value for f in self.fields if f.name.lower() == key]
+        return [f.value for f in self._by_name.get(name.lower(), ())]
+
+    @cached_property
+    def _by_name(self) -> dict[str, list[HeaderField]]:
+        """The fields by lowercased name, each list in order (built on first use)."""
+        index: dict[str, list[HeaderField]] = {}
+        for f in self.fields:
+            index.setdefault(f.name.lower(), []).append(f)
+        return index
 
     def get(self, name: str) -> str | None:
         """The unfolded value of the first field called ``name``, or None."""
