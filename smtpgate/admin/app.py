@@ -220,7 +220,7 @@ class AdminServer:
         # The pool's own path: a pooled connection answers NOOP, or a new one
         # is opened (TLS and AUTH included), and stays pooled for the next message.
         try:
-            session = await asyncio.wait_for(sources.upstream.acquire(), self._ready_timeout)
+            session = await asyncio.wait_for(sources.upstream.acquire(check=True), self._ready_timeout)
         except TimeoutError:
             return f"no answer within {self._ready_timeout:g} s"
         except UpstreamError as exc:

@@ -382,8 +382,12 @@ class UpstreamPool:
     def open_connections(self) -> int:
         return len(self._live) + self._connecting
 
-    async def acquire(self) -> UpstreamSession:
-        """A session ready for MAIL; the client's MAIL is answered within upstream.timeout."""
+    async def acquire(self, *, check: bool = False) -> UpstreamSession:
+        """A session ready for MAIL; the client's MAIL is answered within upstream.timeout.
+
+        ``check``: a pooled connection is checked with NOOP however recently it was used
+        (a readiness probe must see the upstream, not the pool).
+        """
         if self.config.scheme == "maildir":
             assert self.config.path is not None
             self.extensions = MaildirSession.extensions
@@ -392,20 +396,20 @@ class UpstreamPool:
         started = time.monotonic()
         try:
             async with asyncio.timeout(budget):
-                session = await self._take()
+                session = await self._take(check)
         except TimeoutError:
             raise UpstreamError(f"no upstream connection within upstream.timeout ({budget:g}s)") from None
         session.deadline = started + budget
         return session
 
-    async def _take(self) -> SmtpSession:
+    async def _take(self, check: bool = False) -> SmtpSession:
         while self.idle:
             session = self.idle.pop()
             idle_for = time.monotonic() - session.last_used
             if idle_for > IDLE_SECONDS:
                 await session.close()
                 continue
-            if idle_for <= FRESH_SECONDS:
+            if idle_for <= FRESH_SECONDS and not check:
                 session.unchecked = True
                 UPSTREAM_IN_USE.inc()
                 return session
