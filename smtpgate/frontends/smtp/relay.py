@@ -365,7 +365,7 @@ class Transaction:
         if not c.esmtp:
             proto = "SMTP"  # HELO: RFC 3848 registers no SMTPS/SMTPA
         helo = _safe(c.helo) or "unknown"
-        date = format_datetime(localtime())
+        date = _date_now()
         received = (
             f"Received: from {helo} ([{_address_literal(c.ip)}])\r\n"
             f"\tby {self.ctx.hostname} (smtpgate) with {proto} id {c.session_id};\r\n"
@@ -411,6 +411,18 @@ def _rcpt_line(verdict: Verdict) -> str:
         _, text = replies.split_reply(552, verdict.text.splitlines()[0] if verdict.text else "")
         return f"452 4.5.3 {text or 'Too many recipients'}"
     return replies.upstream_line(verdict.code, verdict.text)
+
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _date_now() -> str:
+    """The RFC 5322 date-time of now, local time, formatted once a second."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, format_datetime(localtime()))
+    return _date_cache[1]
 
 
 def _address_literal(ip: str) -> str:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ssl
-import uuid
+import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -51,7 +52,7 @@ class GateSMTP(GlueSMTP):
         self.settings = settings
         self.registry = registry
         self.listener = listener
-        self.session_id = uuid.uuid4().hex[:16]
+        self.session_id = os.urandom(8).hex()
         self.log = get_logger(session=self.session_id, listener=listener.name)
         self.tx: Transaction | None = None
         self.finishing = False  # between the client's final dot and smtpgate's reply
@@ -339,9 +340,12 @@ AUTH_DELAY_CAP = 30.0
 _BAD_COMMAND_CODES = {"500", "501", "502", "503", "504"}
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _check_sendable(address) -> None:
     """RFC 5321 4.1.2: no control character in a path, not even TAB in a quoted string."""
-    if address is not None and any(ch < " " or ch == "\x7f" for ch in str(address)):
+    if address is not None and _CONTROL.search(str(address)):
         raise AddressError("control character in address")
 
 
