@@ -347,6 +347,8 @@ async def test_bad_mail_commands(relay, sink, command, expected):
     ("RCPT TO:<>", 501),
     ("RCPT TO:<@a.example:b@x.example", 501),
     ("RCPT TO:<\"a@evil\"@x.example\x01>", 501),
+    ("RCPT TO:<\"a\tb\"@x.example>", 501),  # RFC 5321 4.1.2: not even TAB in a quoted string
+    ("RCPT TO:<\"a\x7fb\"@x.example>", 501),
 ])
 async def test_bad_rcpt_commands(relay, sink, command, expected):
     gate, port = relay
