@@ -289,8 +289,27 @@ async def read_message_data(reader: asyncio.StreamReader, add: Callable[[bytes |
 
 # handler -> {(class, loop, settings): prototype}; a handler that goes (a stopped
 # gate) takes its prototypes with it, and a reload's new settings replace the oldest.
-_PROTOTYPES: weakref.WeakKeyDictionary[Any, dict[tuple, SMTP]] = weakref.WeakKeyDictionary()
+_PROTOTYPES: weakref.WeakKeyDictionary[Any, dict[tuple, _Prototype]] = weakref.WeakKeyDictionary()
 _PROTOTYPES_PER_HANDLER = 8
+
+
+class _Prototype:
+    """A connection set up by aiosmtpd's own __init__, and its attributes sorted once:
+    those a new connection shares as they are, and those it gets its own copy of (bound
+    methods, rebound to it; dicts, which may hold them or be changed per connection)."""
+
+    __slots__ = ("instance", "shared", "own")
+
+    def __init__(self, instance: SMTP) -> None:
+        self.instance = instance
+        self.shared = {}
+        own = []
+        for name, value in instance.__dict__.items():
+            if isinstance(value, (dict, types.MethodType, _AuthMechAttr)):
+                own.append((name, value))
+            else:
+                self.shared[name] = value
+        self.own = tuple(own)
 
 
 class PrototypeSMTP(SMTP):
@@ -306,17 +325,22 @@ class PrototypeSMTP(SMTP):
             super().__init__(handler, **kwargs)
             return
         if prototype is None:
-            prototype = object.__new__(type(self))
-            SMTP.__init__(prototype, handler, **kwargs)
+            instance = object.__new__(type(self))
+            SMTP.__init__(instance, handler, **kwargs)
             if len(prototypes) >= _PROTOTYPES_PER_HANDLER:
                 del prototypes[next(iter(prototypes))]
-            prototypes[key] = prototype
+            prototype = prototypes[key] = _Prototype(instance)
         self._adopt(prototype)
 
-    def _adopt(self, prototype: SMTP) -> None:
-        for name, value in prototype.__dict__.items():
-            if name not in self.__dict__:  # what a subclass set before calling us stays
-                self.__dict__[name] = _rebound(value, prototype, self)
+    def _adopt(self, prototype: _Prototype) -> None:
+        mine = self.__dict__
+        old = prototype.instance
+        for name, value in prototype.shared.items():
+            if name not in mine:  # what a subclass set before calling us stays
+                mine[name] = value
+        for name, value in prototype.own:
+            if name not in mine:
+                mine[name] = _rebound(value, old, self)
         # SMTP.__init__ empties the (class-wide) command size limits each time.
         self.command_size_limits.clear()
         # A fresh stream reader and protocol state, as StreamReaderProtocol.__init__ makes them.
