@@ -52,36 +52,21 @@ def relayed(sink) -> bytes:
     return strip_trace(message.data)[1]
 
 
-async def test_an_empty_message_is_the_final_dot_alone(relay, sink):
+@pytest.mark.parametrize(("sent", "expected"), [
+    pytest.param(b".\r\n", b"", id="an empty message is the final dot alone"),
+    pytest.param(b"\r\n.\r\n", b"\r\n", id="a first line of one CRLF, then the final dot"),
+    pytest.param(b"..hidden\r\n" + SUBJECT + b"body\r\n.\r\n", b".hidden\r\n" + SUBJECT + b"body\r\n",
+                 id="a dot-stuffed first line loses its first dot"),
+    pytest.param(b"..\r\n...\r\n" + SUBJECT + b"..\r\n...\r\n....\r\nx.\r\n..x\r\n.\r\n",
+                 b".\r\n..\r\n" + SUBJECT + b".\r\n..\r\n...\r\nx.\r\n.x\r\n",
+                 id="lines of nothing but dots lose one each"),
+])
+async def test_data_as_sent_is_relayed_unstuffed(relay, sink, sent, expected):
     gate, port = relay
     wire = await open_data(port)
-    await wire.send(b".\r\n")
+    await wire.send(sent)
     assert code(await wire.reply()) == 250
-    assert relayed(sink) == b""
-
-
-async def test_a_first_line_of_one_crlf_then_the_final_dot(relay, sink):
-    gate, port = relay
-    wire = await open_data(port)
-    await wire.send(b"\r\n.\r\n")
-    assert code(await wire.reply()) == 250
-    assert relayed(sink) == b"\r\n"
-
-
-async def test_a_dot_stuffed_first_line_loses_its_first_dot(relay, sink):
-    gate, port = relay
-    wire = await open_data(port)
-    await wire.send(b"..hidden\r\n" + SUBJECT + b"body\r\n.\r\n")
-    assert code(await wire.reply()) == 250
-    assert relayed(sink) == b".hidden\r\n" + SUBJECT + b"body\r\n"
-
-
-async def test_lines_of_nothing_but_dots_lose_one_each(relay, sink):
-    gate, port = relay
-    wire = await open_data(port)
-    await wire.send(b"..\r\n...\r\n" + SUBJECT + b"..\r\n...\r\n....\r\nx.\r\n..x\r\n.\r\n")
-    assert code(await wire.reply()) == 250
-    assert relayed(sink) == b".\r\n..\r\n" + SUBJECT + b".\r\n..\r\n...\r\nx.\r\n.x\r\n"
+    assert relayed(sink) == expected
 
 
 def unread(server) -> int:
