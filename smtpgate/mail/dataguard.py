@@ -49,6 +49,9 @@ def crlf_only(data: bytes, start: int = 0, *, slice_octets: int = SLICE_OCTETS) 
     Decided by byte counts (C speed, a slice at a time): the counts of CR, of LF and of
     CRLF agree exactly when no CR or LF stands alone.
     """
+    if len(data) - start <= slice_octets:  # the common message: one slice, no loop
+        return (data.find(b"\0", start) == -1
+                and data.count(b"\r", start) == data.count(b"\n", start) == data.count(b"\r\n", start))
     cr = lf = pairs = 0
     for begin in range(start, len(data), slice_octets):
         end = begin + slice_octets

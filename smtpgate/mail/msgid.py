@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 
 __all__ = ["MSG_ID", "find_message_ids", "make_message_id", "message_id_of", "normalize_message_id"]
 
@@ -40,4 +40,4 @@ def normalize_message_id(value: str) -> str:
 
 def make_message_id(hostname: str) -> str:
     """A new, unique Message-ID for a message that has none."""
-    return f"<{uuid.uuid4().hex}@{hostname}>"
+    return f"<{os.urandom(16).hex()}@{hostname}>"
