@@ -21,11 +21,10 @@ from smtpgate.linking.decision import ClientInfo, Envelope, EnvelopeRecipient, L
 from smtpgate.linking.service import LinkService, LinkUnavailable
 from smtpgate.mail import replies
 from smtpgate.mail.addresses import Address, envelope_key
-from smtpgate.mail.dataguard import scan_data
+from smtpgate.mail.dataguard import OFF_LOOP_OCTETS, scan_data
 from smtpgate.mail.headers import HeaderBlock, parse_header_block
 from smtpgate.mail.params import Param, xtext
 from smtpgate.mail.replies import SMTPReply
-from smtpgate.mail.dataguard import OFF_LOOP_OCTETS
 from smtpgate.upstream.client import UpstreamAuthError, UpstreamError, UpstreamPool, UpstreamSession, Verdict
 
 __all__ = ["MAIL_PARAMS", "RCPT_PARAMS", "ClientInfo", "RelayContext", "Transaction"]
