@@ -306,15 +306,20 @@ def install_signals(gate: Gate, config_path: Path) -> asyncio.Event:
     return stop
 
 
-async def serve(config_path: Path) -> int:
-    """`smtpgate serve`: run until SIGTERM/SIGINT; SIGHUP reloads the config."""
+def load_or_report(config_path: Path) -> Config | None:
+    """The config at config_path, or None once each of its problems is logged (config.rejected)."""
     try:
-        config = load_config(config_path)
+        return load_config(config_path)
     except ConfigError as exc:
         setup_logging()
         for problem in exc.problems:
             log.error("config.rejected", error=problem)
-        return 2
+        return None
+
+
+async def serve(config_path: Path, config: Config) -> int:
+    """`smtpgate serve` with one process (config read from config_path): run until
+    SIGTERM/SIGINT; SIGHUP reloads the config from config_path."""
     setup_logging(config.logging.format, config.logging.level)
     gate = Gate(config)
     if not await start_or_report(gate):

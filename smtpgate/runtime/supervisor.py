@@ -51,7 +51,7 @@ from smtpgate.config import Config, ConfigError, Listener, load_config
 from smtpgate.frontends.milter.server import SOCKET_MODE as MILTER_SOCKET_MODE
 from smtpgate.log import get_logger, setup_logging
 from smtpgate.runtime import loop as event_loop
-from smtpgate.runtime.gate import Gate, StartupError, install_signals, serve, start_or_report
+from smtpgate.runtime.gate import Gate, StartupError, install_signals, load_or_report, serve, start_or_report
 from smtpgate.runtime.notify import sd_notify
 
 log = get_logger()
@@ -76,12 +76,8 @@ Bound = Sequence[tuple[Listener, Sequence[socket.socket]]]
 
 def serve_main(config_path: Path) -> int:
     """`smtpgate serve`: one process for `workers: 1`, else a Supervisor; returns the exit status."""
-    try:
-        config = load_config(config_path)
-    except ConfigError as exc:
-        setup_logging()
-        for problem in exc.problems:
-            log.error("config.rejected", error=problem)
+    config = load_or_report(config_path)
+    if config is None:
         return 2
     metrics_dir = os.environ.get(METRICS_DIR)
     if config.workers > 1 and not metrics_dir:
@@ -91,7 +87,7 @@ def serve_main(config_path: Path) -> int:
         if metrics_dir:
             _empty_metrics_dir(Path(metrics_dir))
         if config.workers == 1:
-            return event_loop.run(serve(config_path))
+            return event_loop.run(serve(config_path, config))
         setup_logging(config.logging.format, config.logging.level)
         return Supervisor(config_path, config).run()
     finally:

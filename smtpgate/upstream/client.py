@@ -420,18 +420,23 @@ class UpstreamPool:
             except UpstreamError:
                 pass
             await session.close()
+        session = await self._counted(self.open_session)
+        UPSTREAM_IN_USE.inc()
+        return session
+
+    async def _counted(self, open_session: Callable[[], Awaitable[SmtpSession]]) -> SmtpSession:
+        """A new connection from open_session, counted under upstream.max_connections from the start."""
         cap = self.config.max_connections
         if self.open_connections >= cap:
             raise UpstreamError(f"upstream.max_connections ({cap}) connections open",
                                 reply=replies.UPSTREAM_BUSY)
         self._connecting += 1
         try:
-            session = await self.open_session()
+            session = await open_session()
         finally:
             self._connecting -= 1
         self._live.add(session)
         self.extensions = session.extensions
-        UPSTREAM_IN_USE.inc()
         return session
 
     async def open_session(self) -> SmtpSession:
@@ -476,18 +481,7 @@ class UpstreamPool:
     async def connect_as(self, login: Login) -> SmtpSession:
         """A new connection that `login` authenticates instead of upstream.auth (a client's own
         credentials, auth_backend: upstream); counted under max_connections, never pooled."""
-        cap = self.config.max_connections
-        if self.open_connections >= cap:
-            raise UpstreamError(f"upstream.max_connections ({cap}) connections open",
-                                reply=replies.UPSTREAM_BUSY)
-        self._connecting += 1
-        try:
-            session = await self._connect(login=login)
-        finally:
-            self._connecting -= 1
-        self._live.add(session)
-        self.extensions = session.extensions
-        return session
+        return await self._counted(lambda: self._connect(login=login))
 
     async def _connect_mx(self) -> SmtpSession:
         """The first MX host (RFC 5321 5.1 order) that takes a connection."""
