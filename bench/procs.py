@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.support.configs import TEAMS_A_B
 from tests.support.postfix import PostfixInstance
 from tests.support.wire import free_port
 
@@ -234,12 +235,7 @@ upstream:
   url: smtp://127.0.0.1:{sink_port}
   timeout: 60
   pool_size: 64
-internal_domains: [corp.example]
-mailboxes:
-  - address: uk-payroll@corp.example
-    team: Team A (UK)
-  - address: pl-payroll@corp.example
-    team: Team B (Poland)
+""" + TEAMS_A_B + """\
 store:
   url: {store}
   auto_upgrade: true

@@ -12,6 +12,7 @@ from smtpgate.config import load_config
 from smtpgate.runtime.gate import Gate
 from smtpgate.log import setup_logging
 from tests.support.ci import needs
+from tests.support.configs import TEAMS_A_B
 from tests.support.sink import Sink
 
 # `make mutate` runs the core's tests once per mutant on a loaded machine: the same examples
@@ -31,12 +32,7 @@ listeners:
 upstream:
   url: {upstream}
   timeout: 10
-internal_domains: [corp.example]
-mailboxes:
-  - address: uk-payroll@corp.example
-    team: Team A (UK)
-  - address: pl-payroll@corp.example
-    team: Team B (Poland)
+""" + TEAMS_A_B + """\
 store:
   url: {store}
   auto_upgrade: true

@@ -16,6 +16,7 @@ import pytest
 from smtpgate.users import Users, add_user
 from tests.conftest import write_config
 from tests.store_helpers import pg_database, store_url  # noqa: F401  (fixtures)
+from tests.support.configs import TEAMS_A_B
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,12 +26,7 @@ listeners:
     address: 127.0.0.1:2525
 upstream:
   url: maildir:outbox
-internal_domains: [corp.example]
-mailboxes:
-  - address: uk-payroll@corp.example
-    team: Team A (UK)
-  - address: pl-payroll@corp.example
-    team: Team B (Poland)
+""" + TEAMS_A_B + """\
 users_file: users
 store:
   url: {store}

@@ -23,6 +23,7 @@ from smtpgate.mail.headers import parse_header_block
 from smtpgate.store import open_store
 from smtpgate.store.allocation import LocalAllocator
 from tests.conftest import write_config
+from tests.support.configs import TEAMS_A_B
 
 DATA = Path(__file__).parent / "data" / "explain"
 FIRST = 900000
@@ -37,12 +38,7 @@ listeners:
     relay_networks: [127.0.0.1/32]
 upstream:
   url: maildir:outbox
-internal_domains: [corp.example]
-mailboxes:
-  - address: uk-payroll@corp.example
-    team: Team A (UK)
-  - address: pl-payroll@corp.example
-    team: Team B (Poland)
+{TEAMS_A_B}\
   - address: de-payroll@corp.example
     team: Team C (Germany)
   - address: fr-payroll@corp.example

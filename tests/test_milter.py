@@ -18,6 +18,7 @@ from smtpgate.config import load_config
 from smtpgate.frontends.milter.codec import MAX_PACKET
 from smtpgate.runtime.gate import Gate, StartupError
 from tests.conftest import write_config
+from tests.support.configs import TEAMS_A_B
 from tests.support.milter import HDR_LEADSPC, NO_BODY, NO_MAIL, NR_HDR, NR_MAIL, NR_RCPT, MilterClient, packet, strings
 
 MILTER_CONFIG = """\
@@ -28,12 +29,7 @@ listeners:
     address: {address}
 upstream:
   url: maildir:outbox
-internal_domains: [corp.example]
-mailboxes:
-  - address: uk-payroll@corp.example
-    team: Team A (UK)
-  - address: pl-payroll@corp.example
-    team: Team B (Poland)
+""" + TEAMS_A_B + """\
   - address: fr-payroll@corp.example
     team: Team D (France)
     new_links: never

@@ -10,6 +10,7 @@ import pytest
 from smtpgate.config import load_config
 from tests.conftest import write_config
 from tests.store_helpers import fresh_pg_url, pg_database  # noqa: F401  (fixture)
+from tests.support.configs import TEAMS_A_B
 from tests.support.smtp import send
 
 pytestmark = pytest.mark.postgres
@@ -22,12 +23,7 @@ listeners:
     relay_networks: [127.0.0.1/32]
 upstream:
   url: smtp://127.0.0.1:{sink_port}
-internal_domains: [corp.example]
-mailboxes:
-  - address: uk-payroll@corp.example
-    team: Team A (UK)
-  - address: pl-payroll@corp.example
-    team: Team B (Poland)
+""" + TEAMS_A_B + """\
 store:
   url: {store}
   auto_upgrade: true

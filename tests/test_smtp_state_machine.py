@@ -38,6 +38,7 @@ from smtpgate.mail.dataguard import scan_data
 from smtpgate.runtime.gate import Gate
 from smtpgate.users import add_user
 from tests.conftest import write_config
+from tests.support.configs import TEAMS_A_B
 from tests.support.sink import Sink, make_test_cert
 
 FUZZ = bool(os.environ.get("SMTPGATE_FUZZ"))
@@ -115,12 +116,7 @@ users_file: users
 upstream:
   url: smtp://127.0.0.1:{sink.port}
   timeout: 10
-internal_domains: [corp.example]
-mailboxes:
-  - address: uk-payroll@corp.example
-    team: Team A (UK)
-  - address: pl-payroll@corp.example
-    team: Team B (Poland)
+{TEAMS_A_B}\
 store:
   url: sqlite:smtpgate.db
   auto_upgrade: true

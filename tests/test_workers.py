@@ -20,6 +20,7 @@ from pathlib import Path
 from smtpgate.store import MessageRecord, open_store
 from tests.conftest import write_config
 from tests.store_helpers import pg_database, store_url  # noqa: F401  (fixtures)
+from tests.support.configs import TEAMS_A_B
 from tests.support.wire import Wire, code, free_port
 
 CONFIG = """\
@@ -29,12 +30,7 @@ listeners:
     relay_networks: [127.0.0.0/8]
 upstream:
   url: {upstream}
-internal_domains: [corp.example]
-mailboxes:
-  - address: uk-payroll@corp.example
-    team: Team A (UK)
-  - address: pl-payroll@corp.example
-    team: Team B (Poland)
+""" + TEAMS_A_B + """\
 store:
   url: {store}
   auto_upgrade: true
