@@ -9,8 +9,8 @@ Used by the log processor (smtpgate.log), by `check-config` (its summary and
 from __future__ import annotations
 
 import re
-from functools import lru_cache
 from collections.abc import MutableMapping
+from functools import lru_cache
 from typing import Any
 
 __all__ = ["REDACTED", "is_secret_key", "redact_fields", "redact_url"]

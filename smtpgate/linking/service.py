@@ -226,16 +226,17 @@ class LinkService:
         match = self.directory._match(recipient)
         if source is None or match is None or match.tag is not None:
             return None
-        owner, reference = source
+        owner, source_reference = source
+        reference = source_reference  # the source's own mailbox takes the source's tag
         if match.info.address != owner.address:
             try:
-                reference = await self.store.find_link(reference, match.info.address)
+                reference = await self.store.find_link(source_reference, match.info.address)
             except StoreError:
                 return None
             if reference is None:
                 return None
             if found is not None:
-                found[source[1], match.info.address] = reference
+                found[source_reference, match.info.address] = reference
         local = join_tag(match.base, reference, self.directory.separator)
         return Address(local, recipient.domain) if local is not None else None
 
