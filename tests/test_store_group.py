@@ -265,3 +265,70 @@ async def test_a_thread_lookup_waits_for_a_cancelled_callers_record_too(store_ur
         assert hit is not None and hit.message_id == "<m1@corp.example>"
     finally:
         await store.close()
+
+
+async def test_sqlite_lookups_see_another_process_commit_at_once(tmp_path):
+    """The look-up connection on the event loop reads what another connection
+    committed, and is not held up by that connection's open write transaction."""
+    import sqlite3
+
+    url = f"sqlite:{tmp_path / 'lookups.db'}"
+    store = await opened(url, tmp_path)
+    other = await opened(url, tmp_path)
+    target = LinkTarget(PL, "Team B", "{n}-T", True)
+    try:
+        assert await store.find_link("101203-T", PL) is None
+        made = await other.get_or_create_link("101203-T", UK, target, CTX)
+        assert await store.find_link("101203-T", PL) == made.reference
+        writer = sqlite3.connect(tmp_path / "lookups.db", isolation_level=None)
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute("DELETE FROM links")
+        try:
+            # Uncommitted: the look-up still sees the link, and answers without waiting.
+            assert await asyncio.wait_for(store.find_link("101203-T", PL), 5) == made.reference
+        finally:
+            writer.execute("COMMIT")
+            writer.close()
+        assert await store.find_link("101203-T", PL) is None
+    finally:
+        await store.close()
+        await other.close()
+
+
+async def test_sqlite_lookup_the_database_keeps_busy_waits_off_the_loop(tmp_path):
+    """A statement the look-up connection cannot run at once (SQLITE_BUSY) goes to
+    the reader's thread, which waits for the lock while the event loop runs on.
+    A database in rollback-journal mode, where a writer does keep readers out,
+    stands in for the rare busy WAL (one being recovered)."""
+    import sqlite3
+
+    import aiosqlite
+
+    from smtpgate.store.sqlite import _LookupTx
+
+    path = tmp_path / "journal.db"
+    setup = sqlite3.connect(path, isolation_level=None)
+    setup.execute("CREATE TABLE t (x)")
+    setup.execute("INSERT INTO t VALUES (1)")
+    setup.close()
+    now = sqlite3.connect(path, isolation_level=None, timeout=0)
+    later = await aiosqlite.connect(path, isolation_level=None)
+    await later.execute("PRAGMA busy_timeout = 20000")
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        holder.execute("INSERT INTO t VALUES (2)")
+        with pytest.raises(sqlite3.OperationalError):
+            now.execute("SELECT x FROM t").fetchall()  # busy at once, as the look-up connection is
+        lookup = asyncio.create_task(_LookupTx(now, later).fetchall("SELECT x FROM t ORDER BY x"))
+        ticks = 0
+        while ticks < 20:  # the loop runs while the look-up waits for the lock
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert not lookup.done()
+        holder.execute("COMMIT")
+        assert [tuple(r) for r in await asyncio.wait_for(lookup, 20)] == [(1,), (2,)]
+    finally:
+        holder.close()
+        now.close()
+        await later.close()

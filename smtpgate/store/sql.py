@@ -9,7 +9,7 @@ import json
 import re
 import string
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -163,6 +163,12 @@ class SqlStore(Store):
     def _read(self) -> AbstractAsyncContextManager[Tx]:
         """A connection for reads, outside any write transaction."""
 
+    def _lookup(self) -> AbstractAsyncContextManager[Tx]:
+        """A connection for the look-ups on a message's path (links, owners,
+        threads): short reads by index. A backend may answer them faster than
+        `_read`; by default they are reads like any other."""
+        return self._read()
+
     @abc.abstractmethod
     def _write(self, lock_key: str | None = None) -> AbstractAsyncContextManager[Tx]:
         """A write transaction, committed on normal exit, rolled back on any
@@ -264,7 +270,7 @@ class SqlStore(Store):
         known = self._known_owner(reference)
         if known is not None:
             return known
-        async with self._read() as tx:
+        async with self._lookup() as tx:
             row = await tx.fetchone("SELECT mailbox FROM activities WHERE reference = ?", reference)
         mailbox = row[0] if row else None
         self._learn_owner(reference, mailbox)
@@ -337,7 +343,7 @@ class SqlStore(Store):
         return bool(rows)
 
     async def find_link(self, source_reference: str, mailbox: str) -> str | None:
-        async with self._read() as tx:
+        async with self._lookup() as tx:
             return await self._linked_owned_by(tx, source_reference, mailbox)
 
     async def get_or_create_link(
@@ -347,7 +353,7 @@ class SqlStore(Store):
         target: LinkTarget,
         context: AllocationContext,
     ) -> LinkOutcome | None:
-        async with self._read() as tx:
+        async with self._lookup() as tx:
             existing = await self._linked_owned_by(tx, source_reference, target.mailbox)
         if existing is not None:
             return LinkOutcome(existing, created=False)
@@ -401,7 +407,7 @@ class SqlStore(Store):
     ) -> bool:
         """True when the link exists and recording it would change no owner either."""
         lo, hi = sorted((source, target))
-        async with self._read() as tx:
+        async with self._lookup() as tx:
             rows = await tx.fetchall(
                 "SELECT a.reference, a.mailbox FROM links l JOIN activities a"
                 " ON a.reference IN (l.lo, l.hi) WHERE l.lo = ? AND l.hi = ?",
@@ -540,7 +546,7 @@ class SqlStore(Store):
         marks = ", ".join("?" for _ in unique)
         # A reply may follow its message before that message's record is committed.
         await self.records.settled()
-        async with self._read() as tx:
+        async with self._lookup() as tx:
             rows = await tx.fetchall(
                 "SELECT m.message_id, m.source_reference, m.mapping, a.mailbox"
                 " FROM messages m LEFT JOIN activities a ON a.reference = m.source_reference"
@@ -588,26 +594,15 @@ class SqlStore(Store):
 
     async def _insert_messages(self, rows: list[MessageRow]) -> None:
         """Insert message rows (unique keys) and their activities in one transaction."""
-        width = len(rows[0].values)
         async with self._write() as tx:
-            ids: dict[tuple[str, str], Any] = {}
-            for chunk in _chunks(rows, _MAX_PARAMS // width):
-                marks = ", ".join(["(" + ", ".join("?" * width) + ")"] * len(chunk))
-                inserted = await tx.fetchall(
-                    f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES {marks}"
-                    " ON CONFLICT (message_id, source_key) DO NOTHING"
-                    " RETURNING id, message_id, source_key",
-                    *(value for row in chunk for value in row.values),
-                )
-                ids.update({(r[1], r[2]): r[0] for r in inserted})
-            # A row not inserted is a retry of a message already recorded: no activities.
-            activities = [(ids[row.key], ref) for row in rows if row.key in ids for ref in row.references]
-            for chunk in _chunks(activities, _MAX_PARAMS // 2):
-                await tx.execute(
-                    "INSERT INTO message_activities (message, reference) VALUES "
-                    + ", ".join(["(?, ?)"] * len(chunk)),
-                    *(value for pair in chunk for value in pair),
-                )
+            statements = message_inserts(rows)
+            result: list[Sequence[Any]] | None = None
+            while True:
+                try:
+                    sql, args = statements.send(result)
+                except StopIteration:
+                    break
+                result = await tx.fetchall(sql, *args)
 
     async def prune_messages(self, keep_days: int) -> int:
         if keep_days < 0:
@@ -706,6 +701,30 @@ class SqlStore(Store):
         ]
 
 
+
+
+def message_inserts(rows: list[MessageRow]) -> Generator[tuple[str, list[Any]], Any, None]:
+    """The statements that insert message rows (unique keys) and their
+    activities, as (sql, arguments); each yield takes that statement's rows
+    back. A backend may run them all in one call on its own thread."""
+    width = len(rows[0].values)
+    ids: dict[tuple[str, str], Any] = {}
+    for chunk in _chunks(rows, _MAX_PARAMS // width):
+        marks = ", ".join(["(" + ", ".join("?" * width) + ")"] * len(chunk))
+        inserted = yield (
+            f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES {marks}"
+            " ON CONFLICT (message_id, source_key) DO NOTHING"
+            " RETURNING id, message_id, source_key",
+            [value for row in chunk for value in row.values],
+        )
+        ids.update({(r[1], r[2]): r[0] for r in inserted})
+    # A row not inserted is a retry of a message already recorded: no activities.
+    activities = [(ids[row.key], ref) for row in rows if row.key in ids for ref in row.references]
+    for chunk in _chunks(activities, _MAX_PARAMS // 2):
+        yield (
+            "INSERT INTO message_activities (message, reference) VALUES " + ", ".join(["(?, ?)"] * len(chunk)),
+            [value for pair in chunk for value in pair],
+        )
 
 
 def _named_activities(record: MessageRecord) -> list[str]:

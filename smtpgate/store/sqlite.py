@@ -3,10 +3,20 @@
 WAL mode lets readers run beside the one writer; every write is a
 `BEGIN IMMEDIATE` transaction, which takes SQLite's database write lock
 at once, so get-or-create is atomic across all worker processes on the
-machine. Each process keeps two aiosqlite connections (each with its own
-thread, so the event loop never blocks): one for reads and one for writes,
-the latter guarded by an asyncio lock because a connection carries one
-transaction at a time.
+machine. Each process keeps these connections:
+
+- the look-up connection, used on the event loop itself: the look-ups on a
+  message's path are one indexed read each (a few microseconds on pages in
+  the OS cache, where a trip to a thread and back costs ~50), and a WAL
+  reader never waits for a writer. It waits for nothing else either: its
+  busy timeout is zero, and a statement the database keeps busy (a WAL
+  being recovered, say) goes to the reader's thread instead;
+- two aiosqlite connections, each with its own thread: one for other reads
+  (views, exports) and one for write transactions, the latter guarded by an
+  asyncio lock because a connection carries one transaction at a time;
+- the records connection and its thread: a batch of message records is one
+  call to that thread (BEGIN IMMEDIATE, the inserts, COMMIT), under the same
+  asyncio lock as the writer's transactions.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ import asyncio
 import sqlite3
 import urllib.parse
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,7 +35,7 @@ import aiosqlite
 
 from smtpgate.store import migrations
 from smtpgate.store.errors import StoreError, StoreMissing
-from smtpgate.store.sql import SqlStore, Tx
+from smtpgate.store.sql import MessageRow, SqlStore, Tx, message_inserts
 
 if TYPE_CHECKING:
     from smtpgate.store.base import Allocator
@@ -48,6 +59,35 @@ class _SqliteTx:
     async def fetchone(self, sql: str, *args: Any) -> Sequence[Any] | None:
         rows = await self._conn.execute_fetchall(sql, args)
         return rows[0] if rows else None
+
+
+def _busy(exc: sqlite3.Error) -> bool:
+    """SQLITE_BUSY or SQLITE_LOCKED, with any extended code."""
+    return getattr(exc, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+class _LookupTx:
+    """Statements on the look-up connection, on the event loop; one the
+    database keeps busy runs on the reader's thread, where it may wait."""
+
+    def __init__(self, now: sqlite3.Connection, later: aiosqlite.Connection) -> None:
+        self._now = now
+        self._later = later
+
+    async def fetchall(self, sql: str, *args: Any) -> list[Sequence[Any]]:
+        try:
+            return self._now.execute(sql, args).fetchall()
+        except sqlite3.OperationalError as exc:
+            if not _busy(exc):
+                raise
+        return list(await self._later.execute_fetchall(sql, args))
+
+    async def fetchone(self, sql: str, *args: Any) -> Sequence[Any] | None:
+        rows = await self.fetchall(sql, *args)
+        return rows[0] if rows else None
+
+    async def execute(self, sql: str, *args: Any) -> None:
+        raise StoreError("the look-up connection does not write")
 
 
 class SqliteStore(SqlStore):
@@ -76,6 +116,9 @@ class SqliteStore(SqlStore):
         self._busy_timeout_ms = int(busy_timeout * 1000)
         self._reader: aiosqlite.Connection | None = None
         self._writer: aiosqlite.Connection | None = None
+        self._lookups: sqlite3.Connection | None = None
+        self._records: sqlite3.Connection | None = None
+        self._records_thread: ThreadPoolExecutor | None = None
         self._write_lock = asyncio.Lock()
         self._cleanups: set[asyncio.Task[None]] = set()
 
@@ -90,6 +133,11 @@ class SqliteStore(SqlStore):
             self._writer = await self._open()
             await self._use_wal(self._writer)
             self._reader = await self._open()
+            # No busy timeout: it would be a wait on the event loop.
+            self._lookups = sqlite3.connect(self.path, isolation_level=None, timeout=0)
+            self._records_thread = ThreadPoolExecutor(1, thread_name_prefix="smtpgate-records")
+            self._records = await asyncio.get_running_loop().run_in_executor(
+                self._records_thread, self._open_records)
         except (sqlite3.Error, OSError) as exc:
             await self.close()
             raise StoreError(f"sqlite {self.path}: {exc}") from exc
@@ -141,11 +189,28 @@ class SqliteStore(SqlStore):
         await conn.execute("PRAGMA foreign_keys = ON")
         return conn
 
+    def _open_records(self) -> sqlite3.Connection:
+        # Made and used on the records thread only.
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=self._busy_timeout_ms / 1000)
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        return conn
+
     async def close(self) -> None:
         if self._writer is not None:
             await self.records.close(self._busy_timeout_ms / 1000)
         if self._cleanups:
             await asyncio.gather(*self._cleanups, return_exceptions=True)
+        lookups, self._lookups = self._lookups, None
+        if lookups is not None:
+            lookups.close()
+        thread, self._records_thread = self._records_thread, None
+        records, self._records = self._records, None
+        if thread is not None:
+            if records is not None:
+                # Behind any batch still running there (a cancelled flush's).
+                await asyncio.get_running_loop().run_in_executor(thread, records.close)
+            thread.shutdown(wait=False)
         for name in ("_reader", "_writer"):
             conn = getattr(self, name)
             setattr(self, name, None)
@@ -167,6 +232,59 @@ class SqliteStore(SqlStore):
             yield _SqliteTx(conn)
         except sqlite3.Error as exc:
             raise StoreError(f"sqlite {self.path}: {exc}") from exc
+
+    @asynccontextmanager
+    async def _lookup(self) -> AsyncIterator[Tx]:
+        if self._lookups is None:  # read-only: the reader answers
+            async with self._read() as tx:
+                yield tx
+            return
+        try:
+            yield _LookupTx(self._lookups, self._conn(self._reader))
+        except sqlite3.Error as exc:
+            raise StoreError(f"sqlite {self.path}: {exc}") from exc
+
+    async def _insert_messages(self, rows: list[MessageRow]) -> None:
+        """The batch in one call to the records thread, under the write lock."""
+        if self._records is None or self._records_thread is None:
+            raise StoreError(f"sqlite {self.path}: store is closed")
+        await self._write_lock.acquire()
+        done = asyncio.get_running_loop().run_in_executor(self._records_thread, self._insert_now,
+                                                          self._records, rows)
+        try:
+            await asyncio.shield(done)
+        except asyncio.CancelledError:
+            # The thread finishes the transaction either way; the lock waits for it.
+            done.add_done_callback(self._batch_over)
+            raise
+        except sqlite3.Error as exc:
+            self._write_lock.release()
+            raise StoreError(f"sqlite {self.path}: {exc}") from exc
+        self._write_lock.release()
+
+    def _batch_over(self, done: asyncio.Future[None]) -> None:
+        if not done.cancelled():
+            done.exception()  # its callers were cancelled; the batch's fate is theirs to lose
+        self._write_lock.release()
+
+    @staticmethod
+    def _insert_now(conn: sqlite3.Connection, rows: list[MessageRow]) -> None:
+        # On the records thread: one transaction, committed or rolled back here.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            statements = message_inserts(rows)
+            result = None
+            while True:
+                try:
+                    sql, args = statements.send(result)
+                except StopIteration:
+                    break
+                result = conn.execute(sql, args).fetchall()
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
 
     @asynccontextmanager
     async def _write(self, lock_key: str | None = None) -> AsyncIterator[Tx]:
