@@ -5,12 +5,14 @@ finds the source activity (the pure steps 1-3, then the store's thread
 look-up), asks the store for each mailbox's linked activity (creating it when
 the plan allows), and returns a `LinkDecision`: the envelope to relay and the
 header edits. Links are committed by the store before it returns, so before
-the final dot (DESIGN.md 2.4). `record` keeps the message record once the
-message is accepted. A store or allocator failure is `LinkUnavailable`.
+the final dot (DESIGN.md 2.4). `record` (or `record_soon`, which does not wait
+for the commit) keeps the message record once the message is accepted. A store or allocator failure is `LinkUnavailable`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 
@@ -260,12 +262,22 @@ class LinkService:
         return LinkDecision(message_id=message_id, headers=headers, recipients=recipients, inbound=plan)
 
     async def record(self, decision: LinkDecision, delivered: Sequence[Address], *, log=None) -> None:
-        """After the message was accepted: the message record for threads and the links view.
+        """After the message was accepted: the message record for threads and the links view,
+        returning once it is committed.
 
         Never raises: the message was delivered already (DESIGN.md 2.4); a failure is logged.
         """
+        queued = self.record_soon(decision, delivered, log=log)
+        if queued is not None:
+            await asyncio.wait([queued])
+
+    def record_soon(self, decision: LinkDecision, delivered: Sequence[Address], *,
+                    log=None) -> asyncio.Future[None] | None:
+        """`record` without waiting for the commit: the record is queued at once, so
+        the store's close (a drain's last step) writes it; a failure is logged when
+        the commit fails. Returns the store's future, None when nothing is recorded."""
         if decision.source_reference is None or decision.observed:
-            return
+            return None
         record = MessageRecord(
             message_id=decision.message_id,
             date=decision.date,
@@ -277,10 +289,22 @@ class LinkService:
             relayed_at=datetime.now(timezone.utc),
         )
         try:
-            await self.store.record_message(record)
+            queued = self.store.queue_message(record)
         except Exception as exc:  # noqa: BLE001 - delivered already: a failure here must not become a 451
-            (log or _log).error("store.error", stage="record_message", reason=f"{type(exc).__name__}: {exc}",
-                                message_id=decision.message_id)
+            _record_failed(log, decision.message_id, exc)
+            return None
+        queued.add_done_callback(functools.partial(_record_done, log, decision.message_id))
+        return queued
+
+
+def _record_done(log, message_id: str, queued: asyncio.Future[None]) -> None:
+    if not queued.cancelled() and (exc := queued.exception()) is not None:
+        _record_failed(log, message_id, exc)
+
+
+def _record_failed(log, message_id: str, exc: BaseException) -> None:
+    (log or _log).error("store.error", stage="record_message", reason=f"{type(exc).__name__}: {exc}",
+                        message_id=message_id)
 
 
 def _room_for_tag(mailbox: str, separator: str) -> int | None:

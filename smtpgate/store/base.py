@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -218,13 +219,18 @@ class Store(abc.ABC):
         """Every one of message_ids that smtpgate relayed with a source activity, in the given order."""
 
     @abc.abstractmethod
-    async def record_message(self, record: MessageRecord) -> None:
-        """Store the message's header facts, committed when this returns; a
-        second call for the same (Message-ID, source reference) changes nothing.
+    def queue_message(self, record: MessageRecord) -> asyncio.Future[None]:
+        """Queue the message's header facts to be stored, at once: `close()`
+        writes whatever is queued. The future is done when they are committed,
+        and raises StoreError when that failed. A second record for the same
+        (Message-ID, source reference) changes nothing.
 
-        Concurrent calls may share one transaction (group commit); when it
-        fails, each of them raises StoreError.
+        Records queued together share one transaction (group commit).
         """
+
+    async def record_message(self, record: MessageRecord) -> None:
+        """queue_message, returning once the record is committed."""
+        await self.queue_message(record)
 
     @abc.abstractmethod
     async def add_link(

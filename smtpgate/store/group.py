@@ -35,18 +35,23 @@ class GroupCommit(Generic[T]):
         self.batches = 0  # committed batches, for the benchmark and tests
         self.items = 0  # items in them
 
-    async def submit(self, item: T) -> None:
-        """Return once item is committed; raise StoreError when its batch failed.
+    def add(self, item: T) -> asyncio.Future[None]:
+        """Queue item at once; the future is done when its batch is committed, and
+        raises StoreError when the batch failed.
 
-        A caller cancelled while waiting does not take its item back: it is
-        written with its batch all the same.
+        Cancelling the future does not take the item back: it is written with
+        its batch all the same.
         """
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
         self._submitted += 1
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
-        await future
+        return future
+
+    async def submit(self, item: T) -> None:
+        """add, returning once item is committed (a cancelled caller's item is still written)."""
+        await self.add(item)
 
     async def _flush(self) -> None:
         while self._pending:

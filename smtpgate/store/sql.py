@@ -5,6 +5,7 @@ dialect's few differences."""
 from __future__ import annotations
 
 import abc
+import asyncio
 import json
 import re
 import string
@@ -564,10 +565,10 @@ class SqlStore(Store):
             if (row := newest.get(message_id)) is not None
         ]
 
-    async def record_message(self, record: MessageRecord) -> None:
+    def queue_message(self, record: MessageRecord) -> asyncio.Future[None]:
         # Committed with whatever other sessions recorded meanwhile: one
-        # transaction and one fsync for the lot, durable when this returns.
-        await self.records.submit(record)
+        # transaction and one fsync for the lot.
+        return self.records.add(record)
 
     async def _record_batch(self, records: list[MessageRecord]) -> None:
         """Insert the records in one write transaction. A record already stored

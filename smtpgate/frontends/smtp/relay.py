@@ -212,8 +212,9 @@ class Transaction:
             return _client_line(verdict)
         upstream_label = self.upstream.label if self.upstream else None
         await self.release(reusable=True)
-        await self._timed("store_ms", self.ctx.links.record(applied, [r.relayed for r in self.recipients],
-                                                            log=self.log))
+        # Queued, not awaited: the client's 250 does not wait for the record's commit
+        # (docs/architecture.md, durability); a drain writes what is queued.
+        self.ctx.links.record_soon(applied, [r.relayed for r in self.recipients], log=self.log)
         self._log_relayed(applied, size, upstream_label, verdict)
         return _client_line(verdict)
 
