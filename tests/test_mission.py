@@ -77,6 +77,9 @@ class Mission:
         result = await send("127.0.0.1", self.port, mail_from=mail_from, rcpt_tos=rcpts, data=data)
         assert all(code == 250 for code, _ in result.rcpts.values()), result.rcpts
         assert result.data is not None
+        # The 250 does not wait for the message record: other processes (`links show`) read
+        # the store, so let it be committed first.
+        await self.gate.store.records.settled()
         return result.data
 
     def relayed_events(self) -> list[dict]:
@@ -267,6 +270,7 @@ async def test_step11_store_unavailable_then_retry(sink, mission_config, start_g
     first = await mission.step1()
     data = (b"From: uk-payroll+77-C@corp.example\r\nTo: pl-payroll@corp.example\r\n"
             b"Subject: another case\r\nMessage-ID: <retry@corp.example>\r\n\r\nretry me\r\n")
+    await gate.store.records.settled()  # step 1's record, which its 250 did not wait for
     # Another writer holds the store's write lock: smtpgate cannot create the link.
     blocker = sqlite3.connect(tmp_path / "smtpgate.db", timeout=0)
     blocker.execute("BEGIN IMMEDIATE")

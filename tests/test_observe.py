@@ -13,6 +13,7 @@ from tests.conftest import write_config
 from tests.support.smtp import send
 from tests.support.wire import strip_trace
 from tests.test_mission import MISSION_CONFIG, STEP1
+from tests.test_store import eventually
 
 FIRST = 900000
 TWO_LISTENERS = MISSION_CONFIG.replace(
@@ -73,6 +74,11 @@ async def test_observe_relays_unchanged_writes_nothing_and_says_what_enforce_wou
     # Enforce creates the link; then the same message observed names it exactly.
     rcpts, _ = await relay(enforce, sink, "uk-payroll+101203-T@corp.example", STEP1_RCPTS, STEP1)
     assert rcpts[1] == f"pl-payroll+{new}@corp.example"
+
+    async def recorded() -> bool:  # the client's 250 does not wait for the message record
+        return rows(db)[2] == 1
+
+    await eventually(recorded, what="the enforced message's record")
     before = rows(db)
     rcpts, data = await relay(observe, sink, "uk-payroll+101203-T@corp.example", STEP1_RCPTS, STEP1)
     assert rcpts == STEP1_RCPTS and strip_trace(data)[1] == STEP1
