@@ -332,3 +332,29 @@ async def test_sqlite_lookup_the_database_keeps_busy_waits_off_the_loop(tmp_path
         holder.close()
         now.close()
         await later.close()
+
+
+async def test_postgresql_records_survive_their_connection_being_cut(store_url, tmp_path):  # noqa: F811
+    """The records' own connection, ended by the server (a restart, an operator's
+    pg_terminate_backend), is replaced and the batch goes in on the new one."""
+    if store_url.startswith("sqlite:"):
+        pytest.skip("PostgreSQL's records connection")
+    import asyncpg
+
+    from smtpgate.store.postgres import RECORDS_APPLICATION
+
+    url = store_url
+    store = await opened(url, tmp_path)
+    admin = await asyncpg.connect(url)
+    try:
+        await store.record_message(record(0))
+        ended = await admin.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
+            RECORDS_APPLICATION)
+        assert ended == 1
+        await store.record_message(record(1))
+        await store.record_message(record(2))
+        assert await recorded_ids(url, tmp_path) == {f"<m{n}@corp.example>" for n in range(3)}
+    finally:
+        await admin.close()
+        await store.close()

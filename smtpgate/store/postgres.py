@@ -3,7 +3,8 @@ smtpgate nodes sharing one database, through asyncpg.
 
 Reads and writes take their connections from two pools, so a look-up never
 waits for a connection held by a write (a link creation waiting for the
-allocator, say). Get-or-create for one (source activity, mailbox) pair runs under a
+allocator, say). Message records, one batch at a time, go through a
+connection of their own. Get-or-create for one (source activity, mailbox) pair runs under a
 transaction-scoped advisory lock named after the pair, so racers on any node
 wait for the first one's commit and then find its link. The lock is held
 around the allocator call (local sequence or HTTP): only that pair waits.
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
     from smtpgate.store.base import Allocator
 
 _PLACEHOLDER = re.compile(r"\?")
+
+# pg_stat_activity's application_name of the message records' connection.
+RECORDS_APPLICATION = "smtpgate records"
 
 # Everything asyncpg and the network raise for a failing server or connection.
 _FAILURES = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
@@ -117,6 +121,9 @@ class PostgresStore(SqlStore):
         self._pool_size = pool_size
         self._reads: asyncpg.Pool | None = None
         self._writes: asyncpg.Pool | None = None
+        # Message records go in one batch at a time (group commit): one connection of
+        # their own, without a pool's acquire and reset round trip; made again after a failure.
+        self._records: asyncpg.Connection | None = None
 
     async def connect(self) -> None:
         """Open the connection pools; StoreError when the server cannot be reached,
@@ -149,6 +156,12 @@ class PostgresStore(SqlStore):
     async def close(self) -> None:
         if self._writes is not None:
             await self.records.close(self._timeout)
+        records, self._records = self._records, None
+        if records is not None:
+            try:
+                await asyncio.wait_for(records.close(), self._timeout)
+            except _FAILURES:
+                records.terminate()
         pools = {id(p): p for p in (self._reads, self._writes) if p is not None}
         self._reads = self._writes = None
         for pool in pools.values():
@@ -191,12 +204,31 @@ class PostgresStore(SqlStore):
         columns = [list(column) for column in zip(*(row.values for row in rows))]
         activities = [(row.key[0], row.key[1], ref) for row in rows for ref in row.references]
         named = [list(column) for column in zip(*activities)] or [[], [], []]
-        pool = self._pool_or_fail(self._writes)
-        try:
-            async with pool.acquire(timeout=self._timeout) as conn:
+        self._pool_or_fail(self._writes)
+        if self.read_only:
+            raise StoreError(f"{self.label}: opened read-only")
+        # The statement is idempotent (a record already stored is left alone), so a
+        # connection found dead, the server's restart say, is replaced and tried once more.
+        while True:
+            conn = self._records
+            fresh = conn is None or conn.is_closed()
+            try:
+                if conn is None or fresh:
+                    conn = self._records = await asyncpg.connect(
+                        self.dsn, timeout=self._timeout, command_timeout=self._timeout,
+                        server_settings={"application_name": RECORDS_APPLICATION})
                 await conn.execute(_INSERT_MESSAGES, *columns, *named)
-        except _FAILURES as exc:
-            raise StoreError(f"postgresql: {exc.__class__.__name__}: {exc}") from exc
+                return
+            except asyncio.TimeoutError as exc:
+                # asyncpg has the server cancel the statement; the connection stays usable.
+                raise StoreError(f"postgresql: {exc.__class__.__name__}: {exc}") from exc
+            except Exception as exc:  # noqa: BLE001 - any other failure: a new connection
+                if conn is not None:
+                    conn.terminate()
+                self._records = None
+                if not fresh:
+                    continue  # once: the next try is on a new connection
+                raise StoreError(f"postgresql: {exc.__class__.__name__}: {exc}") from exc
 
     @asynccontextmanager
     async def _schema_write(self) -> AsyncIterator[Tx]:
