@@ -220,7 +220,14 @@ class PostgresStore(SqlStore):
                 await conn.execute(_INSERT_MESSAGES, *columns, *named)
                 return
             except asyncio.TimeoutError as exc:
-                # asyncpg has the server cancel the statement; the connection stays usable.
+                # asyncpg has the server cancel the statement. The next statement on the
+                # connection waits for that to be done: the failed batch is then surely not
+                # committed when its callers hear of it (a lock released later cannot let it in).
+                try:
+                    await conn.execute("SELECT 1")
+                except Exception:  # noqa: BLE001 - a connection that cannot even do that is dropped
+                    conn.terminate()
+                    self._records = None
                 raise StoreError(f"postgresql: {exc.__class__.__name__}: {exc}") from exc
             except Exception as exc:  # noqa: BLE001 - any other failure: a new connection
                 if conn is not None:
