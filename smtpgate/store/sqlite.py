@@ -257,9 +257,11 @@ class SqliteStore(SqlStore):
             # The thread finishes the transaction either way; the lock waits for it.
             done.add_done_callback(self._batch_over)
             raise
-        except sqlite3.Error as exc:
+        except BaseException as exc:
             self._write_lock.release()
-            raise StoreError(f"sqlite {self.path}: {exc}") from exc
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"sqlite {self.path}: {exc}") from exc
+            raise
         self._write_lock.release()
 
     def _batch_over(self, done: asyncio.Future[None]) -> None:
