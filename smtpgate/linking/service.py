@@ -6,7 +6,8 @@ look-up), asks the store for each mailbox's linked activity (creating it when
 the plan allows), and returns a `LinkDecision`: the envelope to relay and the
 header edits. Links are committed by the store before it returns, so before
 the final dot (DESIGN.md 2.4). `record` (or `record_soon`, which does not wait
-for the commit) keeps the message record once the message is accepted. A store or allocator failure is `LinkUnavailable`.
+for the commit) keeps the message record once the message is accepted. A
+store or allocator failure is `LinkUnavailable`.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ from typing import Mapping, Sequence
 from smtpgate.mail.addresses import AddressError, locate_addresses, parse_path
 from smtpgate.mail.headers import HeaderBlock, count_received, parse_header_block
 
-__all__ = ["REWRITTEN_FIELDS", "HeaderEdit", "apply_edits", "count_received", "split_edits", "header_edits", "rewrite_headers"]
+__all__ = ["REWRITTEN_FIELDS", "HeaderEdit", "apply_edits", "count_received", "header_edits", "rewrite_headers",
+           "split_edits"]
 
 REWRITTEN_FIELDS = frozenset({"to", "cc", "from", "reply-to"})
 

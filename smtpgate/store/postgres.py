@@ -213,7 +213,7 @@ class PostgresStore(SqlStore):
             conn = self._records
             fresh = conn is None or conn.is_closed()
             try:
-                if conn is None or fresh:
+                if fresh:
                     conn = self._records = await asyncpg.connect(
                         self.dsn, timeout=self._timeout, command_timeout=self._timeout,
                         server_settings={"application_name": RECORDS_APPLICATION})

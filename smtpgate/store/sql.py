@@ -593,17 +593,10 @@ class SqlStore(Store):
             rows.setdefault(row.key, row)
         await self._insert_messages(list(rows.values()))
 
+    @abc.abstractmethod
     async def _insert_messages(self, rows: list[MessageRow]) -> None:
-        """Insert message rows (unique keys) and their activities in one transaction."""
-        async with self._write() as tx:
-            statements = message_inserts(rows)
-            result: list[Sequence[Any]] | None = None
-            while True:
-                try:
-                    sql, args = statements.send(result)
-                except StopIteration:
-                    break
-                result = await tx.fetchall(sql, *args)
+        """Insert message rows (unique keys) and their activities in one transaction
+        (SQLite: `message_inserts` on its records thread; PostgreSQL: one statement)."""
 
     async def prune_messages(self, keep_days: int) -> int:
         if keep_days < 0:
@@ -707,7 +700,7 @@ class SqlStore(Store):
 def message_inserts(rows: list[MessageRow]) -> Generator[tuple[str, list[Any]], Any, None]:
     """The statements that insert message rows (unique keys) and their
     activities, as (sql, arguments); each yield takes that statement's rows
-    back. A backend may run them all in one call on its own thread."""
+    back, so a backend can run them all in one call on its own thread."""
     width = len(rows[0].values)
     ids: dict[tuple[str, str], Any] = {}
     for chunk in _chunks(rows, _MAX_PARAMS // width):

@@ -150,7 +150,7 @@ class SmtpSession(UpstreamSession):
             async with asyncio.timeout(max(0.001, budget)):
                 fresh = await self.pool.open_session()
         except TimeoutError:
-            error = UpstreamError(f"no upstream connection within upstream.timeout ({self.pool.config.timeout:g}s)")
+            error = _no_connection(self.pool.config.timeout)
             error.connecting = True
             raise error from None
         except UpstreamError as error:
@@ -222,6 +222,10 @@ def _describe(exc: BaseException, wait: float) -> str:
     if isinstance(exc, TimeoutError):  # aiosmtplib's timeouts are TimeoutErrors too
         return f"no reply within {wait:g}s"
     return f"{type(exc).__name__}: {exc}"
+
+
+def _no_connection(budget: float) -> UpstreamError:
+    return UpstreamError(f"no upstream connection within upstream.timeout ({budget:g}s)")
 
 
 def _stuffed(data: bytes) -> bytes:
@@ -398,7 +402,7 @@ class UpstreamPool:
             async with asyncio.timeout(budget):
                 session = await self._take(check)
         except TimeoutError:
-            raise UpstreamError(f"no upstream connection within upstream.timeout ({budget:g}s)") from None
+            raise _no_connection(budget) from None
         session.deadline = started + budget
         return session
 
