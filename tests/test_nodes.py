@@ -9,7 +9,7 @@ import pytest
 
 from smtpgate.config import load_config
 from tests.conftest import write_config
-from tests.store_helpers import fresh_pg_url, pg_database  # noqa: F401  (fixture)
+from tests.store_helpers import pg_database, pg_store_url  # noqa: F401  (fixtures)
 from tests.support.configs import TEAMS_A_B
 from tests.support.smtp import send
 
@@ -30,17 +30,12 @@ store:
 """
 
 
-@pytest.fixture
-def shared_store(pg_database):  # noqa: F811
-    return fresh_pg_url(pg_database)
-
-
-async def test_two_nodes_racing_create_one_link(shared_store, sink, start_gate, log_lines, tmp_path):
+async def test_two_nodes_racing_create_one_link(pg_store_url, sink, start_gate, log_lines, tmp_path):
     ports = []
     for name in ("node-a", "node-b"):
         folder = tmp_path / name
         folder.mkdir()
-        config = load_config(write_config(folder, NODE.format(name=name, sink_port=sink.port, store=shared_store)))
+        config = load_config(write_config(folder, NODE.format(name=name, sink_port=sink.port, store=pg_store_url)))
         ports.append((await start_gate(config))[1])
 
     async def one(i: int):

@@ -12,7 +12,7 @@ import pytest
 
 from smtpgate.store import AllocationContext, LinkOutcome, LinkTarget, MessageRecord, StoreError, open_store
 from smtpgate.store.allocation import LocalAllocator
-from tests.store_helpers import pg_database, store_url  # noqa: F401  (fixtures)
+from tests.store_helpers import pg_database, pg_store_url, store_url  # noqa: F401  (fixtures)
 
 UK = "uk-payroll@corp.example"
 PL = "pl-payroll@corp.example"
@@ -334,16 +334,14 @@ async def test_sqlite_lookup_the_database_keeps_busy_waits_off_the_loop(tmp_path
         await later.close()
 
 
-async def test_postgresql_records_survive_their_connection_being_cut(store_url, tmp_path):  # noqa: F811
+async def test_postgresql_records_survive_their_connection_being_cut(pg_store_url, tmp_path):  # noqa: F811
     """The records' own connection, ended by the server (a restart, an operator's
     pg_terminate_backend), is replaced and the batch goes in on the new one."""
-    if store_url.startswith("sqlite:"):
-        pytest.skip("PostgreSQL's records connection")
     import asyncpg
 
     from smtpgate.store.postgres import RECORDS_APPLICATION
 
-    url = store_url
+    url = pg_store_url
     store = await opened(url, tmp_path)
     admin = await asyncpg.connect(url)
     try:

@@ -81,6 +81,12 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return fresh_pg_url(request.getfixturevalue("pg_database"))
 
 
+@pytest.fixture
+def pg_store_url(pg_database: str) -> str:
+    """A PostgreSQL store URL for an empty schema, for tests of PostgreSQL alone."""
+    return fresh_pg_url(pg_database)
+
+
 def helper_env() -> dict[str, str]:
     """Environment for helper subprocesses: the repo and tests/ importable."""
     env = dict(os.environ)
