@@ -288,7 +288,7 @@ class Smtpgate:
         self.config_path.write_text(CONFIG.format(
             port=self.port, workers=self.setup.workers, sink_port=self.sink_port,
             store=self.setup.store_url))
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "wb")  # a fresh log: its events are this run's only
         env = dict(os.environ)
         env["PYTHONPATH"] = str(self.setup.root)
         env.update(self.setup.env or {})

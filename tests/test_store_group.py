@@ -12,6 +12,7 @@ import pytest
 
 from smtpgate.store import AllocationContext, LinkOutcome, LinkTarget, MessageRecord, StoreError, open_store
 from smtpgate.store.allocation import LocalAllocator
+from smtpgate.store.group import GroupCommit
 from tests.store_helpers import pg_database, pg_store_url, store_url  # noqa: F401  (fixtures)
 
 UK = "uk-payroll@corp.example"
@@ -356,3 +357,67 @@ async def test_postgresql_records_survive_their_connection_being_cut(pg_store_ur
     finally:
         await admin.close()
         await store.close()
+
+
+# --------------------------------------------------------------------------- linger
+# GroupCommit itself, with a batch writer that keeps what it was given. An hour's
+# linger: whatever ends the wait early must, or the test times out.
+
+HOUR = 3600.0
+
+
+def batches_kept():
+    written: list[list[int]] = []
+
+    async def write(batch: list[int]) -> None:
+        written.append(batch)
+
+    return written, write
+
+
+async def loop_turns(n: int = 5) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+async def test_items_nobody_waits_for_linger_and_share_one_commit():
+    written, write = batches_kept()
+    group = GroupCommit(write, linger=HOUR)
+    first = group.add(1)
+    await loop_turns()
+    assert written == [] and not first.done()  # without the linger it would be written by now
+    second = group.add(2)
+    await asyncio.wait_for(group.settled(), 10)  # a reader that wants them ends the wait
+    assert written == [[1, 2]] and first.done() and second.done()
+
+
+async def test_an_urgent_item_ends_the_linger_for_everything_pending():
+    written, write = batches_kept()
+    group = GroupCommit(write, linger=HOUR)
+    early = group.add(1)
+    await loop_turns()
+    await asyncio.wait_for(group.submit(2), 10)
+    assert written == [[1, 2]] and early.done()
+
+
+async def test_a_full_batch_does_not_linger():
+    written, write = batches_kept()
+    group = GroupCommit(write, max_batch=2, linger=HOUR)
+    items = [group.add(n) for n in range(3)]
+    await asyncio.wait_for(asyncio.gather(*items[:2]), 10)
+    assert written[0] == [0, 1]
+    assert not items[2].done()  # the rest lingers again
+    await asyncio.wait_for(group.close(), 10)  # closing writes it at once
+    assert written == [[0, 1], [2]] and items[2].done()
+
+
+async def test_an_item_added_after_the_hurry_lingers_again():
+    written, write = batches_kept()
+    group = GroupCommit(write, linger=HOUR)
+    await asyncio.wait_for(group.submit(1), 10)
+    later = group.add(2)
+    await loop_turns()
+    assert written == [[1]] and not later.done()
+    group._flusher.cancel()  # a cancelled flusher gives up what it held: the futures say so
+    await loop_turns()
+    assert later.cancelled()

@@ -268,15 +268,16 @@ class LinkService:
 
         Never raises: the message was delivered already (DESIGN.md 2.4); a failure is logged.
         """
-        queued = self.record_soon(decision, delivered, log=log)
+        queued = self.record_soon(decision, delivered, log=log, urgent=True)
         if queued is not None:
             await asyncio.wait([queued])
 
     def record_soon(self, decision: LinkDecision, delivered: Sequence[Address], *,
-                    log=None) -> asyncio.Future[None] | None:
+                    log=None, urgent: bool = False) -> asyncio.Future[None] | None:
         """`record` without waiting for the commit: the record is queued at once, so
         the store's close (a drain's last step) writes it; a failure is logged when
-        the commit fails. Returns the store's future, None when nothing is recorded."""
+        the commit fails. Returns the store's future, None when nothing is recorded.
+        Not ``urgent``, the commit may wait a little to be shared (Store.queue_message)."""
         if decision.source_reference is None or decision.observed:
             return None
         record = MessageRecord(
@@ -290,7 +291,7 @@ class LinkService:
             relayed_at=datetime.now(timezone.utc),
         )
         try:
-            queued = self.store.queue_message(record)
+            queued = self.store.queue_message(record, urgent=urgent)
         except Exception as exc:  # noqa: BLE001 - delivered already: a failure here must not become a 451
             _record_failed(log, decision.message_id, exc)
             return None

@@ -219,18 +219,20 @@ class Store(abc.ABC):
         """Every one of message_ids that smtpgate relayed with a source activity, in the given order."""
 
     @abc.abstractmethod
-    def queue_message(self, record: MessageRecord) -> asyncio.Future[None]:
+    def queue_message(self, record: MessageRecord, *, urgent: bool = False) -> asyncio.Future[None]:
         """Queue the message's header facts to be stored, at once: `close()`
         writes whatever is queued. The future is done when they are committed,
         and raises StoreError when that failed. A second record for the same
         (Message-ID, source reference) changes nothing.
 
-        Records queued together share one transaction (group commit).
+        Records queued together share one transaction (group commit). One that
+        is not ``urgent`` may wait a little for others to share it (the SQL
+        stores' RECORD_LINGER); ``urgent`` when the caller waits for the commit.
         """
 
     async def record_message(self, record: MessageRecord) -> None:
         """queue_message, returning once the record is committed."""
-        await self.queue_message(record)
+        await self.queue_message(record, urgent=True)
 
     @abc.abstractmethod
     async def add_link(

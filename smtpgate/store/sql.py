@@ -45,6 +45,12 @@ log = structlog.get_logger()
 # Serialises schema migrations across processes and nodes.
 SCHEMA_LOCK_KEY = "smtpgate:schema"
 
+# How long (seconds) a message record nobody waits for waits for others to share its
+# commit (group.py's linger). Recorded after the client's 250, it is what a kill -9 can
+# lose on top of the commit running then (docs/architecture.md, durability); thread
+# look-ups and views do not wait for it.
+RECORD_LINGER = 0.02
+
 # How many activity owners a process remembers (a few hundred kB).
 _KNOWN_OWNERS = 10_000
 
@@ -151,8 +157,9 @@ class SqlStore(Store):
 
     def __init__(self, allocator: Allocator | None) -> None:
         self.allocator = allocator
-        # Message records of concurrent sessions share one transaction (group.py).
-        self.records: GroupCommit[MessageRecord] = GroupCommit(self._record_batch)
+        # Message records of concurrent sessions share one transaction (group.py);
+        # one nobody waits for lingers RECORD_LINGER for more to share it.
+        self.records: GroupCommit[MessageRecord] = GroupCommit(self._record_batch, linger=RECORD_LINGER)
         # Activity owners read from the store, newest last. A recorded owner never
         # changes (DESIGN.md 4 keeps the stored one against contrary evidence), so
         # what was read once holds for every process and node; see _learn_owner.
@@ -565,10 +572,10 @@ class SqlStore(Store):
             if (row := newest.get(message_id)) is not None
         ]
 
-    def queue_message(self, record: MessageRecord) -> asyncio.Future[None]:
+    def queue_message(self, record: MessageRecord, *, urgent: bool = False) -> asyncio.Future[None]:
         # Committed with whatever other sessions recorded meanwhile: one
         # transaction and one fsync for the lot.
-        return self.records.add(record)
+        return self.records.add(record, urgent=urgent)
 
     async def _record_batch(self, records: list[MessageRecord]) -> None:
         """Insert the records in one write transaction. A record already stored
