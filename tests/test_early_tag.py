@@ -59,3 +59,18 @@ async def test_the_link_named_at_rcpt_is_the_one_relayed(mission):  # noqa: F811
                         rcpt_tos=RCPTS, data=STEP1)
     assert result.data[0] == 250
     assert mission.sink.messages[-1].rcpt_tos == ["client@supplier.example", "pl-payroll+777777-T@corp.example"]
+
+
+async def test_a_source_with_very_many_links_is_still_tagged_at_rcpt(mission):  # noqa: F811
+    """MAIL reads the sender's links in one go, up to a limit; past it, each RCPT asks the store."""
+    first = await mission.step1()
+    store = mission.gate.snapshot.links.store
+    for n in range(120):
+        assert await store.record_link("101203-T", "uk-payroll@corp.example", f"{n}-Z", None, None)
+    assert await store.links_of("101203-T") is None
+    mission.sink.commands.clear()
+    result = await send("127.0.0.1", mission.port, mail_from="uk-payroll+101203-T@corp.example",
+                        rcpt_tos=RCPTS, data=STEP1)
+    assert result.data[0] == 250
+    assert mission.sink.messages[-1].rcpt_tos == ["client@supplier.example", f"pl-payroll+{first}@corp.example"]
+    assert "RSET" not in mission.sink.commands

@@ -96,6 +96,19 @@ async def test_the_newest_linked_activity_of_the_mailbox_wins(store):
     assert outcome == LinkOutcome("77-A", created=False)
 
 
+async def test_links_of_answers_for_every_mailbox_what_find_link_does(store):
+    assert await store.links_of("101203-T") == {}
+    assert await store.record_link("101203-T", UK, "5512-C", PL, "<a@x>") is True
+    assert await store.record_link("101203-T", UK, "77-A", PL, "<b@x>") is True  # newer, same mailbox
+    de = await store.get_or_create_link("101203-T", UK, target(DE), CTX)
+    assert await store.record_link("101203-T", UK, "4-X", None, None) is True  # an activity of no mailbox
+    links = await store.links_of("101203-T")
+    assert links == {PL: await store.find_link("101203-T", PL), DE: await store.find_link("101203-T", DE)}
+    assert links == {PL: "77-A", DE: de.reference}
+    assert await store.links_of(de.reference) == {UK: "101203-T"}  # from the other side too
+    assert await store.links_of("101203-T", limit=3) is None  # more links than that: ask per mailbox
+
+
 async def test_record_link_is_idempotent_and_symmetric(store):
     assert await store.record_link("101203-T", UK, "5512-C", PL, "<a@x>") is True
     assert await store.record_link("101203-T", UK, "5512-C", PL, "<a@x>") is False

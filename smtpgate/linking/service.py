@@ -219,12 +219,27 @@ class LinkService:
                 reused.append(reference)
         return found, created, reused, would_create, untaggable
 
+    async def early_links(self, mail_from: Address | None) -> dict[str, str] | None:
+        """At MAIL: the links of the source activity the envelope sender names, mailbox ->
+        linked activity, read once for the transaction's RCPTs (``early_target``'s ``links``).
+        None when the sender names no source, the source has very many links, or the store
+        fails (each RCPT then asks the store itself)."""
+        source = self.directory.tag_reference(mail_from) if mail_from is not None else None
+        if source is None:
+            return None
+        try:
+            return await self.store.links_of(source[1])
+        except StoreError:
+            return None
+
     async def early_target(self, mail_from: Address, recipient: Address,
-                           found: dict[tuple[str, str], str] | None = None) -> Address | None:
+                           found: dict[tuple[str, str], str] | None = None,
+                           links: Mapping[str, str] | None = None) -> Address | None:
         """The tagged form of ``recipient`` when the envelope sender names the source and the
         link already exists (or it is the source's own mailbox); None otherwise, and on any
         store failure (end of DATA decides for good). Reads only; a link it finds is added
-        to ``found`` (for ``decide``'s ``known_links``)."""
+        to ``found`` (for ``decide``'s ``known_links``). ``links``: what ``early_links``
+        read for this sender at MAIL, which answers instead of the store."""
         source = self.directory.tag_reference(mail_from)
         match = self.directory._match(recipient)
         if source is None or match is None or match.tag is not None:
@@ -232,10 +247,13 @@ class LinkService:
         owner, source_reference = source
         reference = source_reference  # the source's own mailbox takes the source's tag
         if match.info.address != owner.address:
-            try:
-                reference = await self.store.find_link(source_reference, match.info.address)
-            except StoreError:
-                return None
+            if links is not None:
+                reference = links.get(match.info.address)
+            else:
+                try:
+                    reference = await self.store.find_link(source_reference, match.info.address)
+                except StoreError:
+                    return None
             if reference is None:
                 return None
             if found is not None:

@@ -200,6 +200,11 @@ class Store(abc.ABC):
         """The newest activity of ``mailbox`` linked to the source, or None; never writes."""
 
     @abc.abstractmethod
+    async def links_of(self, source_reference: str, limit: int = 100) -> dict[str, str] | None:
+        """Every mailbox's newest activity linked to the source (what find_link answers for
+        each mailbox), in one read; None when the source has more than ``limit`` links."""
+
+    @abc.abstractmethod
     async def record_link(
         self,
         source_reference: str,

@@ -334,6 +334,26 @@ class SqlStore(Store):
         )
         return row[0] if row else None
 
+    async def links_of(self, source_reference: str, limit: int = 100) -> dict[str, str] | None:
+        async with self._lookup() as tx:
+            rows = await tx.fetchall(
+                "SELECT a.mailbox, a.reference FROM links l JOIN activities a"
+                " ON a.reference = (CASE WHEN l.lo = ? THEN l.hi ELSE l.lo END)"
+                " WHERE l.lo = ? OR l.hi = ?"
+                " ORDER BY l.created_at DESC, l.id DESC LIMIT ?",
+                source_reference,
+                source_reference,
+                source_reference,
+                limit + 1,
+            )
+        if len(rows) > limit:
+            return None
+        newest: dict[str, str] = {}
+        for mailbox, reference in rows:
+            if mailbox is not None:
+                newest.setdefault(mailbox, reference)
+        return newest
+
     async def _insert_link(
         self, tx: Tx, source: str, target: str, message_id: str | None, now: datetime
     ) -> bool:

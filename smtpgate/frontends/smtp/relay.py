@@ -83,6 +83,8 @@ class Transaction:
     timings: dict[str, float] = field(default_factory=dict)
     # links found at RCPT time, (source reference, mailbox) -> reference: the decision reuses them
     known_links: dict[tuple[str, str], str] = field(default_factory=dict)
+    # the envelope sender's source's links, read from MAIL on, beside the upstream's MAIL
+    early_links: asyncio.Future[dict[str, str] | None] | None = None
 
     # ----------------------------------------------------------------- MAIL
 
@@ -91,9 +93,13 @@ class Transaction:
         limits = self.ctx.limits
         if "SIZE" in params and int(params["SIZE"].value or 0) > limits.max_message_size:
             raise SMTPReply(replies.MESSAGE_TOO_BIG, "declared SIZE over limits.max_message_size")
+        if self._tags_early() and sender is not None:
+            # Read while the upstream connection and its MAIL take their time.
+            self.early_links = asyncio.ensure_future(self.ctx.links.early_links(sender))
         try:
             self.upstream = await self.ctx.pool.acquire()
         except UpstreamError as exc:
+            self._drop_early_links()
             raise self._not_connected(exc) from None
         ext = self.upstream.extensions
         if "SMTPUTF8" in params and "smtputf8" not in ext and sender and not str(sender).isascii():
@@ -149,9 +155,18 @@ class Transaction:
         """DESIGN.md 2.3: the tagged form at RCPT time when the envelope sender names the source
         and the link exists, so the common message needs no replay. End of DATA decides again
         (a replay follows if the message says otherwise)."""
-        if self.ctx.mode != "enforce" or self.ctx.direction != "outbound" or self.mail_from is None:
+        if not self._tags_early() or self.mail_from is None:
             return None
-        return await self.ctx.links.early_target(self.mail_from, address, self.known_links)
+        links = await self.early_links if self.early_links is not None else None
+        return await self.ctx.links.early_target(self.mail_from, address, self.known_links, links)
+
+    def _tags_early(self) -> bool:
+        return self.ctx.mode == "enforce" and self.ctx.direction == "outbound"
+
+    def _drop_early_links(self) -> None:
+        early, self.early_links = self.early_links, None
+        if early is not None:
+            early.cancel()
 
     def _not_connected(self, exc: UpstreamError) -> SMTPReply:
         """No upstream connection could be had: logged at stage connect, and the reply."""
@@ -380,6 +395,7 @@ class Transaction:
     async def release(self, reusable: bool) -> None:
         """Give the upstream connection back (after RSET when the transaction is unfinished)."""
         upstream, self.upstream = self.upstream, None
+        self._drop_early_links()
         if upstream is None:
             return
         if self.broken:
@@ -389,6 +405,7 @@ class Transaction:
     async def abort(self) -> None:
         """RSET, QUIT, a dropped client or a refusal: no final dot is ever sent."""
         upstream = self.upstream
+        self._drop_early_links()
         if upstream is None:
             return
         reusable = False
