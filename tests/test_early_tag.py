@@ -4,7 +4,7 @@ exists, the recipient is relayed tagged at RCPT and the upstream sees no replay.
 from __future__ import annotations
 
 from tests.support.smtp import send
-from tests.test_relay import code, send_data, session
+from tests.test_relay import code, dot_stuff, send_data, session
 from tests.test_mission import STEP1, mission, mission_config  # noqa: F401 - fixtures
 
 RCPTS = ["client@supplier.example", "pl-payroll@corp.example"]
@@ -74,3 +74,62 @@ async def test_a_source_with_very_many_links_is_still_tagged_at_rcpt(mission):  
     assert result.data[0] == 250
     assert mission.sink.messages[-1].rcpt_tos == ["client@supplier.example", f"pl-payroll+{first}@corp.example"]
     assert "RSET" not in mission.sink.commands
+
+
+# ---------------------------------------------------------------- DATA at the client's DATA
+# When every recipient is relayed at RCPT as the end of DATA will have it, DATA goes
+# upstream with the client's DATA, and the upstream's 354 comes while the message is sent.
+
+
+async def test_data_goes_upstream_with_the_clients_when_every_recipient_is_settled(mission):  # noqa: F811
+    first = await mission.step1()
+    mission.sink.commands.clear()
+    wire = await session(mission.port)
+    assert code(await wire.cmd("MAIL FROM:<uk-payroll+101203-T@corp.example>")) == 250
+    for rcpt in RCPTS:
+        assert code(await wire.cmd(f"RCPT TO:<{rcpt}>")) == 250
+    assert code(await wire.cmd("DATA")) == 354
+    await mission.sink.wait_for(lambda: "DATA" in mission.sink.commands, what="DATA before the message")
+    await wire.send(dot_stuff(STEP1) + b".\r\n")
+    assert code(await wire.reply()) == 250
+    await wire.cmd("QUIT")
+    assert mission.sink.messages[-1].rcpt_tos == ["client@supplier.example", f"pl-payroll+{first}@corp.example"]
+    assert mission.sink.commands.count("DATA") == 1 and "RSET" not in mission.sink.commands
+
+
+async def test_a_decision_that_differs_after_early_data_relays_on_a_new_connection(mission):  # noqa: F811
+    """Two spellings of one mailbox are both tagged at RCPT, so DATA went early; the end of
+    DATA merges them, which needs other recipients than the upstream has: the message goes
+    once, on a new connection, and the first is closed without a dot."""
+    first = await mission.step1()
+    connections = mission.sink.connections
+    wire = await session(mission.port)
+    assert code(await wire.cmd("MAIL FROM:<uk-payroll+101203-T@corp.example>")) == 250
+    for rcpt in ("pl-payroll@corp.example", "PL-Payroll@corp.example"):
+        assert code(await wire.cmd(f"RCPT TO:<{rcpt}>")) == 250
+    assert code(await wire.cmd("DATA")) == 354
+    await mission.sink.wait_for(lambda: "DATA" in mission.sink.commands, what="DATA before the message")
+    await wire.send(dot_stuff(STEP1) + b".\r\n")
+    assert code(await wire.reply()) == 250
+    await wire.cmd("QUIT")
+    assert mission.sink.messages[-1].rcpt_tos == [f"pl-payroll+{first}@corp.example"]
+    assert mission.sink.connections == connections + 1
+    await mission.sink.wait_for(lambda: mission.sink.closed_after_data == 1, what="the first connection closed")
+
+
+async def test_an_upstream_refusing_early_data_gets_its_reply_to_the_clients_dot(mission):  # noqa: F811
+    await mission.step1()
+    mission.sink.data_command_reply = "554 5.5.1 No valid recipients"
+    wire = await session(mission.port)
+    assert code(await wire.cmd("MAIL FROM:<uk-payroll+101203-T@corp.example>")) == 250
+    for rcpt in RCPTS:
+        assert code(await wire.cmd(f"RCPT TO:<{rcpt}>")) == 250
+    reply = await send_data(wire, STEP1)
+    assert reply.startswith("554 5.5.1"), reply
+    mission.sink.data_command_reply = None
+    # The upstream transaction was still open (DATA refused): RSET, and the next goes through.
+    assert code(await wire.cmd("MAIL FROM:<uk-payroll+101203-T@corp.example>")) == 250
+    assert code(await wire.cmd(f"RCPT TO:<{RCPTS[0]}>")) == 250
+    assert code(await send_data(wire, STEP1)) == 250
+    await wire.cmd("QUIT")
+    assert "RSET" in mission.sink.commands and mission.sink.closed_after_data == 0

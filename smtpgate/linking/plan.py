@@ -184,6 +184,12 @@ class Directory:
             return RecipientClass.UNTAGGED_MAILBOX
         return RecipientClass.INTERNAL if self.is_internal(address) else RecipientClass.EXTERNAL
 
+    def untagged_mailbox(self, address: Address) -> bool:
+        """True when ``address`` is a mailbox without a tag: the one kind of recipient a
+        link decision may rewrite."""
+        match = self._match(address)
+        return match is not None and match.tag is None
+
     def tag_reference(self, address: Address) -> tuple[MailboxInfo, str] | None:
         """(mailbox, reference) when ``address`` is a mailbox tagged with a reference."""
         match = self._match(address)

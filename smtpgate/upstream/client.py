@@ -86,6 +86,17 @@ class UpstreamSession:
     async def mail(self, sender: str, params: list[str]) -> Verdict: ...
     async def rcpt(self, recipient: str, params: list[str]) -> Verdict: ...
     async def rset(self) -> Verdict: ...
+
+    def begin_data(self) -> None:
+        """Send DATA now and let `data` read its reply: the upstream's 354 comes while the
+        client still sends the message. Until `data` is called the transaction can only
+        end with the connection: `rset` answers 421 and `release` closes it unused."""
+
+    @property
+    def data_begun(self) -> bool:
+        """DATA was sent by begin_data and `data` has not taken its reply yet."""
+        return False
+
     async def data(self, content: bytes, *, head: bytes = b"", start: int = 0, clean: bool = False) -> Verdict:
         """Send the message ``head + content[start:]`` (head and start spare a copy of a
         large body when only the header block changed; ``clean``: content is known to have
@@ -108,6 +119,7 @@ class SmtpSession(UpstreamSession):
         self.desynced = False  # a reply went missing or was garbled: the connection is only closed
         self.deadline: float | None = None  # the client's MAIL is answered by then (set at acquire)
         self.unchecked = False  # handed out without a NOOP (FRESH_SECONDS): MAIL may reconnect once
+        self._data_reply: asyncio.Task[Verdict] | None = None  # begin_data's DATA, its reply not taken
 
     async def _command(self, *parts: bytes, timeout: float | None = None) -> Verdict:
         wait = self.pool.config.timeouts.command if timeout is None else timeout
@@ -163,7 +175,33 @@ class SmtpSession(UpstreamSession):
         return await self._command(b"RCPT", b"TO:<" + _encode(recipient) + b">", *map(_encode, params))
 
     async def rset(self) -> Verdict:
+        if self._data_reply is not None:
+            # After DATA only the message or a closed connection ends the transaction.
+            self._abandon_data()
+            return Verdict(421, "4.4.2 DATA begun: the connection is closed")
         return await self._command(b"RSET")
+
+    def begin_data(self) -> None:
+        if self._data_reply is None:
+            self._data_reply = asyncio.ensure_future(self._command(b"DATA", timeout=self.pool.config.timeouts.data))
+
+    @property
+    def data_begun(self) -> bool:
+        return self._data_reply is not None
+
+    def _abandon_data(self) -> None:
+        """The DATA begun is not followed by the message: the connection may carry nothing
+        more (no RSET, no QUIT: either would be read as message content)."""
+        pending, self._data_reply = self._data_reply, None
+        if pending is None:
+            return
+        if pending.done():
+            if not pending.cancelled():
+                pending.exception()  # retrieved: a failed DATA is no news here
+        else:
+            pending.cancel()
+        self.desynced = True
+        self.client.close()
 
     async def noop(self) -> Verdict:
         # The health check of a pooled connection: a dead one must not eat the MAIL budget.
@@ -171,10 +209,11 @@ class SmtpSession(UpstreamSession):
 
     async def data(self, content: bytes, *, head: bytes = b"", start: int = 0, clean: bool = False) -> Verdict:
         wait = self.pool.config.timeouts.data
+        begun, self._data_reply = self._data_reply, None
+        ready = await (begun if begun is not None else self._command(b"DATA", timeout=wait))
+        if ready.code != 354:
+            return ready
         try:
-            ready = await self.client.execute_command(b"DATA", timeout=wait)
-            if ready.code != 354:
-                return Verdict(ready.code, ready.message)
             # The payload is written as pieces, the body straight from the received bytes:
             # no copy of a large message unless it has lines to dot-stuff.
             protocol = self.client.protocol
@@ -204,6 +243,9 @@ class SmtpSession(UpstreamSession):
         self.last_used = time.monotonic()
         self.deadline = None
         self.unchecked = False
+        if self._data_reply is not None:
+            self._abandon_data()
+            reusable = False
         await self.pool.give_back(self, reusable)
 
     async def close(self) -> None:

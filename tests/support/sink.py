@@ -85,6 +85,7 @@ class SinkSMTP(SMTP):
         self.sink = sink
         # What the next reply answers: "greeting", a command verb, or "dot" (fault knobs).
         self._stage = "greeting"
+        self._last_command = ""  # the last command verb, "dot" once a message's dot is in
         super().__init__(_Hooks(sink), **kwargs)
         self._smtp_methods = {
             name: self._recording(name, method) for name, method in self._smtp_methods.items()
@@ -98,7 +99,7 @@ class SinkSMTP(SMTP):
                 mechanism, _, rest = arg.partition(" ")
                 shown = mechanism + (" ***" if rest else "")
             self.sink._command(name if shown is None else f"{name} {shown}")
-            self._stage = name
+            self._stage = self._last_command = name
             await method(arg)
 
         return record_then_run
@@ -109,6 +110,9 @@ class SinkSMTP(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         super().connection_lost(error)
         self.sink._protocols.discard(self)
+        if self._last_command == "DATA":
+            self.sink.closed_after_data += 1
+            self.sink._changed()
 
     # -- fault knobs: greeting, stall, raw_replies ------------------------
     async def push(self, status: Any) -> None:
@@ -388,6 +392,7 @@ class _Hooks:
 
     async def handle_DATA(self, server: SinkSMTP, session: Session, envelope: Envelope) -> str:
         sink = self.sink
+        server._last_command = "dot"
         assert isinstance(envelope, _SinkEnvelope)
         auth = session.auth_data
         received = Received(
@@ -456,6 +461,8 @@ class Sink:
     Records: `messages` (accepted with a 2xx to the dot), `received` (every
     message whose dot arrived, whatever the answer), `commands` (each command
     line, verb upper-cased, AUTH credentials masked), `connections`,
+    `closed_after_data` (connections the client closed after DATA and before
+    a final dot: a transaction given up mid-data),
     `auth_tokens` (each XOAUTH2 bearer token presented, accepted or not).
     """
 
@@ -510,6 +517,7 @@ class Sink:
         self.received: list[Received] = []
         self.commands: list[str] = []
         self.connections = 0
+        self.closed_after_data = 0
         self.auth_tokens: list[str] = []
 
         self._server: asyncio.AbstractServer | None = None

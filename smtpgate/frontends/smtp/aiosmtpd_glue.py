@@ -431,6 +431,7 @@ class GlueSMTP(PrototypeSMTP):
         if arg:
             await self.push("501 Syntax: DATA")
             return
+        self.data_starting()
         await self.push("354 End data with <CR><LF>.<CR><LF>")
 
         reader = self._reader
@@ -489,6 +490,9 @@ class GlueSMTP(PrototypeSMTP):
     async def before_serving(self) -> bool:
         """Called before the greeting; False closes the connection (the hook pushed a reply)."""
         return True
+
+    def data_starting(self) -> None:
+        """DATA is accepted: the 354 goes out next, then the message is read."""
 
     def transaction_ended(self) -> None:
         """HELO, EHLO, RSET, or a refusal of the data: the transaction is over."""

@@ -56,6 +56,7 @@ class Recipient:
     params: dict[str, Param]
     relayed: Address  # what the upstream was last asked to accept
     tag_refused: bool = False  # the upstream refused the tagged form at RCPT time
+    settled: bool = False  # relayed as the decision will have it: tagged at RCPT, or no untagged mailbox
 
     def upstream_params(self, extensions: frozenset[str]) -> list[str]:
         out = [str(p) for k, p in self.params.items() if _RCPT_PARAM_EXTENSION[k] in extensions]
@@ -134,7 +135,8 @@ class Transaction:
         if "smtputf8" not in self.upstream.extensions and not str(address).isascii():
             raise SMTPReply(replies.SMTPUTF8_UNSUPPORTED, "non-ASCII recipient, upstream lacks SMTPUTF8")
         tagged = await self._early_tag(address)
-        rcpt = Recipient(address=address, params=params, relayed=tagged or address)
+        rcpt = Recipient(address=address, params=params, relayed=tagged or address,
+                         settled=tagged is not None or not self.ctx.links.directory.untagged_mailbox(address))
         verdict = await self._upstream_call(
             self.upstream.rcpt(str(rcpt.relayed), rcpt.upstream_params(self.upstream.extensions))
         )
@@ -192,6 +194,19 @@ class Transaction:
         return self._sender_text()
 
     # ----------------------------------------------------------------- DATA
+
+    def begin_data(self) -> None:
+        """The client's DATA: when the end of DATA will relay the envelope as it stands (every
+        recipient settled at RCPT), DATA goes upstream now and its 354 comes while the client
+        sends the message (one round trip less after the final dot). Otherwise, or should
+        the end of DATA decide differently after all, DATA waits for the decision."""
+        if self.broken or self.upstream is None or not self.recipients:
+            return
+        if self.ctx.direction != "outbound":
+            return
+        if self.ctx.mode != "observe" and not all(r.settled for r in self.recipients):
+            return
+        self.upstream.begin_data()
 
     async def finish(self, raw: bytes) -> str:
         """End of DATA: check, decide, replay if needed, send, record; returns the reply line.
@@ -322,8 +337,18 @@ class Transaction:
         assert self.upstream is not None
         if all(decision.target_of(r.address) == r.relayed for r in self.recipients):
             return decision
+        if self.upstream.data_begun:
+            # DATA went out at the client's DATA: only a new connection takes other recipients.
+            await self.release(reusable=False)
+            try:
+                self.upstream = await self.ctx.pool.acquire()
+            except UpstreamError as exc:
+                self.broken = exc.reason
+                raise self._not_connected(exc) from None
+            verdict = Verdict(250, "new connection")
+        else:
+            verdict = await self._upstream_call(self.upstream.rset())
         upstream = self.upstream
-        verdict = await self._upstream_call(upstream.rset())
         if verdict.ok:
             verdict = await self._upstream_call(upstream.mail(self._sender_text(), self._mail_params()))
         if not verdict.ok:

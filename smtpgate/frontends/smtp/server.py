@@ -159,6 +159,10 @@ class GateSMTP(GlueSMTP):
                     return
         await super().push(status)
 
+    def data_starting(self) -> None:
+        if self.tx is not None:
+            self.tx.begin_data()
+
     def transaction_ended(self) -> None:
         # HELO, EHLO, RSET, a refused data or a lost client: the upstream transaction ends too.
         tx, self.tx = self.tx, None
