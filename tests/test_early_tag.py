@@ -8,14 +8,35 @@ from tests.test_relay import code, dot_stuff, send_data, session
 from tests.test_mission import STEP1, mission, mission_config  # noqa: F401 - fixtures
 
 RCPTS = ["client@supplier.example", "pl-payroll@corp.example"]
+SENDER = "uk-payroll+101203-T@corp.example"
+
+
+async def send_tagged(mission):
+    return await send("127.0.0.1", mission.port, mail_from=SENDER, rcpt_tos=RCPTS, data=STEP1)
+
+
+async def tagged_transaction(mission, rcpts=RCPTS):
+    """A session with MAIL from the tagged sender and every RCPT accepted."""
+    wire = await session(mission.port)
+    assert code(await wire.cmd(f"MAIL FROM:<{SENDER}>")) == 250
+    for rcpt in rcpts:
+        assert code(await wire.cmd(f"RCPT TO:<{rcpt}>")) == 250
+    return wire
+
+
+async def data_after_upstream_data(mission, wire) -> None:
+    """DATA, then the message only once the upstream has had its DATA: accepted."""
+    assert code(await wire.cmd("DATA")) == 354
+    await mission.sink.wait_for(lambda: "DATA" in mission.sink.commands, what="DATA before the message")
+    await wire.send(dot_stuff(STEP1) + b".\r\n")
+    assert code(await wire.reply()) == 250
 
 
 async def test_a_known_link_is_tagged_at_rcpt_and_needs_no_replay(mission):  # noqa: F811
     new = await mission.step1()
     assert mission.sink.commands.count("RSET") >= 1  # the first message created the link: replayed
     mission.sink.commands.clear()
-    result = await send("127.0.0.1", mission.port, mail_from="uk-payroll+101203-T@corp.example",
-                        rcpt_tos=RCPTS, data=STEP1)
+    result = await send_tagged(mission)
     assert result.data[0] == 250
     assert mission.sink.messages[-1].rcpt_tos == ["client@supplier.example", f"pl-payroll+{new}@corp.example"]
     assert "RSET" not in mission.sink.commands
@@ -26,8 +47,7 @@ async def test_a_known_link_is_tagged_at_rcpt_and_needs_no_replay(mission):  # n
 async def test_a_tag_refused_at_rcpt_is_relayed_untagged_everywhere(mission):  # noqa: F811
     new = await mission.step1()
     mission.sink.refuse_plus = True
-    result = await send("127.0.0.1", mission.port, mail_from="uk-payroll+101203-T@corp.example",
-                        rcpt_tos=RCPTS, data=STEP1)
+    result = await send_tagged(mission)
     assert result.rcpts["pl-payroll@corp.example"][0] == 250 and result.data[0] == 250
     msg = mission.sink.messages[-1]
     assert msg.rcpt_tos == ["client@supplier.example", "pl-payroll@corp.example"]
@@ -42,10 +62,7 @@ async def test_the_link_named_at_rcpt_is_the_one_relayed(mission):  # noqa: F811
     (no replay, To/Cc and envelope agree), and the next message takes the newer one."""
     first = await mission.step1()
     mission.sink.commands.clear()
-    wire = await session(mission.port)
-    assert code(await wire.cmd("MAIL FROM:<uk-payroll+101203-T@corp.example>")) == 250
-    for rcpt in RCPTS:
-        assert code(await wire.cmd(f"RCPT TO:<{rcpt}>")) == 250
+    wire = await tagged_transaction(mission)
     store = mission.gate.snapshot.links.store
     assert await store.record_link("101203-T", "uk-payroll@corp.example", "777777-T", "pl-payroll@corp.example", None)
     assert await store.find_link("101203-T", "pl-payroll@corp.example") == "777777-T"
@@ -55,8 +72,7 @@ async def test_the_link_named_at_rcpt_is_the_one_relayed(mission):  # noqa: F811
     assert message.rcpt_tos == ["client@supplier.example", f"pl-payroll+{first}@corp.example"]
     assert f"pl-payroll+{first}@corp.example".encode() in message.data
     assert "RSET" not in mission.sink.commands
-    result = await send("127.0.0.1", mission.port, mail_from="uk-payroll+101203-T@corp.example",
-                        rcpt_tos=RCPTS, data=STEP1)
+    result = await send_tagged(mission)
     assert result.data[0] == 250
     assert mission.sink.messages[-1].rcpt_tos == ["client@supplier.example", "pl-payroll+777777-T@corp.example"]
 
@@ -69,8 +85,7 @@ async def test_a_source_with_very_many_links_is_still_tagged_at_rcpt(mission):  
         assert await store.record_link("101203-T", "uk-payroll@corp.example", f"{n}-Z", None, None)
     assert await store.links_of("101203-T") is None
     mission.sink.commands.clear()
-    result = await send("127.0.0.1", mission.port, mail_from="uk-payroll+101203-T@corp.example",
-                        rcpt_tos=RCPTS, data=STEP1)
+    result = await send_tagged(mission)
     assert result.data[0] == 250
     assert mission.sink.messages[-1].rcpt_tos == ["client@supplier.example", f"pl-payroll+{first}@corp.example"]
     assert "RSET" not in mission.sink.commands
@@ -84,14 +99,8 @@ async def test_a_source_with_very_many_links_is_still_tagged_at_rcpt(mission):  
 async def test_data_goes_upstream_with_the_clients_when_every_recipient_is_settled(mission):  # noqa: F811
     first = await mission.step1()
     mission.sink.commands.clear()
-    wire = await session(mission.port)
-    assert code(await wire.cmd("MAIL FROM:<uk-payroll+101203-T@corp.example>")) == 250
-    for rcpt in RCPTS:
-        assert code(await wire.cmd(f"RCPT TO:<{rcpt}>")) == 250
-    assert code(await wire.cmd("DATA")) == 354
-    await mission.sink.wait_for(lambda: "DATA" in mission.sink.commands, what="DATA before the message")
-    await wire.send(dot_stuff(STEP1) + b".\r\n")
-    assert code(await wire.reply()) == 250
+    wire = await tagged_transaction(mission)
+    await data_after_upstream_data(mission, wire)
     await wire.cmd("QUIT")
     assert mission.sink.messages[-1].rcpt_tos == ["client@supplier.example", f"pl-payroll+{first}@corp.example"]
     assert mission.sink.commands.count("DATA") == 1 and "RSET" not in mission.sink.commands
@@ -103,14 +112,8 @@ async def test_a_decision_that_differs_after_early_data_relays_on_a_new_connecti
     once, on a new connection, and the first is closed without a dot."""
     first = await mission.step1()
     connections = mission.sink.connections
-    wire = await session(mission.port)
-    assert code(await wire.cmd("MAIL FROM:<uk-payroll+101203-T@corp.example>")) == 250
-    for rcpt in ("pl-payroll@corp.example", "PL-Payroll@corp.example"):
-        assert code(await wire.cmd(f"RCPT TO:<{rcpt}>")) == 250
-    assert code(await wire.cmd("DATA")) == 354
-    await mission.sink.wait_for(lambda: "DATA" in mission.sink.commands, what="DATA before the message")
-    await wire.send(dot_stuff(STEP1) + b".\r\n")
-    assert code(await wire.reply()) == 250
+    wire = await tagged_transaction(mission, ["pl-payroll@corp.example", "PL-Payroll@corp.example"])
+    await data_after_upstream_data(mission, wire)
     await wire.cmd("QUIT")
     assert mission.sink.messages[-1].rcpt_tos == [f"pl-payroll+{first}@corp.example"]
     assert mission.sink.connections == connections + 1
@@ -120,15 +123,12 @@ async def test_a_decision_that_differs_after_early_data_relays_on_a_new_connecti
 async def test_an_upstream_refusing_early_data_gets_its_reply_to_the_clients_dot(mission):  # noqa: F811
     await mission.step1()
     mission.sink.data_command_reply = "554 5.5.1 No valid recipients"
-    wire = await session(mission.port)
-    assert code(await wire.cmd("MAIL FROM:<uk-payroll+101203-T@corp.example>")) == 250
-    for rcpt in RCPTS:
-        assert code(await wire.cmd(f"RCPT TO:<{rcpt}>")) == 250
+    wire = await tagged_transaction(mission)
     reply = await send_data(wire, STEP1)
     assert reply.startswith("554 5.5.1"), reply
     mission.sink.data_command_reply = None
     # The upstream transaction was still open (DATA refused): RSET, and the next goes through.
-    assert code(await wire.cmd("MAIL FROM:<uk-payroll+101203-T@corp.example>")) == 250
+    assert code(await wire.cmd(f"MAIL FROM:<{SENDER}>")) == 250
     assert code(await wire.cmd(f"RCPT TO:<{RCPTS[0]}>")) == 250
     assert code(await send_data(wire, STEP1)) == 250
     await wire.cmd("QUIT")
