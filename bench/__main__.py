@@ -42,6 +42,7 @@ from bench.procs import (  # noqa: E402
     Target,
     children,
     fresh_pg_database,
+    pg_checkpoint,
     pg_version,
     wait_until,
 )
@@ -118,20 +119,34 @@ def throughput(targets: list[Target], folder: Path, sink: SmtpSink, postfix: Pos
 
 
 def latency(folder: Path, sink: SmtpSink, postfix: PostfixRelay, setups: list[GateSetup],
-            count: int) -> list[tuple[str, load.Latency]]:
-    out = [("smtp-sink direct", load.latency(sink.port, folder, count)),
-           ("Postfix relay", load.latency(postfix.port, folder, count))]
-    wait_until(postfix.queue_empty, 300, "Postfix's queue to empty", every=0.1)
+            count: int, rounds: int) -> list[tuple[str, list[load.Latency]]]:
+    """Each target's latency session once per round, alternating as the throughput runs do
+    (the machine's speed drifts within minutes): (name, one Latency per round), sink first."""
+    names = ["smtp-sink direct", "Postfix relay"]
     for setup in setups:
         tree = "" if setup.root == ROOT else f" [{setup.root.name}]"
-        with Smtpgate(folder, setup, sink.port, f"latency-{setup.store_kind}{tree.strip()}") as gate:
-            before = cpu_seconds([gate.pid])
-            result = load.latency(gate.port, folder, count)
-            result.cpu_per_message = (cpu_seconds([gate.pid]) - before) / count
-            out.append((f"smtpgate {report.STORE_NAMES[setup.store_kind]}{tree}", result))
-    for name, result in out:
-        log(f"latency: {name}: p50 {result.p50 * 1000:.2f} ms, p99 {result.p99 * 1000:.2f} ms")
-    return out
+        names.append(f"smtpgate {report.STORE_NAMES[setup.store_kind]}{tree}")
+    kinds: list[GateSetup | str] = ["sink", "postfix", *setups]
+    out: dict[str, list[load.Latency]] = {name: [] for name in names}
+    for round_no in range(rounds):
+        turn = round_no % len(kinds)
+        for name, kind in zip(names[turn:] + names[:turn], kinds[turn:] + kinds[:turn]):
+            if kind == "sink":
+                result = load.latency(sink.port, folder, count)
+            elif kind == "postfix":
+                result = load.latency(postfix.port, folder, count)
+                wait_until(postfix.queue_empty, 300, "Postfix's queue to empty", every=0.1)
+            else:
+                assert isinstance(kind, GateSetup)
+                tag = name.removeprefix("smtpgate ").replace(" ", "-").replace("[", "").replace("]", "")
+                with Smtpgate(folder, kind, sink.port, f"latency-{tag}-{round_no + 1}") as gate:
+                    before = cpu_seconds([gate.pid])
+                    result = load.latency(gate.port, folder, count)
+                    result.cpu_per_message = (cpu_seconds([gate.pid]) - before) / count
+            out[name].append(result)
+            log(f"latency round {round_no + 1}: {name}: p50 {result.p50 * 1000:.2f} ms, "
+                f"p99 {result.p99 * 1000:.2f} ms")
+    return list(out.items())
 
 
 def store_run(stack: contextlib.ExitStack, folder: Path, store: str, messages: int, root: Path = ROOT):
@@ -281,8 +296,10 @@ def main() -> int:
                 for root in [ROOT, *(b.resolve() for b in args.baseline)] for store in stores]
             one_worker = [GateSetup(s, urls[s], 1) for s in stores]
             baselines = [GateSetup(s, urls[s], 1, root=b.resolve()) for b in args.baseline for s in stores]
+            if "postgresql" in stores:
+                pg_checkpoint()  # the runs above wrote much WAL: its checkpoint is not the latency's
             lat = None if args.no_latency else latency(folder, sink, postfix, one_worker + baselines,
-                                                       args.latency_messages)
+                                                       args.latency_messages, args.rounds)
             mem = None if args.no_memory else memory_run(folder, sink, one_worker[0])
             profiled = one_worker + baselines
             profiles = [] if args.no_profile else [

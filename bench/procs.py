@@ -203,6 +203,25 @@ def fresh_pg_database() -> Iterator[str]:
         asyncio.run(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 
+def pg_checkpoint() -> None:
+    """A CHECKPOINT, so a phase does not pay for the WAL an earlier one wrote."""
+    import asyncio
+
+    import asyncpg
+
+    async def checkpoint() -> None:
+        conn = await asyncpg.connect(PG_ADMIN_DSN, timeout=5)
+        try:
+            await conn.execute("CHECKPOINT")
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(checkpoint())
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise BenchError(f"PostgreSQL at {PG_ADMIN_DSN}: CHECKPOINT: {exc}") from exc
+
+
 def pg_version() -> str:
     import asyncio
 

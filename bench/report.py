@@ -154,13 +154,24 @@ def render(*, args, started, finished, targets, store_alone, latency, memory, pr
             "gap between two of smtp-source's DATA completions, read from its counter as they "
             "happen (MAIL, 2 RCPT, DATA, 10 KB, dot, 250).")
         add("")
-        add("| target | p50 ms | p99 ms | p50 added over sink direct | smtpgate CPU per message |")
-        add("|---|---:|---:|---:|---:|")
-        floor = latency[0][1].p50
-        for name, lat in latency:
-            added = "" if name == latency[0][0] else f"{_ms(lat.p50 - floor)}"
-            cpu = "" if lat.cpu_per_message is None else f"{_ms(lat.cpu_per_message)} ms"
-            add(f"| {name} | {_ms(lat.p50)} | {_ms(lat.p99)} | {added} | {cpu} |")
+        rounds = [runs if isinstance(runs, list) else [runs] for _, runs in latency]
+        add(f"Each target once per round ({len(rounds[0])} in all), alternating as the throughput "
+            "runs do; a round's added p50 is the target's p50 less the sink's p50 of that round.")
+        add("")
+        add("| target | p50 ms per round | p99 ms, all rounds | p50 added over sink direct, per round "
+            "| median added | smtpgate CPU per message |")
+        add("|---|---:|---:|---:|---:|---:|")
+        floors = [run.p50 for run in rounds[0]]
+        for (name, _), runs in zip(latency, rounds):
+            pooled = load.Latency(times=[t for run in runs for t in run.times])
+            p50s = " / ".join(_ms(run.p50) for run in runs)
+            added, median = "", ""
+            if runs is not rounds[0]:
+                each = [run.p50 - floor for run, floor in zip(runs, floors)]
+                added, median = " / ".join(_ms(a) for a in each), _ms(statistics.median(each))
+            cpus = [run.cpu_per_message for run in runs if run.cpu_per_message is not None]
+            cpu = f"{_ms(statistics.median(cpus))} ms" if cpus else ""
+            add(f"| {name} | {p50s} | {_ms(pooled.p99)} | {added} | {median} | {cpu} |")
     if memory:
         m = memory
         add("")

@@ -81,6 +81,18 @@ def test_directory_makes_mailbox_addresses_canonical() -> None:
     assert directory.mailbox_info("hr@corp.example") is None
 
 
+def test_directory_answers_the_same_from_what_it_remembers_and_when_that_is_full() -> None:
+    directory = Directory(SETTINGS)
+    tagged, other = addr("pl-payroll+5512-C@corp.example"), addr("client@supplier.example")
+    first = [directory.mailbox(tagged), directory.mailbox(other)]
+    assert first == [(PL, "5512-C"), None]
+    assert [directory.mailbox(tagged), directory.mailbox(other)] == first  # remembered
+    for n in range(Directory.MATCHES_KEPT + 1):  # more addresses than it keeps: it starts over
+        directory.mailbox(addr(f"x{n}@supplier.example"))
+    assert [directory.mailbox(tagged), directory.mailbox(other)] == first
+    assert directory.mailbox(addr("PL-Payroll@corp.example")) == (PL, None)
+
+
 @pytest.mark.parametrize(
     ("address", "expected"),
     [

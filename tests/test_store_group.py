@@ -359,6 +359,70 @@ async def test_postgresql_records_survive_their_connection_being_cut(pg_store_ur
         await store.close()
 
 
+async def lookup_backends(admin) -> set[int]:
+    from smtpgate.store.postgres import LOOKUPS_APPLICATION
+
+    rows = await admin.fetch("SELECT pid FROM pg_stat_activity WHERE application_name = $1", LOOKUPS_APPLICATION)
+    return {r["pid"] for r in rows}
+
+
+async def test_postgresql_lookups_go_on_when_their_connection_is_cut(pg_store_url, tmp_path):  # noqa: F811
+    """The look-ups' own connection, ended by the server: look-ups go on (on the read pool)
+    and a new one is opened for them."""
+    import asyncpg
+
+    url = pg_store_url
+    store = await opened(url, tmp_path)
+    admin = await asyncpg.connect(url)
+    try:
+        made = await store.get_or_create_link("101203-T", UK, LinkTarget(PL, "Team B", "{n}-T", True), CTX)
+        assert await store.find_link("101203-T", PL) == made.reference
+        [first] = await lookup_backends(admin)
+        await admin.fetchval("SELECT pg_terminate_backend($1)", first)
+        answers = []
+        for _ in range(200):
+            try:
+                answers.append(await store.find_link("101203-T", PL))
+            except StoreError:
+                answers.append(None)  # the one look-up that met the cut, at most
+            if (await lookup_backends(admin)) - {first}:
+                break
+            await asyncio.sleep(0.05)
+        assert (await lookup_backends(admin)) - {first}, "no new look-up connection"
+        assert answers.count(None) <= 1 and answers[-1] == made.reference
+        links = await asyncio.gather(*(store.links_of("101203-T") for _ in range(20)))  # busy: the pool too
+        assert links == [{PL: made.reference}] * 20
+    finally:
+        await admin.close()
+        await store.close()
+
+
+async def test_postgresql_a_lookup_cancelled_midway_leaves_its_connection(pg_store_url, tmp_path):  # noqa: F811
+    import asyncpg
+
+    url = pg_store_url
+    store = await opened(url, tmp_path)
+    admin = await asyncpg.connect(url)
+    try:
+        [first] = await lookup_backends(admin)
+        lock = await asyncpg.connect(url)
+        await lock.execute("BEGIN; LOCK TABLE links IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(store.find_link("101203-T", PL), 0.3)  # waits for the lock
+        await lock.execute("ROLLBACK")
+        await lock.close()
+        for _ in range(200):  # answered on the read pool until a new connection is there
+            assert await store.find_link("101203-T", PL) is None
+            if (await lookup_backends(admin)) - {first}:
+                break
+            await asyncio.sleep(0.05)
+        assert (await lookup_backends(admin)) - {first}, "no new look-up connection"
+        assert first not in await lookup_backends(admin)  # the cancelled one is gone
+    finally:
+        await admin.close()
+        await store.close()
+
+
 # --------------------------------------------------------------------------- linger
 # GroupCommit itself, with a batch writer that keeps what it was given. An hour's
 # linger: whatever ends the wait early must, or the test times out.

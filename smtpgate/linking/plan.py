@@ -106,6 +106,8 @@ class Directory:
     mailbox configured twice or an invalid pattern.
     """
 
+    MATCHES_KEPT = 4096  # addresses whose mailbox match is remembered (emptied when full)
+
     def __init__(self, settings: CoreSettings) -> None:
         try:
             check_separator(settings.separator)
@@ -129,6 +131,9 @@ class Directory:
                 raise ValueError(f"mailbox {key} configured twice")
             self._mailboxes[key] = dataclasses.replace(info, address=key)
         self._mailbox_domains = frozenset(key.rpartition("@")[2] for key in self._mailboxes)
+        # What _match found per address: a message asks about the same few addresses
+        # a dozen times (envelope, header fields, RCPT time, the plan).
+        self._matches: dict[Address, _MailboxMatch | None] = {}
 
     @property
     def mailboxes(self) -> tuple[MailboxInfo, ...]:
@@ -140,6 +145,17 @@ class Directory:
         return self._mailboxes.get(canonical)
 
     def _match(self, address: Address) -> _MailboxMatch | None:
+        try:
+            return self._matches[address]
+        except KeyError:
+            pass
+        match = self._find_match(address)
+        if len(self._matches) >= self.MATCHES_KEPT:
+            self._matches.clear()
+        self._matches[address] = match
+        return match
+
+    def _find_match(self, address: Address) -> _MailboxMatch | None:
         try:
             domain = normalize_domain(address.domain) if address.domain else ""
         except AddressError:

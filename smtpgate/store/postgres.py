@@ -3,7 +3,9 @@ smtpgate nodes sharing one database, through asyncpg.
 
 Reads and writes take their connections from two pools, so a look-up never
 waits for a connection held by a write (a link creation waiting for the
-allocator, say). Message records, one batch at a time, go through a
+allocator, say). The look-ups on a message's path use a connection of their
+own while it is free (no pool's acquire and release, ~80 µs each), the read
+pool when it is busy. Message records, one batch at a time, go through a
 connection of their own. Get-or-create for one (source activity, mailbox) pair runs under a
 transaction-scoped advisory lock named after the pair, so racers on any node
 wait for the first one's commit and then find its link. The lock is held
@@ -34,11 +36,17 @@ if TYPE_CHECKING:
 
 _PLACEHOLDER = re.compile(r"\?")
 
-# pg_stat_activity's application_name of the message records' connection.
+# pg_stat_activity's application_name of the message records' connection, and of the
+# look-ups' own connection.
 RECORDS_APPLICATION = "smtpgate records"
+LOOKUPS_APPLICATION = "smtpgate look-ups"
+# How long after a look-up connection failed the next one is opened (the read pool serves meanwhile).
+LOOKUPS_RETRY_SECONDS = 1.0
 
 # Everything asyncpg and the network raise for a failing server or connection.
-_FAILURES = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
+# (InternalClientError: a statement on a connection the server just ended, found mid-way.)
+_FAILURES = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError,
+             asyncio.TimeoutError)
 
 
 @functools.lru_cache(maxsize=256)
@@ -124,6 +132,12 @@ class PostgresStore(SqlStore):
         # Message records go in one batch at a time (group commit): one connection of
         # their own, without a pool's acquire and reset round trip; made again after a failure.
         self._records: asyncpg.Connection | None = None
+        # The look-ups' own connection (see _lookup), whether a look-up holds it, and
+        # when a new one may be opened after a failure.
+        self._lookups: asyncpg.Connection | None = None
+        self._lookups_busy = False
+        self._lookups_opening: asyncio.Task[None] | None = None
+        self._lookups_next_try = 0.0
 
     async def connect(self) -> None:
         """Open the connection pools; StoreError when the server cannot be reached,
@@ -135,12 +149,20 @@ class PostgresStore(SqlStore):
             self._reads = await self._open_pool(reset=_keep_session)
             # Read-only there are no writes to keep look-ups from: one pool.
             self._writes = self._reads if self.read_only else await self._open_pool()
+            self._lookups = await self._connect(LOOKUPS_APPLICATION)
         except asyncpg.InvalidCatalogNameError as exc:
             await self.close()
             raise StoreMissing(f"{self.label}: {exc}") from exc
         except (*_FAILURES, ValueError) as exc:
             await self.close()
             raise StoreError(f"{self.label}: {exc}") from exc
+
+    async def _connect(self, application: str) -> asyncpg.Connection:
+        settings = {"application_name": application}
+        if self.read_only:
+            settings["default_transaction_read_only"] = "on"
+        return await asyncpg.connect(self.dsn, timeout=self._timeout, command_timeout=self._timeout,
+                                     server_settings=settings)
 
     async def _open_pool(self, **options: Any) -> asyncpg.Pool:
         return await asyncpg.create_pool(
@@ -156,12 +178,16 @@ class PostgresStore(SqlStore):
     async def close(self) -> None:
         if self._writes is not None:
             await self.records.close(self._timeout)
-        records, self._records = self._records, None
-        if records is not None:
-            try:
-                await asyncio.wait_for(records.close(), self._timeout)
-            except _FAILURES:
-                records.terminate()
+        if self._lookups_opening is not None:
+            self._lookups_opening.cancel()
+            self._lookups_opening = None
+        for conn in (self._records, self._lookups):
+            if conn is not None:
+                try:
+                    await asyncio.wait_for(conn.close(), self._timeout)
+                except _FAILURES:
+                    conn.terminate()
+        self._records = self._lookups = None
         pools = {id(p): p for p in (self._reads, self._writes) if p is not None}
         self._reads = self._writes = None
         for pool in pools.values():
@@ -183,6 +209,60 @@ class PostgresStore(SqlStore):
                 yield _PgTx(conn)
         except _FAILURES as exc:
             raise StoreError(f"postgresql: {exc.__class__.__name__}: {exc}") from exc
+
+    @asynccontextmanager
+    async def _lookup(self) -> AsyncIterator[Tx]:
+        """The look-ups' own connection when it is free, else the read pool's. A statement
+        failing on it, or a look-up cancelled under it, takes it out of use (a statement
+        cancelled midway leaves a connection busy); a new one is opened in the background."""
+        conn = self._lookups
+        if conn is None or self._lookups_busy or conn.is_closed():
+            if conn is not None and not self._lookups_busy:
+                self._drop_lookups()
+            self._reopen_lookups()
+            async with self._read() as tx:
+                yield tx
+            return
+        self._lookups_busy = True
+        try:
+            yield _PgTx(conn)
+        except _FAILURES as exc:
+            self._drop_lookups()
+            raise StoreError(f"postgresql: {exc.__class__.__name__}: {exc}") from exc
+        except asyncio.CancelledError:
+            self._drop_lookups()
+            raise
+        finally:
+            self._lookups_busy = False
+
+    def _drop_lookups(self) -> None:
+        conn, self._lookups = self._lookups, None
+        if conn is not None:
+            conn.terminate()
+        self._lookups_next_try = asyncio.get_running_loop().time() + LOOKUPS_RETRY_SECONDS
+
+    def _reopen_lookups(self) -> None:
+        """Open a new look-up connection in the background, once the retry wait is over."""
+        if self._lookups is not None or self._reads is None:
+            return
+        if self._lookups_opening is not None and not self._lookups_opening.done():
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._lookups_next_try:
+            return
+
+        async def reopen() -> None:
+            try:
+                conn = await self._connect(LOOKUPS_APPLICATION)
+            except _FAILURES:
+                self._lookups_next_try = loop.time() + LOOKUPS_RETRY_SECONDS
+                return
+            if self._reads is None or self._lookups is not None:  # closed, or opened meanwhile
+                conn.terminate()
+                return
+            self._lookups = conn
+
+        self._lookups_opening = loop.create_task(reopen())
 
     @asynccontextmanager
     async def _write(self, lock_key: str | None = None) -> AsyncIterator[Tx]:
@@ -214,9 +294,7 @@ class PostgresStore(SqlStore):
             fresh = conn is None or conn.is_closed()
             try:
                 if fresh:
-                    conn = self._records = await asyncpg.connect(
-                        self.dsn, timeout=self._timeout, command_timeout=self._timeout,
-                        server_settings={"application_name": RECORDS_APPLICATION})
+                    conn = self._records = await self._connect(RECORDS_APPLICATION)
                 await conn.execute(_INSERT_MESSAGES, *columns, *named)
                 return
             except asyncio.TimeoutError as exc:
