@@ -61,3 +61,31 @@ async def test_two_nodes_racing_create_one_link(pg_store_url, sink, start_gate, 
     # Both nodes relayed: each stamps its own name in the Received field it adds.
     relays = {re.search(rb"\tby (\S+) \(smtpgate\)", m.data).group(1) for m in sink.messages}
     assert relays == {b"node-a.test.example", b"node-b.test.example"}
+
+
+async def test_mails_refused_upstream_leave_the_lookup_connection_alone(pg_store_url, sink, start_gate, tmp_path):
+    """MAIL starts the sender's link look-up beside the upstream's MAIL; a MAIL refused (or a
+    client gone) before it is answered leaves it to finish: it is not cancelled midway, which
+    would cost PostgreSQL's look-up connection."""
+    import asyncpg
+
+    from smtpgate.store.postgres import LOOKUPS_APPLICATION
+
+    config = load_config(write_config(tmp_path, NODE.format(name="node-a", sink_port=sink.port, store=pg_store_url)))
+    port = (await start_gate(config))[1]
+    admin = await asyncpg.connect(pg_store_url)
+    try:
+        query = "SELECT pid FROM pg_stat_activity WHERE application_name = $1"
+        before = {r["pid"] for r in await admin.fetch(query, LOOKUPS_APPLICATION)}
+        sink.mail_reply = "550 5.7.1 Sender refused"
+        for _ in range(20):
+            result = await send("127.0.0.1", port, mail_from="uk-payroll+101203-T@corp.example",
+                                rcpt_tos=["pl-payroll@corp.example"], data=b"Subject: x\r\n\r\nbody\r\n")
+            assert result.mail[0] == 550
+        sink.mail_reply = None
+        result = await send("127.0.0.1", port, mail_from="uk-payroll+101203-T@corp.example",
+                            rcpt_tos=["client@supplier.example"], data=b"Subject: x\r\n\r\nbody\r\n")
+        assert result.data is not None and result.data[0] == 250
+        assert {r["pid"] for r in await admin.fetch(query, LOOKUPS_APPLICATION)} == before
+    finally:
+        await admin.close()

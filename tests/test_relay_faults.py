@@ -14,6 +14,7 @@ import aiosmtplib
 import pytest
 
 from smtpgate.runtime.gate import Gate, Snapshot
+from smtpgate.store import StoreError
 from smtpgate.store.allocation import LocalAllocator
 from smtpgate.store.sqlite import SqliteStore
 from smtpgate.users import Users
@@ -107,6 +108,38 @@ async def test_an_internal_error_at_the_dot_is_451_logged_and_resets_the_upstrea
         assert code_of(await wire.cmd("RCPT TO:<client@supplier.example>")) == 250
         assert code_of(await send_data(wire, MESSAGE)) == 250
         await wire.cmd("QUIT")
+    finally:
+        await gate.drain(0)
+
+
+class LinksOfFails(SqliteStore):
+    """A real SQLite store whose one-read look-up of a sender's links fails, as a store that
+    has just gone away would; every other look-up works."""
+
+    async def links_of(self, source_reference: str, limit: int = 100):
+        raise StoreError("the store went away")
+
+
+async def test_a_store_failing_at_mail_is_not_asked_again_at_rcpt(sink, config_for, log_lines, tmp_path):
+    """The look-up at MAIL failed: the RCPTs relay untagged without asking a failing store
+    again (each would wait for it), and the end of DATA decides: a replay, and the tag."""
+    config = config_for(f"smtp://127.0.0.1:{sink.port}")
+    store = LinksOfFails(tmp_path / "links-of.db", LocalAllocator(config.allocator.first_number))
+    await store.connect()
+    await store.upgrade()
+    made = await store.record_link("101203-T", "uk-payroll@corp.example", "5512-C", "pl-payroll@corp.example", None)
+    assert made
+    gate = Gate(config, store=store)
+    await gate.start()
+    try:
+        wire = await session(gate.bound[0][1])
+        assert code_of(await wire.cmd("MAIL FROM:<uk-payroll+101203-T@corp.example>")) == 250
+        assert code_of(await wire.cmd("RCPT TO:<pl-payroll@corp.example>")) == 250
+        assert "RCPT TO:<pl-payroll@corp.example>" in sink.commands  # untagged at RCPT
+        assert code_of(await send_data(wire, TAGGED)) == 250
+        await wire.cmd("QUIT")
+        assert "RSET" in sink.commands
+        assert sink.messages[0].rcpt_tos == ["pl-payroll+5512-C@corp.example"]
     finally:
         await gate.drain(0)
 

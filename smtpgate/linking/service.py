@@ -222,15 +222,16 @@ class LinkService:
     async def early_links(self, mail_from: Address | None) -> dict[str, str] | None:
         """At MAIL: the links of the source activity the envelope sender names, mailbox ->
         linked activity, read once for the transaction's RCPTs (``early_target``'s ``links``).
-        None when the sender names no source, the source has very many links, or the store
-        fails (each RCPT then asks the store itself)."""
+        None when the sender names no source or the source has very many links (each RCPT
+        then asks the store itself); empty when the store fails, so no RCPT waits for a
+        failing store again (the end of DATA decides)."""
         source = self.directory.tag_reference(mail_from) if mail_from is not None else None
         if source is None:
             return None
         try:
             return await self.store.links_of(source[1])
         except StoreError:
-            return None
+            return {}
 
     async def early_target(self, mail_from: Address, recipient: Address,
                            found: dict[tuple[str, str], str] | None = None,

@@ -95,8 +95,11 @@ class Transaction:
         if "SIZE" in params and int(params["SIZE"].value or 0) > limits.max_message_size:
             raise SMTPReply(replies.MESSAGE_TOO_BIG, "declared SIZE over limits.max_message_size")
         if self._tags_early() and sender is not None:
-            # Read while the upstream connection and its MAIL take their time.
+            # Read while the upstream connection and its MAIL take their time. Never
+            # cancelled (a PostgreSQL statement cancelled midway costs its connection):
+            # a transaction that ends first leaves it to finish on its own.
             self.early_links = asyncio.ensure_future(self.ctx.links.early_links(sender))
+            self.early_links.add_done_callback(_retrieved)
         try:
             self.upstream = await self.ctx.pool.acquire()
         except UpstreamError as exc:
@@ -166,9 +169,7 @@ class Transaction:
         return self.ctx.mode == "enforce" and self.ctx.direction == "outbound"
 
     def _drop_early_links(self) -> None:
-        early, self.early_links = self.early_links, None
-        if early is not None:
-            early.cancel()
+        self.early_links = None  # left to finish (see open)
 
     def _not_connected(self, exc: UpstreamError) -> SMTPReply:
         """No upstream connection could be had: logged at stage connect, and the reply."""
@@ -345,6 +346,11 @@ class Transaction:
             except UpstreamError as exc:
                 self.broken = exc.reason
                 raise self._not_connected(exc) from None
+            if "smtputf8" not in self.upstream.extensions and not all(
+                    str(a).isascii() for a in (self._sender_text(), *(r.address for r in self.recipients))):
+                # Another MX host, say: MAIL and RCPT were judged against the first one's extensions.
+                self.broken = "replay: the new upstream connection lacks SMTPUTF8"
+                raise SMTPReply(replies.TEMPORARY_FAILURE, self.broken)
             verdict = Verdict(250, "new connection")
         else:
             verdict = await self._upstream_call(self.upstream.rset())
@@ -441,6 +447,13 @@ class Transaction:
                 reusable = False
         self.upstream = None
         await upstream.release(reusable)
+
+
+def _retrieved(future: asyncio.Future) -> None:
+    """Done callback: the outcome of a future nobody may await is taken, so an unexpected
+    exception is not reported as never retrieved (early_links answers store failures)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _client_line(verdict: Verdict) -> str:
