@@ -423,6 +423,42 @@ async def test_postgresql_a_lookup_cancelled_midway_leaves_its_connection(pg_sto
         await store.close()
 
 
+async def test_postgresql_links_are_remembered_until_a_writer_says_they_changed(pg_store_url, tmp_path):  # noqa: F811
+    """links_of answers from memory while its connection listens; a write transaction of any
+    smtpgate process (another node here) notifies at its commit, and the next answer is new."""
+    import asyncpg
+
+    from smtpgate.store.postgres import LINKS_CHANNEL
+
+    url = pg_store_url
+    store = await opened(url, tmp_path)
+    other = await opened(url, tmp_path)  # another node
+    admin = await asyncpg.connect(url)
+    try:
+        assert await store.record_link("101203-T", UK, "5512-C", PL, None)
+        assert await store.links_of("101203-T") == {PL: "5512-C"}  # its own write: at once
+        assert await other.record_link("101203-T", UK, "77-A", "de-hr@corp.example", None)
+        for _ in range(100):  # another node's write notifies: heard within moments
+            if await store.links_of("101203-T") == {PL: "5512-C", "de-hr@corp.example": "77-A"}:
+                break
+            await asyncio.sleep(0.05)
+        assert await store.links_of("101203-T") == {PL: "5512-C", "de-hr@corp.example": "77-A"}
+        # A writer that does not notify (a hand-made DELETE): the remembered answer stands
+        # until a notification (or LINKS_KEPT_SECONDS) says otherwise.
+        await admin.execute("DELETE FROM links WHERE lo = '5512-C' OR hi = '5512-C'")
+        assert await store.links_of("101203-T") == {PL: "5512-C", "de-hr@corp.example": "77-A"}
+        await admin.execute("SELECT pg_notify($1, '')", LINKS_CHANNEL)
+        for _ in range(100):
+            if await store.links_of("101203-T") == {"de-hr@corp.example": "77-A"}:
+                break
+            await asyncio.sleep(0.05)
+        assert await store.links_of("101203-T") == {"de-hr@corp.example": "77-A"}
+    finally:
+        await admin.close()
+        await other.close()
+        await store.close()
+
+
 # --------------------------------------------------------------------------- linger
 # GroupCommit itself, with a batch writer that keeps what it was given. An hour's
 # linger: whatever ends the wait early must, or the test times out.

@@ -42,6 +42,12 @@ RECORDS_APPLICATION = "smtpgate records"
 LOOKUPS_APPLICATION = "smtpgate look-ups"
 # How long after a look-up connection failed the next one is opened (the read pool serves meanwhile).
 LOOKUPS_RETRY_SECONDS = 1.0
+# Every write transaction notifies this channel at its commit; each process listens on its
+# look-up connection and forgets the links it remembered (links_of). A writer that does not
+# notify (an older smtpgate, a hand-made UPDATE) is caught up with after LINKS_KEPT_SECONDS.
+LINKS_CHANNEL = "smtpgate_links"
+LINKS_KEPT_SECONDS = 10.0
+_LINKS_KEPT = 10_000  # sources whose links a process remembers at most
 
 # Everything asyncpg and the network raise for a failing server or connection.
 # (InternalClientError: a statement on a connection the server just ended, found mid-way.)
@@ -138,6 +144,11 @@ class PostgresStore(SqlStore):
         self._lookups_busy = False
         self._lookups_opening: asyncio.Task[None] | None = None
         self._lookups_next_try = 0.0
+        # links_of's answers, source -> (when read, answer), kept only while the look-up
+        # connection listens on LINKS_CHANNEL; the generation counts the changes heard of.
+        self._links: dict[str, tuple[float, dict[str, str] | None]] = {}
+        self._links_generation = 0
+        self._listening: asyncpg.Connection | None = None
 
     async def connect(self) -> None:
         """Open the connection pools; StoreError when the server cannot be reached,
@@ -149,7 +160,7 @@ class PostgresStore(SqlStore):
             self._reads = await self._open_pool(reset=_keep_session)
             # Read-only there are no writes to keep look-ups from: one pool.
             self._writes = self._reads if self.read_only else await self._open_pool()
-            self._lookups = await self._connect(LOOKUPS_APPLICATION)
+            self._lookups = await self._listen(await self._connect(LOOKUPS_APPLICATION))
         except asyncpg.InvalidCatalogNameError as exc:
             await self.close()
             raise StoreMissing(f"{self.label}: {exc}") from exc
@@ -237,6 +248,8 @@ class PostgresStore(SqlStore):
 
     def _drop_lookups(self) -> None:
         conn, self._lookups = self._lookups, None
+        self._links_changed()  # nobody listens for changes now
+        self._listening = None
         if conn is not None:
             conn.terminate()
         self._lookups_next_try = asyncio.get_running_loop().time() + LOOKUPS_RETRY_SECONDS
@@ -253,7 +266,7 @@ class PostgresStore(SqlStore):
 
         async def reopen() -> None:
             try:
-                conn = await self._connect(LOOKUPS_APPLICATION)
+                conn = await self._listen(await self._connect(LOOKUPS_APPLICATION))
             except _FAILURES:
                 self._lookups_next_try = loop.time() + LOOKUPS_RETRY_SECONDS
                 return
@@ -277,8 +290,47 @@ class PostgresStore(SqlStore):
                             "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", lock_key
                         )
                     yield _PgTx(conn)
+                    if not self.read_only:
+                        # Delivered at the commit, to every process's look-up connection.
+                        await conn.execute("SELECT pg_notify($1, '')", LINKS_CHANNEL)
+            self._links_changed()  # this process does not wait for its own notification
         except _FAILURES as exc:
             raise StoreError(f"postgresql: {exc.__class__.__name__}: {exc}") from exc
+
+    async def _listen(self, conn: asyncpg.Connection) -> asyncpg.Connection:
+        """conn, listening for link changes: links_of may remember what it read while it does."""
+        try:
+            await conn.add_listener(LINKS_CHANNEL, self._links_notified)
+        except BaseException:
+            conn.terminate()
+            raise
+        self._links_changed()
+        self._listening = conn
+        return conn
+
+    def _links_notified(self, _conn, _pid, _channel, _payload) -> None:
+        self._links_changed()
+
+    def _links_changed(self) -> None:
+        self._links.clear()
+        self._links_generation += 1
+
+    async def links_of(self, source_reference: str, limit: int = 100) -> dict[str, str] | None:
+        """SqlStore.links_of, remembered while the look-up connection listens for changes
+        (LINKS_CHANNEL), for at most LINKS_KEPT_SECONDS."""
+        listening = self._listening is not None and self._listening is self._lookups
+        now = asyncio.get_running_loop().time()
+        if listening and limit == 100:
+            kept = self._links.get(source_reference)
+            if kept is not None and now - kept[0] < LINKS_KEPT_SECONDS:
+                return None if kept[1] is None else dict(kept[1])
+        generation = self._links_generation
+        links = await super().links_of(source_reference, limit)
+        if listening and limit == 100 and generation == self._links_generation:
+            if len(self._links) >= _LINKS_KEPT:
+                self._links.clear()
+            self._links[source_reference] = (now, None if links is None else dict(links))
+        return links
 
     async def _insert_messages(self, rows: list[MessageRow]) -> None:
         columns = [list(column) for column in zip(*(row.values for row in rows))]
