@@ -48,6 +48,7 @@ LOOKUPS_RETRY_SECONDS = 1.0
 LINKS_CHANNEL = "smtpgate_links"
 LINKS_KEPT_SECONDS = 10.0
 _LINKS_KEPT = 10_000  # sources whose links a process remembers at most
+_LINKS_LIMIT = 100  # links_of's default limit: the answers remembered are those
 
 # Everything asyncpg and the network raise for a failing server or connection.
 # (InternalClientError: a statement on a connection the server just ended, found mid-way.)
@@ -271,6 +272,8 @@ class PostgresStore(SqlStore):
                 self._lookups_next_try = loop.time() + LOOKUPS_RETRY_SECONDS
                 return
             if self._reads is None or self._lookups is not None:  # closed, or opened meanwhile
+                if self._listening is conn:
+                    self._listening = None
                 conn.terminate()
                 return
             self._lookups = conn
@@ -320,13 +323,13 @@ class PostgresStore(SqlStore):
         (LINKS_CHANNEL), for at most LINKS_KEPT_SECONDS."""
         listening = self._listening is not None and self._listening is self._lookups
         now = asyncio.get_running_loop().time()
-        if listening and limit == 100:
+        if listening and limit == _LINKS_LIMIT:
             kept = self._links.get(source_reference)
             if kept is not None and now - kept[0] < LINKS_KEPT_SECONDS:
                 return None if kept[1] is None else dict(kept[1])
         generation = self._links_generation
         links = await super().links_of(source_reference, limit)
-        if listening and limit == 100 and generation == self._links_generation:
+        if listening and limit == _LINKS_LIMIT and generation == self._links_generation:
             if len(self._links) >= _LINKS_KEPT:
                 self._links.clear()
             self._links[source_reference] = (now, None if links is None else dict(links))
