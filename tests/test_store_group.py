@@ -453,6 +453,18 @@ async def test_postgresql_links_are_remembered_until_a_writer_says_they_changed(
                 break
             await asyncio.sleep(0.05)
         assert await store.links_of("101203-T") == {"de-hr@corp.example": "77-A"}
+        # Its listening connection gone, nothing remembered is trusted: no notification
+        # could reach it (a hand-made DELETE again, then the connection cut).
+        await admin.execute("DELETE FROM links WHERE lo = '77-A' OR hi = '77-A'")
+        assert await store.links_of("101203-T") == {"de-hr@corp.example": "77-A"}
+        await other.close()  # its look-up connection too: the one left is this store's
+        [first] = await lookup_backends(admin)
+        await admin.fetchval("SELECT pg_terminate_backend($1)", first)
+        for _ in range(100):
+            if await store.links_of("101203-T") == {}:
+                break
+            await asyncio.sleep(0.05)
+        assert await store.links_of("101203-T") == {}
     finally:
         await admin.close()
         await other.close()

@@ -69,18 +69,28 @@ def _numbered(sql: str) -> str:
     return _PLACEHOLDER.sub(number, sql)
 
 
+# A statement that may change what links_of answers.
+_CHANGES_LINKS = re.compile(r"\s*(INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+(links|activities)\b", re.IGNORECASE)
+
+
 class _PgTx:
     def __init__(self, conn: asyncpg.Connection) -> None:
         self._conn = conn
+        self.changes_links = False  # a statement wrote links or activities (LINKS_CHANNEL)
+
+    def _sql(self, sql: str) -> str:
+        if not self.changes_links and _CHANGES_LINKS.match(sql):
+            self.changes_links = True
+        return _numbered(sql)
 
     async def execute(self, sql: str, *args: Any) -> None:
-        await self._conn.execute(_numbered(sql), *args)
+        await self._conn.execute(self._sql(sql), *args)
 
     async def fetchall(self, sql: str, *args: Any) -> list[Sequence[Any]]:
-        return list(await self._conn.fetch(_numbered(sql), *args))
+        return list(await self._conn.fetch(self._sql(sql), *args))
 
     async def fetchone(self, sql: str, *args: Any) -> Sequence[Any] | None:
-        return await self._conn.fetchrow(_numbered(sql), *args)
+        return await self._conn.fetchrow(self._sql(sql), *args)
 
 
 # A batch of message records and their activities in one statement (one round
@@ -292,24 +302,36 @@ class PostgresStore(SqlStore):
                         await conn.execute(
                             "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", lock_key
                         )
-                    yield _PgTx(conn)
-                    if not self.read_only:
+                    tx = _PgTx(conn)
+                    yield tx
+                    if tx.changes_links:
                         # Delivered at the commit, to every process's look-up connection.
                         await conn.execute("SELECT pg_notify($1, '')", LINKS_CHANNEL)
-            self._links_changed()  # this process does not wait for its own notification
+            if tx.changes_links:
+                self._links_changed()  # this process does not wait for its own notification
         except _FAILURES as exc:
             raise StoreError(f"postgresql: {exc.__class__.__name__}: {exc}") from exc
 
     async def _listen(self, conn: asyncpg.Connection) -> asyncpg.Connection:
-        """conn, listening for link changes: links_of may remember what it read while it does."""
+        """conn, listening for link changes: links_of may remember what it read while it does.
+        Read-only (a hot standby refuses LISTEN) nothing is remembered."""
+        if self.read_only:
+            return conn
         try:
             await conn.add_listener(LINKS_CHANNEL, self._links_notified)
         except BaseException:
             conn.terminate()
             raise
+        conn.add_termination_listener(self._listener_gone)
         self._links_changed()
         self._listening = conn
         return conn
+
+    def _listener_gone(self, conn: asyncpg.Connection) -> None:
+        """The listening connection closed: what was remembered is no longer kept honest."""
+        if self._listening is conn:
+            self._listening = None
+            self._links_changed()
 
     def _links_notified(self, _conn, _pid, _channel, _payload) -> None:
         self._links_changed()
@@ -321,7 +343,8 @@ class PostgresStore(SqlStore):
     async def links_of(self, source_reference: str, limit: int = 100) -> dict[str, str] | None:
         """SqlStore.links_of, remembered while the look-up connection listens for changes
         (LINKS_CHANNEL), for at most LINKS_KEPT_SECONDS."""
-        listening = self._listening is not None and self._listening is self._lookups
+        listening = (self._listening is not None and self._listening is self._lookups
+                     and not self._listening.is_closed())
         now = asyncio.get_running_loop().time()
         if listening and limit == _LINKS_LIMIT:
             kept = self._links.get(source_reference)
