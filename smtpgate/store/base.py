@@ -11,6 +11,9 @@ from typing import Protocol
 
 
 
+# How many links links_of reads at most before it answers None (each mailbox asked alone).
+LINKS_OF_LIMIT = 100
+
 @dataclass(frozen=True)
 class LinkTarget:
     """An untagged mailbox recipient that may get a linked activity (DESIGN.md 5)."""
@@ -200,7 +203,7 @@ class Store(abc.ABC):
         """The newest activity of ``mailbox`` linked to the source, or None; never writes."""
 
     @abc.abstractmethod
-    async def links_of(self, source_reference: str, limit: int = 100) -> dict[str, str] | None:
+    async def links_of(self, source_reference: str, limit: int = LINKS_OF_LIMIT) -> dict[str, str] | None:
         """Every mailbox's newest activity linked to the source (what find_link answers for
         each mailbox), in one read; None when the source has more than ``limit`` links."""
 

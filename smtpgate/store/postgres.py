@@ -29,7 +29,7 @@ import asyncpg
 from smtpgate.redact import redact_url
 from smtpgate.store import migrations
 from smtpgate.store.errors import StoreError, StoreMissing
-from smtpgate.store.sql import SCHEMA_LOCK_KEY, MessageRow, SqlStore, Tx
+from smtpgate.store.sql import LINKS_OF_LIMIT, SCHEMA_LOCK_KEY, MessageRow, SqlStore, Tx
 
 if TYPE_CHECKING:
     from smtpgate.store.base import Allocator
@@ -48,7 +48,6 @@ LOOKUPS_RETRY_SECONDS = 1.0
 LINKS_CHANNEL = "smtpgate_links"
 LINKS_KEPT_SECONDS = 10.0
 _LINKS_KEPT = 10_000  # sources whose links a process remembers at most
-_LINKS_LIMIT = 100  # links_of's default limit: the answers remembered are those
 
 # Everything asyncpg and the network raise for a failing server or connection.
 # (InternalClientError: a statement on a connection the server just ended, found mid-way.)
@@ -76,11 +75,8 @@ _CHANGES_LINKS = re.compile(r"\s*(INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+(links|a
 class _PgTx:
     def __init__(self, conn: asyncpg.Connection) -> None:
         self._conn = conn
-        self.changes_links = False  # a statement wrote links or activities (LINKS_CHANNEL)
 
     def _sql(self, sql: str) -> str:
-        if not self.changes_links and _CHANGES_LINKS.match(sql):
-            self.changes_links = True
         return _numbered(sql)
 
     async def execute(self, sql: str, *args: Any) -> None:
@@ -91,6 +87,20 @@ class _PgTx:
 
     async def fetchone(self, sql: str, *args: Any) -> Sequence[Any] | None:
         return await self._conn.fetchrow(self._sql(sql), *args)
+
+
+class _PgWriteTx(_PgTx):
+    """A write transaction's statements, noting whether one wrote links or activities
+    (then the commit notifies LINKS_CHANNEL); look-ups are spared the check."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        super().__init__(conn)
+        self.changes_links = False
+
+    def _sql(self, sql: str) -> str:
+        if not self.changes_links and _CHANGES_LINKS.match(sql):
+            self.changes_links = True
+        return _numbered(sql)
 
 
 # A batch of message records and their activities in one statement (one round
@@ -302,7 +312,7 @@ class PostgresStore(SqlStore):
                         await conn.execute(
                             "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", lock_key
                         )
-                    tx = _PgTx(conn)
+                    tx = _PgWriteTx(conn)
                     yield tx
                     if tx.changes_links:
                         # Delivered at the commit, to every process's look-up connection.
@@ -340,19 +350,19 @@ class PostgresStore(SqlStore):
         self._links.clear()
         self._links_generation += 1
 
-    async def links_of(self, source_reference: str, limit: int = 100) -> dict[str, str] | None:
+    async def links_of(self, source_reference: str, limit: int = LINKS_OF_LIMIT) -> dict[str, str] | None:
         """SqlStore.links_of, remembered while the look-up connection listens for changes
         (LINKS_CHANNEL), for at most LINKS_KEPT_SECONDS."""
         listening = (self._listening is not None and self._listening is self._lookups
                      and not self._listening.is_closed())
         now = asyncio.get_running_loop().time()
-        if listening and limit == _LINKS_LIMIT:
+        if listening and limit == LINKS_OF_LIMIT:  # only the default's answers are kept
             kept = self._links.get(source_reference)
             if kept is not None and now - kept[0] < LINKS_KEPT_SECONDS:
                 return None if kept[1] is None else dict(kept[1])
         generation = self._links_generation
         links = await super().links_of(source_reference, limit)
-        if listening and limit == _LINKS_LIMIT and generation == self._links_generation:
+        if listening and limit == LINKS_OF_LIMIT and generation == self._links_generation:
             if len(self._links) >= _LINKS_KEPT:
                 self._links.clear()
             self._links[source_reference] = (now, None if links is None else dict(links))

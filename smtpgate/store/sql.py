@@ -21,6 +21,7 @@ import structlog
 from smtpgate.mail.msgid import normalize_message_id
 from smtpgate.store import migrations as migrations_module
 from smtpgate.store.base import (
+    LINKS_OF_LIMIT,
     ActivityRow,
     ActivityView,
     AllocationContext,
@@ -50,6 +51,15 @@ SCHEMA_LOCK_KEY = "smtpgate:schema"
 # lose on top of the commit running then (docs/architecture.md, durability); thread
 # look-ups and views do not wait for it.
 RECORD_LINGER = 0.02
+
+# The activities linked to a source (three parameters: the source reference), newest
+# link first: find_link's one mailbox and links_of's every mailbox read the same rows.
+_LINKED = (
+    "SELECT {columns} FROM links l JOIN activities a"
+    " ON a.reference = (CASE WHEN l.lo = ? THEN l.hi ELSE l.lo END)"
+    " WHERE (l.lo = ? OR l.hi = ?){mailbox}"
+    " ORDER BY l.created_at DESC, l.id DESC"
+)
 
 # How many activity owners a process remembers (a few hundred kB).
 _KNOWN_OWNERS = 10_000
@@ -323,10 +333,7 @@ class SqlStore(Store):
 
     async def _linked_owned_by(self, tx: Tx, reference: str, mailbox: str) -> str | None:
         row = await tx.fetchone(
-            "SELECT a.reference FROM links l JOIN activities a"
-            " ON a.reference = (CASE WHEN l.lo = ? THEN l.hi ELSE l.lo END)"
-            " WHERE (l.lo = ? OR l.hi = ?) AND a.mailbox = ?"
-            " ORDER BY l.created_at DESC, l.id DESC LIMIT 1",
+            _LINKED.format(columns="a.reference", mailbox=" AND a.mailbox = ?") + " LIMIT 1",
             reference,
             reference,
             reference,
@@ -334,13 +341,10 @@ class SqlStore(Store):
         )
         return row[0] if row else None
 
-    async def links_of(self, source_reference: str, limit: int = 100) -> dict[str, str] | None:
+    async def links_of(self, source_reference: str, limit: int = LINKS_OF_LIMIT) -> dict[str, str] | None:
         async with self._lookup() as tx:
             rows = await tx.fetchall(
-                "SELECT a.mailbox, a.reference FROM links l JOIN activities a"
-                " ON a.reference = (CASE WHEN l.lo = ? THEN l.hi ELSE l.lo END)"
-                " WHERE l.lo = ? OR l.hi = ?"
-                " ORDER BY l.created_at DESC, l.id DESC LIMIT ?",
+                _LINKED.format(columns="a.mailbox, a.reference", mailbox="") + " LIMIT ?",
                 source_reference,
                 source_reference,
                 source_reference,
