@@ -15,16 +15,12 @@ import pytest
 from smtpgate.store import open_store
 from tests.conftest import write_config
 from tests.store_helpers import pg_database, store_url  # noqa: F401  (fixtures)
-from tests.support.configs import TEAMS_A_B
+from tests.support.configs import SUBMISSION, TEAMS_A_B
 from tests.support.wire import Wire, code, free_port
 from tests.test_store_group import hold_writes, writers_waiting
 from tests.test_workers import Supervised, start
 
-CONFIG = """\
-listeners:
-  - name: submission
-    address: 127.0.0.1:{port}
-    relay_networks: [127.0.0.0/8]
+CONFIG = SUBMISSION + """\
 upstream:
   url: smtp://127.0.0.1:{sink_port}
 """ + TEAMS_A_B + """\

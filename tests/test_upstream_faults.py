@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass, field
 
 from tests.conftest import write_config
+from tests.support.configs import SUBMISSION
 from tests.support.process import ServeProcess, run_cli
 from tests.support.sink import Sink
 from tests.support.wire import Wire, code, free_port
@@ -27,10 +28,7 @@ LONG_LINE = b"x" * 10_000  # RFC 5321 4.5.3.1.5 allows 512 octets; aiosmtplib re
 # Phase timeouts short enough for a test, far below what the test client waits (15 s a reply).
 CONFIG = """\
 hostname: relay.test.example
-listeners:
-  - name: submission
-    address: 127.0.0.1:{port}
-    relay_networks: [127.0.0.0/8]
+""" + SUBMISSION + """\
 upstream:
   url: smtp://127.0.0.1:{sink_port}
   pool_size: 0

@@ -20,14 +20,10 @@ from pathlib import Path
 from smtpgate.store import MessageRecord, open_store
 from tests.conftest import write_config
 from tests.store_helpers import pg_database, store_url  # noqa: F401  (fixtures)
-from tests.support.configs import TEAMS_A_B
+from tests.support.configs import SUBMISSION, TEAMS_A_B
 from tests.support.wire import Wire, code, free_port
 
-CONFIG = """\
-listeners:
-  - name: submission
-    address: 127.0.0.1:{port}
-    relay_networks: [127.0.0.0/8]
+CONFIG = SUBMISSION + """\
 upstream:
   url: {upstream}
 """ + TEAMS_A_B + """\

@@ -9,3 +9,11 @@ mailboxes:
   - address: pl-payroll@corp.example
     team: Team B (Poland)
 """
+
+# One submission listener on 127.0.0.1:{port}, relaying for loopback clients.
+SUBMISSION = """\
+listeners:
+  - name: submission
+    address: 127.0.0.1:{port}
+    relay_networks: [127.0.0.0/8]
+"""
