@@ -94,8 +94,9 @@ class Transaction:
         limits = self.ctx.limits
         if "SIZE" in params and int(params["SIZE"].value or 0) > limits.max_message_size:
             raise SMTPReply(replies.MESSAGE_TOO_BIG, "declared SIZE over limits.max_message_size")
-        if self._tags_early() and sender is not None:
-            # Read while the upstream connection and its MAIL take their time. Never
+        if self.ctx.mode == "enforce" and self.ctx.direction == "outbound" and sender is not None:
+            # DESIGN.md 2.3's RCPT-time tags (_early_tag) start here: the sender's links,
+            # read while the upstream connection and its MAIL take their time. Never
             # cancelled (a PostgreSQL statement cancelled midway costs its connection):
             # a transaction that ends first leaves it to finish on its own.
             self.early_links = asyncio.ensure_future(self.ctx.links.early_links(sender))
@@ -160,13 +161,10 @@ class Transaction:
         """DESIGN.md 2.3: the tagged form at RCPT time when the envelope sender names the source
         and the link exists, so the common message needs no replay. End of DATA decides again
         (a replay follows if the message says otherwise)."""
-        if not self._tags_early() or self.mail_from is None:
+        if self.early_links is None or self.mail_from is None:  # started by open() when tagging early
             return None
-        links = await self.early_links if self.early_links is not None else None
+        links = await self.early_links
         return await self.ctx.links.early_target(self.mail_from, address, self.known_links, links)
-
-    def _tags_early(self) -> bool:
-        return self.ctx.mode == "enforce" and self.ctx.direction == "outbound"
 
     def _drop_early_links(self) -> None:
         self.early_links = None  # left to finish (see open)
