@@ -35,8 +35,7 @@ class GroupCommit(Generic[T]):
         self._linger = linger
         # Set while the flusher lingers: done when the wait is to end early.
         self._hurry: asyncio.Future[None] | None = None
-        self._taken = 0  # items taken from the queue (into a batch, or given up)
-        self._hurry_until = 0  # items up to this count are waited for: no linger for them
+        self._hurry_until = 0  # items up to this count (of _submitted) are waited for: no linger for them
         self._pending: list[tuple[T, asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
         # Items handed in and items whose batch is over (committed or failed), and
@@ -82,7 +81,8 @@ class GroupCommit(Generic[T]):
 
     async def _lingered(self) -> None:
         """Wait up to `linger` for more items, unless some are waited for or a batch is full."""
-        if self._linger <= 0 or self._taken < self._hurry_until or len(self._pending) >= self._max_batch:
+        taken = self._submitted - len(self._pending)  # written, being written, or given up
+        if self._linger <= 0 or taken < self._hurry_until or len(self._pending) >= self._max_batch:
             return
         self._hurry = asyncio.get_running_loop().create_future()
         try:
@@ -97,11 +97,9 @@ class GroupCommit(Generic[T]):
                 await self._lingered()
                 batch = self._pending[: self._max_batch]
                 del self._pending[: self._max_batch]
-                self._taken += len(batch)
                 await self._write_batch([item for item, _ in batch])
             except asyncio.CancelledError:
                 given_up = [*batch, *self._pending]
-                self._taken += len(self._pending)
                 self._pending.clear()
                 for _, future in given_up:
                     future.cancel()
