@@ -179,45 +179,42 @@ class PostfixRelay:
 @contextlib.contextmanager
 def fresh_pg_database() -> Iterator[str]:
     """DSN of a PostgreSQL database created for this run, dropped afterwards."""
-    import asyncio
-
     import asyncpg
 
     name = f"smtpgate_bench_{secrets.token_hex(4)}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(PG_ADMIN_DSN, timeout=5)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
     try:
-        asyncio.run(admin(f"CREATE DATABASE {name}"))
+        _pg_admin(f"CREATE DATABASE {name}")
     except (OSError, asyncpg.PostgresError) as exc:
         raise BenchError(f"PostgreSQL at {PG_ADMIN_DSN}: {exc}") from exc
     base = PG_ADMIN_DSN.rpartition("/")[0]
     try:
         yield f"{base}/{name}"
     finally:
-        asyncio.run(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        _pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
-def pg_checkpoint() -> None:
-    """A CHECKPOINT, so a phase does not pay for the WAL an earlier one wrote."""
+def _pg_admin(sql: str) -> None:
+    """One statement on the administrative connection."""
     import asyncio
 
     import asyncpg
 
-    async def checkpoint() -> None:
+    async def run() -> None:
         conn = await asyncpg.connect(PG_ADMIN_DSN, timeout=5)
         try:
-            await conn.execute("CHECKPOINT")
+            await conn.execute(sql)
         finally:
             await conn.close()
 
+    asyncio.run(run())
+
+
+def pg_checkpoint() -> None:
+    """A CHECKPOINT, so a phase does not pay for the WAL an earlier one wrote."""
+    import asyncpg
+
     try:
-        asyncio.run(checkpoint())
+        _pg_admin("CHECKPOINT")
     except (OSError, asyncpg.PostgresError) as exc:
         raise BenchError(f"PostgreSQL at {PG_ADMIN_DSN}: CHECKPOINT: {exc}") from exc
 
