@@ -4,7 +4,6 @@ on real sessions: relay-network, authenticated over TLS, and behind a PROXY head
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import socket
 
 import aiosmtplib
@@ -62,8 +61,8 @@ async def test_authenticated_over_tls(tmp_path, sink, start_gate, log_lines):
 
 async def test_a_proxied_client_is_named_by_its_real_address(sink, config_for, start_gate, log_lines):
     config = config_for(f"smtp://127.0.0.1:{sink.port}")
-    listener = dataclasses.replace(config.listeners[0], proxy_protocol=True)
-    _, port = await start_gate(dataclasses.replace(config, listeners=(listener,)))
+    listener = config.listeners[0].model_copy(update={"proxy_protocol": True})
+    _, port = await start_gate(config.model_copy(update={"listeners": (listener,)}))
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 25\r\n")
     wire = Wire(reader, writer)

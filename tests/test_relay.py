@@ -400,10 +400,8 @@ async def test_max_connections(sink, config_for, start_gate, log_lines):
 @pytest.mark.parametrize("source,expected", [("10.1.2.3", 530), ("127.0.0.1", 250)])
 async def test_proxy_protocol_client_address_judged(sink, config_for, start_gate, log_lines, source, expected):
     config = config_for(f"smtp://127.0.0.1:{sink.port}")
-    import dataclasses
-
-    listener = dataclasses.replace(config.listeners[0], proxy_protocol=True)
-    gate, port = await start_gate(dataclasses.replace(config, listeners=(listener,)))
+    listener = config.listeners[0].model_copy(update={"proxy_protocol": True})
+    gate, port = await start_gate(config.model_copy(update={"listeners": (listener,)}))
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(f"PROXY TCP4 {source} 127.0.0.1 40000 25\r\n".encode())
     wire = Wire(reader, writer)

@@ -7,7 +7,6 @@ Everything runs over loopback against a real smtpgate and a sink the test contro
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import sqlite3
 
 import aiosmtplib
@@ -182,7 +181,7 @@ async def test_a_failed_message_record_is_logged_and_the_client_still_gets_250(s
     message was still delivered, so the client hears 250 (without waiting for the record)
     and store.error is logged when the write fails."""
     config = config_for(f"smtp://127.0.0.1:{sink.port}")
-    config = dataclasses.replace(config, store=dataclasses.replace(config.store, timeout=0.3))
+    config = config.model_copy(update={"store": config.store.model_copy(update={"timeout": 0.3})})
     gate, port = await start_gate(config)
     wire = await session(port)
     message = TAGGED.replace(b"Team B <pl-payroll@corp.example>", b"client@supplier.example")

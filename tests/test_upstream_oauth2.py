@@ -6,7 +6,6 @@ Time is a clock the test moves; every request crosses a real HTTP connection.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 from pathlib import Path
 
@@ -181,8 +180,8 @@ async def test_close_while_a_refresh_is_in_flight(source, endpoint):
 
 async def test_redirects_are_not_followed(source, endpoint):
     """A 307 would take the client secret along to wherever it points."""
-    source.settings = dataclasses.replace(source.settings, token_url=endpoint.url.replace(
-        "/tenant-id/oauth2/v2.0/token", "/moved"))
+    source.settings = source.settings.model_copy(update={"token_url": endpoint.url.replace(
+        "/tenant-id/oauth2/v2.0/token", "/moved")})
     with pytest.raises(TokenError) as info:
         await source.token()
     assert info.value.reason == f"token endpoint {source.settings.token_url} answered HTTP 307"

@@ -28,12 +28,13 @@ from pathlib import Path
 import aiosmtplib
 from aiosmtplib.protocol import normalize_message_line_endings
 
-from smtpgate.config import Upstream, load_client_certificate
+from smtpgate.config import Upstream
 from smtpgate.log import get_logger
 from smtpgate.mail import replies
 from smtpgate.mail.dataguard import OFF_LOOP_OCTETS, crlf_only, find_in_slices
 from smtpgate.mail.replies import Reply
 from smtpgate.metrics import UPSTREAM_IN_USE
+from smtpgate.upstream.certificates import load_client_certificate
 from smtpgate.upstream.mx import MxRoute, RouteError, Target
 from smtpgate.upstream.oauth2 import TokenError, TokenSource
 

@@ -1,0 +1,123 @@
+"""What a schema cannot say: files that must be readable, PEM certificates and keys,
+relay networks that would make an open relay, OpenSSL cipher strings.
+
+Each check returns the problem in words (None when there is none) or raises
+ValueError with them; the schema's converters and rules call these.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import ssl
+from pathlib import Path
+
+from smtpgate.users import Users, UsersError
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_PEM_CERTIFICATE = re.compile(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", re.S)
+_PEM_PRIVATE_KEY = re.compile(r"-----BEGIN ((?:[A-Z]+ )?PRIVATE KEY)-----")
+
+# Ranges no one outside the organisation can send from: RFC 1918, loopback,
+# link-local, RFC 6598 shared space, and their IPv6 counterparts (RFC 4193 ULA).
+_PRIVATE_NETWORKS = tuple(
+    ipaddress.ip_network(n)
+    for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8", "169.254.0.0/16",
+              "100.64.0.0/10", "::1/128", "fc00::/7", "fe80::/10")
+)
+
+
+def readable(path: Path) -> Path:
+    """path, when it can be opened for reading; else ValueError naming it and why."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def holds_text(path: Path) -> bool:
+    """True when path holds more than white space (a token file)."""
+    return bool(path.read_bytes().strip())
+
+
+def users_file(path: Path) -> Path:
+    """path, when every line of it is a user entry (or it does not exist yet)."""
+    try:
+        Users.load(path)
+    except UsersError as exc:
+        raise ValueError(str(exc)) from None
+    return path
+
+
+def cipher_string(value: str) -> str:
+    """An OpenSSL TLS 1.2 cipher string that selects at least one suite ("" keeps the default)."""
+    if value:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(value)
+        except ssl.SSLError:
+            raise ValueError(f"OpenSSL selects no cipher suite from {value!r}") from None
+    return value
+
+
+def pem_certificate_problem(path: Path) -> str | None:
+    """Why path is not a PEM certificate (chain), or None when it is one."""
+    text = path.read_text(encoding="ascii", errors="replace")
+    blocks = _PEM_CERTIFICATE.findall(text)
+    if not blocks:
+        return f"{path} is not a PEM certificate (no -----BEGIN CERTIFICATE----- block)"
+    try:
+        ssl.create_default_context().load_verify_locations(cadata="\n".join(blocks))
+    except ssl.SSLError:
+        return f"{path}: a certificate in it is damaged and does not parse"
+    return None
+
+
+def pem_key_problem(path: Path, cert: Path) -> str | None:
+    """Why path is not the unencrypted PEM private key of cert, or None."""
+    text = path.read_text(encoding="ascii", errors="replace")
+    found = _PEM_PRIVATE_KEY.search(text)
+    if found is None:
+        return f"{path} is not a PEM private key (no -----BEGIN PRIVATE KEY----- block)"
+    if found.group(1) == "ENCRYPTED PRIVATE KEY" or "Proc-Type: 4,ENCRYPTED" in text:
+        return f"{path} is encrypted with a passphrase; smtpgate needs the key unencrypted"
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(str(cert), str(path), password=lambda: b"")
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            return f"{path} does not match the certificate in {cert}"
+        return f"{path}: the private key is damaged and does not parse"
+    return None
+
+
+def refuse_passphrase() -> bytes:
+    """The password callback for a client key: OpenSSL would otherwise prompt on the
+    terminal, which hangs a service."""
+    raise ValueError("the private key is encrypted; smtpgate needs an unencrypted key file (mode 0600)")
+
+
+def client_certificate_problem(cert: Path, key: Path) -> tuple[str, str] | None:
+    """(the key that is wrong, why) when cert and key cannot be used as a TLS client
+    certificate, else None; loaded the way the upstream client loads them."""
+    try:
+        ssl.create_default_context().load_cert_chain(str(cert), str(key), password=refuse_passphrase)
+    except ssl.SSLError as exc:
+        why = {"KEY_VALUES_MISMATCH": "the key does not belong to the certificate"}.get(
+            exc.reason or "", "not a PEM certificate and PEM private key")
+        return "tls_client_cert", f"cannot use {cert} with {key}: {why}"
+    except ValueError as exc:
+        return "tls_client_key", f"cannot use {key}: {exc}"
+    return None
+
+
+def is_private(network: Network) -> bool:
+    """True when every address of network lies in a range no outsider can send from."""
+    return any(network.version == p.version and network.subnet_of(p) for p in _PRIVATE_NETWORKS)
+
+
+def public_network_problem(network: Network) -> str:
+    return (f"{network} is not a private network: every host in it could relay through smtpgate "
+            f"without AUTH (set allow_public_relay_networks: true on this listener if that is intended)")
