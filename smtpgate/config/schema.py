@@ -491,7 +491,8 @@ class Config(Section):
 
     def show(self) -> str:
         """`check-config --show`: the effective configuration as YAML that loads as a config."""
-        header = f"# {self.path}: the effective configuration (defaults filled in, secrets redacted)\n"
+        header = (f"# {self.path}: the effective configuration (defaults filled in, secrets redacted)\n"
+                  f"# sqlite: and maildir: paths in it are relative to {self.base_dir}\n")
         return header + yaml.safe_dump(self.effective, sort_keys=False, allow_unicode=True,
                                        default_flow_style=False, width=100)
 
