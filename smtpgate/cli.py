@@ -1,4 +1,4 @@
-"""The `smtpgate` command (DESIGN.md section 9).
+"""The `smtpgate` command (every command and option: docs/reference.md).
 
 Exit codes: 0 success, 1 a runtime failure (store, listener, a link that is
 not there), 2 bad usage, a bad config file (one line per problem on stderr)

@@ -82,7 +82,7 @@ async def explain_message(raw: bytes, links: LinkService, *, mail_from: str | No
 
 
 async def _source_steps(facts: _Facts, store: Store) -> list[dict]:
-    """DESIGN.md 3, rule by rule: matched, or why not."""
+    """The source-activity rules of find_source and the thread look-up, rule by rule: matched, or why not."""
     d, headers, found = facts.directory, facts.headers, facts.decision.source_found_in
     steps = []
     tagged = "a mailbox tagged with a reference in the envelope sender or From:"

@@ -1,4 +1,4 @@
-"""Logging: one JSON object per line on stdout (DESIGN.md section 10).
+"""Logging: one JSON object per line on stdout (every event and its fields: docs/reference.md).
 
 Every event has `timestamp` (ISO 8601 UTC), `level` and `event`; session-scoped
 events carry `session`. Message bodies and secrets are never passed to a

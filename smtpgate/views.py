@@ -1,4 +1,4 @@
-"""The linked-activities views of `smtpgate links show|list|export` (DESIGN.md section 9)
+"""The linked-activities views of `smtpgate links show|list|export` (docs/reference.md)
 and of the admin API (docs/operations.md), which serve the same objects.
 
 Pure formatting: the store supplies ActivityView, LinkRow and ActivityRow
@@ -42,7 +42,7 @@ def _team(teams: Mapping[str, str], mailbox: str | None) -> str | None:
 
 
 def show_object(view: ActivityView, teams: Mapping[str, str], *, messages: bool = True) -> dict:
-    """The `links show --json` object (DESIGN.md 9); without messages, the
+    """The `links show --json` object; without messages, the
     header information only (no "messages" key), as another team may see it."""
     shown = {
         "reference": view.reference,
@@ -103,7 +103,7 @@ def _or_dash(value: str | None) -> str:
 
 
 def format_show(view: ActivityView, teams: Mapping[str, str], as_json: bool) -> str:
-    """`links show`: one JSON object (DESIGN.md 9), or a readable report."""
+    """`links show`: one JSON object, or a readable report."""
     if as_json:
         return json.dumps(show_object(view, teams), ensure_ascii=False)
     team = _team(teams, view.mailbox)

@@ -1,4 +1,4 @@
-"""Address parsing, formatting, normalisation and plus tags (DESIGN.md sections 1 and 4)."""
+"""Address parsing, formatting, normalisation and plus tags."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The http allocator (DESIGN.md 7) against a real HTTP server on loopback."""
+"""The http allocator (`allocator: {kind: http}`) against a real HTTP server on loopback."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The DATA scanner and the header/body boundary (DESIGN.md section 6)."""
+"""The DATA scanner and the header/body boundary."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LinkDecision's pure operations: what a front end applies (DESIGN.md section 11)."""
+"""LinkDecision's pure operations: what a front end applies (docs/architecture.md, "The seam")."""
 
 from smtpgate.linking.decision import LinkDecision, RecipientDecision
 from smtpgate.mail.addresses import parse_path

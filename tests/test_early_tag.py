@@ -1,4 +1,4 @@
-"""RCPT-time tagging (DESIGN.md 2.3): when the envelope sender names the source and the link
+"""RCPT-time tagging: when the envelope sender names the source and the link
 exists, the recipient is relayed tagged at RCPT and the upstream sees no replay."""
 
 from __future__ import annotations

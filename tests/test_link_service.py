@@ -1,5 +1,5 @@
 """LinkService.decide and record without sockets: an Envelope and a header block in, a
-LinkDecision out, against a real SQLite store (DESIGN.md 3-6 and the seam of section 11)."""
+LinkDecision out, against a real SQLite store (the seam of docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ async def test_no_source_changes_nothing_and_bcc_changes_only_the_envelope(servi
 
 
 async def test_owner_from_an_untagged_from_is_not_stored(service):
-    """DESIGN.md 4: Team B replying from pl-payroll@ with Team A's reference in the subject."""
+    """Team B replying from pl-payroll@ with Team A's reference in the subject."""
     raw = (b"From: pl-payroll@corp.example\r\nTo: client@supplier.example\r\n"
            b"Subject: RE: [101203-T]\r\n\r\nx\r\n")
     decision = await decide(service, "pl-payroll@corp.example", ["client@supplier.example"], raw)
@@ -137,7 +137,7 @@ async def test_an_explicit_tag_in_the_message_wins_for_that_message(service):
            b"Cc: pl-payroll@corp.example\r\n\r\nx\r\n")
     decision = await decide(service, "uk-payroll+101203-T@corp.example",
                             ["pl-payroll+5512-C@corp.example", PL], raw)
-    # The untagged copy becomes the tagged one and merges into it: sent once (DESIGN.md 5, 6).
+    # The untagged copy becomes the tagged one and merges into it: sent once.
     assert [str(t) for t in decision.targets()] == ["pl-payroll+5512-C@corp.example"]
     assert decision.recipients[1].target is None
     assert decision.apply(raw) == raw.replace(b"Cc: pl-payroll@", b"Cc: pl-payroll+5512-C@")

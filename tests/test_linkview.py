@@ -1,4 +1,4 @@
-"""`smtpgate links show|list` output (DESIGN.md section 9)."""
+"""`smtpgate links show|list` output."""
 
 from __future__ import annotations
 

@@ -182,7 +182,7 @@ async def test_untagged_source_mailbox_in_from_and_reply_to_gets_tagged(mission)
     assert body_of(msg.data) == expected
     assert msg.mail_from == "uk-payroll@corp.example"
     show = mission.links_show("101203-T")
-    # DESIGN.md 4: an untagged From serves this message only; ownership is never guessed.
+    # An untagged From serves this message only; ownership is never guessed.
     assert show["mailbox"] is None
     assert [link["reference"] for link in show["links"]] == [new]
 

@@ -1,4 +1,4 @@
-"""The link decision: source activity, recipient classes, the plan (DESIGN.md sections 3-6)."""
+"""The link decision: source activity, recipient classes, the plan."""
 
 from __future__ import annotations
 
@@ -330,7 +330,7 @@ def test_own_mailbox_is_tagged_with_the_source_reference_everywhere() -> None:
 
 
 def test_own_mailbox_only_in_reply_to_is_tagged() -> None:
-    """DESIGN.md 4: an agent writing for Team A with Reply-To its mailbox: replies route back."""
+    """An agent writing for Team A with Reply-To its mailbox: replies route back."""
     block = headers("From: Jane <jane@corp.example>", "Reply-To: Team A <uk-payroll@corp.example>",
                     "To: client@supplier.example")
     plan = make_plan(addr("jane@corp.example"), [addr("client@supplier.example")], block, OWN, DIRECTORY)
@@ -341,14 +341,14 @@ def test_own_mailbox_only_in_reply_to_is_tagged() -> None:
 
 
 def test_an_explicit_tag_is_used_for_untagged_copies_of_that_mailbox() -> None:
-    """DESIGN.md 5: the same message names the mailbox tagged; its untagged copies get that tag."""
+    """The same message names the mailbox tagged; its untagged copies get that tag."""
     block = headers("To: pl-payroll+5512-C@corp.example", "Cc: Team B <pl-payroll@corp.example>")
     rcpts = [addr("pl-payroll+5512-C@corp.example"), addr("PL-Payroll@corp.example"), addr("client@x.example")]
     plan = make_plan(None, rcpts, block, OWN, DIRECTORY)
     assert plan.lookups == ()
     resolution = plan.resolve({})
     assert resolution.header_mapping == {"pl-payroll@corp.example": "pl-payroll+5512-C@corp.example"}
-    # Per recipient: the copy merges into the tagged spelling already sent (DESIGN.md 6).
+    # Per recipient: the copy merges into the tagged spelling already sent: duplicates go once.
     assert [str(t) if t else None for t in resolution.targets] == [
         "pl-payroll+5512-C@corp.example", None, "client@x.example"]
     assert [str(b) for _, b in resolution.envelope] == ["pl-payroll+5512-C@corp.example", "client@x.example"]

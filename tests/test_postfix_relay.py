@@ -41,7 +41,7 @@ async def test_postfix_refusal_reaches_client(corp_postfix, config_for, start_ga
 
 async def test_tag_refused_by_postfix_without_plus_addressing_is_delivered_untagged(tmp_path, config_for,
                                                                                    start_gate, log_lines):
-    """DESIGN.md 2.3 against the real thing: a Postfix with plus addressing off refuses the tagged
+    """The tag-refused fallback against the real thing: a Postfix with plus addressing off refuses the tagged
     address on replay; smtpgate delivers untagged, logs upstream.tag_refused, and shows and
     records what it relayed."""
     import asyncio

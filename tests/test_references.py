@@ -1,4 +1,4 @@
-"""Reference recognition (DESIGN.md sections 1 and 3)."""
+"""Reference recognition: references.pattern in a tag, a header or the Subject."""
 
 from __future__ import annotations
 

@@ -62,7 +62,7 @@ async def test_message_arrives_unchanged_plus_one_received(relay, sink):
 
 
 async def test_client_hears_250_only_after_the_upstream_said_250(relay, sink):
-    """DESIGN.md 2.5, lockstep: while the upstream holds its answer to the dot, the client hears
+    """Lockstep: while the upstream holds its answer to the dot, the client hears
     nothing; then it hears the upstream's own 250, which names a queue id only the upstream knew."""
     gate, port = relay
     wire = await session(port)
@@ -131,7 +131,7 @@ TAGGED = (
 
 @pytest.mark.parametrize("upstream_reply", ["451 4.3.0 Try again later", "554 5.7.1 Content refused"])
 async def test_final_dot_refusal_passed_through(relay, sink, log_lines, upstream_reply):
-    """DESIGN.md 2.5: the upstream's 4xx/5xx to the dot reaches the client unchanged, and the
+    """The upstream's 4xx/5xx to the dot reaches the client unchanged, and the
     message counts as refused: logged message.rejected, no message record, the upstream reset."""
     gate, port = relay
     sink.data_reply = upstream_reply

@@ -271,8 +271,8 @@ async def test_received_says_smtp_for_a_helo_client(relay, sink):
 
 
 async def test_replay_sends_a_mailbox_once_whatever_the_case_of_its_local_part(relay, sink, log_lines):
-    """DESIGN.md 6: duplicates after rewriting are sent once; mailbox local parts match
-    case-insensitively (DESIGN.md 4), so two spellings of one mailbox are one recipient."""
+    """Duplicates after rewriting are sent once; mailbox local parts match
+    case-insensitively, so two spellings of one mailbox are one recipient."""
     gate, port = relay
     wire = await session(port)
     assert code(await wire.cmd("MAIL FROM:<uk-payroll+101203-T@corp.example>")) == 250

@@ -41,7 +41,7 @@ def events(log_lines, name: str) -> list[dict]:
 
 @pytest.mark.parametrize("refusal", ["451 4.3.2 Try again later", "550 5.7.1 Sender refused"])
 async def test_a_refused_mail_on_replay_gives_451_and_no_dot(relay, sink, log_lines, refusal):
-    """DESIGN.md 2.3: the rewritten envelope is smtpgate's own doing, so any refusal of its
+    """The rewritten envelope is smtpgate's own doing, so any refusal of its
     replay is temporary for the client; no final dot; the retry reuses the link made first."""
     gate, port = relay
     wire = await session(port)
@@ -177,7 +177,7 @@ async def test_an_internal_error_in_a_command_is_451_and_logged(tmp_path, sink, 
 
 async def test_a_failed_message_record_is_logged_and_the_client_still_gets_250(sink, config_for, start_gate,
                                                                                log_lines, tmp_path):
-    """DESIGN.md 2.4: the record is written after the upstream's 250; if that write fails, the
+    """The message record is written after the upstream's 250; if that write fails, the
     message was still delivered, so the client hears 250 (without waiting for the record)
     and store.error is logged when the write fails."""
     config = config_for(f"smtp://127.0.0.1:{sink.port}")

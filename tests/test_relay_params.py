@@ -162,7 +162,7 @@ async def test_message_id_is_logged_and_recorded_as_its_id_only(relay, sink, log
 
 
 async def test_replay_keeps_the_parameters_and_adds_orcpt_for_rewritten_recipients(relay, sink):
-    """DESIGN.md 6: ORCPT keeps the original address of a rewritten recipient (unless the client
+    """ORCPT keeps the original address of a rewritten recipient (unless the client
     gave one); the MAIL and RCPT parameters survive the RSET and replay (README)."""
     gate, port = relay
     wire = await session(port)

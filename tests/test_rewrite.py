@@ -1,4 +1,4 @@
-"""Byte-preserving header rewriting (DESIGN.md section 6)."""
+"""Byte-preserving header rewriting: only the addr-spec of a rewritten address changes."""
 
 from __future__ import annotations
 

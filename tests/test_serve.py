@@ -93,7 +93,7 @@ async def test_ready_reload_and_drain(tmp_path):
         assert code(await wire.cmd("MAIL FROM:<a@corp.example>")) == 250
         assert code(await wire.cmd("RCPT TO:<b@x.example>")) == 250
 
-        # SIGTERM with a transaction in flight: smtpgate stops accepting (DESIGN.md 9), and the
+        # SIGTERM with a transaction in flight: smtpgate stops accepting, and the
         # transaction may finish.
         served.proc.send_signal(signal.SIGTERM)
         await served.wait_event("shutdown.started")

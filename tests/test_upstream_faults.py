@@ -1,10 +1,10 @@
-"""Upstream faults at every stage, against `smtpgate serve` as a process (DESIGN.md section 2).
+"""Upstream faults at every stage, against `smtpgate serve` as a process.
 
 One server process relays to a sink the test breaks in one way after another:
 connection refused, a 421 greeting, 4xx and 5xx to MAIL, RCPT, DATA and the
 final dot, a connection dropped after the dot, a stall past the phase timeout
 at each stage, and an over-long reply line. For each, the client's reply at the
-stage where the fault shows has the class DESIGN.md section 2 gives (the
+stage where the fault shows has the class docs/upstream.md gives (the
 upstream's own verdict, or smtpgate's 451 4.4.1 / 4.4.2), the store has no
 message record of it, and the next message through the same process is
 delivered.

@@ -1,4 +1,4 @@
-"""The admin HTTP listener (`admin.listen`, DESIGN.md 8; docs/operations.md).
+"""The admin HTTP listener (`admin.listen`; docs/operations.md).
 
 Health (`/healthz`, `/readyz`), Prometheus metrics (`/metrics`), the
 linked-activities API (`/api/v1/activities/{reference}`, the JSON of

@@ -70,7 +70,7 @@ class Envelope:
 @dataclass(frozen=True)
 class RecipientDecision:
     """One envelope recipient: ``target`` is what to relay, None when it merges into an
-    earlier spelling of the same mailbox (sent once, DESIGN.md 6)."""
+    earlier spelling of the same mailbox (sent once)."""
 
     original: Address
     target: Address | None
@@ -80,7 +80,8 @@ class RecipientDecision:
 
 @dataclass(frozen=True)
 class LinkDecision:
-    """What the link service decided for one message (DESIGN.md 3-6).
+    """What the link service decided for one message (source activity, recipient classes, links, rewriting;
+    docs/architecture.md).
 
     ``header_mapping`` maps a mailbox's canonical address to the tagged
     addr-spec written in To/Cc/From/Reply-To; ``header_edits`` are the

@@ -73,7 +73,9 @@ class CoreSettings:
 
 
 class RecipientClass(enum.Enum):
-    """The classes of DESIGN.md section 4."""
+    """How a recipient is treated: a tagged mailbox is kept, an untagged one gets its
+    linked activity's tag, the source's own mailbox the source reference; internal and
+    external addresses stay unchanged."""
 
     TAGGED_MAILBOX = "tagged_mailbox"
     UNTAGGED_MAILBOX = "untagged_mailbox"
@@ -220,7 +222,7 @@ def header_addresses(headers: HeaderBlock, *names: str) -> list[Address]:
 
 
 def find_source(mail_from: Address | None, headers: HeaderBlock, directory: Directory) -> Source | None:
-    """The source activity from DESIGN.md section 3 steps 1-3, first match wins.
+    """The source activity as the message itself names it, first match wins.
 
     1. the envelope sender, then each From: mailbox, tagged with a reference;
     2. the headers of ``references.headers``, in configured order;
@@ -293,7 +295,7 @@ class Resolution:
     untaggable: list[str]
     changed: bool
     # Per plan recipient, in order: the address to relay, None when it merges into an
-    # earlier spelling of the same recipient (DESIGN.md 6: sent once).
+    # earlier spelling of the same recipient (sent once).
     targets: list[Address | None] = field(default_factory=list)
 
 
@@ -422,7 +424,7 @@ def make_plan(
     source_owner: str | None = None,
     thread_mapping: Mapping[str, str] | None = None,
 ) -> Plan:
-    """The plan for one message (DESIGN.md sections 4-6).
+    """The plan for one message (recipient classes, links, rewriting).
 
     The source's own mailbox is ``source.mailbox``, else ``source_owner``
     (the store's owner of the source reference), else the From: address when

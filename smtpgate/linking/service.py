@@ -5,7 +5,7 @@ finds the source activity (the pure steps 1-3, then the store's thread
 look-up), asks the store for each mailbox's linked activity (creating it when
 the plan allows), and returns a `LinkDecision`: the envelope to relay and the
 header edits. Links are committed by the store before it returns, so before
-the final dot (DESIGN.md 2.4). `record` (or `record_soon`, which does not wait
+the final dot: a message refused later keeps its links for the retry. `record` (or `record_soon`, which does not wait
 for the commit) keeps the message record once the message is accepted. A
 store or allocator failure is `LinkUnavailable`.
 """
@@ -149,7 +149,8 @@ class LinkService:
         )
 
     async def _source(self, envelope: Envelope, headers: HeaderBlock) -> tuple[Source | None, dict | None]:
-        """DESIGN.md 3: steps 1-3 from the message, else step 4 from the store's threads."""
+        """The source activity: from the message itself (find_source), else from the thread its
+        In-Reply-To/References name among the messages the store recorded."""
         source = find_source(envelope.mail_from, headers, self.directory)
         if source is not None:
             return source, None
@@ -160,7 +161,7 @@ class LinkService:
         return Source(reference=hit.source_reference, mailbox=hit.source_mailbox, found_in="thread"), hit.mapping
 
     def _owner_evidence(self, source: Source, envelope: Envelope, headers: HeaderBlock) -> str | None:
-        """The mailbox that authoritative evidence names as the source's owner (DESIGN.md 4):
+        """The mailbox that authoritative evidence names as the source's owner:
         a mailbox tagged with the source reference, as sender, in From:, or as a recipient."""
         if source.found_in in ("envelope", "from"):
             return source.mailbox
@@ -285,7 +286,7 @@ class LinkService:
         """After the message was accepted: the message record for threads and the links view,
         returning once it is committed.
 
-        Never raises: the message was delivered already (DESIGN.md 2.4); a failure is logged.
+        Never raises: the message was delivered already; a failure is logged.
         """
         queued = self.record_soon(decision, delivered, log=log, urgent=True)
         if queued is not None:

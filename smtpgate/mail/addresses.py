@@ -561,7 +561,7 @@ def join_tag(base: str, tag: str, separator: str) -> str | None:
 
 
 def envelope_key(address: Address, mailbox: bool = False) -> tuple[str, str]:
-    """The key under which two envelope recipients are one (DESIGN.md 6: sent once).
+    """The key under which two envelope recipients are one (such duplicates are sent once).
 
     Domains compare case-insensitively and in either IDNA form; local parts are
     case-sensitive (RFC 5321 2.4) except a work-management mailbox's (``mailbox``).

@@ -1,4 +1,5 @@
-"""Checks on the DATA of a message before anything of it is relayed (DESIGN.md section 6)."""
+"""Checks on the DATA of a message before anything of it is relayed: bare CR, bare LF
+and NUL, hop count, size (the replies are in docs/reference.md)."""
 
 from __future__ import annotations
 

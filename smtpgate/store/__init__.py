@@ -1,4 +1,4 @@
-"""smtpgate's link store: activities, links, relayed messages (DESIGN.md 5, 7, 9).
+"""smtpgate's link store: activities, links, relayed messages.
 
 `open_store` picks the backend from `store.url`:
 

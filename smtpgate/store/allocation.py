@@ -1,4 +1,4 @@
-"""Where a new linked activity's reference comes from (DESIGN.md section 7).
+"""Where a new linked activity's reference comes from (`allocator:` in the configuration).
 
 An allocator is called by the store inside the transaction that creates the
 link, while the store holds the lock for that (source activity, mailbox)

@@ -16,14 +16,14 @@ LINKS_OF_LIMIT = 100
 
 @dataclass(frozen=True)
 class LinkTarget:
-    """An untagged mailbox recipient that may get a linked activity (DESIGN.md 5)."""
+    """An untagged mailbox recipient that may get a linked activity."""
 
     mailbox: str  # canonical address of the work-management mailbox
     team: str
     new_reference: str  # the mailbox's template, e.g. "{n}-T"
     allow_create: bool  # new_links is `create` and the message is not automatic
     # The longest reference whose tagged address still fits in 64 octets: a longer
-    # allocation is rolled back, no link made (DESIGN.md 4). None: no limit.
+    # allocation is rolled back, no link made. None: no limit.
     max_reference_length: int | None = None
 
 
@@ -76,7 +76,7 @@ class Allocator(Protocol):
 
 @dataclass(frozen=True)
 class ThreadHit:
-    """An earlier relayed message named by In-Reply-To/References (DESIGN.md 3 step 4)."""
+    """An earlier relayed message named by In-Reply-To/References (the source activity of a reply)."""
 
     message_id: str
     source_reference: str

@@ -171,7 +171,7 @@ class SqlStore(Store):
         # one nobody waits for lingers RECORD_LINGER for more to share it.
         self.records: GroupCommit[MessageRecord] = GroupCommit(self._record_batch, linger=RECORD_LINGER)
         # Activity owners read from the store, newest last. A recorded owner never
-        # changes (DESIGN.md 4 keeps the stored one against contrary evidence), so
+        # changes (the stored owner is kept against contrary evidence), so
         # what was read once holds for every process and node; see _learn_owner.
         self._owners: OrderedDict[str, str] = OrderedDict()
 

@@ -78,7 +78,7 @@ class MilterSettings:
     limits: Limits
     listener: str
     mode: str = "enforce"  # enforce | observe
-    direction: str = "outbound"  # outbound | inbound (restore the tags a reply dropped, DESIGN.md 8)
+    direction: str = "outbound"  # outbound | inbound (restore the tags a reply dropped)
     unknown_tags: str = "pass"  # inbound: pass | strip
 
     @classmethod
@@ -351,7 +351,7 @@ class MilterSession:
                 continue
             deletes.append(codec.encode_delete_recipient(rcpt.spelled))
             if target is None or envelope_key(target) in kept:
-                relayed.append(None)  # DESIGN.md 6: duplicates after rewriting are sent once
+                relayed.append(None)  # duplicates after rewriting are sent once
                 continue
             kept.add(envelope_key(target))
             relayed.append(target)

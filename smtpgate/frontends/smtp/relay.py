@@ -1,4 +1,4 @@
-"""One SMTP transaction relayed in lockstep with the upstream (DESIGN.md section 2).
+"""One SMTP transaction relayed in lockstep with the upstream (docs/architecture.md, "One message's path").
 
 The client's MAIL opens an upstream transaction, each RCPT is relayed and the
 upstream's verdict is the client's reply, and the client hears 250 for its
@@ -61,7 +61,7 @@ class Recipient:
     def upstream_params(self, extensions: frozenset[str]) -> list[str]:
         out = [str(p) for k, p in self.params.items() if _RCPT_PARAM_EXTENSION[k] in extensions]
         if "dsn" in extensions and "ORCPT" not in self.params and self.relayed != self.address:
-            # DESIGN.md 6: ORCPT keeps the original address, so a DSN names what the client sent.
+            # ORCPT keeps the original address, so a DSN names what the client sent.
             out.append(f"ORCPT=rfc822;{xtext(str(self.address))}")
         return out
 
@@ -95,7 +95,7 @@ class Transaction:
         if "SIZE" in params and int(params["SIZE"].value or 0) > limits.max_message_size:
             raise SMTPReply(replies.MESSAGE_TOO_BIG, "declared SIZE over limits.max_message_size")
         if self.ctx.mode == "enforce" and self.ctx.direction == "outbound" and sender is not None:
-            # DESIGN.md 2.3's RCPT-time tags (_early_tag) start here: the sender's links,
+            # RCPT-time tags (_early_tag) start here: the sender's links,
             # read while the upstream connection and its MAIL take their time. Never
             # cancelled (a PostgreSQL statement cancelled midway costs its connection):
             # a transaction that ends first leaves it to finish on its own.
@@ -158,7 +158,7 @@ class Transaction:
         return _rcpt_line(verdict)
 
     async def _early_tag(self, address: Address) -> Address | None:
-        """DESIGN.md 2.3: the tagged form at RCPT time when the envelope sender names the source
+        """The tagged form at RCPT time when the envelope sender names the source
         and the link exists, so the common message needs no replay. End of DATA decides again
         (a replay follows if the message says otherwise)."""
         if self.early_links is None or self.mail_from is None:  # started by open() when tagging early
@@ -248,7 +248,7 @@ class Transaction:
         return _client_line(verdict)
 
     def _check(self, raw: bytes) -> HeaderBlock:
-        """The refusals before anything is relayed (DESIGN.md 6); returns the header block."""
+        """The refusals before anything is relayed (bare CR/LF or NUL, too many hops, too big); returns the header block."""
         limits = self.ctx.limits
         if len(raw) > limits.max_message_size:
             raise SMTPReply(replies.MESSAGE_TOO_BIG, f"{len(raw)} octets")
@@ -329,7 +329,7 @@ class Transaction:
                       **decision.observation())
 
     async def _replay(self, decision: LinkDecision) -> LinkDecision:
-        """Replay MAIL and the rewritten RCPTs upstream when the envelope changed (DESIGN.md 2.3).
+        """Replay MAIL and the rewritten RCPTs upstream when the envelope changed.
 
         Returns the decision as relayed: a tag the upstream refused is dropped from it.
         """
@@ -365,7 +365,7 @@ class Transaction:
             if target is None:
                 continue  # merged into an earlier spelling of the same mailbox
             key = envelope_key(target)
-            if key in seen:  # DESIGN.md 6: duplicates after rewriting are sent once
+            if key in seen:  # duplicates after rewriting are sent once
                 continue
             rcpt.relayed = target
             verdict = await self._upstream_call(upstream.rcpt(str(target), rcpt.upstream_params(upstream.extensions)))

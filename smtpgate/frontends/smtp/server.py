@@ -244,7 +244,7 @@ class GateSMTP(GlueSMTP):
             return
         inbound = self.listener.direction == "inbound"  # accepts anyone, for internal domains only
         if not (inbound or self.session.authenticated or self.listener.relays_for(self.client_ip)):
-            # No open relay: strangers must authenticate first (DESIGN.md 2.1).
+            # No open relay: strangers must authenticate first.
             self.log.info("message.rejected", code=530, reason="not authenticated, not in relay_networks",
                           stage="mail", **self.client_info().log_fields())
             await self.push(replies.AUTH_REQUIRED.line())
