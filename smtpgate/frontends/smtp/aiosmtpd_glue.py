@@ -6,7 +6,11 @@ RSET, or aiosmtpd refusing the data itself), "TLS is on", "the client was
 silent too long" or "a command nobody knows"; smtpgate needs them all.
 `GlueSMTP` overrides the private methods behind them and turns them into the
 hooks `before_serving`, `transaction_ended`, `timed_out`, `unknown_command`
-and the `tls_active` property. `check_internals` fails loudly when an aiosmtpd release renames
+and the `tls_active` property, and keeps the verb of the command being served
+(`command`). aiosmtpd knows only STARTTLS as encryption: a session it
+serves over an implicit-TLS transport (`implicit_tls`) is told that AUTH's
+need for TLS is met, so AUTH is offered and accepted there (RFC 8314).
+`check_internals` fails loudly when an aiosmtpd release renames
 them; a test runs it, and pyproject.toml pins aiosmtpd to the tested minor
 range.
 
@@ -62,6 +66,7 @@ _INTERNALS = {
     "_call_handler_hook": "coroutine",  # smtp_DATA calls the DATA hook as aiosmtpd does
     "check_helo_needed": "coroutine",
     "check_auth_needed": "coroutine",
+    "smtp_HELP": "coroutine",  # its look-up of a verb must not count as the command being served
 }
 
 # The instance attributes of aiosmtpd's SMTP that smtp_DATA reads, as its source names them.
@@ -128,6 +133,8 @@ def check_internals() -> list[str]:
         problems.append("aiosmtpd.smtp._AuthMechAttr no longer has a method field")
     if "self._tls_protocol" not in source:
         problems.append("aiosmtpd.smtp.SMTP no longer keeps _tls_protocol")
+    if "self._auth_require_tls" not in inspect.getsource(SMTP.smtp_AUTH):
+        problems.append("aiosmtpd.smtp.SMTP.smtp_AUTH no longer reads _auth_require_tls")
     if "method = self._smtp_methods.get(command)" not in source:
         problems.append("aiosmtpd.smtp.SMTP no longer looks commands up in _smtp_methods")
     for line in AIOSMTPD_REPLIES:
@@ -368,14 +375,19 @@ class _Commands(dict):
 
     aiosmtpd closes a session after five unknown verbs with a 502 of its own; smtpgate
     counts them with its other bad commands against limits.max_bad_commands instead.
+    `verb` is the last verb looked up for serving ("UNKNOWN" for one not in the table).
     """
 
     def __init__(self, table: dict, unknown) -> None:
         super().__init__(table)
         self.unknown = unknown
+        self.verb: str | None = None
+        self.recording = True
 
     def get(self, verb, default=None):
         found = super().get(verb)
+        if self.recording:
+            self.verb = verb if found is not None else "UNKNOWN"
         return found if found is not None else partial(self.unknown, verb)
 
 
@@ -384,10 +396,35 @@ class GlueSMTP(PrototypeSMTP):
 
     data_read_limit = DATA_READ_LIMIT
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, implicit_tls: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._smtp_methods = _Commands(self._smtp_methods, self.unknown_command)
         self.receiving_data = False  # between DATA's 354 and the final dot
+        # Served over TLS from the first byte: the encryption AUTH asks for is there, so
+        # aiosmtpd, which counts only STARTTLS, must not ask for it (no 538, AUTH in EHLO).
+        self.implicit_tls = implicit_tls
+        if implicit_tls:
+            self._auth_require_tls = False
+
+    @property
+    def command(self) -> str | None:
+        """The verb of the command being served (upper case; "UNKNOWN"), None before the first."""
+        return self._smtp_methods.verb
+
+    async def push(self, status) -> None:
+        await super().push(status)
+        if isinstance(status, str) and status[:1] != "3" and status[3:4] != "-":
+            # The command is answered: a refusal before the next verb is read (a line too
+            # long, an empty line) refuses a line that is no known command.
+            self._smtp_methods.verb = "UNKNOWN"
+
+    @syntax("HELP [command]")
+    async def smtp_HELP(self, arg: str) -> None:
+        self._smtp_methods.recording = False  # HELP MAIL is still HELP
+        try:
+            await super().smtp_HELP(arg)
+        finally:
+            self._smtp_methods.recording = True
 
     async def unknown_command(self, verb: str, arg: str | None) -> None:
         """A verb aiosmtpd does not know (HELP's lookup of one never gets here: no syntax)."""
@@ -499,7 +536,8 @@ class GlueSMTP(PrototypeSMTP):
 
     @property
     def tls_active(self) -> bool:
-        return getattr(self, "_tls_protocol", None) is not None
+        """The session is encrypted: an implicit-TLS transport, or STARTTLS done."""
+        return self.implicit_tls or getattr(self, "_tls_protocol", None) is not None
 
     async def _handle_client(self) -> None:
         if await self.before_serving():

@@ -60,6 +60,7 @@ class GateSMTP(GlueSMTP):
         self.admitted: str | None = None  # the address counted against max_connections_per_client
         self.user_upstream = None  # auth_backend: upstream: the client's own upstream login
         self.bad_commands = 0
+        self.refusal_logged = False  # the reply pushed next was logged with its own event
         super().__init__(handler, **kwargs)
 
     # -------------------------------------------------------- connection life
@@ -143,12 +144,15 @@ class GateSMTP(GlueSMTP):
             if status in DATA_REFUSALS and self.tx is not None:
                 self.log.info("message.rejected", code=int(status[:3]), reason=DATA_REFUSALS[status],
                               mail_from=self.tx.sender_text(), stage="data", **self.tx.client.log_fields())
+                self.refusal_logged = True
             elif status == "503 Error: need RCPT command" and self.tx is not None and self.tx.refused:
                 self.log.info("message.rejected", code=554, reason="the upstream refused every recipient",
                               mail_from=self.tx.sender_text(), stage="data",
                               refused=[{"recipient": a, "reply": why} for a, why in self.tx.refused],
                               **self.tx.client.log_fields())
+                self.refusal_logged = True
             status = AIOSMTPD_REPLIES.get(status, status)
+            self._log_refusal(status)
             if status[:3] in _BAD_COMMAND_CODES:
                 self.bad_commands += 1
                 if self.bad_commands >= self.settings.relay.limits.max_bad_commands:
@@ -158,6 +162,24 @@ class GateSMTP(GlueSMTP):
                     self.say_goodbye(replies.TOO_MANY_BAD_COMMANDS.line())
                     return
         await super().push(status)
+
+    def _log_refusal(self, line: str) -> None:
+        """Every refused command is logged with its code: command.refused, unless the refusal
+        was logged already with its own event (message.rejected, command.refused)."""
+        logged, self.refusal_logged = self.refusal_logged, False
+        command = self.command
+        if logged or command is None or line[:1] not in ("4", "5"):
+            return  # None: no command yet (a greeting refused is session.refused)
+        code, _, text = line.partition(" ")
+        self.log.info("command.refused", code=int(code) if code.isdigit() else code, reason=text,
+                      stage=command.lower())
+
+    def _upstream_refused(self, line: str, **fields) -> None:
+        """The upstream's refusal, passed to the client, is the command's refusal."""
+        code, _, text = line.partition(" ")
+        self.log.info("command.refused", code=int(code) if code.isdigit() else code, reason=f"upstream: {text}",
+                      **fields)
+        self.refusal_logged = True
 
     def data_starting(self) -> None:
         if self.tx is not None:
@@ -233,22 +255,30 @@ class GateSMTP(GlueSMTP):
 
     async def _reply(self, error: SMTPReply, **fields) -> None:
         self.log.info("command.refused", code=error.reply.code, reason=error.reason, **fields)
+        self.refusal_logged = True
         await self.push(error.line())
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
-        if await self.check_helo_needed() or await self.check_auth_needed("MAIL"):
+        if await self.check_helo_needed():
             return
         if self.tx is not None:
             await self.push("503 5.5.1 Error: nested MAIL command")
             return
-        inbound = self.listener.direction == "inbound"  # accepts anyone, for internal domains only
-        if not (inbound or self.session.authenticated or self.listener.relays_for(self.client_ip)):
-            # No open relay: strangers must authenticate first.
-            self.log.info("message.rejected", code=530, reason="not authenticated, not in relay_networks",
-                          stage="mail", **self.client_info().log_fields())
-            await self.push(replies.AUTH_REQUIRED.line())
-            return
+        if not self.session.authenticated:
+            # No open relay: strangers must authenticate first (RFC 4954 6).
+            if self.listener.auth == "required":
+                reason = "not authenticated, auth: required"
+            elif not (self.listener.direction == "inbound" or self.listener.relays_for(self.client_ip)):
+                reason = "not authenticated, not in relay_networks"  # inbound: anyone, internal domains only
+            else:
+                reason = None
+            if reason is not None:
+                self.log.info("message.rejected", code=replies.AUTH_REQUIRED.code, reason=reason,
+                              stage="mail", **self.client_info().log_fields())
+                self.refusal_logged = True
+                await self.push(replies.AUTH_REQUIRED.line())
+                return
         parts = split_argument(arg, "FROM:")
         if parts is None:
             await self.push("501 5.5.4 Syntax: MAIL FROM:<address> [parameters]")
@@ -273,6 +303,7 @@ class GateSMTP(GlueSMTP):
             self.log.info("message.rejected", code=replies.SENDER_NOT_ALLOWED.code, stage="mail",
                           reason="envelope sender not in the user's sender list", mail_from=str(sender),
                           **self.client_info().log_fields())
+            self.refusal_logged = True
             await self.push(replies.SENDER_NOT_ALLOWED.line())
             return
         ctx = self.settings.relay
@@ -288,6 +319,8 @@ class GateSMTP(GlueSMTP):
             self.tx = tx
             self.envelope.mail_from = str(sender) if sender else "<>"
             self.envelope.mail_options.extend(words)
+        else:
+            self._upstream_refused(line, stage="mail", mail_from=str(sender) if sender else "")
         await self.push(line)
 
     @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
@@ -324,6 +357,8 @@ class GateSMTP(GlueSMTP):
             return
         if line.startswith("2"):
             self.envelope.rcpt_tos.append(str(address))
+        else:
+            self._upstream_refused(line, stage="rcpt", recipient=str(address))
         await self.push(line)
 
     async def smtp_AUTH(self, arg: str) -> None:
@@ -414,6 +449,7 @@ class Handler(PasswordMechanisms):
             return await asyncio.shield(task)
         finally:
             server.finishing = False
+            server.refusal_logged = True  # the verdict is the message's message.relayed or .rejected
 
     async def _finish(self, server: GateSMTP, tx, raw: bytes) -> str:
         try:
@@ -480,6 +516,7 @@ def make_factory(listener: Listener, settings: Callable[[], SmtpSettings], regis
             hostname=current.relay.hostname,
             ident="smtpgate ESMTP",
             tls_context=tls if listener.tls == "starttls" else None,
+            implicit_tls=listener.tls == "implicit",
             require_starttls=False,
             timeout=current.relay.limits.idle_timeout,
             auth_required=listener.auth == "required",
