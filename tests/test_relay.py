@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 
+from smtpgate.mail.params import SIZE_MARGIN
 from tests.support.wire import Wire, code, free_port, strip_trace
 
 MESSAGE = (
@@ -182,7 +183,8 @@ async def test_dsn_and_outlook_parameters_reach_a_dsn_sink(relay, sink):
     assert code(await wire.cmd("RCPT TO:<b@x.example> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b@x.example")) == 250
     assert code(await send_data(wire, MESSAGE)) == 250
     got = sink.messages[0]
-    assert "SIZE=123" in got.mail_options and "RET=HDRS" in got.mail_options
+    # SIZE with room for what smtpgate adds (smtpgate.mail.params.upstream_size).
+    assert f"SIZE={123 + SIZE_MARGIN}" in got.mail_options and "RET=HDRS" in got.mail_options
     assert "ENVID=QQ314159" in got.mail_options
     assert got.rcpt_options[0] == ["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;b@x.example"]
 

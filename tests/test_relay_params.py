@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from smtpgate.mail.params import SIZE_MARGIN
 from tests.support.sink import Sink
 from tests.support.wire import Wire, code
 from tests.test_relay import MESSAGE, ehlo_keywords, send_data, session
@@ -179,7 +180,7 @@ async def test_replay_keeps_the_parameters_and_adds_orcpt_for_rewritten_recipien
     [got] = sink.messages
     [tagged_b] = [r for r in got.rcpt_tos if r.startswith("pl-payroll+")]
     assert got.rcpt_tos == [tagged_b, "uk-payroll+101203-T@corp.example", "client@supplier.example"]
-    assert got.mail_options == ["SIZE=2000", "RET=HDRS", "ENVID=QQ314159"]
+    assert got.mail_options == [f"SIZE={2000 + SIZE_MARGIN}", "RET=HDRS", "ENVID=QQ314159"]
     assert got.rcpt_options == [
         ["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;pl-payroll@corp.example"],
         ["ORCPT=rfc822;uk-payroll@corp.example"],

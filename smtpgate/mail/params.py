@@ -20,6 +20,12 @@ _VALUE = re.compile(r"[^\x00-\x20=\x7f]+")
 _XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})+")
 _NOTIFY = {"SUCCESS", "FAILURE", "DELAY"}
 
+# What smtpgate may add to a message beyond the client's declared SIZE (RFC 1870): its
+# Received field (at most about 700 octets with the longest HELO and host names), a
+# Message-ID, the stamp field, and the tags it puts into header addresses (with a
+# 14-octet tag, some 480 of them).
+SIZE_MARGIN = 8192
+
 
 @dataclass(frozen=True)
 class Param:
@@ -108,6 +114,17 @@ def _check_values(params: dict[str, Param]) -> None:
             addr_type, semi, addr = (v or "").partition(";")
             if not semi or not _KEYWORD.fullmatch(addr_type) or not addr:
                 raise bad("ORCPT must be addr-type;xtext")
+
+
+def upstream_size(declared: int, limit: int | None) -> int:
+    """The SIZE to declare upstream for a message the client declared `declared` octets:
+    with room for what smtpgate adds, so a strict upstream takes the longer message;
+    never more than the upstream's `limit` (its EHLO SIZE) when the client's figure fits
+    under it, so the room alone never turns a message away at MAIL."""
+    padded = declared + SIZE_MARGIN
+    if limit and declared <= limit < padded:
+        return limit
+    return padded
 
 
 def xtext(text: str) -> str:

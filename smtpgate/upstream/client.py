@@ -83,6 +83,7 @@ class UpstreamSession:
 
     extensions: frozenset[str] = frozenset()
     label: str = ""
+    size_limit: int | None = None  # the SIZE the upstream's EHLO declared; None: none
 
     async def mail(self, sender: str, params: list[str]) -> Verdict: ...
     async def rcpt(self, recipient: str, params: list[str]) -> Verdict: ...
@@ -171,6 +172,11 @@ class SmtpSession(UpstreamSession):
             raise
         self.client, self.label, self.extensions = fresh.client, fresh.label, fresh.extensions
         self.desynced = False
+
+    @property
+    def size_limit(self) -> int | None:
+        value = self.client.esmtp_extensions.get("size", "").strip()
+        return int(value) if value.isdigit() and int(value) > 0 else None  # SIZE 0: no fixed limit
 
     async def rcpt(self, recipient: str, params: list[str]) -> Verdict:
         return await self._command(b"RCPT", b"TO:<" + _encode(recipient) + b">", *map(_encode, params))

@@ -420,12 +420,23 @@ class _Hooks:
             server.transport.abort()
             # connection_lost cancels this task; the dot is never answered.
             await asyncio.get_running_loop().create_future()
-        reply = sink.data_reply or "250 2.0.0 Ok: queued"
+        reply = sink.data_reply or _over_declared_size(sink, received) or "250 2.0.0 Ok: queued"
         received.reply = reply
         if reply.startswith("2"):
             sink.messages.append(received)
         sink._changed()
         return reply
+
+
+def _over_declared_size(sink: Sink, received: Received) -> str | None:
+    """strict_size: the refusal of a message longer than its MAIL SIZE= declared, else None."""
+    if not sink.strict_size:
+        return None
+    for option in received.mail_options:
+        key, _, value = option.partition("=")
+        if key.upper() == "SIZE" and value.isdigit() and len(received.data) > int(value):
+            return f"552 5.3.4 Message is {len(received.data)} octets, more than the declared SIZE={value}"
+    return None
 
 
 class Sink:
@@ -444,6 +455,9 @@ class Sink:
     `require_auth`, `client_cert_names`, and `dsn`/`pipelining`/`eightbitmime`
     (read at EHLO). `drop_connections()` cuts every open session while the
     sink keeps listening, as an upstream does that times idle clients out.
+
+    `strict_size`: a message longer than the SIZE its MAIL declared is refused
+    at the dot (552), as a strict upstream may do (the count is RFC 1870 5's).
 
     `xoauth2(user, token) -> bool` decides AUTH XOAUTH2 (offered when set);
     `client_cert_names`, when set, refuses MAIL unless the client's verified
@@ -482,6 +496,7 @@ class Sink:
         client_cert_names: set[str] | None = None,
         implicit_tls: ssl.SSLContext | None = None,
         data_size_limit: int | None = None,
+        strict_size: bool = False,
         hostname: str = "sink.test",
         timeout: float = 120,
     ) -> None:
@@ -498,6 +513,7 @@ class Sink:
         self.require_auth = require_auth
         self.client_cert_names = client_cert_names
         self.data_size_limit = data_size_limit
+        self.strict_size = strict_size
         self.hostname = hostname
         self.timeout = timeout
 

@@ -87,6 +87,10 @@ AIOSMTPD_REPLIES = {
     "500 Command line too long": "500 5.5.6 Command line too long",
     "500 Error: bad syntax": "500 5.5.2 Error: bad syntax",
     "500 Error: strict ASCII mode": "500 5.6.7 Error: non-ASCII without SMTPUTF8",
+    "454 TLS not available": "454 4.7.0 TLS not available",
+    "503 Already authenticated": "503 5.5.1 Already authenticated",
+    "501 Not enough value": "501 5.5.4 Syntax: AUTH mechanism [initial-response]",
+    "501 Too many values": "501 5.5.4 Syntax: AUTH mechanism [initial-response]",
     "221 Bye": "221 2.0.0 Bye",
     "250 OK": "250 2.0.0 OK",
 }
@@ -410,6 +414,13 @@ class GlueSMTP(PrototypeSMTP):
     def command(self) -> str | None:
         """The verb of the command being served (upper case; "UNKNOWN"), None before the first."""
         return self._smtp_methods.verb
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self.tls_active:  # implicit TLS, or STARTTLS done: no second handshake
+            await self.push("503 5.5.1 TLS already active")
+            return
+        await super().smtp_STARTTLS(arg)
 
     async def push(self, status) -> None:
         await super().push(status)

@@ -23,7 +23,7 @@ from smtpgate.mail import replies
 from smtpgate.mail.addresses import Address, envelope_key
 from smtpgate.mail.dataguard import OFF_LOOP_OCTETS, scan_data
 from smtpgate.mail.headers import HeaderBlock, parse_header_block
-from smtpgate.mail.params import Param, xtext
+from smtpgate.mail.params import Param, upstream_size, xtext
 from smtpgate.mail.replies import SMTPReply
 from smtpgate.upstream.client import UpstreamAuthError, UpstreamError, UpstreamPool, UpstreamSession, Verdict
 
@@ -126,7 +126,10 @@ class Transaction:
     def _mail_params(self) -> list[str]:
         assert self.upstream is not None
         ext = self.upstream.extensions
-        return [str(p) for k, p in self.mail_params.items() if _MAIL_PARAM_EXTENSION[k] in ext]
+        out = [p for k, p in self.mail_params.items() if _MAIL_PARAM_EXTENSION[k] in ext]
+        # The declared SIZE covers what smtpgate adds (Received, tags), for a strict upstream.
+        return [f"SIZE={upstream_size(int(p.value or 0), self.upstream.size_limit)}" if p.keyword == "SIZE"
+                else str(p) for p in out]
 
     # ----------------------------------------------------------------- RCPT
 
