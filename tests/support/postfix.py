@@ -66,6 +66,9 @@ class PostfixInstance:
     - recipient_delimiter: "+" turns plus addressing on; "" turns it off.
     - milter: (host, port) of an smtpd milter; a dead milter defers mail.
     - main_cf: more main.cf settings, applied last.
+    - services: more master.cf lines (transports with their own -o settings).
+    - tables: file name -> text of lookup tables written into the config
+      folder (main_cf names them as ${config_directory}/NAME).
 
     Entering starts Postfix and returns once the port accepts connections;
     leaving stops it and takes its folder out of the default main.cf. An
@@ -82,6 +85,8 @@ class PostfixInstance:
         recipient_delimiter: str = "+",
         milter: tuple[str, int] | None = None,
         main_cf: Mapping[str, str] | None = None,
+        services: Sequence[str] = (),
+        tables: Mapping[str, str] | None = None,
         start_timeout: float = 30,
     ) -> None:
         if mailboxes is None:
@@ -91,6 +96,8 @@ class PostfixInstance:
         self.recipient_delimiter = recipient_delimiter
         self.milter = milter
         self.extra = dict(main_cf or {})
+        self.services = tuple(services)
+        self.tables = dict(tables or {})
         self.start_timeout = start_timeout
         self.host = "127.0.0.1"
         self.port = 0
@@ -262,11 +269,14 @@ class PostfixInstance:
                 "milter_protocol": "6",
             }
         settings |= self.extra
+        for name, text in self.tables.items():
+            _write(self.config_dir / name, text)
         _write(
             self.config_dir / "main.cf",
             "".join(f"{key} = {value}\n" for key, value in settings.items()),
         )
-        _write(self.config_dir / "master.cf", _master_cf(self.host, self.port))
+        _write(self.config_dir / "master.cf",
+               _master_cf(self.host, self.port) + "".join(f"{line}\n" for line in self.services))
 
     def _postfix(self, command: str) -> None:
         done = subprocess.run(
