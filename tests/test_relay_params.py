@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from smtpgate.mail.params import SIZE_MARGIN
+from smtpgate.mail.params import SIZE_MARGIN, upstream_size
 from tests.support.sink import Sink
 from tests.support.wire import Wire, code
 from tests.test_relay import MESSAGE, ehlo_keywords, send_data, session
@@ -246,3 +246,22 @@ async def test_auth_on_a_listener_without_auth_is_not_available(relay, sink, log
     assert code(await wire.cmd("MAIL FROM:<jane@corp.example>")) == 250
     await wire.cmd("QUIT")
 
+
+
+@pytest.mark.parametrize("declared,limit,sent", [
+    (100, None, 100 + SIZE_MARGIN),  # room for the Received field and the tags
+    (100, 100 + SIZE_MARGIN + 1, 100 + SIZE_MARGIN),
+    (100, 150, 150),  # the room never takes a message that fits over the upstream's limit
+    (200, 150, 200 + SIZE_MARGIN),  # over it anyway: the upstream's own 552 at MAIL
+])
+def test_upstream_size_leaves_room_for_what_smtpgate_adds(declared, limit, sent):
+    assert upstream_size(declared, limit) == sent
+
+
+async def test_size_declared_near_the_upstream_limit_is_not_turned_away(config_for, start_gate):
+    async with Sink(data_size_limit=1000) as small:
+        gate, port = await start_gate(config_for(f"smtp://127.0.0.1:{small.port}"))
+        wire = await session(port)
+        assert code(await wire.cmd(f"MAIL FROM:<jane@corp.example> SIZE=990")) == 250
+        assert upstream_saw(small, "MAIL") == ["MAIL FROM:<jane@corp.example> SIZE=1000"]
+        await wire.cmd("QUIT")
