@@ -22,15 +22,27 @@ serve: venv
 check-config: venv
 	$(BIN)/smtpgate check-config -c $(CONFIG)
 
-# Debian packages the integration tests use (Postfix as a real upstream;
-# Chromium and its driver for the admin pages' browser test). Installed only
-# when running as root and missing; otherwise those tests skip (and fail under CI).
+# Debian packages the integration tests use (Postfix as a real upstream and as a
+# client; swaks, msmtp and curl as mail clients, libsasl2-modules for Postfix's
+# AUTH PLAIN/LOGIN; Chromium and its driver for the admin pages' browser test).
+# Installed only when running as root and missing; otherwise those tests skip
+# (and fail under CI).
+CLIENT_PACKAGES := swaks msmtp curl
+
 system-deps:
 	@if [ "$$(id -u)" = 0 ] && ! command -v postfix >/dev/null 2>&1 && [ ! -x /usr/sbin/postfix ]; then \
 		echo "installing Debian package postfix"; \
 		apt-get update -qq; \
 		echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix >/dev/null; \
+	fi
+	@missing=""; \
+	for p in $(CLIENT_PACKAGES); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if command -v dpkg >/dev/null 2>&1 && ! dpkg -s libsasl2-modules >/dev/null 2>&1; then missing="$$missing libsasl2-modules"; fi; \
+	if [ "$$(id -u)" = 0 ] && [ -n "$$missing" ]; then \
+		echo "installing Debian packages$$missing"; \
+		apt-get update -qq; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 	@if [ "$$(id -u)" = 0 ] && { [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; }; then \
 		echo "installing Debian packages chromium chromium-driver"; \
