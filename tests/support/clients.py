@@ -147,10 +147,10 @@ def _smtplib(target: Submission, a: Attempt) -> Outcome:
     lines: list[str] = []
     try:
         if a.security == "implicit":
-            client = smtplib.SMTP_SSL("localhost", port, local_hostname="smtplib.test", context=context,
+            client = smtplib.SMTP_SSL("127.0.0.1", port, local_hostname="smtplib.test", context=context,
                                       timeout=CLIENT_TIMEOUT)
         else:
-            client = smtplib.SMTP("localhost", port, local_hostname="smtplib.test", timeout=CLIENT_TIMEOUT)
+            client = smtplib.SMTP("127.0.0.1", port, local_hostname="smtplib.test", timeout=CLIENT_TIMEOUT)
         with client:
             client.ehlo()
             if a.security == "starttls":
