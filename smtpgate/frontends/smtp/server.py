@@ -23,6 +23,7 @@ from smtpgate.config import Listener
 from smtpgate.frontends.registry import SessionRegistry
 from smtpgate.frontends.smtp.aiosmtpd_glue import AIOSMTPD_REPLIES, DATA_REFUSALS, GlueSMTP
 from smtpgate.frontends.smtp.auth import PasswordMechanisms
+from smtpgate.frontends.smtp.peercert import PeerCertificate, peer_certificate
 from smtpgate.frontends.smtp.relay import MAIL_PARAMS, RCPT_PARAMS, ClientInfo, RelayContext, Transaction
 from smtpgate.frontends.smtp.tls import server_context
 from smtpgate.log import get_logger
@@ -60,6 +61,7 @@ class GateSMTP(GlueSMTP):
         self.admitted: str | None = None  # the address counted against max_connections_per_client
         self.user_upstream = None  # auth_backend: upstream: the client's own upstream login
         self.bad_commands = 0
+        self.peer_cert: PeerCertificate | None = None  # the verified client certificate (tls_client_ca)
         super().__init__(handler, **kwargs)
 
     # -------------------------------------------------------- connection life
@@ -67,12 +69,31 @@ class GateSMTP(GlueSMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self.transport is None
         super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")  # implicit TLS, or STARTTLS done
+        if ssl_object is not None:
+            self.peer_cert = peer_certificate(ssl_object)
         if first:
             self.registry.add(self)
             self.counted = True
             peer = transport.get_extra_info("peername") or ("?", 0)
             self.log = self.log.bind(client_ip=str(peer[0]))
-            self.log.info("session.opened", peer=str(peer[0]), port=peer[1] if len(peer) > 1 else None)
+            self.log.info("session.opened", peer=str(peer[0]), port=peer[1] if len(peer) > 1 else None,
+                          **self._cert_fields())
+        if ssl_object is not None:
+            cipher = ssl_object.cipher()
+            self.log.info("session.tls", tls_version=ssl_object.version(), cipher=cipher[0] if cipher else None,
+                          client_cert=self.peer_cert.subject if self.peer_cert else None,
+                          client_cert_issuer=self.peer_cert.issuer if self.peer_cert else None,
+                          client_cert_admitted=self.cert_admitted if self.peer_cert else None)
+
+    def _cert_fields(self) -> dict:
+        cert = self.peer_cert
+        return {} if cert is None else {"client_cert": cert.subject, "client_cert_issuer": cert.issuer}
+
+    @property
+    def cert_admitted(self) -> bool:
+        """The verified client certificate names a peer that may relay (relay_client_cert_names)."""
+        return self.peer_cert is not None and self.peer_cert.admitted_by(self.listener.relay_client_cert_names)
 
     def connection_lost(self, error: Exception | None) -> None:
         super().connection_lost(error)
@@ -190,6 +211,8 @@ class GateSMTP(GlueSMTP):
             listener=self.listener.name,
             esmtp=bool(self.session.extended_smtp),
             tls_cipher=self.tls_cipher,
+            client_cert=self.peer_cert.subject if self.peer_cert else None,
+            client_cert_issuer=self.peer_cert.issuer if self.peer_cert else None,
         )
 
     @property
@@ -243,9 +266,12 @@ class GateSMTP(GlueSMTP):
             await self.push("503 5.5.1 Error: nested MAIL command")
             return
         inbound = self.listener.direction == "inbound"  # accepts anyone, for internal domains only
-        if not (inbound or self.session.authenticated or self.listener.relays_for(self.client_ip)):
+        if not (inbound or self.session.authenticated or self.listener.relays_for(self.client_ip)
+                or self.cert_admitted):
             # No open relay: strangers must authenticate first.
-            self.log.info("message.rejected", code=530, reason="not authenticated, not in relay_networks",
+            reason = "not authenticated, not in relay_networks" + (
+                ", client certificate not in relay_client_cert_names" if self.peer_cert else "")
+            self.log.info("message.rejected", code=530, reason=reason,
                           stage="mail", **self.client_info().log_fields())
             await self.push(replies.AUTH_REQUIRED.line())
             return
@@ -454,7 +480,7 @@ def tls_context(listener: Listener) -> ssl.SSLContext | None:
     """The listener's server context: Mozilla "intermediate" unless tls_ciphers says otherwise."""
     if listener.tls == "none" or listener.tls_cert is None or listener.tls_key is None:
         return None
-    return server_context(listener.tls_cert, listener.tls_key, listener.tls_ciphers)
+    return server_context(listener.tls_cert, listener.tls_key, listener.tls_ciphers, listener.tls_client_ca)
 
 
 def make_factory(listener: Listener, settings: Callable[[], SmtpSettings], registry: SessionRegistry,
