@@ -66,6 +66,8 @@ class PostfixInstance:
     - recipient_delimiter: "+" turns plus addressing on; "" turns it off.
     - milter: (host, port) of an smtpd milter; a dead milter defers mail.
     - main_cf: more main.cf settings, applied last.
+    - master_cf: more master.cf services (lines as master.cf takes them), e.g. the
+      reinjection smtpd of an after-queue content filter.
 
     Entering starts Postfix and returns once the port accepts connections;
     leaving stops it and takes its folder out of the default main.cf. An
@@ -82,6 +84,7 @@ class PostfixInstance:
         recipient_delimiter: str = "+",
         milter: tuple[str, int] | None = None,
         main_cf: Mapping[str, str] | None = None,
+        master_cf: str = "",
         start_timeout: float = 30,
     ) -> None:
         if mailboxes is None:
@@ -91,6 +94,7 @@ class PostfixInstance:
         self.recipient_delimiter = recipient_delimiter
         self.milter = milter
         self.extra = dict(main_cf or {})
+        self.extra_services = master_cf
         self.start_timeout = start_timeout
         self.host = "127.0.0.1"
         self.port = 0
@@ -266,7 +270,7 @@ class PostfixInstance:
             self.config_dir / "main.cf",
             "".join(f"{key} = {value}\n" for key, value in settings.items()),
         )
-        _write(self.config_dir / "master.cf", _master_cf(self.host, self.port))
+        _write(self.config_dir / "master.cf", _master_cf(self.host, self.port) + self.extra_services)
 
     def _postfix(self, command: str) -> None:
         done = subprocess.run(
