@@ -186,6 +186,8 @@ def _serve(args) -> int:
 
 def _check_config(args, config: Config) -> int:
     print(config.show() if args.show else config.summary(), end="" if args.show else "\n")
+    for warning in config.warnings:  # not errors: the file is usable as it stands
+        print(warning, file=sys.stderr)
     return 0
 
 
@@ -230,7 +232,8 @@ def _explain(args, config: Config) -> int:
         else:
             links = LinkService(store, Directory(config.core), hostname=config.hostname)
             try:
-                report = await explain_message(raw, links, mail_from=args.mail_from, rcpts=args.rcpt)
+                report = await explain_message(raw, links, mail_from=args.mail_from, rcpts=args.rcpt,
+                                               stamp=config.stamp.stamper)
             except MalformedMessage as exc:
                 return _fail(f"explain: {args.file}: {exc}", 2)
             except LinkUnavailable as exc:

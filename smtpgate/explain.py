@@ -16,6 +16,8 @@ from smtpgate.linking.plan import Directory, RecipientClass, header_addresses, t
 from smtpgate.linking.service import LinkService
 from smtpgate.mail.addresses import Address, AddressError, parse_path
 from smtpgate.mail.headers import HeaderBlock, decode_text, parse_header_block
+from smtpgate.mail.msgid import message_id_of
+from smtpgate.mail.stamp import Stamper
 from smtpgate.store import Store
 
 __all__ = ["MalformedMessage", "explain_message", "explain_recorded", "read_message", "render_text"]
@@ -57,16 +59,45 @@ def default_envelope(headers: HeaderBlock, mail_from: str | None, rcpts: list[st
 
 
 async def explain_message(raw: bytes, links: LinkService, *, mail_from: str | None = None,
-                          rcpts: list[str] | None = None) -> dict:
-    """The explanation of one message as a JSON-ready dict (shape: README "smtpgate explain")."""
+                          rcpts: list[str] | None = None, stamp: Stamper | None = None) -> dict:
+    """The explanation of one message as a JSON-ready dict (shape: README "smtpgate explain").
+
+    With ``stamp`` (stamp.secret_file set) the report says what the message's stamp is; a
+    valid one exempts the message from the decision, and the report stops there."""
     headers = parse_header_block(raw)
     envelope = default_envelope(headers, mail_from, rcpts or [])
+    stamped = _stamp(headers, stamp)
+    if stamped is not None and stamped["status"] == "valid":
+        return {"message_id": message_id_of(headers.get("Message-ID")), "envelope": _envelope(envelope),
+                "stamp": stamped, "exempt": True}
+    report = await _explain_decision(raw, headers, envelope, links)
+    if stamped is not None:
+        report["stamp"] = stamped
+    return report
+
+
+def _stamp(headers: HeaderBlock, stamp: Stamper | None) -> dict | None:
+    if stamp is None:
+        return None
+    check = stamp.check(headers)
+    detail = {"none": f"no {stamp.header} field: the message is decided",
+              "valid": f"{stamp.header} verifies: smtpgate processed this message before; it is relayed "
+                       "untouched, without a link decision",
+              "invalid": f"{stamp.header} does not count ({check.reason}): it is removed and the message decided"}
+    return {"header": stamp.header, "status": check.status, "detail": detail[check.status]}
+
+
+def _envelope(envelope: Envelope) -> dict:
+    return {"mail_from": str(envelope.mail_from) if envelope.mail_from else "",
+            "recipients": [str(a) for a in envelope.addresses]}
+
+
+async def _explain_decision(raw: bytes, headers: HeaderBlock, envelope: Envelope, links: LinkService) -> dict:
     decision = await links.decide(envelope, headers, observe=True)
     facts = _Facts(links.directory, headers, envelope, decision)
     return {
         "message_id": decision.message_id,
-        "envelope": {"mail_from": str(envelope.mail_from) if envelope.mail_from else "",
-                     "recipients": [str(a) for a in envelope.addresses]},
+        "envelope": _envelope(envelope),
         "source": {
             "reference": decision.source_reference,
             "found_in": decision.source_found_in,
@@ -223,6 +254,10 @@ def render_text(report: dict) -> str:
         return "\n".join(lines) + "\n"
     env = report["envelope"]
     lines.append(f"message {report['message_id']} from {env['mail_from'] or '<>'}")
+    if "stamp" in report:
+        lines.append(f"stamp: {report['stamp']['status']}: {report['stamp']['detail']}")
+    if report.get("exempt"):
+        return "\n".join(lines) + "\n"
     src = report["source"]
     lines.append("source activity: " + (f"{src['reference']} (found in {src['found_in']})"
                                         if src["reference"] else "none: the message would be relayed untouched"))

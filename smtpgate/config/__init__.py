@@ -16,13 +16,13 @@ from pathlib import Path
 from smtpgate.config.fields import join_hostport, parse_hostport
 from smtpgate.config.schema import (
     Admin, AdminToken, Allocator, Config, Inbound, Limits, Listener, Logging, Mailbox, OAuth2, References,
-    Store, Upstream, UpstreamTimeouts,
+    Stamp, Store, Upstream, UpstreamTimeouts,
 )
 from smtpgate.config.source import ConfigError, load_config
 
 __all__ = [
     "DEFAULT_CONFIG", "Admin", "AdminToken", "Allocator", "Config", "ConfigError", "Inbound", "Limits",
-    "Listener", "Logging", "Mailbox", "OAuth2", "References", "Store", "Upstream", "UpstreamTimeouts",
+    "Listener", "Logging", "Mailbox", "OAuth2", "References", "Stamp", "Store", "Upstream", "UpstreamTimeouts",
     "config_path", "join_hostport", "load_config", "parse_hostport",
 ]
 

@@ -28,6 +28,23 @@ _PRIVATE_NETWORKS = tuple(
 )
 
 
+# Names of the certificates Microsoft's clouds present on outbound connectors: shared by every
+# tenant, so only required_headers tells this organisation's mail from another's.
+_MICROSOFT_CERT_DOMAINS = ("outlook.com", "outlook.cn", "office365.us", "outlook.de")
+
+# The stamp field is removed when it does not verify: never one of the fields the decision reads.
+FIELDS_SMTPGATE_READS = frozenset({
+    "to", "cc", "bcc", "from", "reply-to", "sender", "subject", "message-id", "in-reply-to", "references",
+    "received", "date", "auto-submitted", "precedence", "dkim-signature", "x-ms-exchange-crosstenant-id",
+})
+
+
+def is_microsoft_cert_name(name: str) -> bool:
+    """name (a relay_client_cert_names entry) is one of Microsoft 365's shared certificates."""
+    bare = name.removeprefix("*.")
+    return any(bare == d or bare.endswith("." + d) for d in _MICROSOFT_CERT_DOMAINS)
+
+
 def readable(path: Path) -> Path:
     """path, when it can be opened for reading; else ValueError naming it and why."""
     try:

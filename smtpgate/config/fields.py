@@ -28,7 +28,7 @@ __all__ = [
     "Choice", "CipherString", "Count", "Domain", "HostPort", "HttpUrl", "Mode", "Network",
     "PositiveCount", "PositiveSeconds", "ReadableFile", "Resolver", "Seconds",
     "Separator", "StoreUrl", "Template", "Text", "UpstreamTarget", "UpstreamUrl", "UsersFile",
-    "Pattern", "join_hostport", "parse_hostport", "upstream_target",
+    "Pattern", "join_hostport", "parse_hostport", "upstream_target", "CertName", "HeaderName",
 ]
 
 
@@ -139,7 +139,29 @@ def _resolver(text: str) -> str:
     return join_hostport(str(address), port)
 
 
+# --- connector mode: client certificate names, header field names (docs/connectors.md)
+
+_CERT_NAME = re.compile(r"(\*\.)?[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*")
+_FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]{1,76}")  # RFC 5322 ftext
+
+
+def _cert_name(text: str) -> str:
+    """A DNS name a client certificate may carry, lower case; "*." first stands for one label."""
+    name = text.strip().lower().rstrip(".")
+    if len(name) > 253 or not _CERT_NAME.fullmatch(name):
+        raise ValueError(f'expected a DNS name ("*." may stand for its first label), got "{text}"')
+    return name
+
+
+def _header_name(text: str) -> str:
+    if not _FIELD_NAME.fullmatch(text):
+        raise ValueError(f'not a header field name: "{text}"')
+    return text
+
+
 Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, _converter(_network)]
+CertName = Annotated[str, _converter(_cert_name)]
+HeaderName = Annotated[str, _converter(_header_name)]
 Domain = Annotated[str, _converter(_domain)]
 Separator = Annotated[str, _converter(_separator)]
 HostPort = Annotated[str, _converter(_hostport)]

@@ -20,13 +20,14 @@ from pydantic_core import PydanticCustomError
 
 from smtpgate.config import checks
 from smtpgate.config.fields import (
-    CipherString, Count, Domain, HostPort, HttpUrl, Mode, Network, Pattern, PositiveCount,
+    CertName, CipherString, Count, Domain, HeaderName, HostPort, HttpUrl, Mode, Network, Pattern, PositiveCount,
     PositiveSeconds, ReadableFile, Resolver, Seconds, Separator, StoreUrl, Template, Text, UpstreamTarget,
     UpstreamUrl, UsersFile, parse_hostport, upstream_target,
 )
 from smtpgate.linking.plan import CoreSettings, MailboxInfo
 from smtpgate.linking.references import DEFAULT_PATTERN
 from smtpgate.mail.addresses import AddressError, parse_mailbox
+from smtpgate.mail.stamp import DEFAULT_HEADER, MIN_SECRET_OCTETS, Stamper
 from smtpgate.redact import REDACTED, is_secret_key, redact_url
 
 
@@ -66,6 +67,10 @@ class Listener(Section):
     direction: Literal["outbound", "inbound"] = "outbound"
     mode: Mode | None = None  # None: the top-level mode, filled in by Config
     tls_ciphers: CipherString = ""  # OpenSSL cipher string for TLS 1.2; empty: Mozilla "intermediate"
+    # connector mode (docs/connectors.md): peers admitted by client certificate, the tenant guard
+    tls_client_ca: ReadableFile | None = None  # PEM bundle: ask for a client certificate, verify against it
+    relay_client_cert_names: tuple[CertName, ...] = ()  # a verified certificate of such a name may relay
+    required_headers: dict[HeaderName, tuple[Text, ...]] = {}  # field -> accepted values; else 550 5.7.1
 
     @field_validator("address")
     @classmethod
@@ -87,8 +92,42 @@ class Listener(Section):
         if not self.allow_public_relay_networks:
             problems += [Problem(("relay_networks", i), checks.public_network_problem(net))
                          for i, net in enumerate(self.relay_networks) if not checks.is_private(net)]
-        refuse(problems)
+        refuse(problems + self._connector_problems())
         return self
+
+    def _connector_problems(self) -> list[Problem]:
+        """tls_client_ca, relay_client_cert_names and required_headers fit together."""
+        found = []
+        if self.tls_client_ca is not None:
+            problem = checks.pem_certificate_problem(self.tls_client_ca)
+            if problem is not None:
+                found.append(Problem(("tls_client_ca",), problem))
+        found += [Problem(("required_headers", name), "give at least one accepted value")
+                  for name, values in self.required_headers.items() if not any(v.strip() for v in values)]
+        names = [name.lower() for name in self.required_headers]
+        found += [Problem(("required_headers", n), "duplicate field name") for n in sorted(set(names))
+                  if names.count(n) > 1]
+        if self.kind == "milter":
+            return found + [Problem((key,), "a milter listener has no TLS of its own: set it on the Postfix "
+                                    "smtpd in front") for key in ("tls_client_ca", "relay_client_cert_names")
+                            if key in self.model_fields_set]
+        if self.tls_client_ca is not None and self.tls == "none":
+            found.append(Problem(("tls_client_ca",), "needs tls: starttls or implicit (a client certificate "
+                                 "is asked for in the TLS handshake)"))
+        if self.relay_client_cert_names and self.tls_client_ca is None:
+            found.append(Problem(("relay_client_cert_names",), "needs tls_client_ca: only a certificate "
+                                 "verified against those CAs may relay"))
+        elif self.relay_client_cert_names and self.tls == "none":
+            found.append(Problem(("relay_client_cert_names",), "needs tls: starttls or implicit"))
+        return found
+
+    def connector_warning(self) -> str | None:
+        """A Microsoft 365 certificate name without required_headers: every tenant has that certificate."""
+        microsoft = [n for n in self.relay_client_cert_names if checks.is_microsoft_cert_name(n)]
+        if not microsoft or self.required_headers:
+            return None
+        return (f"{microsoft[0]} is the certificate of every Microsoft 365 tenant: without required_headers "
+                "(X-MS-Exchange-CrossTenant-Id: [your tenant ID]) any tenant's connector may relay here")
 
     def _tls_files(self) -> list[Problem]:
         """tls_cert must hold PEM certificates and tls_key the matching unencrypted PEM key."""
@@ -374,6 +413,34 @@ class Admin(Section):
     tokens: tuple[AdminToken, ...] = ()
 
 
+class Stamp(Section):
+    """The processing stamp (docs/connectors.md): no stamp without secret_file."""
+
+    header: HeaderName = DEFAULT_HEADER
+    secret_file: ReadableFile | None = None  # shared by every node
+    _secret: bytes = PrivateAttr(default=b"")
+
+    @model_validator(mode="after")
+    def _rules(self) -> Stamp:
+        problems = []
+        if self.header.lower() in checks.FIELDS_SMTPGATE_READS:
+            problems.append(Problem(("header",), f"{self.header} is a field smtpgate reads or rewrites; "
+                                    f"give a field of its own (default {DEFAULT_HEADER})"))
+        if self.secret_file is not None:
+            self._secret = self.secret_file.read_bytes().strip()
+            if len(self._secret) < MIN_SECRET_OCTETS:
+                problems.append(Problem(("secret_file",), f"{self.secret_file} holds {len(self._secret)} octets; "
+                                        f"a stamp secret needs at least {MIN_SECRET_OCTETS} (e.g. head -c 32 "
+                                        f"/dev/urandom | base64 > {self.secret_file})"))
+        refuse(problems)
+        return self
+
+    @property
+    def stamper(self) -> Stamper | None:
+        """The stamp made and checked with the secret read at load; None without secret_file."""
+        return None if self.secret_file is None else Stamper(header=self.header, secret=self._secret)
+
+
 # ---------------------------------------------------------------- the file
 
 
@@ -400,6 +467,7 @@ class Config(Section):
     limits: Limits = Field(default_factory=Limits)
     logging: Logging = Field(default_factory=Logging)
     admin: Admin = Field(default_factory=Admin)
+    stamp: Stamp = Field(default_factory=Stamp)
     _path: Path = PrivateAttr(default=Path("smtpgate.yaml"))
 
     @field_validator("listeners")
@@ -462,6 +530,12 @@ class Config(Section):
             subject=self.references.subject,
             mailboxes=tuple(MailboxInfo(m.address, m.team, m.new_links, m.new_reference) for m in self.mailboxes),
         )
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """What check-config prints as warnings (the file is usable as it stands); serve logs them."""
+        return tuple(f"{self.path.name}: listeners[{i}].relay_client_cert_names: warning: {warning}"
+                     for i, lst in enumerate(self.listeners) if (warning := lst.connector_warning()))
 
     def teams(self) -> dict[str, str]:
         """Mailbox canonical address -> team name."""

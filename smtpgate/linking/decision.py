@@ -37,11 +37,16 @@ class ClientInfo:
     listener: str = ""
     esmtp: bool = True  # EHLO, not HELO
     tls_cipher: str | None = None  # "TLSv1.3 TLS_AES_256_GCM_SHA384" when TLS is on
+    client_cert: str | None = None  # the verified client certificate's subject (RFC 4514)
+    client_cert_issuer: str | None = None
 
     def log_fields(self) -> dict:
         """Who sent it, from where, how: the fields message.relayed/rejected carry (README "Logs")."""
-        return {"client_ip": self.ip, "helo": self.helo, "sasl_username": self.authenticated_as,
-                "tls": self.tls_cipher}
+        fields = {"client_ip": self.ip, "helo": self.helo, "sasl_username": self.authenticated_as,
+                  "tls": self.tls_cipher}
+        if self.client_cert is not None:
+            fields |= {"client_cert": self.client_cert, "client_cert_issuer": self.client_cert_issuer}
+        return fields
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,9 @@ RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
 # RFC 3463 5.7.1 (delivery not authorized): the authenticated user's sender list
 # (users_file) does not name the envelope sender or the From: address.
 SENDER_NOT_ALLOWED = Reply(550, "5.7.1", "Sender address not allowed for this login")
+# RFC 3463 5.7.1 (delivery not authorized): the message lacks a listener's required_headers
+# value (a connector peer's tenant ID): not this organisation's mail.
+NOT_ACCEPTED_SENDER_ORGANISATION = Reply(550, "5.7.1", "Message not accepted from this organisation")
 # RFC 5321 4.5.3.1.10 and 3.3: too many recipients is temporary for the client.
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 # RFC 3463 4.4.1: no answer from host.

@@ -40,13 +40,14 @@ class HeaderEdit:
 
     ``index`` counts the fields called ``name`` (case-insensitive) from 1, in
     order; ``old`` and ``new`` are the raw bytes after the colon, folding and
-    the final line end included.
+    the final line end included. ``new`` None removes the whole field (a milter sends
+    CHGHEADER with an empty value, which deletes it).
     """
 
     name: str
     index: int
     old: bytes
-    new: bytes
+    new: bytes | None
 
 
 def header_edits(block: HeaderBlock, mapping: Mapping[str, str]) -> tuple[HeaderEdit, ...]:
@@ -93,7 +94,7 @@ def apply_edits(raw: bytes, block: HeaderBlock, edits: Sequence[HeaderEdit]) -> 
     whose value is not ``old``.
     """
     head, rest = split_edits(raw, block, edits)
-    return head + raw[rest:] if head else raw
+    return head + raw[rest:] if rest else raw
 
 
 def split_edits(raw: bytes, block: HeaderBlock, edits: Sequence[HeaderEdit]) -> tuple[bytes, int]:
@@ -115,7 +116,10 @@ def split_edits(raw: bytes, block: HeaderBlock, edits: Sequence[HeaderEdit]) -> 
             continue
         if field.raw_value != edit.old:
             raise ValueError(f"header edit for {edit.name} #{edit.index} does not match the message")
-        pieces += [raw[done : field.value_start], edit.new]
+        if edit.new is None:
+            pieces.append(raw[done : field.start])
+        else:
+            pieces += [raw[done : field.value_start], edit.new]
         done = field.end
     if wanted:
         name, index = next(iter(wanted))

@@ -87,7 +87,8 @@ class Snapshot:
         if settings is None:
             relay = RelayContext(pool=self.pool, links=self.links, limits=self.config.limits,
                                  hostname=self.config.hostname, mode=listener.mode or self.config.mode,
-                                 direction=listener.direction, unknown_tags=self.config.inbound.unknown_tags)
+                                 direction=listener.direction, unknown_tags=self.config.inbound.unknown_tags,
+                                 stamp=self.config.stamp.stamper, required_headers=dict(listener.required_headers))
             by_upstream = self.config.auth_backend == "upstream"  # the upstream's own send-as rules apply
             settings = SmtpSettings(relay=relay, max_connections=self.config.limits.max_connections,
                                     authenticator=(upstream_authenticator(self.pool) if by_upstream
@@ -129,6 +130,8 @@ class Gate:
         admin: False when another process runs the store's background pruning
         or serves the admin listener.
         """
+        for warning in self.config.warnings:
+            log.warning("config.warning", problem=warning)
         if self.store is None:
             self.store = await open_configured_store(self.config)
         self.snapshot = Snapshot.build(self.config, self.store)

@@ -1,7 +1,9 @@
 """A throw-away certificate authority for tests of TLS client certificates (openssl CLI).
 
 `TestCA(folder)` makes a CA; `server()` and `client(name)` issue leaf
-certificates signed by it, each returned as (certfile, keyfile) PEM paths.
+certificates signed by it, each returned as (certfile, keyfile) PEM paths;
+`client_dated(name, not_before, not_after)` one whose validity lies elsewhere
+in time (expired, not yet valid).
 Two CAs made this way do not trust each other, so a second one stands for a
 certificate from the wrong authority.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import secrets
 import shutil
 import subprocess
+from datetime import datetime
 from pathlib import Path
 
 __all__ = ["TestCA"]
@@ -40,6 +43,38 @@ class TestCA:
     def client(self, name: str) -> tuple[str, str]:
         """A client certificate whose subject CN and DNS SAN are name."""
         return self._issue(name, f"subjectAltName=DNS:{name}\nextendedKeyUsage=clientAuth\n")
+
+    def client_dated(self, name: str, not_before: datetime, not_after: datetime) -> tuple[str, str]:
+        """A client certificate for name valid from not_before to not_after (cryptography;
+        `openssl x509 -req` cannot date a certificate in the past)."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+        ca_key = serialization.load_pem_private_key(self.key.read_bytes(), password=None)
+        ca_cert = x509.load_pem_x509_certificate(self.cert.read_bytes())
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(secrets.randbits(62) + 1)
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        stem = f"{name.replace('*', '_')}-from-{not_before:%Y%m%d%H%M%S}"
+        certfile, keyfile = self.folder / f"{stem}.pem", self.folder / f"{stem}.key"
+        certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        keyfile.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption()))
+        keyfile.chmod(0o600)
+        return str(certfile), str(keyfile)
 
     def _issue(self, name: str, extensions: str) -> tuple[str, str]:
         stem = self.folder / name.replace("*", "_")

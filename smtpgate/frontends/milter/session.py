@@ -23,8 +23,11 @@ from smtpgate.linking.decision import ClientInfo, Envelope, EnvelopeRecipient, L
 from smtpgate.linking.service import LinkService, LinkUnavailable
 from smtpgate.mail import replies
 from smtpgate.mail.addresses import Address, AddressError, envelope_key, parse_path
-from smtpgate.mail.headers import parse_header_block
+from smtpgate.mail.headers import HeaderBlock, parse_header_block
+from smtpgate.mail.msgid import message_id_of
 from smtpgate.mail.params import xtext
+from smtpgate.mail.required_headers import required_header_problem
+from smtpgate.mail.stamp import StampCheck, Stamper
 
 # What smtpgate asks of the MTA (docs/milter.md, "Negotiation"): recipients and
 # header fields changed, a missing Message-ID added, its own macro lists.
@@ -80,12 +83,15 @@ class MilterSettings:
     mode: str = "enforce"  # enforce | observe
     direction: str = "outbound"  # outbound | inbound (restore the tags a reply dropped)
     unknown_tags: str = "pass"  # inbound: pass | strip
+    stamp: Stamper | None = None  # stamp.secret_file set: stamp every message, pass stamped ones
+    required_headers: dict[str, tuple[str, ...]] = field(default_factory=dict)  # the tenant guard
 
     @classmethod
     def for_listener(cls, links: LinkService, config: Config, listener: Listener) -> MilterSettings:
         return cls(links=links, limits=config.limits, listener=listener.name,
                    mode=listener.mode or config.mode, direction=listener.direction,
-                   unknown_tags=config.inbound.unknown_tags)
+                   unknown_tags=config.inbound.unknown_tags, stamp=config.stamp.stamper,
+                   required_headers=dict(listener.required_headers))
 
     @property
     def inbound(self) -> bool:
@@ -265,6 +271,12 @@ class MilterSession:
         hops = len(headers.get_all("Received"))
         if hops > limits.max_hops:
             return [self._refuse(replies.TOO_MANY_HOPS, f"{hops} Received fields", fields)]
+        problem = required_header_problem(headers, self.settings.required_headers)
+        if problem is not None:
+            return [self._refuse(replies.NOT_ACCEPTED_SENDER_ORGANISATION, f"required_headers: {problem}", fields)]
+        stamp = self._stamp_check(headers)
+        if stamp.valid:
+            return self._pass_stamped(message, headers, fields)
         envelope = self._envelope(message, client)
         observe = self.settings.mode == "observe"
         links = self.settings.links
@@ -284,7 +296,7 @@ class MilterSession:
             _log_observed(self.log, decision, fields)
         if observe:
             decision = decision.without_changes()
-        packets, relayed = self._apply(message, decision)
+        packets, relayed = self._apply(message, decision, stamp)
         await self.settings.links.record(decision, [a for a in relayed if isinstance(a, Address)], log=self.log)
         self.log.info(
             "message.relayed",
@@ -299,6 +311,31 @@ class MilterSession:
             duration_ms=round((time.monotonic() - message.started) * 1000, 1),
         )
         return [*packets, codec.ACCEPT]
+
+    def _stamp_check(self, headers: HeaderBlock) -> StampCheck:
+        stamper = self.settings.stamp
+        if stamper is None:
+            return StampCheck("none")
+        check = stamper.check(headers)
+        if check.status == "invalid":
+            self.log.warning("stamp.invalid", reason=check.reason, header=stamper.header,
+                             message_id=message_id_of(headers.get("Message-ID")), action="removed")
+        return check
+
+    def _pass_stamped(self, message: _Message, headers: HeaderBlock, fields: dict) -> list[bytes]:
+        """A valid stamp: accepted unchanged, no decision, no record."""
+        message_id = message_id_of(headers.get("Message-ID"))
+        self.log.info("message.already_processed", message_id=message_id, **fields,
+                      header=self.settings.stamp.header if self.settings.stamp else None, mode=self.settings.mode)
+        if self.settings.mode == "observe":
+            self.log.info("message.observed", message_id=message_id, **fields,
+                          exempt="valid stamp: relayed untouched, no link decision")
+        self.log.info("message.relayed", message_id=message_id, **fields, already_processed=True,
+                      recipients=[{"original": _shown(r.address or r.spelled), "relayed": _shown(r.address or r.spelled)}
+                                  for r in message.recipients],
+                      source_reference=None, source_found_in=None, links_created=[], links_reused=[],
+                      duration_ms=round((time.monotonic() - message.started) * 1000, 1))
+        return [codec.ACCEPT]
 
     def _refuse(self, reply: replies.Reply, reason: str, fields: dict) -> bytes:
         self.log.info("message.rejected", code=reply.code, reason=reason, **fields)
@@ -331,7 +368,8 @@ class MilterSession:
             direction=self.settings.direction,
         )
 
-    def _apply(self, message: _Message, decision: LinkDecision) -> tuple[list[bytes], list]:
+    def _apply(self, message: _Message, decision: LinkDecision,
+               stamp: StampCheck | None = None) -> tuple[list[bytes], list]:
         """The modification requests for ``decision`` and what each recipient became.
 
         Returns (packets, per recipient: the Address relayed, None when it merged into
@@ -357,9 +395,14 @@ class MilterSession:
             relayed.append(target)
             params = self._params(rcpt) if self.actions & codec.SMFIF_ADDRCPT_PAR else None
             adds.append(codec.encode_add_recipient(f"<{target}>", params))
-        edits = [self._change_header(e.name, e.index, e.new) for e in decision.header_edits]
+        removals = stamp.removals if stamp is not None else ()
+        # A removal is CHGHEADER with an empty value, which deletes the field.
+        edits = [self._change_header(e.name, e.index, e.new or b"") for e in (*decision.header_edits, *removals)]
         if decision.message_id_added and self.actions & codec.SMFIF_ADDHDRS:
             edits.append(codec.encode_add_header("Message-ID", self._value(f" {decision.message_id}".encode())))
+        stamper = self.settings.stamp
+        if stamper is not None and self.actions & codec.SMFIF_ADDHDRS:
+            edits.append(codec.encode_add_header(stamper.header, self._value(stamper.value(decision.message_id))))
         return [*deletes, *adds, *edits], relayed
 
     @staticmethod

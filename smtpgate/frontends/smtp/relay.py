@@ -11,6 +11,7 @@ recipients before the data is sent.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import time
 from dataclasses import dataclass, field
@@ -23,8 +24,11 @@ from smtpgate.mail import replies
 from smtpgate.mail.addresses import Address, envelope_key
 from smtpgate.mail.dataguard import OFF_LOOP_OCTETS, scan_data
 from smtpgate.mail.headers import HeaderBlock, parse_header_block
+from smtpgate.mail.msgid import message_id_of
 from smtpgate.mail.params import Param, upstream_size, xtext
 from smtpgate.mail.replies import SMTPReply
+from smtpgate.mail.required_headers import required_header_problem
+from smtpgate.mail.stamp import StampCheck, Stamper
 from smtpgate.upstream.client import UpstreamAuthError, UpstreamError, UpstreamPool, UpstreamSession, Verdict
 
 __all__ = ["MAIL_PARAMS", "RCPT_PARAMS", "ClientInfo", "RelayContext", "Transaction"]
@@ -48,6 +52,8 @@ class RelayContext:
     mode: str = "enforce"  # enforce | observe
     direction: str = "outbound"  # outbound | inbound (restore dropped tags, never relay out)
     unknown_tags: str = "pass"  # inbound: pass | strip
+    stamp: Stamper | None = None  # stamp.secret_file set: stamp every message, pass stamped ones
+    required_headers: dict[str, tuple[str, ...]] = field(default_factory=dict)  # the tenant guard
 
 
 @dataclass
@@ -218,6 +224,9 @@ class Transaction:
         if self.broken or self.upstream is None:
             raise SMTPReply(replies.UPSTREAM_LOST, self.broken or "no upstream transaction")
         headers = await asyncio.to_thread(self._check, raw) if len(raw) > OFF_LOOP_OCTETS else self._check(raw)
+        stamp = self._stamp_check(headers)
+        if stamp.valid:
+            return await self._pass_stamped(headers, raw)
         decision = await self._timed("store_ms", self._decide(headers))
         observe = self.ctx.mode == "observe"
         if decision.inbound is not None:
@@ -230,9 +239,16 @@ class Transaction:
                 if rcpt.tag_refused:
                     decision = decision.without_tag(rcpt.address)
             applied = await self._replay(decision)
+        if stamp.removals:  # a stamp that does not verify leaves; this message gets its own
+            applied = dataclasses.replace(applied, header_edits=applied.header_edits + stamp.removals)
         # The trace fields and the edited header block, then the rest of raw as received.
         head, rest = applied.split(raw)
-        head = self._trace_fields(applied) + head
+        head = self._trace_fields(applied) + self._stamp_field(applied.message_id) + head
+        return await self._deliver(applied, head, raw, rest)
+
+    async def _deliver(self, applied: LinkDecision, head: bytes, raw: bytes, rest: int,
+                       *, record: bool = True) -> str:
+        """DATA upstream (head + raw[rest:]), then the record and message.relayed on its 250."""
         size = len(head) + len(raw) - rest
         verdict = await self._timed("upstream_ms", self._send(head, raw, rest))
         if not verdict.ok:
@@ -244,11 +260,42 @@ class Transaction:
             return _client_line(verdict)
         upstream_label = self.upstream.label if self.upstream else None
         await self.release(reusable=True)
-        # Queued, not awaited: the client's 250 does not wait for the record's commit
-        # (docs/architecture.md, durability); a drain writes what is queued.
-        self.ctx.links.record_soon(applied, [r.relayed for r in self.recipients], log=self.log)
-        self._log_relayed(applied, size, upstream_label, verdict)
+        if record:
+            # Queued, not awaited: the client's 250 does not wait for the record's commit
+            # (docs/architecture.md, durability); a drain writes what is queued.
+            self.ctx.links.record_soon(applied, [r.relayed for r in self.recipients], log=self.log)
+        self._log_relayed(applied, size, upstream_label, verdict, **({} if record else {"already_processed": True}))
         return _client_line(verdict)
+
+    def _stamp_check(self, headers: HeaderBlock) -> StampCheck:
+        """The tenant guard first (before any link is looked up), then the message's stamp."""
+        problem = required_header_problem(headers, self.ctx.required_headers) if self.ctx.required_headers \
+            else None
+        if problem is not None:
+            raise SMTPReply(replies.NOT_ACCEPTED_SENDER_ORGANISATION, f"required_headers: {problem}")
+        if self.ctx.stamp is None:
+            return StampCheck("none")
+        check = self.ctx.stamp.check(headers)
+        if check.status == "invalid":
+            self.log.warning("stamp.invalid", reason=check.reason, header=self.ctx.stamp.header,
+                             message_id=message_id_of(headers.get("Message-ID")), action="removed")
+        return check
+
+    def _stamp_field(self, message_id: str) -> bytes:
+        return b"" if self.ctx.stamp is None else self.ctx.stamp.field(message_id)
+
+    async def _pass_stamped(self, headers: HeaderBlock, raw: bytes) -> str:
+        """A valid stamp: relayed exactly as received (its Received field added), no decision,
+        no rewrite, no record; recipients tagged at RCPT time go back to what the client gave."""
+        message_id = message_id_of(headers.get("Message-ID"))
+        assert message_id is not None  # a valid stamp binds one
+        self.log.info("message.already_processed", message_id=message_id, mail_from=self._sender_text(),
+                      header=self.ctx.stamp.header if self.ctx.stamp else None, mode=self.ctx.mode)
+        if self.ctx.mode == "observe":
+            self.log.info("message.observed", message_id=message_id, mail_from=self._sender_text(),
+                          exempt="valid stamp: relayed untouched, no link decision")
+        as_received = await self._replay(LinkDecision(message_id=message_id, headers=headers, observed=True))
+        return await self._deliver(as_received, self._trace_fields(as_received), raw, 0, record=False)
 
     def _check(self, raw: bytes) -> HeaderBlock:
         """The refusals before anything is relayed (bare CR/LF or NUL, too many hops, too big); returns the header block."""
@@ -283,7 +330,8 @@ class Transaction:
         except LinkUnavailable as exc:
             raise SMTPReply(replies.TEMPORARY_FAILURE, str(exc)) from None
 
-    def _log_relayed(self, decision: LinkDecision, size: int, upstream: str | None, verdict: Verdict) -> None:
+    def _log_relayed(self, decision: LinkDecision, size: int, upstream: str | None, verdict: Verdict,
+                     **extra) -> None:
         self.log.info(
             "message.relayed",
             message_id=decision.message_id,
@@ -300,6 +348,7 @@ class Transaction:
             duration_ms=round((time.monotonic() - self.started) * 1000, 1),
             **self.timings,
             **self.client.log_fields(),
+            **extra,
         )
 
     async def _timed(self, key: str, work):

@@ -23,6 +23,7 @@ from smtpgate.config import Listener
 from smtpgate.frontends.registry import SessionRegistry
 from smtpgate.frontends.smtp.aiosmtpd_glue import AIOSMTPD_REPLIES, DATA_REFUSALS, GlueSMTP
 from smtpgate.frontends.smtp.auth import PasswordMechanisms
+from smtpgate.frontends.smtp.peercert import PeerCertificate, peer_certificate
 from smtpgate.frontends.smtp.relay import MAIL_PARAMS, RCPT_PARAMS, ClientInfo, RelayContext, Transaction
 from smtpgate.frontends.smtp.tls import server_context
 from smtpgate.log import get_logger
@@ -61,6 +62,7 @@ class GateSMTP(GlueSMTP):
         self.user_upstream = None  # auth_backend: upstream: the client's own upstream login
         self.bad_commands = 0
         self.refusal_logged = False  # the reply pushed next was logged with its own event
+        self.peer_cert: PeerCertificate | None = None  # the verified client certificate (tls_client_ca)
         super().__init__(handler, **kwargs)
 
     # -------------------------------------------------------- connection life
@@ -68,12 +70,31 @@ class GateSMTP(GlueSMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self.transport is None
         super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")  # implicit TLS, or STARTTLS done
+        if ssl_object is not None:
+            self.peer_cert = peer_certificate(ssl_object)
         if first:
             self.registry.add(self)
             self.counted = True
             peer = transport.get_extra_info("peername") or ("?", 0)
             self.log = self.log.bind(client_ip=str(peer[0]))
-            self.log.info("session.opened", peer=str(peer[0]), port=peer[1] if len(peer) > 1 else None)
+            self.log.info("session.opened", peer=str(peer[0]), port=peer[1] if len(peer) > 1 else None,
+                          **self._cert_fields())
+        if ssl_object is not None:
+            cipher = ssl_object.cipher()
+            self.log.info("session.tls", tls_version=ssl_object.version(), cipher=cipher[0] if cipher else None,
+                          client_cert=self.peer_cert.subject if self.peer_cert else None,
+                          client_cert_issuer=self.peer_cert.issuer if self.peer_cert else None,
+                          client_cert_admitted=self.cert_admitted if self.peer_cert else None)
+
+    def _cert_fields(self) -> dict:
+        cert = self.peer_cert
+        return {} if cert is None else {"client_cert": cert.subject, "client_cert_issuer": cert.issuer}
+
+    @property
+    def cert_admitted(self) -> bool:
+        """The verified client certificate names a peer that may relay (relay_client_cert_names)."""
+        return self.peer_cert is not None and self.peer_cert.admitted_by(self.listener.relay_client_cert_names)
 
     def connection_lost(self, error: Exception | None) -> None:
         super().connection_lost(error)
@@ -212,6 +233,8 @@ class GateSMTP(GlueSMTP):
             listener=self.listener.name,
             esmtp=bool(self.session.extended_smtp),
             tls_cipher=self.tls_cipher,
+            client_cert=self.peer_cert.subject if self.peer_cert else None,
+            client_cert_issuer=self.peer_cert.issuer if self.peer_cert else None,
         )
 
     @property
@@ -269,8 +292,11 @@ class GateSMTP(GlueSMTP):
             # No open relay: strangers must authenticate first (RFC 4954 6).
             if self.listener.auth == "required":
                 reason = "not authenticated, auth: required"
-            elif not (self.listener.direction == "inbound" or self.listener.relays_for(self.client_ip)):
-                reason = "not authenticated, not in relay_networks"  # inbound: anyone, internal domains only
+            elif not (self.listener.direction == "inbound" or self.listener.relays_for(self.client_ip)
+                      or self.cert_admitted):
+                # inbound accepts anyone, for internal domains only
+                reason = "not authenticated, not in relay_networks" + (
+                    ", client certificate not in relay_client_cert_names" if self.peer_cert else "")
             else:
                 reason = None
             if reason is not None:
@@ -490,7 +516,7 @@ def tls_context(listener: Listener) -> ssl.SSLContext | None:
     """The listener's server context: Mozilla "intermediate" unless tls_ciphers says otherwise."""
     if listener.tls == "none" or listener.tls_cert is None or listener.tls_key is None:
         return None
-    return server_context(listener.tls_cert, listener.tls_key, listener.tls_ciphers)
+    return server_context(listener.tls_cert, listener.tls_key, listener.tls_ciphers, listener.tls_client_ca)
 
 
 def make_factory(listener: Listener, settings: Callable[[], SmtpSettings], registry: SessionRegistry,

@@ -35,9 +35,14 @@ class TlsSetupError(Exception):
     """A listener's TLS settings cannot be applied (bad cipher string, unreadable pair)."""
 
 
-def server_context(cert: Path | str, key: Path | str, ciphers: str = "") -> ssl.SSLContext:
+def server_context(cert: Path | str, key: Path | str, ciphers: str = "",
+                   client_ca: Path | str | None = None) -> ssl.SSLContext:
     """A server context for one listener: the intermediate profile unless `ciphers` overrides
-    the TLS 1.2 suites; raises TlsSetupError naming what is wrong."""
+    the TLS 1.2 suites; raises TlsSetupError naming what is wrong.
+
+    With `client_ca` (the listener's tls_client_ca) the handshake asks every client for a
+    certificate without requiring one; a certificate that does not verify against those CAs
+    (another CA, expired, not yet valid) ends the handshake."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     # No compression (CRIME), a fresh ECDH key per handshake, no tickets (their keys never rotate
@@ -52,6 +57,12 @@ def server_context(cert: Path | str, key: Path | str, ciphers: str = "") -> ssl.
         context.load_cert_chain(str(cert), str(key))
     except (OSError, ssl.SSLError) as exc:
         raise TlsSetupError(f"tls_cert/tls_key {cert}: {exc}") from None
+    if client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=str(client_ca))
+        except (OSError, ssl.SSLError) as exc:
+            raise TlsSetupError(f"tls_client_ca {client_ca}: {exc}") from None
+        context.verify_mode = ssl.CERT_OPTIONAL
     return context
 
 
