@@ -51,7 +51,7 @@ system-deps:
 	fi
 
 # The pure core must stay fully covered; the report for the whole package is printed too.
-CORE := smtpgate/mail/addresses.py,smtpgate/mail/stamp.py,smtpgate/mail/required_headers.py,smtpgate/linking/references.py,smtpgate/mail/headers.py,smtpgate/mail/rewrite.py,smtpgate/mail/dataguard.py,smtpgate/mail/msgid.py,smtpgate/mail/dkim.py,smtpgate/linking/plan.py,smtpgate/linking/decision.py,smtpgate/linking/inbound.py,smtpgate/frontends/milter/codec.py
+CORE := smtpgate/mail/addresses.py,smtpgate/mail/stamp.py,smtpgate/mail/required_headers.py,smtpgate/linking/references.py,smtpgate/mail/headers.py,smtpgate/mail/rewrite.py,smtpgate/mail/dataguard.py,smtpgate/mail/msgid.py,smtpgate/mail/dkim.py,smtpgate/linking/plan.py,smtpgate/linking/decision.py,smtpgate/linking/inbound.py,smtpgate/linking/share.py,smtpgate/frontends/milter/codec.py
 
 test: venv system-deps
 	$(BIN)/lint-imports

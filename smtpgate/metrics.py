@@ -62,6 +62,11 @@ AUTH = Counter("smtpgate_auth_attempts", "SMTP AUTH attempts, by result.", ["res
 UNTAGGABLE = Counter("smtpgate_addresses_untaggable",
                      "Mailbox recipients left untagged because the tagged local part would exceed 64 octets.")
 STORE_ERRORS = Counter("smtpgate_store_errors", "Store failures after delivery (store.error), by stage.", ["stage"])
+SHARED = Counter("smtpgate_messages_shared",
+                 "Inbound replies that inbound sharing delivered to more of their thread's team mailboxes "
+                 "(message.shared with recipients added).")
+RECIPIENTS_SHARED = Counter("smtpgate_recipients_shared",
+                            "Recipients inbound sharing added to the envelope (added of message.shared).")
 CONFIG_RELOADS = Counter("smtpgate_config_reloads", "Configuration reloads, by result (reloaded, rejected).",
                          ["result"])
 
@@ -115,6 +120,13 @@ def _message_rejected(e: dict) -> None:
             histogram.observe(seconds)
 
 
+def _message_shared(e: dict) -> None:
+    added = _count(e.get("added"))
+    if added:
+        SHARED.inc()
+        RECIPIENTS_SHARED.inc(added)
+
+
 def _session_opened(_e: dict) -> None:
     SESSIONS.inc()
     SESSIONS_OPEN.inc()
@@ -124,6 +136,7 @@ _HANDLERS = {
     "message.relayed": _message_relayed,
     "message.rejected": _message_rejected,
     "link.created": lambda e: LINKS_CREATED.inc(),
+    "message.shared": _message_shared,
     "session.opened": _session_opened,
     "session.closed": lambda e: SESSIONS_OPEN.dec(),
     "session.refused": lambda e: SESSIONS_REFUSED.inc(),

@@ -67,6 +67,8 @@ def show_object(view: ActivityView, teams: Mapping[str, str], *, messages: bool 
                 "subject": message.subject,
                 "recipients": list(message.recipients),
             }
+            # inbound sharing: the recipients smtpgate added to the envelope (README "Inbound sharing")
+            | ({"shared": list(message.shared)} if message.shared else {})
             for message in view.messages
         ]
     return shown
@@ -134,6 +136,8 @@ def format_show(view: ActivityView, teams: Mapping[str, str], as_json: bool) -> 
             lines.append(f"    From:    {_or_dash(message.from_)}")
             lines.append(f"    Subject: {_or_dash(message.subject)}")
             lines.append(f"    To:      {', '.join(message.recipients) or '-'}")
+            if message.shared:
+                lines.append(f"    Shared:  {', '.join(message.shared)} (added by inbound sharing)")
     else:
         lines.append("Messages: none")
     return "\n".join(lines)

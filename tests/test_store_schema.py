@@ -10,10 +10,16 @@ from smtpgate.store import SchemaOutdated, StoreError, migrations, open_store, s
 from tests.store_helpers import pg_database, store_url  # noqa: F401
 
 
+# The version this smtpgate's migrations reach, and the one before it (NEXT: a pretended next one).
+LATEST = migrations.latest(migrations.SQLITE)
+OLD = LATEST
+NEXT = LATEST + 1
+
+
 @pytest.fixture
 def next_version(monkeypatch):
-    """Pretend this smtpgate ships a version 2 migration."""
-    extra = (2, "an index for tests", ["CREATE INDEX links_message_id ON links (message_id)"])
+    """Pretend this smtpgate ships one more migration."""
+    extra = (NEXT, "an index for tests", ["CREATE INDEX links_message_id ON links (message_id)"])
     monkeypatch.setattr(migrations, "SQLITE", [*migrations.SQLITE, extra])
     monkeypatch.setattr(migrations, "POSTGRES", [*migrations.POSTGRES, extra])
 
@@ -21,45 +27,45 @@ def next_version(monkeypatch):
 async def test_a_new_database_is_initialised_on_open(store_url, tmp_path):  # noqa: F811
     store = await open_store(store_url, base_dir=tmp_path)
     try:
-        assert await store.schema_version() == store.latest_version() == 1
-        assert await store.upgrade() == (1, 1)
+        assert await store.schema_version() == store.latest_version() == LATEST
+        assert await store.upgrade() == (LATEST, LATEST)
     finally:
         await store.close()
 
 
 async def test_an_old_schema_is_refused_until_upgraded(store_url, tmp_path, next_version):  # noqa: F811
     old = await open_store(store_url, base_dir=tmp_path, check_schema=False)
-    # Build a version 1 database with the version 1 migrations only.
-    old._migrations = lambda: [m for m in type(old)._migrations(old) if m[0] == 1]
-    assert await old.upgrade() == (0, 1)
+    # Build a database of this smtpgate's version with its migrations only.
+    old._migrations = lambda: [m for m in type(old)._migrations(old) if m[0] <= OLD]
+    assert await old.upgrade() == (0, OLD)
     await old.close()
 
     with pytest.raises(SchemaOutdated, match="smtpgate db upgrade"):
         await open_store(store_url, base_dir=tmp_path)
 
     cli = await open_store(store_url, base_dir=tmp_path, check_schema=False)
-    assert await cli.upgrade() == (1, 2)
-    assert await cli.upgrade() == (2, 2)
+    assert await cli.upgrade() == (OLD, NEXT)
+    assert await cli.upgrade() == (NEXT, NEXT)
     await cli.close()
     store = await open_store(store_url, base_dir=tmp_path)
-    assert await store.schema_version() == 2
+    assert await store.schema_version() == NEXT
     await store.close()
 
 
 async def test_auto_upgrade_applies_pending_migrations(store_url, tmp_path, next_version):  # noqa: F811
     old = await open_store(store_url, base_dir=tmp_path, check_schema=False)
-    old._migrations = lambda: [m for m in type(old)._migrations(old) if m[0] == 1]
+    old._migrations = lambda: [m for m in type(old)._migrations(old) if m[0] <= OLD]
     await old.upgrade()
     await old.close()
     store = await open_store(store_url, base_dir=tmp_path, auto_upgrade=True)
     try:
-        assert await store.schema_version() == 2
+        assert await store.schema_version() == NEXT
     finally:
         await store.close()
 
 
 async def test_a_newer_schema_is_refused(store_url, tmp_path, monkeypatch):  # noqa: F811
-    extra = (2, "from the future", ["CREATE TABLE future (x INTEGER)"])
+    extra = (NEXT, "from the future", ["CREATE TABLE future (x INTEGER)"])
     monkeypatch.setattr(migrations, "SQLITE", [*migrations.SQLITE, extra])
     monkeypatch.setattr(migrations, "POSTGRES", [*migrations.POSTGRES, extra])
     store = await open_store(store_url, base_dir=tmp_path)

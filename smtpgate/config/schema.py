@@ -385,6 +385,7 @@ class Store(Section):
 
 class Inbound(Section):
     unknown_tags: Literal["pass", "strip"] = "pass"
+    share_with_thread: bool = False  # a reply missing some of its thread's team mailboxes also goes to them
 
 
 class Limits(Section):

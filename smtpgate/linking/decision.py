@@ -21,6 +21,7 @@ from smtpgate.mail.rewrite import HeaderEdit, apply_edits, header_edits, split_e
 
 if TYPE_CHECKING:
     from smtpgate.linking.inbound import InboundPlan
+    from smtpgate.linking.share import SharePlan
 
 __all__ = ["ClientInfo", "Envelope", "EnvelopeRecipient", "HeaderEdit", "LinkDecision", "RecipientDecision"]
 
@@ -111,6 +112,10 @@ class LinkDecision:
     untaggable: tuple[str, ...] = ()
     automatic: bool = False
     inbound: InboundPlan | None = None  # direction: inbound: what was re-tagged and why
+    share: SharePlan | None = None  # inbound sharing: what the thread adds, and why
+    # inbound sharing: the recipients to add to the envelope (never the header block);
+    # an upstream refusal of one only drops it
+    added: tuple[Address, ...] = ()
     date: str | None = None
     from_: str | None = None
     subject: str | None = None
@@ -118,7 +123,7 @@ class LinkDecision:
     @property
     def changed(self) -> bool:
         """True when the envelope or the header differ from what the client sent."""
-        return bool(self.header_edits) or any(r.target != r.original for r in self.recipients)
+        return bool(self.header_edits or self.added) or any(r.target != r.original for r in self.recipients)
 
     def targets(self) -> list[Address]:
         """The envelope to relay: each recipient's target, merged ones left out."""
@@ -156,12 +161,18 @@ class LinkDecision:
             "links_would_create": sorted(new) + list(self.links_created),
             "links_would_reuse": list(self.links_reused),
             "automatic": self.automatic,
-        }
+        } | self._share_observation()
+
+    def _share_observation(self) -> dict:
+        """Inbound sharing in observe mode: the recipients enforce mode would add."""
+        if self.share is None or not self.added:
+            return {}
+        return {"in_reply_to": self.share.thread_message_id, "would_share": [str(a) for a in self.added]}
 
     def without_changes(self) -> LinkDecision:
         """The decision relayed as received (observe mode): every recipient and field unchanged."""
         recipients = tuple(dataclasses.replace(r, target=r.original) for r in self.recipients)
-        return dataclasses.replace(self, recipients=recipients, header_edits=(), message_id_added=False)
+        return dataclasses.replace(self, recipients=recipients, header_edits=(), message_id_added=False, added=())
 
     def without_tag(self, original: Address) -> LinkDecision:
         """The decision with ``original`` relayed untagged (its upstream refused the tag).

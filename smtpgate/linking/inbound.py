@@ -22,10 +22,14 @@ __all__ = ["InboundPlan", "ThreadMapping", "plan_inbound"]
 
 @dataclass(frozen=True)
 class ThreadMapping:
-    """A message of the thread smtpgate relayed: its Message-ID and mailbox -> reference used."""
+    """A message of the thread smtpgate relayed: its Message-ID and mailbox -> reference used;
+    for sharing (smtpgate.linking.share) also its source, From: and recipients as relayed."""
 
     message_id: str
     mapping: Mapping[str, str]
+    source_reference: str | None = None
+    sender: str | None = None  # its From: field as written
+    recipients: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 
 from smtpgate.linking.decision import Envelope, LinkDecision, RecipientDecision
 from smtpgate.linking.inbound import ThreadMapping, plan_inbound, tags_to_check
+from smtpgate.linking.share import plan_share
 from smtpgate.linking.plan import (
     Directory,
     Plan,
@@ -29,7 +30,7 @@ from smtpgate.linking.plan import (
     thread_message_ids,
 )
 from smtpgate.log import get_logger
-from smtpgate.mail.addresses import MAX_LOCAL_OCTETS, Address, join_tag, parse_path
+from smtpgate.mail.addresses import MAX_LOCAL_OCTETS, Address, envelope_key, join_tag, parse_path
 from smtpgate.mail.dkim import broken_signatures
 from smtpgate.mail.headers import HeaderBlock
 from smtpgate.mail.msgid import make_message_id, message_id_of
@@ -48,10 +49,18 @@ class LinkUnavailable(Exception):
 class LinkService:
     """The link decision against one store and one configuration snapshot (``directory``)."""
 
-    def __init__(self, store: Store, directory: Directory, *, hostname: str) -> None:
+    def __init__(self, store: Store, directory: Directory, *, hostname: str,
+                 stamp_check: Callable[[HeaderBlock], bool] | None = None) -> None:
         self.store = store
         self.directory = directory
         self.hostname = hostname
+        self.stamp_check = stamp_check
+
+    def carries_valid_stamp(self, headers: HeaderBlock) -> bool:
+        """True when the message carries this deployment's valid stamp (README "Stamp"): it was
+        processed already, so inbound sharing leaves it alone. The one place sharing asks;
+        ``stamp_check`` is the verifier built from ``stamp:``, None where there is none."""
+        return self.stamp_check is not None and self.stamp_check(headers)
 
     async def decide(
         self,
@@ -264,8 +273,10 @@ class LinkService:
         return Address(local, recipient.domain) if local is not None else None
 
     async def retag(self, envelope: Envelope, headers: HeaderBlock, *, unknown_tags: str = "pass",
-                    message_id: str | None = None) -> LinkDecision:
+                    message_id: str | None = None, share: bool = False) -> LinkDecision:
         """Inbound: the envelope with the tags a reply dropped put back; reads the store only.
+        With ``share`` (inbound.share_with_thread) also what the thread adds to the envelope
+        (``decision.added``, ``decision.share``: smtpgate.linking.share).
 
         Raises LinkUnavailable when the store fails.
         """
@@ -277,10 +288,15 @@ class LinkService:
                       for ref in tags_to_check(envelope.addresses, self.directory)}
         except StoreError as exc:
             raise LinkUnavailable(f"store: {exc}") from None
-        plan = plan_inbound(envelope.mail_from, envelope.addresses, self.directory,
-                            [ThreadMapping(h.message_id, h.mapping) for h in hits], owners, unknown_tags)
+        thread = [ThreadMapping(h.message_id, h.mapping, h.source_reference, h.from_, h.recipients) for h in hits]
+        plan = plan_inbound(envelope.mail_from, envelope.addresses, self.directory, thread, owners, unknown_tags)
         recipients = tuple(RecipientDecision(a, t) for a, t in zip(envelope.addresses, plan.targets))
-        return LinkDecision(message_id=message_id, headers=headers, recipients=recipients, inbound=plan)
+        shared = None
+        if share:
+            shared = plan_share(envelope.mail_from, envelope.addresses, headers, self.directory, thread,
+                                stamped=self.carries_valid_stamp(headers))
+        return LinkDecision(message_id=message_id, headers=headers, recipients=recipients, inbound=plan,
+                            share=shared, added=shared.added if shared else ())
 
     async def record(self, decision: LinkDecision, delivered: Sequence[Address], *, log=None) -> None:
         """After the message was accepted: the message record for threads and the links view,
@@ -298,6 +314,11 @@ class LinkService:
         the store's close (a drain's last step) writes it; a failure is logged when
         the commit fails. Returns the store's future, None when nothing is recorded.
         Not ``urgent``, the commit may wait a little to be shared (Store.queue_message)."""
+        if decision.inbound is not None:
+            record = self._shared_record(decision, delivered)
+            if record is None:
+                return None
+            return self._queue(record, decision.message_id, log, urgent)
         if decision.source_reference is None or decision.observed:
             return None
         record = MessageRecord(
@@ -310,12 +331,35 @@ class LinkService:
             mapping=dict(decision.mapping),
             relayed_at=datetime.now(timezone.utc),
         )
+        return self._queue(record, decision.message_id, log, urgent)
+
+    def _shared_record(self, decision: LinkDecision, delivered: Sequence[Address]) -> MessageRecord | None:
+        """Inbound: the record of a message sharing delivered to more activities, listed under
+        each activity of the thread it reached (None when sharing added nobody)."""
+        added = {envelope_key(a, True) for a in decision.added}
+        shared = [a for a in delivered if envelope_key(a, True) in added]
+        if not shared or decision.share is None or not decision.message_id:
+            return None
+        known = set(decision.share.mapping)
+        mapping = {}
+        for address in delivered:
+            tagged = self.directory.tag_reference(address)
+            if tagged is not None and (tagged[0].address, tagged[1]) in known:
+                mapping.setdefault(tagged[0].address, tagged[1])
+        return MessageRecord(
+            message_id=decision.message_id, date=decision.headers.get("Date"),
+            from_=decision.headers.get("From"), subject=decision.headers.get_text("Subject"),
+            source_reference=decision.share.source_reference, recipients=[str(a) for a in delivered],
+            mapping=mapping, relayed_at=datetime.now(timezone.utc), shared=[str(a) for a in shared],
+        )
+
+    def _queue(self, record: MessageRecord, message_id: str, log, urgent: bool) -> asyncio.Future[None] | None:
         try:
             queued = self.store.queue_message(record, urgent=urgent)
         except Exception as exc:  # noqa: BLE001 - delivered already: a failure here must not become a 451
-            _record_failed(log, decision.message_id, exc)
+            _record_failed(log, message_id, exc)
             return None
-        queued.add_done_callback(functools.partial(_record_done, log, decision.message_id))
+        queued.add_done_callback(functools.partial(_record_done, log, message_id))
         return queued
 
 

@@ -88,7 +88,8 @@ class Snapshot:
             relay = RelayContext(pool=self.pool, links=self.links, limits=self.config.limits,
                                  hostname=self.config.hostname, mode=listener.mode or self.config.mode,
                                  direction=listener.direction, unknown_tags=self.config.inbound.unknown_tags,
-                                 stamp=self.config.stamp.stamper, required_headers=dict(listener.required_headers))
+                                 stamp=self.config.stamp.stamper, required_headers=dict(listener.required_headers),
+                                 share_with_thread=self.config.inbound.share_with_thread)
             by_upstream = self.config.auth_backend == "upstream"  # the upstream's own send-as rules apply
             settings = SmtpSettings(relay=relay, max_connections=self.config.limits.max_connections,
                                     authenticator=(upstream_authenticator(self.pool) if by_upstream

@@ -82,6 +82,8 @@ class ThreadHit:
     source_reference: str
     source_mailbox: str | None
     mapping: dict[str, str]  # mailbox canonical address -> reference used
+    from_: str | None = None  # its From: field as written
+    recipients: tuple[str, ...] = ()  # envelope recipients as relayed
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,8 @@ class MessageRecord:
     recipients: list[str]  # envelope recipients as relayed
     mapping: dict[str, str]  # mailbox canonical address -> reference used
     relayed_at: datetime
+    # inbound sharing: the recipients smtpgate added (envelope only) because the thread had them
+    shared: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,7 @@ class MessageView:
     recipients: list[str]
     source_reference: str | None
     relayed_at: datetime
+    shared: list[str] = field(default_factory=list)  # recipients added by inbound sharing
 
 
 @dataclass(frozen=True)

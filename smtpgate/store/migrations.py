@@ -62,6 +62,11 @@ SQLITE: list[Migration] = [
             )""",
         ],
     ),
+    (
+        2,
+        "messages.shared: the recipients inbound sharing added",
+        ["ALTER TABLE messages ADD COLUMN shared TEXT"],
+    ),
 ]
 
 POSTGRES: list[Migration] = [
@@ -112,6 +117,11 @@ POSTGRES: list[Migration] = [
                 next_number BIGINT NOT NULL
             )""",
         ],
+    ),
+    (
+        2,
+        "messages.shared: the recipients inbound sharing added",
+        ["ALTER TABLE messages ADD COLUMN shared TEXT"],
     ),
 ]
 

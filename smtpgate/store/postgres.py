@@ -109,15 +109,15 @@ class _PgWriteTx(_PgTx):
 _INSERT_MESSAGES = """
 WITH m AS (
     INSERT INTO messages (message_id, source_reference, source_key, date, from_addr, subject,
-                          recipients, mapping, relayed_at)
+                          recipients, mapping, relayed_at, shared)
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                         $7::text[], $8::text[], $9::timestamptz[])
+                         $7::text[], $8::text[], $9::timestamptz[], $10::text[])
     ON CONFLICT (message_id, source_key) DO NOTHING
     RETURNING id, message_id, source_key
 )
 INSERT INTO message_activities (message, reference)
 SELECT m.id, a.reference
-FROM m JOIN unnest($10::text[], $11::text[], $12::text[]) AS a (message_id, source_key, reference)
+FROM m JOIN unnest($11::text[], $12::text[], $13::text[]) AS a (message_id, source_key, reference)
 USING (message_id, source_key)
 """
 

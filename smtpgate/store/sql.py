@@ -68,7 +68,7 @@ _KNOWN_OWNERS = 10_000
 _MAX_PARAMS = 900
 
 _MESSAGE_COLUMNS = (
-    "message_id, source_reference, source_key, date, from_addr, subject, recipients, mapping, relayed_at"
+    "message_id, source_reference, source_key, date, from_addr, subject, recipients, mapping, relayed_at, shared"
 )
 
 
@@ -580,7 +580,7 @@ class SqlStore(Store):
         await self.records.settled()
         async with self._lookup() as tx:
             rows = await tx.fetchall(
-                "SELECT m.message_id, m.source_reference, m.mapping, a.mailbox"
+                "SELECT m.message_id, m.source_reference, m.mapping, a.mailbox, m.from_addr, m.recipients"
                 " FROM messages m LEFT JOIN activities a ON a.reference = m.source_reference"
                 f" WHERE m.message_id IN ({marks}) AND m.source_reference IS NOT NULL"
                 " ORDER BY m.relayed_at DESC, m.id DESC",
@@ -591,7 +591,7 @@ class SqlStore(Store):
             newest.setdefault(row[0], row)
         return [
             ThreadHit(message_id=message_id, source_reference=row[1], source_mailbox=row[3],
-                      mapping=dict(json.loads(row[2])))
+                      mapping=dict(json.loads(row[2])), from_=row[4], recipients=tuple(json.loads(row[5])))
             for message_id in unique
             if (row := newest.get(message_id)) is not None
         ]
@@ -618,6 +618,7 @@ class SqlStore(Store):
                     json.dumps(list(record.recipients)),
                     json.dumps(dict(record.mapping), sort_keys=True),
                     self._ts(as_utc(record.relayed_at)),
+                    json.dumps(list(record.shared)) if record.shared else None,
                 ),
                 references=_named_activities(record),
             )
@@ -663,7 +664,7 @@ class SqlStore(Store):
             )
             message_rows = await tx.fetchall(
                 "SELECT m.message_id, m.date, m.from_addr, m.subject, m.recipients,"
-                " m.source_reference, m.relayed_at"
+                " m.source_reference, m.relayed_at, m.shared"
                 " FROM messages m JOIN message_activities ma ON ma.message = m.id"
                 " WHERE ma.reference = ? ORDER BY m.relayed_at, m.id",
                 reference,
@@ -686,6 +687,7 @@ class SqlStore(Store):
                     recipients=list(json.loads(r[4])),
                     source_reference=r[5],
                     relayed_at=self._dt(r[6]),
+                    shared=list(json.loads(r[7])) if r[7] else [],
                 )
                 for r in message_rows
             ],

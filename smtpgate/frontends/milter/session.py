@@ -85,13 +85,15 @@ class MilterSettings:
     unknown_tags: str = "pass"  # inbound: pass | strip
     stamp: Stamper | None = None  # stamp.secret_file set: stamp every message, pass stamped ones
     required_headers: dict[str, tuple[str, ...]] = field(default_factory=dict)  # the tenant guard
+    share_with_thread: bool = False  # inbound: add the thread's missing team mailboxes with ADDRCPT
 
     @classmethod
     def for_listener(cls, links: LinkService, config: Config, listener: Listener) -> MilterSettings:
         return cls(links=links, limits=config.limits, listener=listener.name,
                    mode=listener.mode or config.mode, direction=listener.direction,
                    unknown_tags=config.inbound.unknown_tags, stamp=config.stamp.stamper,
-                   required_headers=dict(listener.required_headers))
+                   required_headers=dict(listener.required_headers),
+                   share_with_thread=config.inbound.share_with_thread)
 
     @property
     def inbound(self) -> bool:
@@ -282,7 +284,8 @@ class MilterSession:
         links = self.settings.links
         try:
             if self.settings.inbound:
-                decision = await links.retag(envelope, headers, unknown_tags=self.settings.unknown_tags)
+                decision = await links.retag(envelope, headers, unknown_tags=self.settings.unknown_tags,
+                                             share=self.settings.share_with_thread)
             else:
                 decision = await links.decide(envelope, headers, observe=observe, log=self.log)
         except LinkUnavailable as exc:
@@ -292,12 +295,13 @@ class MilterSession:
             return [codec.encode_reply_code(replies.TEMPORARY_FAILURE.line())]
         if decision.inbound is not None:
             _log_retagged(self.log, decision, observe, fields)
-        elif observe:
+        if observe and (decision.inbound is None or decision.added):
             _log_observed(self.log, decision, fields)
         if observe:
             decision = decision.without_changes()
         packets, relayed = self._apply(message, decision, stamp)
-        await self.settings.links.record(decision, [a for a in relayed if isinstance(a, Address)], log=self.log)
+        delivered = [a for a in relayed if isinstance(a, Address)] + list(decision.added)
+        await self.settings.links.record(decision, delivered, log=self.log)
         self.log.info(
             "message.relayed",
             message_id=decision.message_id,
@@ -308,8 +312,13 @@ class MilterSession:
             source_found_in=None if observe else decision.source_found_in,
             links_created=[] if observe else list(decision.links_created),
             links_reused=[] if observe else list(decision.links_reused),
+            shared=[str(a) for a in decision.added] or None,
             duration_ms=round((time.monotonic() - message.started) * 1000, 1),
         )
+        if decision.added:
+            # ADDRCPT has no per-recipient verdict: an added mailbox the MTA cannot take bounces.
+            self.log.info("message.shared", message_id=decision.message_id, **fields, **decision.share.log_fields(),
+                          added=[str(a) for a in decision.added], refused=[])
         return [*packets, codec.ACCEPT]
 
     def _stamp_check(self, headers: HeaderBlock) -> StampCheck:
@@ -395,6 +404,8 @@ class MilterSession:
             relayed.append(target)
             params = self._params(rcpt) if self.actions & codec.SMFIF_ADDRCPT_PAR else None
             adds.append(codec.encode_add_recipient(f"<{target}>", params))
+        for address in decision.added:  # inbound sharing: envelope only, no parameters of its own
+            adds.append(codec.encode_add_recipient(f"<{address}>", None if self.actions & codec.SMFIF_ADDRCPT else ""))
         removals = stamp.removals if stamp is not None else ()
         # A removal is CHGHEADER with an empty value, which deletes the field.
         edits = [self._change_header(e.name, e.index, e.new or b"") for e in (*decision.header_edits, *removals)]

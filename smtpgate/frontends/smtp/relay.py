@@ -54,6 +54,7 @@ class RelayContext:
     unknown_tags: str = "pass"  # inbound: pass | strip
     stamp: Stamper | None = None  # stamp.secret_file set: stamp every message, pass stamped ones
     required_headers: dict[str, tuple[str, ...]] = field(default_factory=dict)  # the tenant guard
+    share_with_thread: bool = False  # inbound: add the thread's missing team mailboxes (envelope only)
 
 
 @dataclass
@@ -92,6 +93,9 @@ class Transaction:
     known_links: dict[tuple[str, str], str] = field(default_factory=dict)
     # the envelope sender's source's links, read from MAIL on, beside the upstream's MAIL
     early_links: asyncio.Future[dict[str, str] | None] | None = None
+    # inbound sharing: the recipients added (the upstream accepted) and those it refused
+    shared: list[Address] = field(default_factory=list)
+    shared_refused: list[tuple[str, str]] = field(default_factory=list)
 
     # ----------------------------------------------------------------- MAIL
 
@@ -239,6 +243,7 @@ class Transaction:
                 if rcpt.tag_refused:
                     decision = decision.without_tag(rcpt.address)
             applied = await self._replay(decision)
+            await self._add_shared(applied)
         if stamp.removals:  # a stamp that does not verify leaves; this message gets its own
             applied = dataclasses.replace(applied, header_edits=applied.header_edits + stamp.removals)
         # The trace fields and the edited header block, then the rest of raw as received.
@@ -263,8 +268,12 @@ class Transaction:
         if record:
             # Queued, not awaited: the client's 250 does not wait for the record's commit
             # (docs/architecture.md, durability); a drain writes what is queued.
-            self.ctx.links.record_soon(applied, [r.relayed for r in self.recipients], log=self.log)
+            self.ctx.links.record_soon(applied, [r.relayed for r in self.recipients] + self.shared, log=self.log)
         self._log_relayed(applied, size, upstream_label, verdict, **({} if record else {"already_processed": True}))
+        if applied.added:
+            self.log.info("message.shared", message_id=applied.message_id, mail_from=self._sender_text(),
+                          **applied.share.log_fields(), added=[str(a) for a in self.shared],
+                          refused=[{"recipient": a, "reply": why} for a, why in self.shared_refused])
         return _client_line(verdict)
 
     def _stamp_check(self, headers: HeaderBlock) -> StampCheck:
@@ -324,7 +333,8 @@ class Transaction:
     async def _decide(self, headers: HeaderBlock) -> LinkDecision:
         try:
             if self.ctx.direction == "inbound":
-                return await self.ctx.links.retag(self.envelope(), headers, unknown_tags=self.ctx.unknown_tags)
+                return await self.ctx.links.retag(self.envelope(), headers, unknown_tags=self.ctx.unknown_tags,
+                                                  share=self.ctx.share_with_thread)
             return await self.ctx.links.decide(self.envelope(), headers, observe=self.ctx.mode == "observe",
                                                log=self.log, known_links=self.known_links)
         except LinkUnavailable as exc:
@@ -338,6 +348,7 @@ class Transaction:
             mail_from=self._sender_text(),
             recipients=[{"original": str(r.address), "relayed": str(r.relayed)} for r in self.recipients],
             refused=[{"recipient": a, "reply": why} for a, why in self.refused] or None,
+            shared=[str(a) for a in self.shared] or None,
             source_reference=None if decision.observed else decision.source_reference,
             source_found_in=None if decision.observed else decision.source_found_in,
             links_created=[] if decision.observed else list(decision.links_created),
@@ -379,6 +390,19 @@ class Transaction:
         """Observe mode: what enforce mode would have done with this message."""
         self.log.info("message.observed", message_id=decision.message_id, mail_from=self._sender_text(),
                       **decision.observation())
+
+    async def _add_shared(self, decision: LinkDecision) -> None:
+        """Inbound sharing: RCPT of each added recipient on the transaction as replayed. The
+        upstream's refusal (4xx or 5xx) of one drops it and never fails the message: the
+        sender's own recipients are delivered."""
+        assert self.upstream is not None
+        upstream = self.upstream
+        for address in decision.added:
+            verdict = await self._upstream_call(upstream.rcpt(str(address), []))
+            if verdict.ok:
+                self.shared.append(address)
+            else:
+                self.shared_refused.append((str(address), f"{verdict.code} {verdict.text}"))
 
     async def _replay(self, decision: LinkDecision) -> LinkDecision:
         """Replay MAIL and the rewritten RCPTs upstream when the envelope changed.
