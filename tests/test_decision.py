@@ -56,3 +56,18 @@ def test_an_envelope_lists_its_addresses():
 
     envelope = Envelope(None, (EnvelopeRecipient(PL, ("NOTIFY=NEVER",)), EnvelopeRecipient(CLIENT)))
     assert envelope.addresses == [PL, CLIENT] and envelope.direction == "outbound"
+
+
+def test_inbound_sharing_adds_to_the_envelope_only_and_observe_mode_adds_nothing():
+    from smtpgate.linking.share import SharePlan
+
+    headers = parse_header_block(RAW)
+    plan = SharePlan("shared", "<step1@x>", "1-T", added=(TAGGED,))
+    d = LinkDecision(message_id="<r@x>", headers=headers, recipients=(RecipientDecision(CLIENT, CLIENT),),
+                     share=plan, added=plan.added)
+    assert d.changed and d.targets() == [CLIENT] and d.apply(RAW) == RAW
+    assert d.observation()["would_share"] == [str(TAGGED)]
+    assert d.observation()["in_reply_to"] == "<step1@x>"
+    observed = d.without_changes()
+    assert observed.added == () and not observed.changed and observed.share == plan
+    assert "would_share" not in observed.observation()

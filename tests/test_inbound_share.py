@@ -1,0 +1,148 @@
+"""inbound.share_with_thread: a reply from outside that reaches only some of its thread's team
+mailboxes also goes to the others, envelope only, through the SMTP front end and a real upstream
+(an aiosmtpd sink the test controls). The mission's first message makes the thread: Team A
+(uk-payroll, 101203-T) wrote to the client, copying Team B (pl-payroll, linked as 900000-T)."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import REGISTRY
+
+from smtpgate.config import load_config
+from tests.conftest import write_config
+from tests.support.smtp import send
+from tests.support.wire import strip_trace
+from tests.test_inbound import NEW, config_text
+from tests.test_mission import STEP1
+
+A = "uk-payroll+101203-T@corp.example"
+B = f"pl-payroll+{NEW}@corp.example"
+REPLY = (b"From: Client <client@supplier.example>\r\nTo: Team A <uk-payroll+101203-T@corp.example>\r\n"
+         b"Subject: RE: Invoice 4411\r\nMessage-ID: <reply.1@supplier.example>\r\n"
+         b"In-Reply-To: <step1.101203@corp.example>\r\n"
+         b"References: <step1.101203@corp.example>\r\n\r\nThanks, paid today.\r\n")
+
+
+def share_config(upstream: str, *, share: bool = True, mode: str = "enforce") -> str:
+    text = config_text(upstream, "pass") + f"  share_with_thread: {'true' if share else 'false'}\n"
+    return text.replace("    direction: inbound\n", f"    direction: inbound\n    mode: {mode}\n", 1)
+
+
+@pytest.fixture
+def thread(sink, tmp_path, start_gate, log_lines):
+    """Start smtpgate with the given options, relay the thread message; returns the inbound port."""
+    async def start(**options):
+        config = load_config(write_config(tmp_path, share_config(f"smtp://127.0.0.1:{sink.port}", **options)))
+        gate, _ = await start_gate(config)
+        outbound, inbound = (port for _, port in gate.bound)
+        first = await send("127.0.0.1", outbound, mail_from=A, data=STEP1,
+                           rcpt_tos=["client@supplier.example", "pl-payroll@corp.example"])
+        assert first.data[0] == 250 and B in sink.messages[-1].rcpt_tos
+        return gate, inbound
+    return start
+
+
+async def reply(port, rcpts, data=REPLY, mail_from="client@supplier.example"):
+    result = await send("127.0.0.1", port, mail_from=mail_from, rcpt_tos=rcpts, data=data)
+    assert result.data is not None and result.data[0] == 250, result
+    return result
+
+
+def events(log_lines, name):
+    return [e for e in log_lines() if e["event"] == name]
+
+
+def counter(name: str) -> float:
+    return REGISTRY.get_sample_value(name) or 0.0
+
+
+async def test_a_reply_to_team_a_only_also_reaches_team_b_envelope_only(thread, sink, log_lines):
+    gate, inbound = await thread()
+    messages, recipients = counter("smtpgate_messages_shared_total"), counter("smtpgate_recipients_shared_total")
+    await reply(inbound, ["uk-payroll@corp.example"])
+    msg = sink.messages[-1]
+    assert msg.rcpt_tos == [A, B]
+    assert strip_trace(msg.data)[1] == REPLY  # the header block as the client wrote it: Team B is not named
+    [shared] = events(log_lines, "message.shared")
+    assert {k: shared[k] for k in ("message_id", "in_reply_to", "added", "refused")} == {
+        "message_id": "<reply.1@supplier.example>", "in_reply_to": "<step1.101203@corp.example>",
+        "added": [B], "refused": []}
+    [relayed] = [e for e in events(log_lines, "message.relayed") if e["message_id"] == shared["message_id"]]
+    assert relayed["shared"] == [B]
+    assert counter("smtpgate_messages_shared_total") == messages + 1
+    assert counter("smtpgate_recipients_shared_total") == recipients + 1
+    # Both activities' timelines list the reply, with the recipient sharing added.
+    await gate.store.records.settled()
+    for reference in ("101203-T", NEW):
+        view = await gate.store.show(reference)
+        [listed] = [m for m in view.messages if m.message_id == "<reply.1@supplier.example>"]
+        assert listed.shared == [B] and listed.recipients == [A, B]
+
+
+async def test_a_reply_to_team_b_only_also_reaches_team_a(thread, sink):
+    _, inbound = await thread()
+    await reply(inbound, [B])
+    assert sink.messages[-1].rcpt_tos == [B, A]
+
+
+@pytest.mark.parametrize("rcpts", [
+    ["uk-payroll@corp.example", "pl-payroll@corp.example"],  # reply-all, tags dropped
+    [A, "PL-Payroll@corp.example"],  # Team B's bare address, another spelling
+    [A, B],
+])
+async def test_a_reply_that_names_every_team_adds_nothing(thread, sink, log_lines, rcpts):
+    gate, inbound = await thread()
+    await reply(inbound, rcpts)
+    relayed = sink.messages[-1].rcpt_tos
+    assert [r.lower() for r in relayed] == [A.lower(), B.lower()]  # Team B once, never twice
+    assert not events(log_lines, "message.shared")
+    await gate.store.records.settled()
+    assert not [m for m in (await gate.store.show("101203-T")).messages if m.message_id.startswith("<reply")]
+
+
+@pytest.mark.parametrize("name, data, mail_from", [
+    ("out-of-office", b"Auto-Submitted: auto-replied\r\n" + REPLY, "client@supplier.example"),
+    ("list", b"Precedence: bulk\r\n" + REPLY, "client@supplier.example"),
+    ("bounce", REPLY, ""),
+    ("outside any thread", REPLY.replace(b"<step1.101203@corp.example>", b"<other@supplier.example>"),
+     "client@supplier.example"),
+    ("stranger", REPLY.replace(b"client@supplier.example", b"someone@elsewhere.example"),
+     "someone@elsewhere.example"),
+])
+async def test_automatic_mail_bounces_strangers_and_other_threads_are_not_shared(
+        thread, sink, log_lines, name, data, mail_from):
+    _, inbound = await thread()
+    await reply(inbound, [A], data=data, mail_from=mail_from)
+    assert sink.messages[-1].rcpt_tos == [A], name
+    assert not events(log_lines, "message.shared")
+
+
+@pytest.mark.parametrize("refusal", ["550 5.1.1 <x>: Recipient address rejected", "450 4.2.1 Mailbox busy"])
+async def test_the_upstream_refusing_an_added_recipient_still_delivers_the_senders(thread, sink, log_lines,
+                                                                                    refusal):
+    gate, inbound = await thread()
+    sink.rcpt_replies[B] = refusal
+    result = await reply(inbound, ["uk-payroll@corp.example"])
+    assert result.rcpts == {"uk-payroll@corp.example": (250, result.rcpts["uk-payroll@corp.example"][1])}
+    assert sink.messages[-1].rcpt_tos == [A]
+    [shared] = events(log_lines, "message.shared")
+    assert shared["added"] == [] and shared["refused"] == [{"recipient": B, "reply": refusal}]
+    # Nothing was shared: the reply is not in Team B's timeline.
+    await gate.store.records.settled()
+    assert not [m for m in (await gate.store.show(NEW)).messages if m.message_id.startswith("<reply")]
+
+
+async def test_observe_mode_logs_what_it_would_share_and_adds_nothing(thread, sink, log_lines):
+    _, inbound = await thread(mode="observe")
+    await reply(inbound, [A])
+    assert sink.messages[-1].rcpt_tos == [A]
+    assert not events(log_lines, "message.shared")
+    [observed] = [e for e in events(log_lines, "message.observed") if "would_share" in e]
+    assert observed["would_share"] == [B] and observed["in_reply_to"] == "<step1.101203@corp.example>"
+
+
+async def test_without_the_option_nothing_is_shared(thread, sink, log_lines):
+    _, inbound = await thread(share=False)
+    await reply(inbound, [A])
+    assert sink.messages[-1].rcpt_tos == [A]
+    assert not events(log_lines, "message.shared")
