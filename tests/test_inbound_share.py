@@ -13,6 +13,7 @@ from tests.conftest import write_config
 from tests.support.smtp import send
 from tests.support.wire import strip_trace
 from tests.test_inbound import NEW, config_text
+from tests.test_milter import milter_config  # noqa: F401 - the fixture
 from tests.test_mission import STEP1
 
 A = "uk-payroll+101203-T@corp.example"
@@ -146,3 +147,18 @@ async def test_without_the_option_nothing_is_shared(thread, sink, log_lines):
     await reply(inbound, [A])
     assert sink.messages[-1].rcpt_tos == [A]
     assert not events(log_lines, "message.shared")
+
+
+async def test_the_milter_adds_with_addrcpt_and_changes_no_header_field(milter_config, start_gate, log_lines):
+    from tests.test_milter import INBOUND_LISTENER, Milter
+
+    gate, port = await start_gate(milter_config(listener=INBOUND_LISTENER,
+                                                extra="inbound:\n  share_with_thread: true\n"))
+    new, _ = await Milter(gate, port, log_lines).step1()
+    inbound = Milter(gate, gate.bound[1][1], log_lines)
+    actions = await inbound.send("client@supplier.example", [A], REPLY)
+    assert actions == [("CONTINUE",), ("ADDRCPT", f"<pl-payroll+{new}@corp.example>"), ("ACCEPT",)]
+    # Reply-all: nothing to add.
+    both = await inbound.send("client@supplier.example", [A, f"pl-payroll+{new}@corp.example"], REPLY)
+    assert both == [("CONTINUE",), ("CONTINUE",), ("ACCEPT",)]
+    assert len(inbound.events("message.shared")) == 1
