@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mail-from", metavar="ADDR", help="envelope sender (default: the From: address)")
     p.add_argument("--rcpt", metavar="ADDR", action="append", default=[],
                    help="an envelope recipient, repeatable (default: To, Cc and Bcc)")
+    p.add_argument("--inbound", action="store_true",
+                   help="as an inbound listener would: tags put back, and what inbound sharing would add")
     p.add_argument("--json", action="store_true")
 
     users = group("users", "AUTH users")
@@ -207,7 +209,8 @@ def _links_show(args, config: Config) -> int:
 def _explain(args, config: Config) -> int:
     import json
 
-    from smtpgate.explain import MalformedMessage, explain_message, explain_recorded, read_message, render_text
+    from smtpgate.explain import (MalformedMessage, explain_inbound, explain_message, explain_recorded, read_message,
+                                  render_text)
     from smtpgate.linking.plan import Directory
     from smtpgate.linking.service import LinkService, LinkUnavailable
 
@@ -232,8 +235,13 @@ def _explain(args, config: Config) -> int:
         else:
             links = LinkService(store, Directory(config.core), hostname=config.hostname)
             try:
-                report = await explain_message(raw, links, mail_from=args.mail_from, rcpts=args.rcpt,
-                                               stamp=config.stamp.stamper)
+                if args.inbound:
+                    report = await explain_inbound(raw, links, mail_from=args.mail_from, rcpts=args.rcpt,
+                                                   unknown_tags=config.inbound.unknown_tags,
+                                                   share_with_thread=config.inbound.share_with_thread)
+                else:
+                    report = await explain_message(raw, links, mail_from=args.mail_from, rcpts=args.rcpt,
+                                                   stamp=config.stamp.stamper)
             except MalformedMessage as exc:
                 return _fail(f"explain: {args.file}: {exc}", 2)
             except LinkUnavailable as exc:

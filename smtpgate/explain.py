@@ -20,7 +20,8 @@ from smtpgate.mail.msgid import message_id_of
 from smtpgate.mail.stamp import Stamper
 from smtpgate.store import Store
 
-__all__ = ["MalformedMessage", "explain_message", "explain_recorded", "read_message", "render_text"]
+__all__ = ["MalformedMessage", "explain_inbound", "explain_message", "explain_recorded", "read_message",
+           "render_text"]
 
 
 class MalformedMessage(ValueError):
@@ -109,6 +110,51 @@ async def _explain_decision(raw: bytes, headers: HeaderBlock, envelope: Envelope
         "links": {"would_create": sorted(set(decision.would_create) | set(decision.links_created)),
                   "would_reuse": list(decision.links_reused)},
         "header_diff": _header_diff(raw, decision),
+    }
+
+
+async def explain_inbound(raw: bytes, links: LinkService, *, mail_from: str | None = None,
+                          rcpts: list[str] | None = None, unknown_tags: str = "pass",
+                          share_with_thread: bool = False) -> dict:
+    """The inbound direction's decision for one message (`explain --inbound`): the tags a reply
+    dropped that would be put back, and what inbound sharing would add and why. Sharing is
+    worked out even when ``share_with_thread`` is off, so its effect can be seen first."""
+    headers = parse_header_block(raw)
+    envelope = default_envelope(headers, mail_from, rcpts or [])
+    decision = await links.retag(envelope, headers, unknown_tags=unknown_tags, share=True)
+    plan, share = decision.inbound, decision.share
+    assert plan is not None and share is not None
+    retagged = {str(o): t for o, _, t in plan.retagged}
+    unknown = {str(a): (tag, action) for a, tag, action in plan.unknown}
+    recipients = []
+    for r in decision.recipients:
+        row = {"address": str(r.original), "target": str(r.target) if r.target is not None else None}
+        if r.target is None:
+            row |= {"action": "merged", "reason": "the same mailbox as an earlier recipient: sent once"}
+        elif str(r.original) in retagged:
+            row |= {"action": "tag", "reason": f"the tag the thread message {retagged[str(r.original)]} used"}
+        elif str(r.original) in unknown:
+            tag, action = unknown[str(r.original)]
+            row |= {"action": action, "reason": f"tag {tag} unknown for this mailbox (inbound.unknown_tags)"}
+        else:
+            row |= {"action": "unchanged", "reason": "sent from a team mailbox" if plan.from_mailbox
+                    else "nothing to restore"}
+        recipients.append(row)
+    return {
+        "message_id": decision.message_id,
+        "direction": "inbound",
+        "envelope": {"mail_from": str(envelope.mail_from) if envelope.mail_from else "",
+                     "recipients": [str(a) for a in envelope.addresses]},
+        "recipients": recipients,
+        "share": {
+            "enabled": share_with_thread,
+            "reason": share.reason,
+            "detail": share.why,
+            "thread_message_id": share.thread_message_id,
+            "source_reference": share.source_reference,
+            "would_add": [str(a) for a in share.added],
+            "already_named": [str(a) for a in share.present],
+        },
     }
 
 
@@ -234,11 +280,31 @@ async def explain_recorded(message_id: str, store: Store) -> dict | None:
         "source": {"reference": hit.source_reference, "mailbox": hit.source_mailbox},
         "mapping": dict(hit.mapping),
         "recipients": list(record.recipients) if record else [],
+        "shared": list(record.shared) if record else [],
         "from": record.from_ if record else None,
         "subject": record.subject if record else None,
         "date": record.date if record else None,
         "relayed_at": record.relayed_at.isoformat() if record else None,
     }
+
+
+def _render_inbound(report: dict) -> str:
+    env, share = report["envelope"], report["share"]
+    lines = [f"inbound message {report['message_id'] or '(no Message-ID)'} from {env['mail_from'] or '<>'}",
+             "recipients:"]
+    for r in report["recipients"]:
+        target = f" -> {r['target']}" if r["target"] and r["target"] != r["address"] else ""
+        lines.append(f"  {r['address']}{target}  [{r['action']}] {r['reason']}")
+    switch = "on" if share["enabled"] else "off (inbound.share_with_thread: false; shown as it would be)"
+    lines.append(f"inbound sharing: {switch}")
+    if share["thread_message_id"]:
+        lines.append(f"  thread message: {share['thread_message_id']} (activity {share['source_reference']})")
+    lines.append(f"  {share['reason']}: {share['detail']}")
+    for address in share["would_add"]:
+        lines.append(f"  would add (envelope only): {address}")
+    for address in share["already_named"]:
+        lines.append(f"  already a recipient: {address}")
+    return "\n".join(lines) + "\n"
 
 
 def render_text(report: dict) -> str:
@@ -251,7 +317,11 @@ def render_text(report: dict) -> str:
         for mailbox, reference in sorted(report["mapping"].items()):
             lines.append(f"  {mailbox} -> {reference}")
         lines.append("relayed to: " + ", ".join(report["recipients"]))
+        if report.get("shared"):
+            lines.append("added by inbound sharing: " + ", ".join(report["shared"]))
         return "\n".join(lines) + "\n"
+    if report.get("direction") == "inbound":
+        return _render_inbound(report)
     env = report["envelope"]
     lines.append(f"message {report['message_id']} from {env['mail_from'] or '<>'}")
     if "stamp" in report:

@@ -9,6 +9,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from smtpgate.config import load_config
+from smtpgate.linking.share import REASONS
 from tests.conftest import write_config
 from tests.support.smtp import send
 from tests.support.wire import strip_trace
@@ -32,13 +33,15 @@ def share_config(upstream: str, *, share: bool = True, mode: str = "enforce") ->
 @pytest.fixture
 def thread(sink, tmp_path, start_gate, log_lines):
     """Start smtpgate with the given options, relay the thread message; returns the inbound port."""
-    async def start(**options):
-        config = load_config(write_config(tmp_path, share_config(f"smtp://127.0.0.1:{sink.port}", **options)))
+    async def start(extra: str = "", **options):
+        text = share_config(f"smtp://127.0.0.1:{sink.port}", **options) + extra
+        config = load_config(write_config(tmp_path, text))
         gate, _ = await start_gate(config)
         outbound, inbound = (port for _, port in gate.bound)
         first = await send("127.0.0.1", outbound, mail_from=A, data=STEP1,
                            rcpt_tos=["client@supplier.example", "pl-payroll@corp.example"])
         assert first.data[0] == 250 and B in sink.messages[-1].rcpt_tos
+        await gate.store.records.settled()  # other processes (`explain`) read the thread record
         return gate, inbound
     return start
 
@@ -162,3 +165,67 @@ async def test_the_milter_adds_with_addrcpt_and_changes_no_header_field(milter_c
     both = await inbound.send("client@supplier.example", [A, f"pl-payroll+{new}@corp.example"], REPLY)
     assert both == [("CONTINUE",), ("CONTINUE",), ("ACCEPT",)]
     assert len(inbound.events("message.shared")) == 1
+
+
+def explain(config_path, *args: str, stdin: bytes | None = None) -> str:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "smtpgate", "explain", *args, "-c", str(config_path)],
+                         input=stdin, capture_output=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.decode()
+
+
+async def test_explain_shows_what_would_be_shared_and_why(thread, sink, tmp_path):
+    import json
+
+    gate, inbound = await thread(share=False)
+    report = json.loads(explain(gate.config.path, "--inbound", "--json", "-", stdin=REPLY))
+    assert report["share"] == {
+        "enabled": False, "reason": "shared", "detail": REASONS["shared"],
+        "thread_message_id": "<step1.101203@corp.example>", "source_reference": "101203-T",
+        "would_add": [B], "already_named": [A]}
+    assert report["recipients"] == [{"address": A, "target": A, "action": "unchanged",
+                                     "reason": "nothing to restore"}]
+    text = explain(gate.config.path, "--inbound", "--rcpt", "uk-payroll@corp.example",
+                   "--rcpt", "pl-payroll@corp.example", "-", stdin=REPLY)
+    assert f"uk-payroll@corp.example -> {A}  [tag] the tag the thread message" in text
+    assert f"complete: {REASONS['complete']}" in text
+    ooo = explain(gate.config.path, "--inbound", "-", stdin=b"Auto-Submitted: auto-replied\r\n" + REPLY)
+    assert f"automatic: {REASONS['automatic']}" in ooo and "would add" not in ooo
+
+
+async def test_explain_of_a_shared_message_names_the_recipients_sharing_added(thread, sink):
+    import json
+
+    gate, inbound = await thread()
+    await reply(inbound, [A])
+    await gate.store.records.settled()
+    report = json.loads(explain(gate.config.path, "--message-id", "<reply.1@supplier.example>", "--json"))
+    assert report["shared"] == [B] and report["recipients"] == [A, B]
+    assert f"added by inbound sharing: {B}" in explain(gate.config.path, "--message-id",
+                                                        "<reply.1@supplier.example>")
+
+
+async def test_the_activities_page_marks_the_shared_reply_in_both_timelines(thread, sink, tmp_path):
+    import aiohttp
+
+    from tests.support.admin import ADMIN_YAML, write_tokens
+
+    tokens = write_tokens(tmp_path)
+    gate, inbound = await thread(extra=ADMIN_YAML)
+    await reply(inbound, [A])
+    await gate.store.records.settled()
+    host, port = gate.admin.bound[0]
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {tokens['admin']}"}) as client:
+        for reference in ("101203-T", NEW):
+            async with client.get(f"http://{host}:{port}/activities/{reference}") as response:
+                assert response.status == 200
+                html = await response.text()
+            timeline = html[html.index('id="timeline"'):]
+            # The thread message first, unmarked; then the reply, marked with what sharing added.
+            first, shared = timeline.split("<li", 2)[1:]
+            assert "step1.101203@corp.example" in first and "Shared" not in first
+            assert shared.startswith(' class="shared"') and "reply.1@supplier.example" in shared
+            assert f"<strong>Shared</strong>" in shared and f"smtpgate added {B} (envelope only)" in shared

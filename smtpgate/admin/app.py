@@ -307,7 +307,8 @@ class AdminServer:
                    for link in view.links],
             messages=[{"relayed_at": iso_utc(m.relayed_at), "relayed": _readable(m.relayed_at),
                        "date": m.date, "from": m.from_,
-                       "subject": m.subject, "recipients": m.recipients, "message_id": m.message_id}
+                       "subject": m.subject, "recipients": m.recipients, "message_id": m.message_id,
+                       "shared": m.shared}
                       for m in view.messages] if full else None,
         )
 
