@@ -334,3 +334,21 @@ async def test_the_pruner_tries_again_after_a_store_error(tmp_path):
         ended = await cancelled(task) if task is not None else None
         await store.close()
     assert ended == "cancelled", f"the pruner stopped by itself: {ended}"
+
+
+async def test_a_shared_record_keeps_what_sharing_added_and_a_thread_hit_its_parties(store):
+    import dataclasses
+
+    shared = "pl-payroll+900000-T@corp.example"
+    record = dataclasses.replace(
+        message("<reply@x>", "101203-T", {UK: "101203-T", PL: "900000-T"},
+                recipients=["uk-payroll+101203-T@corp.example", shared]), shared=[shared])
+    await store.record_message(record)
+    await store.record_message(message("<plain@x>", "101203-T", {UK: "101203-T"}))
+    for reference in ("101203-T", "900000-T"):
+        [listed] = [m for m in (await store.show(reference)).messages if m.message_id == "<reply@x>"]
+        assert listed.shared == [shared]
+    [plain] = [m for m in (await store.show("101203-T")).messages if m.message_id == "<plain@x>"]
+    assert plain.shared == []
+    hit = await store.find_thread(["<reply@x>"])
+    assert (hit.from_, hit.recipients) == ("anna@corp.example", ("uk-payroll+101203-T@corp.example", shared))

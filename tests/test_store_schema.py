@@ -110,3 +110,24 @@ async def test_an_unwritable_sqlite_path_is_a_store_error(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(StoreError):
         await open_store("sqlite:file/smtpgate.db", base_dir=tmp_path)
+
+
+async def test_messages_recorded_before_inbound_sharing_upgrade_to_unshared(tmp_path):
+    import sqlite3
+
+    old = await open_store("sqlite:smtpgate.db", base_dir=tmp_path, check_schema=False)
+    old._migrations = lambda: [m for m in type(old)._migrations(old) if m[0] == 1]
+    assert await old.upgrade() == (0, 1)
+    await old.close()
+    with sqlite3.connect(tmp_path / "smtpgate.db") as conn:
+        conn.execute("INSERT INTO messages (message_id, source_reference, source_key, recipients, mapping,"
+                     " relayed_at) VALUES ('<m@x>', '1-T', '1-T', '[\"a@corp.example\"]', '{}',"
+                     " '2026-11-27T10:00:00.000000Z')")
+        conn.execute("INSERT INTO message_activities (message, reference) VALUES (1, '1-T')")
+    store = await open_store("sqlite:smtpgate.db", base_dir=tmp_path, auto_upgrade=True)
+    try:
+        assert await store.schema_version() == LATEST
+        [message] = (await store.show("1-T")).messages
+        assert (message.message_id, message.recipients, message.shared) == ("<m@x>", ["a@corp.example"], [])
+    finally:
+        await store.close()
