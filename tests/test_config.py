@@ -244,3 +244,12 @@ def test_config_from_environment(tmp_path):
     env_result = subprocess.run([sys.executable, "-m", "smtpgate", "check-config"], capture_output=True, text=True,
                                 cwd=ROOT, timeout=60, env={"SMTPGATE_CONFIG": str(good), "PATH": "/usr/bin:/bin"})
     assert env_result.returncode == 0, env_result.stderr
+
+
+def test_inbound_share_with_thread_is_a_boolean_off_by_default(tmp_path):
+    assert load_config(write_config(tmp_path, MINIMAL)).inbound.share_with_thread is False
+    on = load_config(write_config(tmp_path, MINIMAL + "inbound:\n  share_with_thread: true\n"))
+    assert on.inbound.share_with_thread is True and on.inbound.unknown_tags == "pass"
+    line = MINIMAL.count("\n") + 2  # the key's line, after "inbound:"
+    assert problems(tmp_path, MINIMAL + "inbound:\n  share_with_thread: \"yes\"\n") == [
+        f"smtpgate.yaml:{line}: inbound.share_with_thread: expected true or false, got \"yes\""]

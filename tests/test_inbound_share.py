@@ -229,3 +229,17 @@ async def test_the_activities_page_marks_the_shared_reply_in_both_timelines(thre
             assert "step1.101203@corp.example" in first and "Shared" not in first
             assert shared.startswith(' class="shared"') and "reply.1@supplier.example" in shared
             assert f"<strong>Shared</strong>" in shared and f"smtpgate added {B} (envelope only)" in shared
+
+
+async def test_the_milter_in_observe_mode_adds_nothing_and_records_nothing(milter_config, start_gate, log_lines):
+    from tests.test_milter import INBOUND_LISTENER, Milter
+
+    observe = INBOUND_LISTENER + "    mode: observe\n"
+    gate, port = await start_gate(milter_config(listener=observe, extra="inbound:\n  share_with_thread: true\n"))
+    new, _ = await Milter(gate, port, log_lines).step1()
+    inbound = Milter(gate, gate.bound[1][1], log_lines)
+    assert await inbound.send("client@supplier.example", [A], REPLY) == [("CONTINUE",), ("ACCEPT",)]
+    assert not inbound.events("message.shared")
+    [observed] = [e for e in inbound.events("message.observed") if "would_share" in e]
+    assert observed["would_share"] == [f"pl-payroll+{new}@corp.example"]
+    assert not [m for m in (await gate.store.show(new)).messages if m.message_id.startswith("<reply")]
