@@ -1,5 +1,7 @@
 """The pure inbound-sharing planner (smtpgate/linking/share.py)."""
 
+import dataclasses
+
 import pytest
 
 from smtpgate.linking.inbound import ThreadMapping
@@ -114,3 +116,33 @@ def test_a_thread_message_with_no_from_is_judged_by_its_recipients():
     message = ThreadMapping("<m@x>", {}, "5-T", None, ("client@supplier.example", "pl-payroll+7-T@corp.example"))
     assert [str(a) for a in share("uk-payroll@corp.example", thread=(message,)).added] == [
         "pl-payroll+7-T@corp.example"]
+
+
+def test_the_source_activitys_mailbox_counts_as_relayed_from():
+    # Team B's agent wrote from the bare pl-payroll with Team A's reference in the subject: the
+    # thread message was relayed from Team A's activity, so Team A hears the answer too.
+    by_b = ThreadMapping("<b@x>", {"pl-payroll@corp.example": "900001-T", "uk-payroll@corp.example": "101203-T"},
+                         "101203-T", "Payroll PL <pl-payroll@corp.example>", ("client@supplier.example",),
+                         source_mailbox="uk-payroll@corp.example")
+    p = share("pl-payroll+900001-T@corp.example", thread=(by_b,))
+    assert [str(a) for a in p.added] == ["uk-payroll+101203-T@corp.example"]
+    assert [str(a) for a in p.present] == ["pl-payroll+900001-T@corp.example"]
+    # A source the message named already (its From:) is one candidate, not two.
+    step1 = dataclasses.replace(STEP1, source_mailbox="UK-Payroll@corp.example")
+    assert [str(a) for a in share("client2@corp.example", thread=(step1,)).added] == [
+        "uk-payroll+101203-T@corp.example", "pl-payroll+900001-T@corp.example"]
+
+
+def test_a_new_links_never_source_is_added_only_when_the_message_named_it():
+    def thread(recipients, owner="fr-payroll@corp.example", reference="5-T"):
+        return (ThreadMapping("<m@x>", {}, reference, "client@supplier.example", recipients,
+                              source_mailbox=owner),)
+    assert share("uk-payroll@corp.example", thread=thread(("pl-payroll+7-T@corp.example",))).added == (
+        parse_path("pl-payroll+7-T@corp.example"),)
+    named = share("uk-payroll@corp.example", thread=thread(("pl-payroll+7-T@corp.example", "FR-payroll@corp.example")))
+    assert [str(a) for a in named.added] == ["pl-payroll+7-T@corp.example", "fr-payroll+5-T@corp.example"]
+    # An owner that is unknown, not configured, tagged or untaggable adds nothing.
+    for owner, reference in ((None, "5-T"), ("de-payroll@corp.example", "5-T"), ("pl-payroll+1-T@corp.example", "5-T"),
+                             (LONG, "900000-T"), ("pl-payroll@corp.example", None)):
+        p = share("uk-payroll@corp.example", thread=thread(("client2@supplier.example",), owner, reference))
+        assert p.added == (), owner

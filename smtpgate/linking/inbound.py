@@ -30,6 +30,7 @@ class ThreadMapping:
     source_reference: str | None = None
     sender: str | None = None  # its From: field as written
     recipients: tuple[str, ...] = ()
+    source_mailbox: str | None = None  # the mailbox owning source_reference, when known
 
 
 @dataclass(frozen=True)

@@ -288,7 +288,8 @@ class LinkService:
                       for ref in tags_to_check(envelope.addresses, self.directory)}
         except StoreError as exc:
             raise LinkUnavailable(f"store: {exc}") from None
-        thread = [ThreadMapping(h.message_id, h.mapping, h.source_reference, h.from_, h.recipients) for h in hits]
+        thread = [ThreadMapping(h.message_id, h.mapping, h.source_reference, h.from_, h.recipients, h.source_mailbox)
+                  for h in hits]
         plan = plan_inbound(envelope.mail_from, envelope.addresses, self.directory, thread, owners, unknown_tags)
         recipients = tuple(RecipientDecision(a, t) for a, t in zip(envelope.addresses, plan.targets))
         shared = None

@@ -110,16 +110,20 @@ def _was_party(mail_from: Address, headers: HeaderBlock, message: ThreadMapping)
 
 def _candidates(message: ThreadMapping, directory: Directory) -> list[tuple[Address, str, str]]:
     """(tagged address, mailbox, reference) of each team mailbox the thread message was relayed
-    from (its From:, tagged as relayed) or to (its recipients as relayed, tagged), still
-    configured, each address once. A mailbox the message reached untagged is left out:
-    sharing only ever adds an activity's tagged address."""
+    from (its From:, tagged as relayed, and its source activity's mailbox) or to (its recipients
+    as relayed, tagged), still configured, each address once. A mailbox the message reached
+    untagged is left out: sharing only ever adds an activity's tagged address. The source's
+    mailbox, when the message did not name it, is left out too if its team has
+    ``new_links: never``: such a team gets only what was sent to it."""
     found: dict[tuple[str, str], tuple[Address, str, str]] = {}
+    named: set[str] = set()
     senders = [(a, True) for a in _addresses(message.sender)]
     for address, sender in senders + [(a, False) for a in map(_path, message.recipients) if a is not None]:
         match = directory._match(address)
         if match is None:
             continue
         mailbox = match.info.address
+        named.add(mailbox)
         if match.tag is not None:
             reference = directory.matcher.normalize(match.tag) or match.tag
         elif sender and mailbox in message.mapping:
@@ -132,7 +136,25 @@ def _candidates(message: ThreadMapping, directory: Directory) -> list[tuple[Addr
         else:
             continue
         found.setdefault(envelope_key(address, True), (address, mailbox, reference))
+    source = _source_candidate(message, directory, named)
+    if source is not None:
+        found.setdefault(envelope_key(source[0], True), source)
     return list(found.values())
+
+
+def _source_candidate(message: ThreadMapping, directory: Directory,
+                      named: set[str]) -> tuple[Address, str, str] | None:
+    """The source activity's own mailbox, tagged with the source reference."""
+    address = _path(message.source_mailbox or "")
+    match = directory._match(address) if address is not None else None
+    if match is None or match.tag is not None or message.source_reference is None:
+        return None
+    if match.info.new_links == "never" and match.info.address not in named:
+        return None
+    local = join_tag(match.base, message.source_reference, directory.separator)
+    if local is None:
+        return None
+    return Address(local, address.domain), match.info.address, message.source_reference
 
 
 def _addresses(value: str | None) -> list[Address]:
