@@ -57,7 +57,7 @@ class LinkService:
         self.stamp_check = stamp_check
 
     def carries_valid_stamp(self, headers: HeaderBlock) -> bool:
-        """True when the message carries this deployment's valid stamp (README "Stamp"): it was
+        """True when the message carries this deployment's valid stamp (the `stamp:` settings): it was
         processed already, so inbound sharing leaves it alone. The one place sharing asks;
         ``stamp_check`` is the verifier built from ``stamp:``, None where there is none."""
         return self.stamp_check is not None and self.stamp_check(headers)
