@@ -75,7 +75,7 @@ async def test_mails_refused_upstream_leave_the_lookup_connection_alone(pg_store
     port = (await start_gate(config))[1]
     admin = await asyncpg.connect(pg_store_url)
     try:
-        query = "SELECT pid FROM pg_stat_activity WHERE application_name = $1"
+        query = "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND datname = current_database()"
         before = {r["pid"] for r in await admin.fetch(query, LOOKUPS_APPLICATION)}
         sink.mail_reply = "550 5.7.1 Sender refused"
         for _ in range(20):

@@ -348,7 +348,8 @@ async def test_postgresql_records_survive_their_connection_being_cut(pg_store_ur
     try:
         await store.record_message(record(0))
         ended = await admin.fetchval(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE application_name = $1 AND datname = current_database()",  # this test's database only
             RECORDS_APPLICATION)
         assert ended == 1
         await store.record_message(record(1))
@@ -362,7 +363,8 @@ async def test_postgresql_records_survive_their_connection_being_cut(pg_store_ur
 async def lookup_backends(admin) -> set[int]:
     from smtpgate.store.postgres import LOOKUPS_APPLICATION
 
-    rows = await admin.fetch("SELECT pid FROM pg_stat_activity WHERE application_name = $1", LOOKUPS_APPLICATION)
+    rows = await admin.fetch("SELECT pid FROM pg_stat_activity WHERE application_name = $1"
+                             " AND datname = current_database()", LOOKUPS_APPLICATION)  # this test's database only
     return {r["pid"] for r in rows}
 
 
