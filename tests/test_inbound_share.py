@@ -188,11 +188,17 @@ async def test_explain_shows_what_would_be_shared_and_why(thread, sink, tmp_path
         "would_add": [B], "already_named": [A]}
     assert report["recipients"] == [{"address": A, "target": A, "action": "unchanged",
                                      "reason": "nothing to restore"}]
-    text = explain(gate.config.path, "--inbound", "--rcpt", "uk-payroll@corp.example",
-                   "--rcpt", "pl-payroll@corp.example", "-", stdin=REPLY)
+    # The same report in words, in this process (the CLI above is the same function).
+    from smtpgate.explain import explain_inbound, render_text
+
+    both = await explain_inbound(REPLY, gate.snapshot.links,
+                                 rcpts=["uk-payroll@corp.example", "pl-payroll@corp.example"])
+    text = render_text(both)
     assert f"uk-payroll@corp.example -> {A}  [tag] the tag the thread message" in text
-    assert f"complete: {REASONS['complete']}" in text
-    ooo = explain(gate.config.path, "--inbound", "-", stdin=b"Auto-Submitted: auto-replied\r\n" + REPLY)
+    assert f"complete: {REASONS['complete']}" in text and "inbound sharing: off" in text
+    ooo = render_text(await explain_inbound(b"Auto-Submitted: auto-replied\r\n" + REPLY, gate.snapshot.links,
+                                            share_with_thread=True))
+    assert "inbound sharing: on" in ooo
     assert f"automatic: {REASONS['automatic']}" in ooo and "would add" not in ooo
 
 
@@ -204,8 +210,10 @@ async def test_explain_of_a_shared_message_names_the_recipients_sharing_added(th
     await gate.store.records.settled()
     report = json.loads(explain(gate.config.path, "--message-id", "<reply.1@supplier.example>", "--json"))
     assert report["shared"] == [B] and report["recipients"] == [A, B]
-    assert f"added by inbound sharing: {B}" in explain(gate.config.path, "--message-id",
-                                                        "<reply.1@supplier.example>")
+
+    from smtpgate.explain import render_text
+
+    assert f"added by inbound sharing: {B}" in render_text(report)
 
 
 async def test_the_activities_page_marks_the_shared_reply_in_both_timelines(thread, sink, tmp_path):
