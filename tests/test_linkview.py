@@ -127,3 +127,15 @@ def test_parse_since(text, expected):
 def test_parse_since_refuses_other_forms(text):
     with pytest.raises(ValueError):
         parse_since(text)
+
+
+def test_a_shared_message_names_the_recipients_sharing_added():
+    import dataclasses
+
+    shared = dataclasses.replace(VIEW.messages[0], shared=["pl-payroll+900001-T@corp.example"])
+    view = dataclasses.replace(VIEW, messages=[VIEW.messages[0], shared])
+    plain, marked = json.loads(format_show(view, TEAMS, as_json=True))["messages"]
+    assert "shared" not in plain and marked["shared"] == ["pl-payroll+900001-T@corp.example"]
+    text = format_show(view, TEAMS, as_json=False)
+    assert text.count("Shared:") == 1
+    assert "    Shared:  pl-payroll+900001-T@corp.example (added by inbound sharing)" in text
