@@ -127,7 +127,7 @@ def _candidates(message: ThreadMapping, directory: Directory) -> list[tuple[Addr
         if match.tag is not None:
             reference = directory.matcher.normalize(match.tag) or match.tag
         elif sender and mailbox in message.mapping:
-            # The sender's untagged From: was relayed with the source's tag.
+            # An untagged From: was relayed tagged with the reference the message used for it.
             reference = message.mapping[mailbox]
             local = join_tag(match.base, reference, directory.separator)
             if local is None:
