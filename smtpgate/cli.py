@@ -233,7 +233,7 @@ def _explain(args, config: Config) -> int:
                 return _fail(f"explain: smtpgate relayed no message {args.message_id} with a source activity "
                              "(or its record was pruned)", 1)
         else:
-            links = LinkService(store, Directory(config.core), hostname=config.hostname)
+            links = LinkService(store, Directory(config.core), hostname=config.hostname, stamp=config.stamp.stamper)
             try:
                 if args.inbound:
                     report = await explain_inbound(raw, links, mail_from=args.mail_from, rcpts=args.rcpt,

@@ -251,3 +251,20 @@ async def test_the_milter_in_observe_mode_adds_nothing_and_records_nothing(milte
     [observed] = [e for e in inbound.events("message.observed") if "would_share" in e]
     assert observed["would_share"] == [f"pl-payroll+{new}@corp.example"]
     assert not [m for m in (await gate.store.show(new)).messages if m.message_id.startswith("<reply")]
+
+
+async def test_a_message_with_this_deployments_stamp_is_not_shared(thread, sink, log_lines, tmp_path):
+    from smtpgate.explain import explain_inbound
+
+    (tmp_path / "stamp.key").write_text("s" * 32 + "\n")
+    gate, inbound = await thread(extra="stamp:\n  secret_file: stamp.key\n")
+    stamped = gate.config.stamp.stamper.field("<reply.1@supplier.example>") + REPLY
+    await reply(inbound, [A], data=stamped)
+    assert sink.messages[-1].rcpt_tos == [A]
+    assert events(log_lines, "message.already_processed") and not events(log_lines, "message.shared")
+    report = await explain_inbound(stamped, gate.snapshot.links, share_with_thread=True)
+    assert (report["share"]["reason"], report["share"]["would_add"]) == ("stamped", [])
+    # A stamp of another deployment does not count: that reply is shared.
+    forged = f"{gate.config.stamp.header}: v1:{'A' * 43}\r\n".encode() + REPLY
+    await reply(inbound, [A], data=forged)
+    assert sink.messages[-1].rcpt_tos == [A, B]

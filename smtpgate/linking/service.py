@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 
 from smtpgate.linking.decision import Envelope, LinkDecision, RecipientDecision
@@ -34,6 +34,7 @@ from smtpgate.mail.addresses import MAX_LOCAL_OCTETS, Address, envelope_key, joi
 from smtpgate.mail.dkim import broken_signatures
 from smtpgate.mail.headers import HeaderBlock
 from smtpgate.mail.msgid import make_message_id, message_id_of
+from smtpgate.mail.stamp import Stamper
 from smtpgate.mail.rewrite import header_edits
 from smtpgate.store import AllocationContext, LinkTarget, MessageRecord, Store, StoreError
 
@@ -50,17 +51,18 @@ class LinkService:
     """The link decision against one store and one configuration snapshot (``directory``)."""
 
     def __init__(self, store: Store, directory: Directory, *, hostname: str,
-                 stamp_check: Callable[[HeaderBlock], bool] | None = None) -> None:
+                 stamp: Stamper | None = None) -> None:
         self.store = store
         self.directory = directory
         self.hostname = hostname
-        self.stamp_check = stamp_check
+        self.stamp = stamp  # stamp.secret_file set: the deployment's stamp
 
     def carries_valid_stamp(self, headers: HeaderBlock) -> bool:
-        """True when the message carries this deployment's valid stamp (the `stamp:` settings): it was
-        processed already, so inbound sharing leaves it alone. The one place sharing asks;
-        ``stamp_check`` is the verifier built from ``stamp:``, None where there is none."""
-        return self.stamp_check is not None and self.stamp_check(headers)
+        """True when the message carries this deployment's valid stamp: it was processed
+        already, so inbound sharing leaves it alone. (The front ends relay such a message
+        untouched before any decision; this keeps `explain --inbound` and any other caller
+        of ``retag`` to the same rule.)"""
+        return self.stamp is not None and self.stamp.check(headers).valid
 
     async def decide(
         self,

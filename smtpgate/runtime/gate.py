@@ -78,7 +78,7 @@ class Snapshot:
     def build(cls, config: Config, store: Store, pool: UpstreamPool | None = None) -> Snapshot:
         directory = Directory(config.core)
         pool = pool or UpstreamPool(config.upstream, local_hostname=config.hostname)
-        links = LinkService(store, directory, hostname=config.hostname)
+        links = LinkService(store, directory, hostname=config.hostname, stamp=config.stamp.stamper)
         return cls(config, pool, links, Users.load(config.users_file))
 
     def smtp(self, listener: Listener) -> SmtpSettings:
