@@ -76,6 +76,8 @@ CASES = {
                         ["smtpgate.yaml:2: listeners[0]: expected a mapping, got nothing"]),
     "a list": (BASE.replace("[corp.example]", "corp.example"),
                ['smtpgate.yaml:7: internal_domains: expected a list, got "corp.example"']),
+    "a mapping for a list": ("listeners:\n  submission: {address: '127.0.0.1:2525'}\n" + BASE[BASE.index("upstream:"):],
+                             ["smtpgate.yaml:2: listeners: expected a list, got a mapping"]),
     "true or false": (BASE + "references:\n  subject: maybe\n",
                       ['smtpgate.yaml:9: references.subject: expected true or false, got "maybe"']),
     "duplicate key": (BASE + "workers: 2\nworkers: 3\n", ["smtpgate.yaml:9: workers: duplicate key"]),
@@ -223,6 +225,16 @@ def test_problem_lines(tmp_path, name):
     (tmp_path / "empty").write_text("\n")
     (tmp_path / "users").write_text("jane:not-a-hash\n")
     assert problems(tmp_path, text) == [line.replace("{folder}", str(tmp_path)) for line in expected]
+
+
+def test_text_is_taken_as_written(tmp_path):
+    """Where text is expected, what YAML would read as a number or true/false is the text
+    written: a team called 007 or yes, a reference header called 2024."""
+    config = load_config(write_config(tmp_path, BASE + (
+        "references:\n  headers: [2024, X-Ref]\nmailboxes:\n  - address: a@corp.example\n    team: 007\n"
+        "  - address: b@corp.example\n    team: yes\n")))
+    assert [m.team for m in config.mailboxes] == ["007", "yes"]
+    assert config.references.headers == ("2024", "X-Ref")
 
 
 @pytest.fixture(scope="module")

@@ -33,11 +33,10 @@ __all__ = [
 
 
 def _text(value: Any) -> str:
-    """A YAML string; a number is taken as written (a team called 2024)."""
+    """A string. (A number, true/false or a date where text is expected is passed
+    again as written in the file, by source.py: a team called 2024 or yes.)"""
     if isinstance(value, str):
         return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
     raise PydanticCustomError("string_type", "expected a string")
 
 
