@@ -25,7 +25,7 @@ from smtpgate.mail.addresses import AddressError, check_separator, normalize_dom
 from smtpgate.redact import redact_url
 
 __all__ = [
-    "Choice", "CipherString", "Count", "Domain", "HostPort", "HttpUrl", "Mode", "Network",
+    "CipherString", "Count", "Domain", "HostPort", "HttpUrl", "Mode", "Network",
     "PositiveCount", "PositiveSeconds", "ReadableFile", "Resolver", "Seconds",
     "Separator", "StoreUrl", "Template", "Text", "UpstreamTarget", "UpstreamUrl", "UsersFile",
     "Pattern", "join_hostport", "parse_hostport", "upstream_target", "CertName", "HeaderName",
@@ -61,7 +61,6 @@ PositiveCount = Annotated[int, Field(ge=1)]
 Seconds = Annotated[float, Field(ge=0)]
 PositiveSeconds = Annotated[float, Field(gt=0)]
 Mode = Literal["enforce", "observe"]
-Choice = Literal  # a key with a fixed set of values: Choice["a", "b"]
 
 
 # --- paths
