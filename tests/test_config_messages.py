@@ -16,8 +16,6 @@ from smtpgate.config import ConfigError, load_config
 from tests.conftest import write_config
 from tests.support.pki import TestCA
 
-ROOT = Path(__file__).resolve().parent.parent
-
 # Line numbers: 1 listeners, 2 name, 3 address, 4 relay_networks, 5 upstream, 6 url.
 HEAD = """\
 listeners:
