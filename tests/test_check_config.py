@@ -3,13 +3,16 @@ one broken file per case, run as an admin runs it, the exact message asserted.""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import structlog
 import yaml
 
+from smtpgate.cli import main
 from smtpgate.config import load_config
 from smtpgate.users import add_user
 from tests.conftest import write_config
@@ -32,8 +35,17 @@ internal_domains: [corp.example]
 
 
 def check(config: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "smtpgate", "check-config", "-c", str(config), *args],
-                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    """`smtpgate check-config -c config`, run by the command's own entry point in this
+    process (test_config.py and test_config_messages.py run it as a process too)."""
+    argv = ["check-config", "-c", str(config), *args]
+    out, err = io.StringIO(), io.StringIO()
+    logging = structlog.get_config()  # the command sets up its own: the tests' comes back after
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = main(argv)
+    finally:
+        structlog.configure(**logging)
+    return subprocess.CompletedProcess(argv, status, out.getvalue(), err.getvalue())
 
 
 def refused(tmp_path: Path, text: str) -> list[str]:

@@ -25,7 +25,7 @@ from smtpgate.mail.addresses import AddressError, check_separator, normalize_dom
 from smtpgate.redact import redact_url
 
 __all__ = [
-    "Choice", "CipherString", "Count", "Domain", "HostPort", "HttpUrl", "Mode", "Network",
+    "CipherString", "Count", "Domain", "HostPort", "HttpUrl", "Mode", "Network",
     "PositiveCount", "PositiveSeconds", "ReadableFile", "Resolver", "Seconds",
     "Separator", "StoreUrl", "Template", "Text", "UpstreamTarget", "UpstreamUrl", "UsersFile",
     "Pattern", "join_hostport", "parse_hostport", "upstream_target", "CertName", "HeaderName",
@@ -33,11 +33,10 @@ __all__ = [
 
 
 def _text(value: Any) -> str:
-    """A YAML string; a number is taken as written (a team called 2024)."""
+    """A string. (A number, true/false or a date where text is expected is passed
+    again as written in the file, by source.py: a team called 2024 or yes.)"""
     if isinstance(value, str):
         return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
     raise PydanticCustomError("string_type", "expected a string")
 
 
@@ -62,7 +61,6 @@ PositiveCount = Annotated[int, Field(ge=1)]
 Seconds = Annotated[float, Field(ge=0)]
 PositiveSeconds = Annotated[float, Field(gt=0)]
 Mode = Literal["enforce", "observe"]
-Choice = Literal  # a key with a fixed set of values: Choice["a", "b"]
 
 
 # --- paths

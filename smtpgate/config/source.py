@@ -53,13 +53,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         source.problem((), f"expected a mapping, got {_shown(root)}")
     else:
         source.drop_unknown(data, Config, ())
-    config = None
-    try:
-        config = Config.model_validate(data, context={"base_dir": path.resolve().parent})
-    except ValidationError as exc:
-        for error in exc.errors(include_url=False):
-            source.add(error)
-    if source.problems:
+    config = source.validate(data, path.resolve().parent)
+    if source.problems or config is None:
         raise ConfigError(source.lines())
     config._path = path.resolve()
     return config
@@ -80,10 +75,12 @@ class _Source:
         self.values[loc] = node
         if isinstance(node, yaml.MappingNode):
             data: dict[str, Any] = {}
+            seen: set[str] = set()
             for key_node, value_node in node.value:
                 key = str(key_node.value)
-                if key in data or (loc + (key,)) in self.keys:
+                if key in seen:
                     self.problem(loc + (key,), "duplicate key", key_node)
+                seen.add(key)
                 self.keys[loc + (key,)] = key_node
                 value = self.read(value_node, loc + (key,))
                 if value is None:
@@ -94,6 +91,25 @@ class _Source:
         if isinstance(node, yaml.SequenceNode):
             return tuple(self.read(child, loc + (i,)) for i, child in enumerate(node.value))
         return _scalar(node)
+
+    def validate(self, data: Any, base_dir: Path) -> Config | None:
+        """The Config of data, or None after adding its problems. Where text is expected,
+        a value YAML reads as a number, true/false or a date is taken as written."""
+        for _ in range(2):
+            try:
+                return Config.model_validate(data, context={"base_dir": base_dir})
+            except ValidationError as exc:
+                errors = exc.errors(include_url=False)
+            as_written = [tuple(e["loc"]) for e in errors if e["type"] == "string_type"
+                          and isinstance(self.values.get(tuple(e["loc"])), yaml.ScalarNode)
+                          and not isinstance(e["input"], str)]
+            if not as_written:
+                break
+            for loc in as_written:
+                data = _replaced(data, loc, self.values[loc].value)
+        for error in errors:
+            self.add(error)
+        return None
 
     def drop_unknown(self, data: dict, model: type[BaseModel], loc: Loc) -> None:
         """Report and remove the keys model does not have, so the rules across the
@@ -109,10 +125,15 @@ class _Source:
             inner, many = _section_of(field.annotation)
             if inner is None:
                 continue
-            items = enumerate(data[key]) if many and isinstance(data[key], tuple) else [(None, data[key])]
-            for i, item in items:
+            if not many:
+                items = [((), data[key])]
+            elif isinstance(data[key], tuple):
+                items = [((i,), item) for i, item in enumerate(data[key])]
+            else:
+                items = []  # a mapping where a list belongs: the schema reports it
+            for sub, item in items:
                 if isinstance(item, dict):
-                    self.drop_unknown(item, inner, loc + (key,) + (() if i is None else (i,)))
+                    self.drop_unknown(item, inner, loc + (key,) + sub)
 
     def add(self, error: dict) -> None:
         """One pydantic error as problem lines."""
@@ -141,6 +162,16 @@ class _Source:
         """Every problem once, in the order of the file's lines."""
         ordered = sorted(self.problems, key=lambda item: item[0])
         return list(dict.fromkeys(text for _, text in ordered))
+
+
+def _replaced(data: Any, loc: Loc, value: Any) -> Any:
+    """data with the value at loc replaced (sequences are tuples: rebuilt)."""
+    if not loc:
+        return value
+    head, rest = loc[0], loc[1:]
+    if isinstance(data, dict):
+        return {**data, head: _replaced(data[head], rest, value)}
+    return tuple(_replaced(item, rest, value) if i == head else item for i, item in enumerate(data))
 
 
 def _dotted(loc: Loc) -> str:

@@ -6,7 +6,7 @@ import abc
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Protocol
 
 
@@ -288,3 +288,15 @@ class Store(abc.ABC):
     async def prune_messages(self, keep_days: int) -> int:
         """Delete message records relayed more than keep_days ago; links stay.
         Returns how many records were deleted."""
+
+
+def utcnow() -> datetime:
+    """Now, timezone-aware UTC."""
+    return datetime.now(timezone.utc)
+
+
+def as_utc(value: datetime) -> datetime:
+    """value in UTC; a naive datetime is taken to be UTC already."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc)

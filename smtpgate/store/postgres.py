@@ -29,7 +29,8 @@ import asyncpg
 from smtpgate.redact import redact_url
 from smtpgate.store import migrations
 from smtpgate.store.errors import StoreError, StoreMissing
-from smtpgate.store.sql import LINKS_OF_LIMIT, SCHEMA_LOCK_KEY, MessageRow, SqlStore, Tx
+from smtpgate.store.records import MessageRow
+from smtpgate.store.sql import LINKS_OF_LIMIT, SCHEMA_LOCK_KEY, SqlStore, Tx
 
 if TYPE_CHECKING:
     from smtpgate.store.base import Allocator

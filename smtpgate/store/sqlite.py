@@ -35,7 +35,8 @@ import aiosqlite
 
 from smtpgate.store import migrations
 from smtpgate.store.errors import StoreError, StoreMissing
-from smtpgate.store.sql import MessageRow, SqlStore, Tx, message_inserts
+from smtpgate.store.records import MessageRow, message_inserts
+from smtpgate.store.sql import SqlStore, Tx
 
 if TYPE_CHECKING:
     from smtpgate.store.base import Allocator
