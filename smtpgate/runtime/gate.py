@@ -7,6 +7,7 @@ listener is an aiosmtpd protocol served by `loop.create_server`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import socket
 import ssl
@@ -81,12 +82,20 @@ class Snapshot:
         links = LinkService(store, directory, hostname=config.hostname, stamp=config.stamp.stamper)
         return cls(config, pool, links, Users.load(config.users_file))
 
+    def listener(self, serving: Listener) -> Listener:
+        """This snapshot's version of a listener that is serving: its mode may have changed."""
+        for listener in self.config.listeners:
+            if listener.name == serving.name:
+                return dataclasses.replace(serving, mode=listener.mode)
+        return serving  # removed from the file: it serves as it was until a restart
+
     def smtp(self, listener: Listener) -> SmtpSettings:
         """The SMTP front end's settings for one listener, built once per snapshot."""
         settings = self._smtp.get(listener.name)
         if settings is None:
+            mode = self.listener(listener).mode or self.config.mode
             relay = RelayContext(pool=self.pool, links=self.links, limits=self.config.limits,
-                                 hostname=self.config.hostname, mode=listener.mode or self.config.mode,
+                                 hostname=self.config.hostname, mode=mode,
                                  direction=listener.direction, unknown_tags=self.config.inbound.unknown_tags,
                                  stamp=self.config.stamp.stamper, required_headers=dict(listener.required_headers),
                                  share_with_thread=self.config.inbound.share_with_thread)
@@ -111,6 +120,7 @@ class Gate:
         self.tls: dict[str, ssl.SSLContext] = {}  # per listener, refreshed in place on reload
         self.pruner: asyncio.Task | None = None
         self.admin = None  # smtpgate.admin.AdminServer when admin.listen is set
+        self.started = config  # what the sockets and the store were opened with; only a restart changes it
 
     @property
     def bound(self) -> list[tuple[str, int]]:
@@ -194,7 +204,7 @@ class Gate:
         """A Postfix smtpd_milters listener: each MTA connection takes the snapshot current then."""
         def settings() -> MilterSettings:
             snapshot = self._current()
-            return MilterSettings.for_listener(snapshot.links, snapshot.config, listener)
+            return MilterSettings.for_listener(snapshot.links, snapshot.config, snapshot.listener(listener))
 
         where = str(listener.path) if listener.path else f"{listener.host}:{listener.port}"
         limit = self.config.limits.max_connections
@@ -212,16 +222,22 @@ class Gate:
         return self.snapshot
 
     def reload(self, config: Config) -> None:
-        """Build a snapshot of the new config for new connections; sessions keep theirs."""
-        old = self.config
+        """Build a snapshot of the new config for new connections; sessions keep theirs.
+
+        Mode (top level and per listener) applies to new sessions; what the
+        listening sockets were opened with, and the store, need a restart, which
+        `needs_restart` names: compared with what is serving, not with the last
+        file, so a change reverted before a restart needs none.
+        """
+        old, started = self.config, self.started
         kept = []
-        if config.listeners != old.listeners:
+        if _sockets(config.listeners) != _sockets(started.listeners):
             kept.append("listeners")
-        if config.store != old.store or config.allocator != old.allocator:
+        if config.store != started.store or config.allocator != started.allocator:
             kept.append("store")
-        if config.workers != old.workers:
+        if config.workers != started.workers:
             kept.append("workers")
-        if config.admin.listen != old.admin.listen:
+        if config.admin.listen != started.admin.listen:
             kept.append("admin.listen")
         previous = self._current()
         pool = previous.pool if config.upstream == old.upstream else None
@@ -275,6 +291,11 @@ class Gate:
         if self.store is not None:
             await self.store.close()
         log.info("shutdown.complete", sessions_closed=len(still_open))
+
+
+def _sockets(listeners: Sequence[Listener]) -> tuple[Listener, ...]:
+    """The listeners without what a reload applies to new sessions (their mode)."""
+    return tuple(dataclasses.replace(listener, mode="") for listener in listeners)
 
 
 async def start_or_report(gate: Gate, *args, **kwargs) -> bool:
