@@ -132,6 +132,13 @@ def _session_opened(_e: dict) -> None:
     SESSIONS_OPEN.inc()
 
 
+def _reload_counted(e: dict, result: str) -> None:
+    # With workers every worker logs the reload it applied: one reload counts once, by worker 0
+    # (the supervisor's own config.rejected has no worker).
+    if e.get("worker") in (None, 0):
+        CONFIG_RELOADS.labels(result=result).inc()
+
+
 _HANDLERS = {
     "message.relayed": _message_relayed,
     "message.rejected": _message_rejected,
@@ -146,8 +153,8 @@ _HANDLERS = {
     "auth.result": lambda e: AUTH.labels(result="success" if e.get("success") else "failure").inc(),
     "address.untaggable": lambda e: UNTAGGABLE.inc(),
     "store.error": lambda e: STORE_ERRORS.labels(stage=str(e.get("stage") or "unknown")).inc(),
-    "config.reloaded": lambda e: CONFIG_RELOADS.labels(result="reloaded").inc(),
-    "config.rejected": lambda e: CONFIG_RELOADS.labels(result="rejected").inc(),
+    "config.reloaded": lambda e: _reload_counted(e, "reloaded"),
+    "config.rejected": lambda e: _reload_counted(e, "rejected"),
 }
 
 

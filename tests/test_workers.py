@@ -460,6 +460,10 @@ async def test_worker_0_serves_the_admin_listener_with_every_workers_metrics(tmp
                     return await response.text()
 
             await get("/readyz")
+            # One SIGHUP is one reload, however many workers apply it.
+            served.proc.send_signal(signal.SIGHUP)
+            await served.until(lambda: len(served.named("config.reloaded")) == 2, "config.reloaded by both")
+            assert sample(await get("/metrics"), 'smtpgate_config_reloads_total{result="reloaded"}') == 1
             # /metrics sums every worker: sessions opened on both, one held open on each.
             held = await one_session_per_worker(served, port, set(ready["workers"]))
             metrics = await get("/metrics")

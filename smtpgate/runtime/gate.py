@@ -152,6 +152,8 @@ class Gate:
                 run_pruner(self.store, self.config.store.keep_messages_days))
         if sockets is None:
             sockets = [(listener, ()) for listener in self.config.listeners]
+        else:  # bound by the supervisor for the listeners of its first config
+            self.started = dataclasses.replace(self.config, listeners=tuple(lst for lst, _ in sockets))
         for listener, bound in sockets:
             await self._listen(listener, bound)
         if admin and self.config.admin.listen:
