@@ -12,9 +12,11 @@ disagree (docs/operations.md).
 
 from __future__ import annotations
 
+import io
 import logging
 import socket
 import sys
+import threading
 
 import structlog
 
@@ -38,6 +40,10 @@ def _node(_logger, _name, event_dict):
     return event_dict
 
 
+# The process's stdout when route_stray_output replaced sys.stdout; events are written there.
+_REAL_STDOUT = None
+
+
 class _StdoutLogger:
     """Writes each rendered event as one line to the current sys.stdout.
 
@@ -50,7 +56,7 @@ class _StdoutLogger:
 
     def msg(self, message: str) -> None:
         try:
-            stream = self.stream or sys.stdout
+            stream = self.stream or _REAL_STDOUT or sys.stdout
             stream.write(message + "\n")
             stream.flush()
         except (OSError, ValueError):
@@ -101,3 +107,77 @@ def setup_logging(fmt: str = "json", level: str = "info", stream=None) -> None:
 
 def get_logger(**bound):
     return structlog.get_logger().bind(**bound) if bound else structlog.get_logger()
+
+
+_LIBRARY_LEVELS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning"}
+
+
+class _LibraryHandler(logging.Handler):
+    """The standard library's logging (aiosmtpd, asyncio, warnings) as smtpgate JSON events.
+
+    Only warning and above pass the root logger's level: aiosmtpd's own debug lines
+    show each command line, AUTH's credentials included.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level = _LIBRARY_LEVELS.get(record.levelno, "error")
+            fields = {"logger": record.name, "message": record.getMessage()}
+            if record.exc_info:
+                fields["exc_info"] = record.exc_info
+            get_logger().log(_LEVELS[level], "library.log", **fields)
+        except Exception:  # noqa: BLE001 - a log line must never break a session
+            pass
+
+
+class _StrayOutput(io.TextIOBase):
+    """sys.stdout/sys.stderr while serving: each line something printed becomes a
+    `library.output` event, so stdout carries JSON lines only."""
+
+    def __init__(self, name: str) -> None:
+        self.name_ = name
+        self._pending = ""
+        self._busy = threading.local()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if getattr(self._busy, "on", False):
+            return len(text)  # the logger itself failed and printed: drop it rather than loop
+        self._pending += text
+        while "\n" in self._pending:
+            line, self._pending = self._pending.split("\n", 1)
+            if line.strip():
+                self._busy.on = True
+                try:
+                    get_logger().warning("library.output", stream=self.name_, text=line[:2000])
+                finally:
+                    self._busy.on = False
+        return len(text)
+
+    def flush(self) -> None:
+        if _REAL_STDOUT is not None:
+            _REAL_STDOUT.flush()
+
+
+def route_library_logging() -> None:
+    """Send the standard library's logging and Python's warnings through structlog."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, _LibraryHandler):
+            root.removeHandler(handler)
+    root.addHandler(_LibraryHandler())
+    root.setLevel(logging.WARNING)
+    logging.captureWarnings(True)
+
+
+def route_stray_output() -> None:
+    """`serve`: whatever a library prints to stdout or stderr becomes a JSON event, and
+    every event goes to the process's real stdout (systemd's journal merges both)."""
+    global _REAL_STDOUT
+    route_library_logging()
+    if _REAL_STDOUT is None:
+        _REAL_STDOUT = sys.stdout
+        sys.stdout = _StrayOutput("stdout")
+        sys.stderr = _StrayOutput("stderr")

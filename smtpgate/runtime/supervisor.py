@@ -49,7 +49,7 @@ from prometheus_client import multiprocess
 
 from smtpgate.config import Config, ConfigError, Listener, load_config
 from smtpgate.frontends.milter.server import SOCKET_MODE as MILTER_SOCKET_MODE
-from smtpgate.log import get_logger, setup_logging
+from smtpgate.log import get_logger, route_stray_output, setup_logging
 from smtpgate.runtime import loop as event_loop
 from smtpgate.runtime.gate import Gate, StartupError, install_signals, load_or_report, serve, start_or_report
 from smtpgate.runtime.notify import sd_notify
@@ -76,6 +76,7 @@ Bound = Sequence[tuple[Listener, Sequence[socket.socket]]]
 
 def serve_main(config_path: Path) -> int:
     """`smtpgate serve`: one process for `workers: 1`, else a Supervisor; returns the exit status."""
+    route_stray_output()  # while serving, stdout carries JSON lines only
     config = load_or_report(config_path)
     if config is None:
         return 2

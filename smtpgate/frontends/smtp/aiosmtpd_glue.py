@@ -47,7 +47,7 @@ from functools import partial
 from typing import Any
 from warnings import warn
 
-from aiosmtpd.smtp import MISSING, SMTP, _AuthMechAttr, syntax
+from aiosmtpd.smtp import MISSING, SMTP, Session, _AuthMechAttr, syntax
 
 from smtpgate.mail import replies
 from smtpgate.mail.dataguard import OFF_LOOP_OCTETS, find_in_slices
@@ -67,6 +67,7 @@ _INTERNALS = {
     "check_helo_needed": "coroutine",
     "check_auth_needed": "coroutine",
     "smtp_HELP": "coroutine",  # its look-up of a verb must not count as the command being served
+    "_create_session": "function",  # GlueSMTP's session has no deprecated login_data property
 }
 
 # The instance attributes of aiosmtpd's SMTP that smtp_DATA reads, as its source names them.
@@ -395,6 +396,16 @@ class _Commands(dict):
         return found if found is not None else partial(self.unknown, verb)
 
 
+class GlueSession(Session):
+    """aiosmtpd's Session with `login_data` a plain attribute.
+
+    aiosmtpd's smtp_AUTH sets `Session.login_data`, a deprecated property that logs
+    a warning on every successful AUTH; smtpgate reads `auth_data` only.
+    """
+
+    login_data: Any = None
+
+
 class GlueSMTP(PrototypeSMTP):
     """aiosmtpd's protocol with the hooks smtpgate needs; see the module docstring."""
 
@@ -436,6 +447,9 @@ class GlueSMTP(PrototypeSMTP):
             await super().smtp_HELP(arg)
         finally:
             self._smtp_methods.recording = True
+
+    def _create_session(self) -> Session:
+        return GlueSession(self.loop)
 
     async def unknown_command(self, verb: str, arg: str | None) -> None:
         """A verb aiosmtpd does not know (HELP's lookup of one never gets here: no syntax)."""
