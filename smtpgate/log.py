@@ -12,11 +12,15 @@ disagree (docs/operations.md).
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
+import os
 import socket
+import ssl
 import sys
 import threading
+import time
 
 import structlog
 
@@ -181,3 +185,67 @@ def route_stray_output() -> None:
         _REAL_STDOUT = sys.stdout
         sys.stdout = _StrayOutput("stdout")
         sys.stderr = _StrayOutput("stderr")
+
+
+def plain_words(exc: BaseException) -> str:
+    """A network or system fault as an operator says it: `connection refused`,
+    `no answer in time`, `host name not found`; else the exception's own words."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, TimeoutError):
+            return "no answer in time"
+        if isinstance(current, socket.gaierror):
+            return "host name not found"
+        if isinstance(current, ssl.SSLError):
+            break  # its errno is OpenSSL's, not the system's: its own words say more
+        if isinstance(current, OSError) and current.errno in errno.errorcode:
+            return os.strerror(current.errno).lower()
+        current = getattr(current, "os_error", None) or current.__cause__ or current.__context__
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Outage:
+    """One component's outages as operators see them (docs/operations.md, "Outages").
+
+    The first failure is a warning (`component.failed`), again once a minute while
+    the failures go on; the first success after them is `component.recovered` at info.
+    """
+
+    REPEAT_SECONDS = 60.0
+
+    def __init__(self, component: str) -> None:
+        self.component = component
+        self.since: float | None = None  # monotonic time of the first failure of this outage
+        self.failures = 0
+        self._told = 0.0
+
+    def failed(self, problem: str) -> None:
+        """problem names the component and the fault in plain words: `allocator: http://...: connection refused`."""
+        now = time.monotonic()
+        if self.since is None:
+            self.since, self.failures = now, 0
+        self.failures += 1
+        if self.failures == 1 or now - self._told >= self.REPEAT_SECONDS:
+            self._told = now
+            get_logger().warning("component.failed", component=self.component, problem=problem,
+                                 failures=self.failures, for_s=round(now - self.since, 1))
+
+    def ok(self) -> None:
+        if self.since is None:
+            return
+        down, failures, self.since = time.monotonic() - self.since, self.failures, None
+        get_logger().info("component.recovered", component=self.component, failures=failures,
+                          down_s=round(down, 1))
+
+
+_OUTAGES: dict[str, Outage] = {}
+
+
+def outage(component: str) -> Outage:
+    """This process's outage record of one component (upstream, store, allocator)."""
+    found = _OUTAGES.get(component)
+    if found is None:
+        found = _OUTAGES[component] = Outage(component)
+    return found

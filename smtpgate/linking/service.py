@@ -29,14 +29,14 @@ from smtpgate.linking.plan import (
     make_plan,
     thread_message_ids,
 )
-from smtpgate.log import get_logger
+from smtpgate.log import get_logger, outage
 from smtpgate.mail.addresses import MAX_LOCAL_OCTETS, Address, envelope_key, join_tag, parse_path
 from smtpgate.mail.dkim import broken_signatures
 from smtpgate.mail.headers import HeaderBlock
 from smtpgate.mail.msgid import make_message_id, message_id_of
 from smtpgate.mail.stamp import Stamper
 from smtpgate.mail.rewrite import header_edits
-from smtpgate.store import AllocationContext, LinkTarget, MessageRecord, Store, StoreError
+from smtpgate.store import AllocationContext, AllocationError, LinkTarget, MessageRecord, Store, StoreError
 
 __all__ = ["LinkService", "LinkUnavailable"]
 
@@ -89,9 +89,13 @@ class LinkService:
             if message_id is None:
                 message_id, added = make_message_id(self.hostname), True
         try:
-            return await self._decide(envelope, headers, message_id, added, observe, log, known_links or {})
+            decision = await self._decide(envelope, headers, message_id, added, observe, log, known_links or {})
+        except AllocationError as exc:
+            raise LinkUnavailable(str(exc)) from None  # the allocator logs its own outage
         except StoreError as exc:
-            raise LinkUnavailable(f"store: {exc}") from None
+            raise _store_failed(exc) from None
+        outage("store").ok()
+        return decision
 
     async def _decide(
         self, envelope: Envelope, headers: HeaderBlock, message_id: str, added: bool, observe: bool, log,
@@ -289,7 +293,8 @@ class LinkService:
             owners = {ref: await self.store.activity_mailbox(ref)
                       for ref in tags_to_check(envelope.addresses, self.directory)}
         except StoreError as exc:
-            raise LinkUnavailable(f"store: {exc}") from None
+            raise _store_failed(exc) from None
+        outage("store").ok()
         thread = [ThreadMapping(h.message_id, h.mapping, h.source_reference, h.from_, h.recipients, h.source_mailbox)
                   for h in hits]
         plan = plan_inbound(envelope.mail_from, envelope.addresses, self.directory, thread, owners, unknown_tags)
@@ -371,7 +376,13 @@ def _record_done(log, message_id: str, queued: asyncio.Future[None]) -> None:
         _record_failed(log, message_id, exc)
 
 
+def _store_failed(exc: StoreError) -> LinkUnavailable:
+    outage("store").failed(f"store: {exc}")
+    return LinkUnavailable(f"store: {exc}")
+
+
 def _record_failed(log, message_id: str, exc: BaseException) -> None:
+    outage("store").failed(f"store: {exc}")
     (log or _log).error("store.error", stage="record_message", reason=f"{type(exc).__name__}: {exc}",
                         message_id=message_id)
 

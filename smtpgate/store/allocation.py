@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 import aiohttp
 
+from smtpgate.log import outage, plain_words
 from smtpgate.store.base import AllocationRequest, Allocator, NumberSource
 from smtpgate.store.errors import AllocationError
 
@@ -87,7 +88,18 @@ class HttpAllocator:
         return f"HttpAllocator(url={self.url!r}, timeout={self.timeout})"
 
     async def allocate(self, request: AllocationRequest, numbers: NumberSource) -> str:
-        """The reference the allocator service answered; one HTTP call, no retry."""
+        """The reference the allocator service answered; one HTTP call, no retry.
+
+        A failure is an allocator outage (`component.failed`), the next answer its end."""
+        try:
+            reference = await self._call(request)
+        except AllocationError as exc:
+            outage("allocator").failed(str(exc))
+            raise
+        outage("allocator").ok()
+        return reference
+
+    async def _call(self, request: AllocationRequest) -> str:
         payload = {
             "source_reference": request.source_reference,
             "mailbox": request.mailbox,
@@ -99,6 +111,7 @@ class HttpAllocator:
         headers = {"Accept": "application/json"}
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
+        where = f"allocator: {self.url}"
         try:
             # A session per call: new links are rare and this keeps no state
             # bound to an event loop between calls.
@@ -107,25 +120,18 @@ class HttpAllocator:
             ) as session:
                 async with session.post(self.url, json=payload, headers=headers) as resp:
                     if resp.status not in (200, 201):
-                        raise AllocationError(f"allocator {self.url} answered HTTP {resp.status}")
+                        raise AllocationError(f"{where}: answered HTTP {resp.status}")
                     raw = await resp.read()
         except asyncio.TimeoutError:
-            raise AllocationError(
-                f"allocator {self.url} did not answer within {self.timeout:g}s"
-            ) from None
+            raise AllocationError(f"{where}: no answer within {self.timeout:g}s") from None
         except aiohttp.ClientError as exc:
-            raise AllocationError(
-                f"allocator {self.url} failed: {exc.__class__.__name__}: {exc}"
-            ) from None
+            raise AllocationError(f"{where}: {plain_words(exc)}") from None
         try:
             answer = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
-            raise AllocationError(f"allocator {self.url} answered something that is not JSON") from None
+            raise AllocationError(f"{where}: answered something that is not JSON") from None
         reference = answer.get("reference") if isinstance(answer, dict) else None
         if not isinstance(reference, str) or not self._matcher(reference):
             shown = repr(reference)[:80]
-            raise AllocationError(
-                f"allocator {self.url} answered reference {shown}, "
-                "which does not match references.pattern"
-            )
+            raise AllocationError(f"{where}: answered reference {shown}, which does not match references.pattern")
         return reference

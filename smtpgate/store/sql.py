@@ -352,7 +352,7 @@ class SqlStore(MessageRecords, Store):
         if not target.allow_create:
             return None
         if self.allocator is None:
-            raise AllocationError("no allocator configured; cannot create a linked activity")
+            raise AllocationError("allocator: none configured; cannot create a linked activity")
         try:
             return await self._create_link(source_reference, source_mailbox, target, context)
         except _Untaggable:
@@ -383,11 +383,11 @@ class SqlStore(MessageRecords, Store):
             if target.max_reference_length is not None and len(reference.encode()) > target.max_reference_length:
                 raise _Untaggable(reference)
             if reference == source_reference:
-                raise AllocationError(f"allocator answered the source reference {reference}")
+                raise AllocationError(f"allocator: answered the source reference {reference}")
             row = await tx.fetchone("SELECT mailbox FROM activities WHERE reference = ?", reference)
             if row is not None and row[0] is not None and row[0] != target.mailbox:
                 raise AllocationError(
-                    f"allocated reference {reference} belongs to {row[0]}, not {target.mailbox}"
+                    f"allocator: allocated reference {reference} belongs to {row[0]}, not {target.mailbox}"
                 )
             now = utcnow()
             await self._remember(tx, {reference: target.mailbox, source_reference: source_mailbox}, now)

@@ -29,7 +29,7 @@ import aiosmtplib
 from aiosmtplib.protocol import normalize_message_line_endings
 
 from smtpgate.config import Upstream
-from smtpgate.log import get_logger
+from smtpgate.log import get_logger, outage, plain_words
 from smtpgate.mail import replies
 from smtpgate.mail.dataguard import OFF_LOOP_OCTETS, crlf_only, find_in_slices
 from smtpgate.mail.replies import Reply
@@ -270,6 +270,8 @@ def _describe(exc: BaseException, wait: float) -> str:
     """An upstream fault for the log; a timeout says how long was waited."""
     if isinstance(exc, TimeoutError):  # aiosmtplib's timeouts are TimeoutErrors too
         return f"no reply within {wait:g}s"
+    if isinstance(exc, (OSError, aiosmtplib.SMTPConnectError)):
+        return plain_words(exc)  # "connection refused", not the errno's repr
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -451,7 +453,14 @@ class UpstreamPool:
             async with asyncio.timeout(budget):
                 session = await self._take(check)
         except TimeoutError:
-            raise _no_connection(budget) from None
+            exc = _no_connection(budget)
+            outage("upstream").failed(f"upstream: {self.config.label}: {exc.reason}")
+            raise exc from None
+        except UpstreamError as exc:
+            if exc.reply is not replies.UPSTREAM_BUSY:  # smtpgate's own cap, not the upstream's fault
+                outage("upstream").failed(f"upstream: {self.config.label}: {exc.reason}")
+            raise
+        outage("upstream").ok()
         session.deadline = started + budget
         return session
 
