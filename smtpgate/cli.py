@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", metavar="TARGET")
     p = command(links, "export", _links_export, "every activity and link as one JSON object")
     p.add_argument("--json", action="store_true", help="the only format, accepted for clarity")
+    p.add_argument("--messages", action="store_true", help="with the message records (a full backup)")
+    p = command(links, "import", _links_import,
+                "load an export into the store (creating it when there is none); a second run adds nothing")
+    p.add_argument("file", metavar="FILE", help="a `links export --json` file, or - for standard input")
 
     p = command(commands, "explain", _explain, "the link decision for one message, step by step, read-only")
     p.add_argument("file", nargs="?", metavar="FILE", help="an .eml file, or - for standard input")
@@ -93,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: keep it; a new user without one may send as anyone)")
     rights.add_argument("--any-sender", action="store_true",
                         help="remove the user's sender list: it may send as anyone")
+
+    command(users, "list", _users_list, "the users and what each may send as")
+    p = command(users, "delete", _users_delete, "remove a user")
+    p.add_argument("name")
 
     db = group("db", "the store")
     command(db, "upgrade", _db_upgrade, "apply schema migrations")
@@ -134,14 +142,17 @@ class _StderrAndSyslog:
 
 
 def operator_name() -> str:
-    """Who runs this command: the OS user, or the user who ran it through sudo."""
+    """Who runs this command, as far as the process can tell: the OS account, and the
+    account that ran sudo when $SUDO_USER names another (`alice (sudo)`, `alice (sudo as
+    smtpgate)`). $SUDO_USER is the environment's word, not proof: syslog's record of the
+    command carries the real uid."""
     try:
         name = pwd.getpwuid(os.getuid()).pw_name
     except KeyError:
         name = str(os.getuid())
     sudo_user = os.environ.get("SUDO_USER")
-    if os.getuid() == 0 and sudo_user and sudo_user != name:
-        return f"{sudo_user} (sudo)"
+    if sudo_user and sudo_user != name:
+        return f"{sudo_user} (sudo)" if os.getuid() == 0 else f"{sudo_user} (sudo as {name})"
     return name
 
 
@@ -200,7 +211,7 @@ def _links_show(args, config: Config) -> int:
         view = await store.show(args.reference.strip())
         if view is None:
             return _fail(f"no activity {args.reference} in the store", 1)
-        print(format_show(view, config.teams(), args.json))
+        _print(format_show(view, config.teams(), args.json))
         return 0
 
     return _with_store(config, show, read_only=True)
@@ -264,7 +275,7 @@ def _links_list(args, config: Config) -> int:
 
     async def listing(store) -> int:
         rows = await store.list_links(mailbox=mailbox, since=since)
-        print(format_list(rows, config.teams(), args.json))
+        _print(format_list(rows, config.teams(), args.json))
         return 0
 
     return _with_store(config, listing, read_only=True)
@@ -319,14 +330,61 @@ def _links_delete(args, config: Config) -> int:
 
 
 def _links_export(args, config: Config) -> int:
+    from smtpgate.store.transfer import Backup
     from smtpgate.views import format_export
 
     async def export(store) -> int:
         activities, links = await store.export()
-        print(format_export(activities, links, config.teams(), datetime.now(timezone.utc)))
+        messages = await store.export_messages() if args.messages else None
+        backup = Backup(schema=store.latest_version(), activities=activities, links=links, messages=messages)
+        _print(format_export(backup, config.teams(), datetime.now(timezone.utc)))
         return 0
 
     return _with_store(config, export, read_only=True)
+
+
+def _links_import(args, config: Config) -> int:
+    from smtpgate.store.migrations import SQLITE, latest  # the same versions for every backend
+    from smtpgate.store.transfer import BackupError, read_backup
+
+    name = "standard input" if args.file == "-" else args.file
+    try:
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return _fail(f"links import: cannot read {name}: {getattr(exc, 'strerror', None) or exc}", 2)
+
+    try:  # before the store is opened, let alone created
+        backup = read_backup(text, name, latest(SQLITE))
+    except BackupError as exc:
+        return _fail(f"links import: {exc}", 2)
+
+    async def load(store) -> int:
+        counts = await store.import_backup(backup)
+        for conflict in counts.conflicts:
+            print(f"smtpgate: links import: owner kept: {conflict}", file=sys.stderr)
+        # Local numbers the file holds are never issued again (as at every start).
+        await store.raise_sequence([m.new_reference for m in config.mailboxes], config.allocator.first_number)
+        from smtpgate.log import get_logger
+
+        get_logger().info("links.imported", file=name, activities=counts.activities, owners=counts.owners,
+                          links=counts.links, messages=counts.messages, conflicts=len(counts.conflicts),
+                          by=operator_name())
+        print(f"imported from {name}: {counts.activities} activities, {counts.owners} owner(s) filled in, "
+              f"{counts.links} links, {counts.messages} message records"
+              + ("" if backup.messages is not None else " (the file has none)"))
+        return 0
+
+    return _with_store(config, load)
+
+
+def _print(text: str) -> None:
+    """Output for a pipe that may close early (`| head`): no traceback, exit quietly."""
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python flushes stdout again at exit; point it at /dev/null so that does not fail too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _users_add(args, config: Config) -> int:
@@ -346,6 +404,44 @@ def _users_add(args, config: Config) -> int:
         may += " (not used: auth_backend is upstream, where the upstream decides)"
     print(f"{'added' if new else 'replaced'} {args.name} in {config.users_file}, sending as {may}; "
           f"`systemctl reload smtpgate` makes serve use it")
+    return 0
+
+
+def _users_list(args, config: Config) -> int:
+    from smtpgate.users import Users, UsersError
+
+    if config.users_file is None:
+        return _fail(f"{config.path.name}: users_file is not set", 2)
+    try:
+        users = Users.load(Path(config.users_file))
+    except UsersError as exc:
+        return _fail(str(exc), 2)
+    if not users.entries:
+        _print(f"no users in {config.users_file}")
+        return 0
+    rows = []
+    for name in users.entries:
+        rights = users.senders.get(name)
+        rows.append(f"{name}\t{', '.join(p.text for p in rights) if rights else 'any sender'}")
+    _print("\n".join(rows))
+    return 0
+
+
+def _users_delete(args, config: Config) -> int:
+    from smtpgate.users import UsersError, delete_user
+
+    if config.users_file is None:
+        return _fail(f"{config.path.name}: users_file is not set", 2)
+    try:
+        deleted = delete_user(Path(config.users_file), args.name)
+    except UsersError as exc:
+        return _fail(str(exc), 2)
+    if not deleted:
+        return _fail(f"no user {args.name} in {config.users_file}", 1)
+    from smtpgate.log import get_logger
+
+    get_logger().info("user.deleted", user=args.name, by=operator_name())
+    print(f"deleted {args.name} from {config.users_file}; `systemctl reload smtpgate` makes serve forget it")
     return 0
 
 

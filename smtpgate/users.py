@@ -300,6 +300,20 @@ def add_user(path: Path, name: str, password: str, *, group: str = SERVICE_GROUP
     return not replaced
 
 
+def delete_user(path: Path, name: str) -> bool:
+    """Remove NAME from the users file (atomically, keeping its owner, group and mode);
+    False when the file has no such user."""
+    if not path.exists():
+        return False
+    lines = _read_lines(path)
+    kept = [line for line in lines if line.lstrip().startswith("#") or line.partition(":")[0] != name]
+    if len(kept) == len(lines):
+        return False
+    st = path.stat()
+    _replace(path, "".join(line + "\n" for line in kept), st.st_uid, st.st_gid, st.st_mode & 0o7777)
+    return True
+
+
 def _entry(name: str, stored: str, senders: tuple[SenderPattern, ...] | None) -> str:
     """One users file line; without a sender list it is the format every version reads."""
     if senders is None:

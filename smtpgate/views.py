@@ -13,7 +13,8 @@ import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 
-from smtpgate.store.base import ActivityRow, ActivityView, LinkRow
+from smtpgate.store.base import ActivityView, LinkRow
+from smtpgate.store.transfer import Backup, export_object
 
 __all__ = ["format_export", "format_list", "format_show", "iso_utc", "parse_since", "show_object"]
 
@@ -168,28 +169,8 @@ def format_list(rows: Sequence[LinkRow], teams: Mapping[str, str], as_json: bool
     )
 
 
-def format_export(
-    activities: Sequence[ActivityRow],
-    links: Sequence[LinkRow],
-    teams: Mapping[str, str],
-    exported_at: datetime,
-) -> str:
-    """`links export --json`: one JSON object with every activity (reference,
-    mailbox, team, created_at) and every link (as `links list --json` gives it)."""
-    return json.dumps(
-        {
-            "exported_at": iso_utc(exported_at),
-            "activities": [
-                {
-                    "reference": row.reference,
-                    "mailbox": row.mailbox,
-                    "team": _team(teams, row.mailbox),
-                    "created_at": iso_utc(row.created_at),
-                }
-                for row in activities
-            ],
-            "links": [_list_object(row, teams) for row in links],
-        },
-        ensure_ascii=False,
-        indent=1,
-    )
+def format_export(backup: Backup, teams: Mapping[str, str], exported_at: datetime) -> str:
+    """`links export --json`: one JSON object with the store's schema version, every activity
+    (reference, mailbox, team, created_at), every link (as `links list --json` gives it) and,
+    when exported with them, the message records (smtpgate.store.transfer)."""
+    return json.dumps(export_object(backup, teams, exported_at), ensure_ascii=False, indent=1)

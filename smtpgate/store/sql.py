@@ -36,6 +36,7 @@ from smtpgate.store.base import (
 from smtpgate.store.errors import AllocationError, LinkConflict, StoreError
 from smtpgate.store.group import GroupCommit
 from smtpgate.store.records import RECORD_LINGER, MessageRecords
+from smtpgate.store.transfer import TransferMixin
 
 if TYPE_CHECKING:
     from smtpgate.store.base import Allocator
@@ -115,7 +116,7 @@ class _Numbers:
         return row is not None
 
 
-class SqlStore(MessageRecords, Store):
+class SqlStore(TransferMixin, MessageRecords, Store):
     """A Store over SQL; subclasses provide `_read`, `_write` and the dialect."""
 
     # Takes the next number atomically; parameters: first_number twice.
