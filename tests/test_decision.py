@@ -51,6 +51,20 @@ def test_without_tag_of_a_merged_recipient_keeps_the_header():
     assert merged.without_tag(PL).header_edits == d.header_edits
 
 
+def test_without_tag_claims_no_reused_link_it_no_longer_carries():
+    pl2, tagged2 = parse_path("PL-Payroll@corp.example"), parse_path("PL-Payroll+9-T@corp.example")
+    d = LinkDecision(
+        message_id="<m@x>", headers=parse_header_block(RAW),
+        recipients=(RecipientDecision(CLIENT, CLIENT),
+                    RecipientDecision(PL, TAGGED, mailbox="pl-payroll@corp.example"),
+                    RecipientDecision(pl2, tagged2, mailbox="pl-payroll@corp.example")),
+        mapping={"pl-payroll@corp.example": "9-T", "hr@corp.example": "5-C"}, links_reused=("9-T", "5-C"))
+    # Another spelling still goes out tagged with 9-T: still reused. Once it too is untagged: not.
+    assert d.without_tag(PL).links_reused == ("9-T", "5-C")
+    assert d.without_tag(PL).without_tag(pl2).links_reused == ("5-C",)
+    assert d.without_tag(CLIENT).links_reused == ("9-T", "5-C")
+
+
 def test_an_envelope_lists_its_addresses():
     from smtpgate.linking.decision import Envelope, EnvelopeRecipient
 

@@ -309,6 +309,14 @@ async def test_upstream_refusing_tags_gets_untagged_delivery(mission):
     event = mission.relayed_events()[-1]
     assert event["recipients"] == [{"original": "pl-payroll@corp.example", "relayed": "pl-payroll@corp.example"}]
     assert event["upstream"] == mission.gate.config.upstream.url
+    # Delivered untagged: the link was made (committed before the dot), but no recipient carries it.
+    assert len(event["links_created"]) == 1
+    # The next message finds that link and is refused its tag again: it claims no reuse.
+    code, _ = await mission.send("uk-payroll+101203-T@corp.example", ["pl-payroll@corp.example"], data)
+    assert code == 250
+    event = mission.relayed_events()[-1]
+    assert mission.sink.messages[-1].rcpt_tos == ["pl-payroll@corp.example"]
+    assert (event["links_created"], event["links_reused"]) == ([], [])
 
 
 async def test_replay_refused_temporarily_gives_451_and_no_dot(mission):

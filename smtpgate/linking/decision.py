@@ -188,4 +188,10 @@ class LinkDecision:
         if tagged is not None:
             kept = {k: v for k, v in self.header_mapping.items() if v.lower() != str(tagged).lower()}
         edits = header_edits(self.headers, kept) if kept != self.header_mapping else self.header_edits
-        return dataclasses.replace(self, recipients=recipients, header_mapping=kept, header_edits=edits)
+        # A reused link no recipient was relayed with any more is not claimed (message.relayed).
+        gone = {self.mapping.get(r.mailbox) for r in self.recipients if r.original == original and r.mailbox}
+        carried = {self.mapping.get(r.mailbox) for r in recipients
+                   if r.mailbox and r.target is not None and r.target.canonical != r.mailbox}
+        reused = tuple(ref for ref in self.links_reused if ref not in gone or ref in carried)
+        return dataclasses.replace(self, recipients=recipients, header_mapping=kept, header_edits=edits,
+                                   links_reused=reused)
