@@ -26,6 +26,11 @@ async def test_relay_to_postfix_delivers_to_maildir(corp_postfix, config_for, st
     assert delivered.endswith(b"line one\r\nline two\r\n") or delivered.endswith(b"line one\nline two\n")
     assert b"Message-ID: <pf1@supplier.example>" in delivered
     assert b"(smtpgate)" in delivered
+    # message.relayed names Postfix's queue id, the one its own log follows the message by.
+    [relayed] = [e for e in log_lines() if e["event"] == "message.relayed"]
+    queue_id = relayed["upstream_queue_id"]
+    assert result.data[1].endswith(f"queued as {queue_id}")
+    assert f" {queue_id}: message-id=<pf1@supplier.example>" in corp_postfix.maillog()
 
 
 async def test_postfix_refusal_reaches_client(corp_postfix, config_for, start_gate, log_lines):

@@ -27,6 +27,7 @@ from smtpgate.mail.headers import HeaderBlock, parse_header_block
 from smtpgate.mail.msgid import message_id_of
 from smtpgate.mail.params import Param, upstream_size, xtext
 from smtpgate.mail.replies import SMTPReply
+from smtpgate.mail.queueid import queue_id
 from smtpgate.mail.required_headers import required_header_problem
 from smtpgate.mail.stamp import StampCheck, Stamper
 from smtpgate.upstream.client import UpstreamAuthError, UpstreamError, UpstreamPool, UpstreamSession, Verdict
@@ -356,6 +357,7 @@ class Transaction:
             size=size,
             upstream=upstream,
             upstream_reply=f"{verdict.code} {verdict.text}",
+            upstream_queue_id=queue_id(verdict.text),
             duration_ms=round((time.monotonic() - self.started) * 1000, 1),
             **self.timings,
             **self.client.log_fields(),
