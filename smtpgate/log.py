@@ -74,15 +74,18 @@ def _level_filter(threshold: int):
 
     def drop_below(_logger, method_name, event_dict):
         level = str(event_dict.get("level", method_name)).upper()
-        if _NUMERIC.get(level, logging.INFO) < threshold:
+        if _NUMERIC.get(level, logging.INFO) < threshold and not event_dict.get("debug_peer"):
             raise structlog.DropEvent
         return event_dict
 
     return drop_below
 
 
-def setup_logging(fmt: str = "json", level: str = "info", stream=None) -> None:
-    """Configure structlog for the process; safe to call again on reload."""
+def setup_logging(fmt: str = "json", level: str = "info", stream=None, *, debug_peers: bool = False) -> None:
+    """Configure structlog for the process; safe to call again on reload.
+
+    debug_peers: some sessions log at debug level whatever `level` says (their events
+    carry `debug_peer`), so debug calls must reach the processors."""
     renderer = (
         structlog.processors.JSONRenderer(sort_keys=False)
         if fmt == "json"
@@ -103,7 +106,8 @@ def setup_logging(fmt: str = "json", level: str = "info", stream=None) -> None:
         ],
         # Info and above always reach the processors so the metrics count them
         # whatever logging.level says; _level_filter drops them from the log.
-        wrapper_class=structlog.make_filtering_bound_logger(min(threshold, logging.INFO)),
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.DEBUG if debug_peers else min(threshold, logging.INFO)),
         logger_factory=lambda *args: _StdoutLogger(stream),
         cache_logger_on_first_use=False,
     )

@@ -103,7 +103,8 @@ class Snapshot:
             settings = SmtpSettings(relay=relay, max_connections=self.config.limits.max_connections,
                                     authenticator=(upstream_authenticator(self.pool) if by_upstream
                                                    else file_authenticator(self.users)),
-                                    sender_rights=None if by_upstream else self.users.may_send_as)
+                                    sender_rights=None if by_upstream else self.users.may_send_as,
+                                    debug_for=debug_for(self.config))
             self._smtp[listener.name] = settings
         return settings
 
@@ -295,6 +296,19 @@ class Gate:
         log.info("shutdown.complete", sessions_closed=len(still_open))
 
 
+def debug_for(config: Config):
+    """Which client addresses get their SMTP commands and replies logged at debug level:
+    every one with logging.level debug, else None (none)."""
+    if config.logging.level == "debug":
+        return lambda _ip: True
+    return None
+
+
+def debug_peers(config: Config) -> bool:
+    """True when some sessions log at debug level while logging.level is above it."""
+    return False
+
+
 def _sockets(listeners: Sequence[Listener]) -> tuple[Listener, ...]:
     """The listeners without what a reload applies to new sessions (their mode)."""
     return tuple(dataclasses.replace(listener, mode="") for listener in listeners)
@@ -320,7 +334,9 @@ def install_signals(gate: Gate, config_path: Path) -> asyncio.Event:
     def reload() -> None:
         sd_notify("RELOADING=1")
         try:
-            gate.reload(load_config(config_path))
+            config = load_config(config_path)
+            gate.reload(config)
+            setup_logging(config.logging.format, config.logging.level, debug_peers=debug_peers(config))
         except ConfigError as exc:
             log.error("config.rejected", path=str(config_path), errors=exc.problems)
         except (UsersError, ReloadRefused) as exc:
@@ -347,7 +363,7 @@ def load_or_report(config_path: Path) -> Config | None:
 async def serve(config_path: Path, config: Config) -> int:
     """`smtpgate serve` with one process (config read from config_path): run until
     SIGTERM/SIGINT; SIGHUP reloads the config from config_path."""
-    setup_logging(config.logging.format, config.logging.level)
+    setup_logging(config.logging.format, config.logging.level, debug_peers=debug_peers(config))
     gate = Gate(config)
     if not await start_or_report(gate):
         return 1

@@ -51,7 +51,8 @@ from smtpgate.config import Config, ConfigError, Listener, load_config
 from smtpgate.frontends.milter.server import SOCKET_MODE as MILTER_SOCKET_MODE
 from smtpgate.log import get_logger, route_stray_output, setup_logging
 from smtpgate.runtime import loop as event_loop
-from smtpgate.runtime.gate import Gate, StartupError, install_signals, load_or_report, serve, start_or_report
+from smtpgate.runtime.gate import (Gate, StartupError, debug_peers, install_signals, load_or_report, serve,
+                                   start_or_report)
 from smtpgate.runtime.notify import sd_notify
 
 log = get_logger()
@@ -89,7 +90,7 @@ def serve_main(config_path: Path) -> int:
             _empty_metrics_dir(Path(metrics_dir))
         if config.workers == 1:
             return event_loop.run(serve(config_path, config))
-        setup_logging(config.logging.format, config.logging.level)
+        setup_logging(config.logging.format, config.logging.level, debug_peers=debug_peers(config))
         return Supervisor(config_path, config).run()
     finally:
         if owned:

@@ -388,12 +388,22 @@ class _Commands(dict):
         self.unknown = unknown
         self.verb: str | None = None
         self.recording = True
+        self.seen: Callable[[str, str | None], None] | None = None  # debugging: told of each command
 
     def get(self, verb, default=None):
         found = super().get(verb)
         if self.recording:
             self.verb = verb if found is not None else "UNKNOWN"
-        return found if found is not None else partial(self.unknown, verb)
+        method = found if found is not None else partial(self.unknown, verb)
+        seen = self.seen
+        if seen is None or not self.recording:
+            return method
+
+        async def traced(arg: str | None) -> None:
+            seen(verb, arg)
+            await method(arg)
+
+        return traced
 
 
 class GlueSession(Session):

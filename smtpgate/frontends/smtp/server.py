@@ -43,6 +43,8 @@ class SmtpSettings:
     max_connections: int
     # (user, address) -> may that user send as that address (auth_backend: file sender lists)
     sender_rights: Callable[[str, Address | None], bool] | None = None
+    # client address -> log this session's commands and replies at debug level
+    debug_for: Callable[[str], bool] | None = None
 
 
 class GateSMTP(GlueSMTP):
@@ -80,6 +82,8 @@ class GateSMTP(GlueSMTP):
             self.log = self.log.bind(client_ip=str(peer[0]))
             self.log.info("session.opened", peer=str(peer[0]), port=peer[1] if len(peer) > 1 else None,
                           **self._cert_fields())
+            if self.settings.debug_for is not None and self.settings.debug_for(str(peer[0])):
+                self.debug_session()
         if ssl_object is not None:
             cipher = ssl_object.cipher()
             self.log.info("session.tls", tls_version=ssl_object.version(), cipher=cipher[0] if cipher else None,
@@ -160,7 +164,15 @@ class GateSMTP(GlueSMTP):
                 pass  # a TLS transport whose client went away mid-close: nothing to tell
         transport.close()
 
+    def debug_session(self) -> None:
+        """Log this session's commands (never AUTH's credentials) and replies at debug level."""
+        self.log = self.log.bind(debug_peer=True)
+        self._smtp_methods.seen = lambda verb, arg: self.log.debug(
+            "smtp.command", verb=verb, arg=(arg or "").split(" ", 1)[0] if verb == "AUTH" else (arg or "")[:512])
+
     async def push(self, status) -> None:
+        if self._smtp_methods.seen is not None:
+            self.log.debug("smtp.reply", reply=status if isinstance(status, str) else status.decode("utf-8", "replace"))
         if isinstance(status, str):
             if status in DATA_REFUSALS and self.tx is not None:
                 self.log.info("message.rejected", code=int(status[:3]), reason=DATA_REFUSALS[status],

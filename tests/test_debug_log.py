@@ -1,0 +1,42 @@
+"""logging.level: debug logs each SMTP command and reply of a session (never AUTH's credentials)."""
+
+from __future__ import annotations
+
+from smtpgate.config import load_config
+from tests.conftest import write_config
+from tests.support.sink import client_tls_context
+from tests.support.smtp import send
+from tests.test_tls_auth import listener_yaml
+
+BODY = b"Subject: debug\r\nMessage-ID: <debug@corp.example>\r\n\r\nbody\r\n"
+
+
+def config(tmp_path, sink, extra: str):
+    return load_config(write_config(tmp_path, listener_yaml(tmp_path, "optional") + f"""\
+upstream:
+  url: smtp://127.0.0.1:{sink.port}
+internal_domains: [corp.example]
+store:
+  url: sqlite:smtpgate.db
+  auto_upgrade: true
+""" + extra))
+
+
+async def relay(tmp_path, port):
+    tls = client_tls_context(str(tmp_path / "tls" / "test-cert.pem"))
+    result = await send("127.0.0.1", port, mail_from="jane@corp.example", rcpt_tos=["b@x.example"], data=BODY,
+                        starttls=True, tls_context=tls, login=("jane", "s3cret pass"))
+    assert result.data[0] == 250
+
+
+async def test_debug_level_logs_each_command_and_reply(tmp_path, sink, start_gate, log_lines):
+    gate, port = await start_gate(config(tmp_path, sink, "logging:\n  level: debug\n"))
+    await relay(tmp_path, port)
+    events = log_lines()
+    commands = [(e["verb"], e["arg"]) for e in events if e["event"] == "smtp.command"]
+    assert commands == [("EHLO", "client.test"), ("STARTTLS", ""), ("EHLO", "client.test"), ("AUTH", "PLAIN"),
+                        ("MAIL", "FROM:<jane@corp.example>"), ("RCPT", "TO:<b@x.example>"), ("DATA", ""),
+                        ("QUIT", "")]
+    replies = [e["reply"][:3] for e in events if e["event"] == "smtp.reply"]
+    assert replies[0] == "220" and "235" in replies and replies[-1] == "221"
+    assert not any("s3cret" in str(e) or "amFuZQ" in str(e) for e in events)  # no password, no base64 of it
