@@ -105,6 +105,7 @@ async def open_store(
     check_schema: bool = True,
     timeout: float = 30.0,
     read_only: bool = False,
+    password: str | None = None,
 ) -> Store:
     """A connected Store for `store.url`, its schema checked.
 
@@ -114,6 +115,7 @@ async def open_store(
     to exceed the allocator's own timeout (the http allocator's), since
     other writers may wait for an allocation in progress.
     With read_only, nothing is created, initialised or upgraded.
+    password: PostgreSQL's (store.password_file), kept out of the URL.
     Raises StoreError for a bad URL or an unreachable database, and
     SchemaOutdated and StoreMissing as described in the module docstring.
     """
@@ -132,7 +134,7 @@ async def open_store(
     elif scheme in ("postgresql", "postgres"):
         from smtpgate.store.postgres import PostgresStore
 
-        pg_store = PostgresStore(url, allocator, timeout=timeout, read_only=read_only)
+        pg_store = PostgresStore(url, allocator, timeout=timeout, read_only=read_only, password=password)
         await pg_store.connect()
         store = pg_store
     else:

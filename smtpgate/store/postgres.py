@@ -41,6 +41,8 @@ _PLACEHOLDER = re.compile(r"\?")
 # look-ups' own connection.
 RECORDS_APPLICATION = "smtpgate records"
 LOOKUPS_APPLICATION = "smtpgate look-ups"
+READS_APPLICATION = "smtpgate reads"
+WRITES_APPLICATION = "smtpgate writes"
 # How long after a look-up connection failed the next one is opened (the read pool serves meanwhile).
 LOOKUPS_RETRY_SECONDS = 1.0
 # Every write transaction notifies this channel at its commit; each process listens on its
@@ -148,9 +150,11 @@ class PostgresStore(SqlStore):
         timeout: float = 30.0,
         pool_size: int = 10,
         read_only: bool = False,
+        password: str | None = None,
     ) -> None:
         super().__init__(allocator)
         self.dsn = dsn
+        self._password = password  # store.password_file's; asyncpg lets it override one in the URL
         self.label = redact_url(dsn)
         self.read_only = read_only
         self._timeout = timeout
@@ -179,9 +183,9 @@ class PostgresStore(SqlStore):
         try:
             # Look-ups change no session state (no SET, LISTEN, cursor or lock):
             # a connection goes back without asyncpg's reset query, a round trip.
-            self._reads = await self._open_pool(reset=_keep_session)
+            self._reads = await self._open_pool(READS_APPLICATION, reset=_keep_session)
             # Read-only there are no writes to keep look-ups from: one pool.
-            self._writes = self._reads if self.read_only else await self._open_pool()
+            self._writes = self._reads if self.read_only else await self._open_pool(WRITES_APPLICATION)
             self._lookups = await self._listen(await self._connect(LOOKUPS_APPLICATION))
         except asyncpg.InvalidCatalogNameError as exc:
             await self.close()
@@ -190,21 +194,26 @@ class PostgresStore(SqlStore):
             await self.close()
             raise StoreError(f"{self.label}: {exc}") from exc
 
-    async def _connect(self, application: str) -> asyncpg.Connection:
+    def _settings(self, application: str) -> dict[str, str]:
+        # application_name: pg_stat_activity names each pool and connection ("smtpgate reads", ...).
         settings = {"application_name": application}
         if self.read_only:
             settings["default_transaction_read_only"] = "on"
-        return await asyncpg.connect(self.dsn, timeout=self._timeout, command_timeout=self._timeout,
-                                     server_settings=settings)
+        return settings
 
-    async def _open_pool(self, **options: Any) -> asyncpg.Pool:
+    async def _connect(self, application: str) -> asyncpg.Connection:
+        return await asyncpg.connect(self.dsn, password=self._password, timeout=self._timeout,
+                                     command_timeout=self._timeout, server_settings=self._settings(application))
+
+    async def _open_pool(self, application: str, **options: Any) -> asyncpg.Pool:
         return await asyncpg.create_pool(
             self.dsn,
+            password=self._password,
             min_size=1,
             max_size=self._pool_size,
             timeout=self._timeout,
             command_timeout=self._timeout,
-            server_settings={"default_transaction_read_only": "on"} if self.read_only else None,
+            server_settings=self._settings(application),
             **options,
         )
 
