@@ -117,9 +117,6 @@ def get_logger(**bound):
     return structlog.get_logger().bind(**bound) if bound else structlog.get_logger()
 
 
-_LIBRARY_LEVELS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning"}
-
-
 class _LibraryHandler(logging.Handler):
     """The standard library's logging (aiosmtpd, asyncio, warnings) as smtpgate JSON events.
 
@@ -129,11 +126,13 @@ class _LibraryHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            level = _LIBRARY_LEVELS.get(record.levelno, "error")
             fields = {"logger": record.name, "message": record.getMessage()}
             if record.exc_info:
                 fields["exc_info"] = record.exc_info
-            get_logger().log(_LEVELS[level], "library.log", **fields)
+            if record.levelno >= logging.ERROR:
+                get_logger().error("library.log", **fields)
+            else:  # the root logger passes nothing below warning
+                get_logger().warning("library.log", **fields)
         except Exception:  # noqa: BLE001 - a log line must never break a session
             pass
 

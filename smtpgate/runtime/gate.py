@@ -7,7 +7,6 @@ listener is an aiosmtpd protocol served by `loop.create_server`.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import signal
 import socket
 import ssl
@@ -86,7 +85,7 @@ class Snapshot:
         """This snapshot's version of a listener that is serving: its mode may have changed."""
         for listener in self.config.listeners:
             if listener.name == serving.name:
-                return dataclasses.replace(serving, mode=listener.mode)
+                return serving.model_copy(update={"mode": listener.mode})
         return serving  # removed from the file: it serves as it was until a restart
 
     def smtp(self, listener: Listener) -> SmtpSettings:
@@ -154,7 +153,7 @@ class Gate:
         if sockets is None:
             sockets = [(listener, ()) for listener in self.config.listeners]
         else:  # bound by the supervisor for the listeners of its first config
-            self.started = dataclasses.replace(self.config, listeners=tuple(lst for lst, _ in sockets))
+            self.started = self.config.model_copy(update={"listeners": tuple(lst for lst, _ in sockets)})
         for listener, bound in sockets:
             await self._listen(listener, bound)
         if admin and self.config.admin.listen:
@@ -311,7 +310,7 @@ def debug_peers(config: Config) -> bool:
 
 def _sockets(listeners: Sequence[Listener]) -> tuple[Listener, ...]:
     """The listeners without what a reload applies to new sessions (their mode)."""
-    return tuple(dataclasses.replace(listener, mode="") for listener in listeners)
+    return tuple(listener.model_copy(update={"mode": None}) for listener in listeners)
 
 
 async def start_or_report(gate: Gate, *args, **kwargs) -> bool:
