@@ -199,8 +199,8 @@ def _serve(args) -> int:
 
 def _check_config(args, config: Config) -> int:
     print(config.show() if args.show else config.summary(), end="" if args.show else "\n")
-    for warning in config.warnings:  # not errors: the file is usable as it stands
-        print(warning, file=sys.stderr)
+    for warning in config.warnings:  # not errors (exit 0): the file is usable as it stands
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 

@@ -237,7 +237,7 @@ def test_show_fills_in_defaults_and_redacts_secrets(tmp_path):
     shown = yaml.safe_load(result.stdout)
     assert shown["store"] == {
         "url": "postgresql://smtpgate:[redacted]@db.corp.example/smtpgate?sslpassword=[redacted]",
-        "keep_messages_days": 400, "auto_upgrade": False, "timeout": 30,
+        "password_file": None, "keep_messages_days": 400, "auto_upgrade": False, "timeout": 30,
     }
     assert shown["listeners"][0]["mode"] == "enforce" and shown["listeners"][0]["tls_ciphers"] == ""
     assert shown["limits"]["max_message_size"] == 36700160

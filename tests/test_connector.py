@@ -418,7 +418,9 @@ def test_check_config_warns_of_a_microsoft_certificate_without_required_headers(
     tls = f"    tls: starttls\n    tls_cert: {cert}\n    tls_key: {key}\n    tls_client_ca: {pki['ca']}\n"
     result = check_config(tmp_path, pki, tls + "    relay_client_cert_names: [mail.protection.outlook.com]\n")
     assert result.returncode == 0 and ": ok:" in result.stdout
-    assert "warning: mail.protection.outlook.com is the certificate of every Microsoft 365 tenant" in result.stderr
+    assert result.stderr.startswith("warning: smtpgate.yaml:")
+    assert ("relay_client_cert_names: mail.protection.outlook.com is the certificate of every Microsoft 365 "
+            "tenant") in result.stderr
     guarded = check_config(tmp_path, pki, tls + "    relay_client_cert_names: [mail.protection.outlook.com]\n"
                            f"    required_headers:\n      X-MS-Exchange-CrossTenant-Id: [{TENANT}]\n")
     assert guarded.returncode == 0 and guarded.stderr == ""

@@ -40,3 +40,20 @@ async def test_debug_level_logs_each_command_and_reply(tmp_path, sink, start_gat
     replies = [e["reply"][:3] for e in events if e["event"] == "smtp.reply"]
     assert replies[0] == "220" and "235" in replies and replies[-1] == "221"
     assert not any("s3cret" in str(e) or "amFuZQ" in str(e) for e in events)  # no password, no base64 of it
+
+
+async def test_debug_peers_turn_debug_on_for_chosen_clients_only(tmp_path, sink, start_gate, log_lines):
+    from smtpgate.log import setup_logging
+
+    setup_logging("json", "info", debug_peers=True)  # as serve sets it up for this config
+    try:
+        gate, port = await start_gate(config(tmp_path, sink, "logging:\n  debug_peers: [192.0.2.10, 10.1.0.0/16]\n"))
+        await relay(tmp_path, port)  # from 127.0.0.1: not a debug peer
+        assert not [e for e in log_lines() if e["event"].startswith("smtp.") or e["level"] == "debug"]
+        gate.reload(config(tmp_path, sink, "logging:\n  debug_peers: [127.0.0.0/8]\n"))
+        await relay(tmp_path, port)
+        commands = [e for e in log_lines() if e["event"] == "smtp.command"]
+        assert [e["verb"] for e in commands][:2] == ["EHLO", "STARTTLS"]
+        assert all(e["level"] == "debug" and e["debug_peer"] and e["client_ip"] == "127.0.0.1" for e in commands)
+    finally:
+        setup_logging("json", "debug")

@@ -138,3 +138,69 @@ def is_private(network: Network) -> bool:
 def public_network_problem(network: Network) -> str:
     return (f"{network} is not a private network: every host in it could relay through smtpgate "
             f"without AUTH (set allow_public_relay_networks: true on this listener if that is intended)")
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """localhost, or a loopback address."""
+    if host is None or host == "localhost":
+        return host is not None
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def empty_secret_problem(path: Path | None) -> str | None:
+    """Why a secret file cannot serve (it holds nothing), or None."""
+    if path is None or holds_text(path):
+        return None
+    return f"{path} is empty: write the secret in it (one line)"
+
+
+_HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+
+
+def hostname(value: str) -> str:
+    """A host name for the greeting, EHLO and Received: (RFC 1123), or an address literal."""
+    if value.startswith("[") and value.endswith("]") or _HOSTNAME.fullmatch(value):
+        return value
+    raise ValueError(f'"{value}" is not a host name (letters, digits, hyphens and dots, no spaces): it '
+                     f"goes into the greeting, EHLO and Received:; write one such as relay.corp.example")
+
+
+def template_problem(template: str, first_number: int, matches) -> str | None:
+    """Why references a new_reference template makes would not be recognised as references."""
+    made = template.format(n=first_number)
+    if matches(made):
+        return None
+    return (f'"{template}" makes references such as {made}, which references.pattern does not match: '
+            f"smtpgate would tag addresses its own replies cannot recognise; change the template or the pattern")
+
+
+def same_address_problem(first: str, second: str, first_name: str) -> str | None:
+    """Why two listeners cannot both listen where they say (None when they can)."""
+    from smtpgate.config.fields import parse_hostport
+
+    if first.startswith("/") or second.startswith("/"):
+        return f"{second} is also listener {first_name}'s socket: give each its own" if first == second else None
+    a, b = parse_hostport(first), parse_hostport(second)
+    if a is None or b is None or a[1] != b[1] or a[1] == 0:
+        return None
+    if a[0] != b[0]:
+        try:
+            ip_a, ip_b = ipaddress.ip_address(a[0]), ipaddress.ip_address(b[0])
+        except ValueError:
+            return None  # a host name: only the same name is known to collide
+        # A wildcard takes the port on every address of its family (IPv6 listeners are v6-only).
+        if ip_a.version != ip_b.version or not (ip_a.is_unspecified or ip_b.is_unspecified):
+            return None
+    return (f"{second} overlaps listener {first_name}'s {first}: serve could not listen on both "
+            f"(address already in use); give each listener its own port")
+
+
+_URL_PASSWORD = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#@:]*:[^/?#@]+@")
+
+
+def url_has_password(url: str) -> bool:
+    """True when url's user info holds a password (`postgresql://user:pw@host/db`)."""
+    return bool(_URL_PASSWORD.match(url))

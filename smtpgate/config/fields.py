@@ -81,9 +81,15 @@ UsersFile = Annotated[Path, PlainValidator(lambda v, info: checks.users_file(_pa
 
 def _network(text: str):
     try:
-        return ipaddress.ip_network(text, strict=False)
+        network = ipaddress.ip_network(text, strict=False)
     except ValueError:
         raise ValueError(f'not a network: "{text}"') from None
+    given = text.split("/", 1)[0]
+    if "/" in text and ipaddress.ip_address(given) != network.network_address:
+        # 10.1.2.3/8 would silently mean all of 10.0.0.0/8.
+        raise ValueError(f'"{text}" has host bits set: write {network} for the whole network, '
+                         f'or {given}/{network.max_prefixlen} for that one host')
+    return network
 
 
 def _domain(text: str) -> str:

@@ -25,7 +25,7 @@ from smtpgate.config.fields import (
     UpstreamUrl, UsersFile, parse_hostport, upstream_target,
 )
 from smtpgate.linking.plan import CoreSettings, MailboxInfo
-from smtpgate.linking.references import DEFAULT_PATTERN
+from smtpgate.linking.references import DEFAULT_PATTERN, ReferenceMatcher
 from smtpgate.mail.addresses import AddressError, parse_mailbox
 from smtpgate.mail.stamp import DEFAULT_HEADER, MIN_SECRET_OCTETS, Stamper
 from smtpgate.redact import REDACTED, is_secret_key, redact_url
@@ -174,6 +174,12 @@ class OAuth2(Section):
     client_secret_file: ReadableFile
     scope: Text = "https://outlook.office365.com/.default"
 
+    @model_validator(mode="after")
+    def _rules(self) -> OAuth2:
+        refuse([Problem(("client_secret_file",), problem)
+                for problem in [checks.empty_secret_problem(self.client_secret_file)] if problem])
+        return self
+
     def client_secret(self) -> str:
         """The secret, read from its file at each call (so a rotated secret needs no reload)."""
         return self.client_secret_file.read_text(encoding="utf-8").strip()
@@ -253,6 +259,8 @@ class Upstream(Section):
         if auth in ("none", "xoauth2") and self.password_file is not None:
             found.append(Problem(("password_file",),
                                  f"password_file is used only with auth: password (auth is {auth})"))
+        if (problem := checks.empty_secret_problem(self.password_file)) is not None:
+            found.append(Problem(("password_file",), problem))
         return found
 
     def _certificate_problems(self) -> list[Problem]:
@@ -368,6 +376,8 @@ class Allocator(Section):
             refuse([Problem(("url",), "kind: http needs url")])
         if self.kind == "http" and not self.url.startswith(("http://", "https://")):
             refuse([Problem(("url",), f'expected an http(s) URL, got "{self.url}"')])
+        refuse([Problem(("token_file",), problem)
+                for problem in [checks.empty_secret_problem(self.token_file)] if problem])
         return self
 
     def token(self) -> str | None:
@@ -378,9 +388,31 @@ class Allocator(Section):
 
 class Store(Section):
     url: StoreUrl = "sqlite:var/smtpgate.db"
+    password_file: ReadableFile | None = None  # PostgreSQL's password, kept out of a readable config
     keep_messages_days: PositiveCount = 400
     auto_upgrade: bool = False
     timeout: Seconds = 30.0
+
+    @model_validator(mode="after")
+    def _rules(self) -> Store:
+        if self.password_file is None:
+            return self
+        problems = []
+        if not self.url.startswith("postgres"):
+            problems.append(Problem(("password_file",), "is used only with a postgresql:// store.url"))
+        elif checks.url_has_password(self.url):
+            problems.append(Problem(("url",), "holds a password and store.password_file is set too: "
+                                    "remove the password from the URL"))
+        if (problem := checks.empty_secret_problem(self.password_file)) is not None:
+            problems.append(Problem(("password_file",), problem))
+        refuse(problems)
+        return self
+
+    def password(self) -> str | None:
+        """store.password_file's first line, read at each call (a rotated password needs no reload)."""
+        if self.password_file is None:
+            return None
+        return self.password_file.read_text(encoding="utf-8").strip()
 
 
 class Inbound(Section):
@@ -402,6 +434,20 @@ class Limits(Section):
 class Logging(Section):
     format: Literal["json", "console"] = "json"
     level: Literal["debug", "info", "warning", "error"] = "info"
+    # Client addresses whose SMTP sessions log at debug level whatever `level` says (debug_peer_list).
+    debug_peers: tuple[Network, ...] = ()
+
+    def debug_for(self, ip: str) -> bool:
+        """True when the session of a client at ip logs its commands and replies."""
+        if self.level == "debug":
+            return True
+        try:
+            addr = ipaddress.ip_address(ip.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        return any(addr.version == net.version and addr in net for net in self.debug_peers)
 
 
 class AdminToken(Section):
@@ -470,6 +516,12 @@ class Config(Section):
     admin: Admin = Field(default_factory=Admin)
     stamp: Stamp = Field(default_factory=Stamp)
     _path: Path = PrivateAttr(default=Path("smtpgate.yaml"))
+    _warning_lines: tuple[str, ...] = PrivateAttr(default=())
+
+    @field_validator("hostname")
+    @classmethod
+    def _hostname(cls, value: str) -> str:
+        return checks.hostname(value)
 
     @field_validator("listeners")
     @classmethod
@@ -480,6 +532,8 @@ class Config(Section):
         names = [lst.name for lst in value]
         refuse([Problem((), f'duplicate listener name "{dup}"')
                 for dup in sorted({n for n in names if names.count(n) > 1})])
+        refuse([Problem((i, "address"), problem) for i, lst in enumerate(value) for earlier in value[:i]
+                if (problem := checks.same_address_problem(earlier.address, lst.address, earlier.name))])
         mode = info.data.get("mode", "enforce")
         return tuple(lst if lst.mode else lst.model_copy(update={"mode": mode}) for lst in value)
 
@@ -506,12 +560,43 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _rules(self) -> Config:
+        problems = []
         if self.auth_backend == "upstream" and self.upstream.scheme not in ("smtps", "smtp+starttls"):
             # The clients' own passwords go to the upstream: only ever over TLS.
-            refuse([Problem(("auth_backend",), "upstream sends each client's password to the upstream, so "
-                            "upstream.url must be smtps:// or smtp+starttls:// "
-                            f"(it is {self.upstream.scheme}:)")])
+            problems.append(Problem(("auth_backend",), "upstream sends each client's password to the upstream, "
+                                    "so upstream.url must be smtps:// or smtp+starttls:// "
+                                    f"(it is {self.upstream.scheme}:)"))
+        if self.allocator.kind == "local":
+            matches = ReferenceMatcher(self.references.pattern).fullmatch
+            problems += [Problem(("mailboxes", i, "new_reference"), problem) for i, mb in enumerate(self.mailboxes)
+                         if mb.new_links == "create"
+                         and (problem := checks.template_problem(mb.new_reference, self.allocator.first_number,
+                                                                 matches))]
+        if self.auth_backend == "file" and (self.users_file is None or not self.users_file.exists()):
+            where = "users_file is not set" if self.users_file is None else f"{self.users_file} does not exist"
+            problems += [Problem(("listeners", i, "auth"), f"required, but {where}: no client could log in; "
+                                 "`smtpgate users add NAME` creates it")
+                         for i, lst in enumerate(self.listeners) if lst.auth == "required"]
+        refuse(problems)
         return self
+
+    def warning_problems(self) -> list[Problem]:
+        """What may be intended but is usually a mistake: check-config prints each, serve logs it."""
+        found = [Problem(("listeners", i, "relay_client_cert_names"), warning)
+                 for i, lst in enumerate(self.listeners) if (warning := lst.connector_warning())]
+        up = self.upstream
+        if up.auth == "password" and up.scheme == "smtp" and not checks.is_loopback_host(up.host):
+            found.append(Problem(("upstream", "auth"), f"password over plain {up.url} sends the password in "
+                                 "clear: use smtp+starttls:// or smtps://"))
+        if self.store.url.startswith("postgres") and checks.url_has_password(self.store.url):
+            found.append(Problem(("store", "url"), "holds the password, in a file others may read: "
+                                 "put it in store.password_file (mode 0640, group smtpgate)"))
+        listen = parse_hostport(self.admin.listen) if self.admin.listen else None
+        if listen is not None and not checks.is_loopback_host(listen[0]) and not getattr(self.admin, "tls_cert", None):
+            found.append(Problem(("admin", "listen"), f"{self.admin.listen} is reachable from other hosts over "
+                                 "plain HTTP: tokens and sign-ins cross the network in clear; listen on 127.0.0.1 "
+                                 "behind a TLS proxy, or give it TLS"))
+        return found
 
     @property
     def path(self) -> Path:
@@ -534,9 +619,9 @@ class Config(Section):
 
     @property
     def warnings(self) -> tuple[str, ...]:
-        """What check-config prints as warnings (the file is usable as it stands); serve logs them."""
-        return tuple(f"{self.path.name}: listeners[{i}].relay_client_cert_names: warning: {warning}"
-                     for i, lst in enumerate(self.listeners) if (warning := lst.connector_warning()))
+        """`file:line: key: warning` for each of warning_problems(), as loaded: what check-config
+        prints as `warning:` (the file is usable as it stands); serve logs each as config.warning."""
+        return self._warning_lines
 
     def teams(self) -> dict[str, str]:
         """Mailbox canonical address -> team name."""

@@ -57,6 +57,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     if source.problems or config is None:
         raise ConfigError(source.lines())
     config._path = path.resolve()
+    for problem in config.warning_problems():
+        source.problem(problem.key, problem.message, source._node(problem.key))
+    config._warning_lines = tuple(source.lines())
     return config
 
 

@@ -60,6 +60,7 @@ async def open_configured_store(config: Config, **kwargs) -> Store:
         allocator=make_allocator(config),
         auto_upgrade=config.store.auto_upgrade,
         timeout=config.store.timeout,
+        password=config.store.password(),
         **kwargs,
     )
 
@@ -296,16 +297,23 @@ class Gate:
 
 
 def debug_for(config: Config):
-    """Which client addresses get their SMTP commands and replies logged at debug level:
-    every one with logging.level debug, else None (none)."""
-    if config.logging.level == "debug":
-        return lambda _ip: True
+    """Which client addresses get their SMTP commands and replies logged at debug level
+    (logging.level debug: every one; logging.debug_peers), or None for none."""
+    if config.logging.level == "debug" or config.logging.debug_peers:
+        return config.logging.debug_for
     return None
 
 
 def debug_peers(config: Config) -> bool:
     """True when some sessions log at debug level while logging.level is above it."""
-    return False
+    return bool(config.logging.debug_peers)
+
+
+def log_warnings(config: Config) -> None:
+    """The file's warnings (what check-config prints as `warning:`), at a reload (Gate.start logs
+    them at start)."""
+    for warning in config.warnings:
+        log.warning("config.warning", problem=warning)
 
 
 def _sockets(listeners: Sequence[Listener]) -> tuple[Listener, ...]:
@@ -336,6 +344,7 @@ def install_signals(gate: Gate, config_path: Path) -> asyncio.Event:
             config = load_config(config_path)
             gate.reload(config)
             setup_logging(config.logging.format, config.logging.level, debug_peers=debug_peers(config))
+            log_warnings(config)
         except ConfigError as exc:
             log.error("config.rejected", path=str(config_path), errors=exc.problems)
         except (UsersError, ReloadRefused) as exc:
