@@ -113,7 +113,7 @@ def pem_key_problem(path: Path, cert: Path) -> str | None:
 def refuse_passphrase() -> bytes:
     """The password callback for a client key: OpenSSL would otherwise prompt on the
     terminal, which hangs a service."""
-    raise ValueError("the private key is encrypted; smtpgate needs an unencrypted key file (mode 0600)")
+    raise ValueError("the private key is encrypted; smtpgate needs an unencrypted key file (root:smtpgate 0640)")
 
 
 def client_certificate_problem(cert: Path, key: Path) -> tuple[str, str] | None:
