@@ -65,6 +65,11 @@ async def test_sighup_switches_observe_and_enforce_both_ways_for_new_sessions(tm
         reloaded = await reload(mode="observe", listener_mode="enforce")
         assert reloaded["needs_restart"] is None
         assert await relayed_to(port, sink, 4) == tagged
+
+        # And the top-level mode back to observe: nothing is tagged any more.
+        reloaded = await reload(mode="observe")
+        assert reloaded["needs_restart"] is None
+        assert await relayed_to(port, sink, 5) == RCPTS
     finally:
         served.proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(served.proc.wait(), 30) == 0
