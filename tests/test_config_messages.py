@@ -257,7 +257,7 @@ def certs(tmp_path_factory):
       "not a PEM certificate and PEM private key"]),
     ("smtps://mail.corp.example", "cert", "encrypted_key",
      ["smtpgate.yaml:8: upstream.tls_client_key: cannot use {encrypted_key}: the private key is encrypted; "
-      "smtpgate needs an unencrypted key file (mode 0600)"]),
+      "smtpgate needs an unencrypted key file (root:smtpgate 0640)"]),
     ("smtps://mail.corp.example", "cert", None,
      ["smtpgate.yaml:6: upstream.tls_client_cert: tls_client_cert and tls_client_key go together"]),
 ])

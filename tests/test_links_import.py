@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from smtpgate.config import load_config
+from smtpgate.store.migrations import SQLITE, latest
 from tests.conftest import BASE_CONFIG, write_config
 from tests.store_helpers import pg_database, store_url  # noqa: F401  (fixtures)
 from tests.support.smtp import send
@@ -125,8 +126,8 @@ def test_an_export_from_a_newer_schema_or_a_broken_file_is_refused(tmp_path):
     refused = smtpgate("links", "import", str(newer), "-c", str(config))
     assert refused.returncode == 2
     assert refused.stderr == (f"smtpgate: links import: {newer}: exported from a store with schema version 99, "
-                              "newer than this smtpgate knows (1): import it with that smtpgate version or a "
-                              "newer one\n")
+                              f"newer than this smtpgate knows ({latest(SQLITE)}): import it with that smtpgate "
+                              "version or a newer one\n")
     broken = tmp_path / "broken.json"
     broken.write_text(json.dumps({"links": [{"source": {"reference": "1-T"}, "target": {"reference": "2-T"},
                                              "created_at": "yesterday"}]}))

@@ -74,7 +74,7 @@ def export_object(backup: Backup, teams: Mapping[str, str], exported_at: datetim
         shown["messages"] = [
             {"message_id": m.message_id, "date": m.date, "from": m.from_, "subject": m.subject,
              "source_reference": m.source_reference, "recipients": list(m.recipients),
-             "mapping": dict(m.mapping), "relayed_at": _iso(m.relayed_at)}
+             "mapping": dict(m.mapping), "relayed_at": _iso(m.relayed_at), "shared": list(m.shared)}
             for m in backup.messages
         ]
     return shown
@@ -167,7 +167,8 @@ def _message(r: _Reader, item: Any, where: str) -> MessageRecord:
         message_id=r.get(item, "message_id", where, str), date=r.get(item, "date", where, str, optional=True),
         from_=r.get(item, "from", where, str, optional=True), subject=r.get(item, "subject", where, str, optional=True),
         source_reference=r.get(item, "source_reference", where, str, optional=True),
-        recipients=r.strings(item, "recipients", where), mapping=mapping, relayed_at=r.time(item, "relayed_at", where))
+        recipients=r.strings(item, "recipients", where), mapping=mapping, relayed_at=r.time(item, "relayed_at", where),
+        shared=r.strings(item, "shared", where) if item.get("shared") is not None else [])
 
 
 # ---------------------------------------------------------------- the store side
@@ -181,11 +182,12 @@ class TransferMixin:
         await self.records.settled()  # type: ignore[attr-defined]
         async with self._read() as tx:  # type: ignore[attr-defined]
             rows = await tx.fetchall(
-                "SELECT message_id, date, from_addr, subject, source_reference, recipients, mapping, relayed_at"
-                " FROM messages ORDER BY relayed_at, id")
+                "SELECT message_id, date, from_addr, subject, source_reference, recipients, mapping, relayed_at,"
+                " shared FROM messages ORDER BY relayed_at, id")
         return [MessageRecord(message_id=r[0], date=r[1], from_=r[2], subject=r[3], source_reference=r[4],
                               recipients=list(json.loads(r[5])), mapping=dict(json.loads(r[6])),
-                              relayed_at=self._dt(r[7]))  # type: ignore[attr-defined]
+                              relayed_at=self._dt(r[7]),  # type: ignore[attr-defined]
+                              shared=list(json.loads(r[8])) if r[8] else [])
                 for r in rows]
 
     async def import_backup(self, backup: Backup) -> ImportCounts:
