@@ -177,14 +177,13 @@ def template_problem(template: str, first_number: int, matches) -> str | None:
             f"smtpgate would tag addresses its own replies cannot recognise; change the template or the pattern")
 
 
-def same_address_problem(first: str, second: str, first_name: str) -> str | None:
-    """Why two listeners cannot both listen where they say (None when they can)."""
-    from smtpgate.config.fields import parse_hostport
-
-    if first.startswith("/") or second.startswith("/"):
+def same_address_problem(first: str, second: str, first_name: str,
+                         a: tuple[str, int] | None, b: tuple[str, int] | None) -> str | None:
+    """Why two listeners cannot both listen where they say (None when they can); a and b
+    are their (host, port), None for a unix socket path."""
+    if a is None or b is None:
         return f"{second} is also listener {first_name}'s socket: give each its own" if first == second else None
-    a, b = parse_hostport(first), parse_hostport(second)
-    if a is None or b is None or a[1] != b[1] or a[1] == 0:
+    if a[1] != b[1] or a[1] == 0:
         return None
     if a[0] != b[0]:
         try:

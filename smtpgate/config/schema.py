@@ -533,7 +533,10 @@ class Config(Section):
         refuse([Problem((), f'duplicate listener name "{dup}"')
                 for dup in sorted({n for n in names if names.count(n) > 1})])
         refuse([Problem((i, "address"), problem) for i, lst in enumerate(value) for earlier in value[:i]
-                if (problem := checks.same_address_problem(earlier.address, lst.address, earlier.name))])
+                if (problem := checks.same_address_problem(
+                    earlier.address, lst.address, earlier.name,
+                    None if earlier.path else parse_hostport(earlier.address),
+                    None if lst.path else parse_hostport(lst.address)))])
         mode = info.data.get("mode", "enforce")
         return tuple(lst if lst.mode else lst.model_copy(update={"mode": mode}) for lst in value)
 
