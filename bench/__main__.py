@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import load, memory, report, storebench  # noqa: E402
+from bench import listbench, load, memory, report, storebench  # noqa: E402
 from bench.procs import (  # noqa: E402
     BenchError,
     GateSetup,
@@ -167,6 +167,23 @@ def store_run(stack: contextlib.ExitStack, folder: Path, store: str, messages: i
     return result
 
 
+def list_run(stack: contextlib.ExitStack, folder: Path, store: str, messages: int):
+    """bench/listbench.py on a database of its own: the admin list and search latency."""
+    if store == "sqlite":
+        url = f"sqlite:{folder / f'lists-{secrets.token_hex(3)}.db'}"
+    else:
+        url = stack.enter_context(fresh_pg_database())
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "listbench.py"), url, str(folder),
+                           "--messages", str(messages), "--links", str(max(1, messages // 10))],
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=3600)
+    if done.returncode != 0:
+        raise BenchError(f"lists ({store}): {done.stderr.strip()[-2000:]}")
+    result = listbench.ListResult(**json.loads(done.stdout.strip().splitlines()[-1]))
+    log(f"lists ({store}, {result.messages} messages, {result.links} links): p50 {result.p50 * 1000:.1f} ms, "
+        f"p99 {result.p99 * 1000:.1f} ms")
+    return result
+
+
 def memory_run(folder: Path, sink: SmtpSink, setup: GateSetup) -> memory.MemoryResult:
     with Smtpgate(folder, setup, sink.port, "memory-one") as gate:
         idle, peak_one = memory.one_large(gate, folder)
@@ -227,6 +244,9 @@ def main() -> int:
     parser.add_argument("--latency-messages", type=int, default=1000)
     parser.add_argument("--stores", default="sqlite,postgresql")
     parser.add_argument("--no-store", action="store_true", help="skip the store-alone run")
+    parser.add_argument("--no-lists", action="store_true", help="skip the activities list and search run")
+    parser.add_argument("--list-messages", type=int, default=1_000_000,
+                        help="message records of the list and search run (default 1000000)")
     parser.add_argument("--baseline", type=Path, action="append", default=[],
                         help="another smtpgate source tree (e.g. `git archive` of an older commit) "
                              "to run as extra 1-worker rows and store-alone runs, for before/after")
@@ -294,6 +314,8 @@ def main() -> int:
                 (f"{report.STORE_NAMES[store]}{'' if root == ROOT else f' [{root.name}]'}",
                  store_run(stack, folder, store, args.messages, root))
                 for root in [ROOT, *(b.resolve() for b in args.baseline)] for store in stores]
+            lists = [] if args.no_lists else [
+                (report.STORE_NAMES[store], list_run(stack, folder, store, args.list_messages)) for store in stores]
             one_worker = [GateSetup(s, urls[s], 1) for s in stores]
             baselines = [GateSetup(s, urls[s], 1, root=b.resolve()) for b in args.baseline for s in stores]
             if "postgresql" in stores:
@@ -307,7 +329,7 @@ def main() -> int:
                 for setup in profiled]
             run = dict(
                 args=args, started=started, finished=time.time(), targets=targets,
-                store_alone=store_alone, latency=lat, memory=mem, profiles=profiles,
+                store_alone=store_alone, lists=lists, latency=lat, memory=mem, profiles=profiles,
                 postfix_version=postfix.version(), stores=stores, commit=git_commit(),
                 uvloop=uvloop_version(),
                 pg_version=pg_version() if "postgresql" in stores else None)

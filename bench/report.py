@@ -42,7 +42,7 @@ def _mb(octets: int) -> str:
 
 
 def render(*, args, started, finished, targets, store_alone, latency, memory, profiles,
-           postfix_version, stores, pg_version, commit=None, uvloop=None) -> str:
+           postfix_version, stores, pg_version, commit=None, uvloop=None, lists=None) -> str:
     out: list[str] = []
     add = out.append
     add("# smtpgate benchmark results")
@@ -146,6 +146,8 @@ def render(*, args, started, finished, targets, store_alone, latency, memory, pr
             batches = "one per record" if r.batches is None else str(r.batches)
             add(f"| {store} | {r.rate:.0f} | {_ms(r.lookup_p50)} / {_ms(r.lookup_p99)} "
                 f"| {_ms(r.record_p50)} / {_ms(r.record_p99)} | {batches} |")
+    if lists:
+        out += _lists(lists)
     if latency:
         add("")
         add(f"## Latency ({args.latency_messages} messages, one session, back to back)")
@@ -231,3 +233,18 @@ def memory_large() -> int:
     from bench.memory import LARGE
 
     return LARGE
+
+
+def _lists(lists) -> list[str]:
+    """The admin listener's list and search latency (bench/listbench.py), one row per store."""
+    first = lists[0][1]
+    out = ["", "## Activities list and search", "",
+           f"bench/listbench.py on a store of {first.messages:,} message records and {first.links:,} links "
+           "(20 team mailboxes): one team's list queries through `Store.list_activities`, as "
+           "`GET /api/v1/activities` makes them, each kind timed again and again.", "",
+           "| store | p50 ms | p99 ms | " + " | ".join(f"{name} p50" for name in first.per_query) + " | load s |",
+           "|---|---:|---:|" + "---:|" * len(first.per_query) + "---:|"]
+    for store, r in lists:
+        out.append(f"| {store} | {_ms(r.p50)} | {_ms(r.p99)} | "
+                   + " | ".join(_ms(v) for v in r.per_query.values()) + f" | {r.load_seconds:.0f} |")
+    return out

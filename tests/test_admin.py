@@ -26,7 +26,7 @@ async def get(url: str, *, token: str | None = None, cookie: str | None = None, 
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
     if cookie is not None:
-        headers["Cookie"] = f"smtpgate_token={cookie}"
+        headers["Cookie"] = f"smtpgate_session={cookie}"
     async with aiohttp.ClientSession() as client:
         async with client.get(url, headers=headers, allow_redirects=False, **kwargs) as response:
             return response.status, response.headers, await response.text()
@@ -173,10 +173,21 @@ async def test_api_unknown_reference_is_404_after_authentication(admin_relay):
     assert status == 401  # nothing about existence before the token is checked
 
 
-async def test_api_accepts_the_login_cookie(admin_relay):
+async def sign_in(relay, token: str) -> str:
+    """The session cookie the sign-in form sets for token."""
+    async with aiohttp.ClientSession() as client:
+        async with client.post(relay.admin_url + "/login", allow_redirects=False,
+                               data={"token": token, "next": "/activities"}) as response:
+            assert response.status == 303, await response.text()
+            return response.cookies["smtpgate_session"].value
+
+
+async def test_api_accepts_the_session_cookie_but_not_the_token_as_a_cookie(admin_relay):
     relay = admin_relay
-    status, _, text = await get(f"{relay.admin_url}/api/v1/activities/{SOURCE}", cookie=relay.tokens[TEAM_B])
+    url = f"{relay.admin_url}/api/v1/activities/{SOURCE}"
+    status, _, text = await get(url, cookie=await sign_in(relay, relay.tokens[TEAM_B]))
     assert status == 200 and "messages" not in json.loads(text)
+    assert (await get(url, cookie=relay.tokens[TEAM_B]))[0] == 401
 
 
 async def test_tokens_are_read_again_on_reload(admin_relay, tmp_path):
@@ -235,9 +246,9 @@ async def test_page_without_a_token_is_a_401_login_form(admin_relay):
     assert 'id="login-error"' not in html and "Invoice" not in html
 
 
-async def test_page_with_a_wrong_token_is_401(admin_relay):
-    status, _, html = await get(f"{admin_relay.admin_url}/activities/{SOURCE}", cookie="not-a-token")
-    assert status == 401 and 'id="login-error"' in html and "Invoice" not in html
+async def test_page_with_an_unknown_session_is_401(admin_relay):
+    status, _, html = await get(f"{admin_relay.admin_url}/activities/{SOURCE}", cookie="not-a-session")
+    assert status == 401 and "Your session has ended." in html and "Invoice" not in html
 
 
 async def test_page_unknown_reference_is_404(admin_relay):
@@ -257,8 +268,12 @@ async def test_login_sets_an_httponly_strict_cookie_that_opens_the_page(admin_re
             [raw] = response.headers.getall("Set-Cookie")
     cookie = SimpleCookie()
     cookie.load(raw)
-    morsel = cookie["smtpgate_token"]
+    morsel = cookie["smtpgate_session"]
     assert morsel["httponly"] is True and morsel["samesite"] == "Strict" and morsel["path"] == "/"
+    assert not morsel["secure"]  # plain HTTP here; tests/test_admin_signon.py checks HTTPS
+    assert int(morsel["max-age"]) > 0
+    # The cookie is an opaque session id, nothing derived from the token.
+    assert relay.tokens[TEAM_A] not in raw and len(morsel.value) >= 40
     status, _, html = await get(f"{relay.admin_url}/activities/{SOURCE}", cookie=morsel.value)
     assert status == 200 and 'id="timeline"' in html
 
@@ -275,7 +290,7 @@ async def test_login_refuses_a_wrong_token_and_never_redirects_off_site(admin_re
             assert response.status == 303 and response.headers["Location"] == "/activities"
         async with client.post(relay.admin_url + "/logout", allow_redirects=False) as response:
             assert response.status == 303 and response.headers["Location"] == "/login"
-            assert "smtpgate_token=" in response.headers["Set-Cookie"]
+            assert "smtpgate_session=" in response.headers["Set-Cookie"]
             assert "Max-Age=0" in response.headers["Set-Cookie"]
 
 

@@ -76,6 +76,44 @@ async def test_a_newer_schema_is_refused(store_url, tmp_path, monkeypatch):  # n
     assert not isinstance(caught.value, SchemaOutdated)
 
 
+# The migration that adds the activities list's indexes and the search index.
+SEARCH = next(version for version, description, _ in migrations.SQLITE if description.startswith("activity lists"))
+
+
+async def test_the_search_index_covers_the_messages_an_older_store_already_holds(store_url, tmp_path):  # noqa: F811
+    """The search index covers the records written before its migration, and those after."""
+    from datetime import datetime, timezone
+
+    from smtpgate.store import MessageRecord
+    from smtpgate.store.base import ActivityQuery
+
+    def record(message_id: str, subject: str) -> MessageRecord:
+        return MessageRecord(message_id=message_id, date=None, from_=None, subject=subject,
+                             source_reference="101203-T", recipients=[], mapping={},
+                             relayed_at=datetime.now(timezone.utc))
+
+    old = await open_store(store_url, base_dir=tmp_path, check_schema=False)
+    old._migrations = lambda: [m for m in type(old)._migrations(old) if m[0] < SEARCH]
+    assert await old.upgrade() == (0, SEARCH - 1)
+    await old.record_activity("101203-T", "uk-payroll@corp.example")
+    await old.record_message(record("<before@corp.example>", "Invoice 4411 before the upgrade"))
+    await old.close()
+    store = await open_store(store_url, base_dir=tmp_path, auto_upgrade=True)
+    try:
+        await store.record_message(record("<after@corp.example>", "Payslip after the upgrade"))
+        own = ("uk-payroll@corp.example",)
+        for q in ("invoice 4411", "payslip", "<before@corp.example>", "after@corp"):
+            rows, _ = await store.list_activities(ActivityQuery(own=own, q=q))
+            assert [r.reference for r in rows] == ["101203-T"], q
+        rows, _ = await store.list_activities(ActivityQuery(own=own, q="nowhere"))
+        assert rows == []
+        assert await store.prune_messages(0) == 2  # pruning keeps the index in step
+        rows, _ = await store.list_activities(ActivityQuery(own=own, q="invoice"))
+        assert rows == []
+    finally:
+        await store.close()
+
+
 def test_sqlite_paths_are_relative_to_the_config_folder(tmp_path):
     assert sqlite_path("sqlite:var/smtpgate.db", tmp_path) == tmp_path / "var/smtpgate.db"
     assert sqlite_path("sqlite:/srv/s.db", tmp_path) == Path("/srv/s.db")

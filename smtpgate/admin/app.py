@@ -1,10 +1,14 @@
 """The admin HTTP listener (`admin.listen`; docs/operations.md).
 
 Health (`/healthz`, `/readyz`), Prometheus metrics (`/metrics`), the
-linked-activities API (`/api/v1/activities/{reference}`, the JSON of
-`smtpgate links show --json`) and the same view as server-rendered pages
-(`/activities/{reference}`) with a login form. API and pages apply the team
-permissions of smtpgate.admin.auth; health and metrics need no token.
+linked-activities API (`/api/v1/activities` — the list and search — and
+`/api/v1/activities/{reference}`, the JSON of `smtpgate links show --json`)
+and the same as server-rendered pages (`/activities`,
+`/activities/{reference}`) with a sign-in form. API and pages apply the team
+permissions of smtpgate.admin.auth (single sign-on through a trusted proxy,
+bearer tokens, sign-in sessions kept in the store); health and metrics need
+no token. Every API call and page view is logged (`admin.request`) with the
+person or the token's team, the client address, what was asked and the outcome.
 
 The server takes a callable returning the current `Sources` (config, store,
 upstream pool): a reload swaps the snapshot, and the next request sees it.
@@ -16,16 +20,19 @@ import asyncio
 import contextvars
 import functools
 import json
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import jinja2
 from aiohttp import web
 
-from smtpgate.admin.auth import Grant, Tokens
+from smtpgate.admin.auth import Grant, ProxyRefusal, Tokens
+from smtpgate.admin.identity import COOKIE, Audit, Identities
+from smtpgate.admin.lists import MAX_Q, BadQuery, encode_cursor, list_object, parse_list_query
 from smtpgate.config import Config
 from smtpgate.log import get_logger
 from smtpgate.metrics import CONTENT_TYPE_LATEST, exposition
@@ -37,7 +44,6 @@ __all__ = ["AdminServer", "COOKIE", "Sources"]
 
 log = get_logger()
 
-COOKIE = "smtpgate_token"
 # Readiness answers within this many seconds; a probe's own timeout must be longer.
 READY_TIMEOUT = 2.0
 
@@ -52,18 +58,11 @@ _SECURITY_HEADERS = {
 }
 # Endpoints that scrapers and probes call every few seconds: not worth a log line each.
 _QUIET = ("/healthz", "/readyz", "/metrics")
-
-
-@dataclass
-class _Audit:
-    """Who made the request being served, for its admin.request log line."""
-
-    grant: Grant | None = None
-    denied: str | None = None
-
+# How much of a query string the audit line keeps.
+_LOGGED_QUERY = 300
 
 # Each request runs in its own task, so this is the current request's audit record.
-_AUDIT: contextvars.ContextVar[_Audit] = contextvars.ContextVar("smtpgate_admin_audit")
+_AUDIT: contextvars.ContextVar[Audit] = contextvars.ContextVar("smtpgate_admin_audit")
 
 
 @dataclass(frozen=True)
@@ -80,7 +79,7 @@ class AdminServer:
     def __init__(self, sources: Callable[[], Sources], *, ready_timeout: float = READY_TIMEOUT):
         self._sources = sources
         self._ready_timeout = ready_timeout
-        self._tokens: tuple[Config, Tokens] | None = None
+        self.identities = Identities()
         self._runner: web.AppRunner | None = None
         self._templates = jinja2.Environment(
             loader=jinja2.PackageLoader("smtpgate.admin", "templates"),
@@ -93,9 +92,10 @@ class AdminServer:
             web.get("/healthz", self.healthz),
             web.get("/readyz", self.readyz),
             web.get("/metrics", self.metrics),
+            web.get("/api/v1/activities", self.api_list),
             web.get("/api/v1/activities/{reference}", self.api_activity),
             web.get("/", self.root),
-            web.get("/activities", self.search),
+            web.get("/activities", self.list_page),
             web.get("/activities/{reference}", self.activity_page),
             web.get("/login", self.login_form),
             web.post("/login", self.login),
@@ -104,13 +104,16 @@ class AdminServer:
 
     # ------------------------------------------------------------ life
 
-    async def start(self, host: str, port: int) -> None:
-        """Listen on host:port (port 0: any free port; see `bound`)."""
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
+        """Listen on host:port (port 0: any free port; see `bound`), HTTPS with ssl_context."""
         self.tokens(self._sources().config)  # token files are read now, not at the first request
         # A shutdown waits at most 5 s for admin requests in flight; nothing there is worth more.
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
+        # A request line up to 64 KiB: a long search text gets smtpgate's own answer (400 naming q),
+        # not the HTTP parser's bare refusal at 8 KiB.
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=5.0,
+                                     max_line_size=65536)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        site = web.TCPSite(self._runner, host, port, reuse_address=True, ssl_context=ssl_context)
         try:
             await site.start()
         except OSError:
@@ -135,10 +138,15 @@ class AdminServer:
     @web.middleware
     async def _middleware(self, request: web.Request, handler) -> web.StreamResponse:
         started = time.monotonic()
-        audit = _Audit()
+        audit = Audit()
         _AUDIT.set(audit)
         try:
-            response = await handler(request)
+            try:
+                response = await handler(request)
+            except ProxyRefusal as refusal:
+                response = self._proxy_refusal(request, refusal, audit)
+            except StoreError as exc:
+                response = self._store_failure(request, exc)
         except web.HTTPException as exc:
             exc.headers.update(_SECURITY_HEADERS)
             self._log_request(request, exc.status, started, audit)
@@ -147,46 +155,58 @@ class AdminServer:
         self._log_request(request, response.status, started, audit)
         return response
 
-    def _log_request(self, request: web.Request, status: int, started: float, audit: _Audit) -> None:
+    def _log_request(self, request: web.Request, status: int, started: float, audit: Audit) -> None:
         if request.path in _QUIET:
             return
-        log.info("admin.request", method=request.method, path=request.path, status=status,
-                 team=audit.grant.team if audit.grant else None, denied=audit.denied,
+        grant = audit.grant
+        log.info("admin.request", method=request.method, path=request.path,
+                 query=request.query_string[:_LOGGED_QUERY] or None, status=status,
+                 person=grant.person if grant else audit.person, team=grant.team if grant else None,
+                 via=grant.via if grant else None, denied=audit.denied, ignored=audit.ignored,
                  peer=request.remote, duration_ms=round((time.monotonic() - started) * 1000, 1))
+
+    def _proxy_refusal(self, request: web.Request, refusal: ProxyRefusal, audit: Audit) -> web.Response:
+        audit.denied = refusal.reason
+        audit.person = refusal.person
+        if request.path.startswith("/api/"):
+            return web.json_response({"error": refusal.reason}, status=refusal.status, dumps=_JSON)
+        if refusal.status == 403:
+            groups = ", ".join(refusal.groups) or "none"
+            return self._page("error.html", status=403, grant=None, reference="", title="No team for you here",
+                              detail=f"You are signed in as {refusal.person}, but none of your groups "
+                                     f"({groups}) is given a team in smtpgate's admin.teams, so there is "
+                                     f"nothing this page may show you. Ask smtpgate's administrator to map "
+                                     f"one of your groups to your team.")
+        return self._page("error.html", status=refusal.status, grant=None, reference="",
+                          title="Sign-on headers not usable", detail=refusal.reason)
+
+    def _store_failure(self, request: web.Request, exc: StoreError) -> web.Response:
+        if request.path.startswith("/api/"):
+            return web.json_response({"error": f"store: {exc}"}, status=503, dumps=_JSON)
+        return self._page("error.html", status=503, grant=None, reference="", title="Store unavailable",
+                          detail=str(exc))
 
     def tokens(self, config: Config) -> Tokens:
         """The token table of this config snapshot, read once per snapshot."""
-        if self._tokens is None or self._tokens[0] is not config:
-            self._tokens = (config, Tokens.load(config.admin))
-        return self._tokens[1]
+        return self.identities.of(config)[0]
 
-    def _grant(self, request: web.Request, config: Config) -> Grant | None:
-        """The caller's grant from `Authorization: Bearer` or else the login cookie.
-
-        The request's audit record says why there is none ("no token", "wrong token").
-        """
-        header = request.headers.get("Authorization")
-        if header is not None:
-            scheme, _, presented = header.strip().partition(" ")
-            presented = presented.strip() if scheme.lower() == "bearer" else ""
-        else:
-            presented = request.cookies.get(COOKIE, "")
-        return self._identify(config, presented)
-
-    def _identify(self, config: Config, presented: str) -> Grant | None:
-        audit = _AUDIT.get()
-        if not presented:
-            audit.denied = "no token"
-            return None
-        audit.grant = self.tokens(config).identify(presented)
-        if audit.grant is None:
-            audit.denied = "wrong token"
-        return audit.grant
+    async def _grant(self, request: web.Request, sources: Sources) -> Grant | None:
+        """The caller's grant: the trusted proxy's person, `Authorization: Bearer`, or the
+        session cookie. The request's audit record says why there is none."""
+        return await self.identities.grant(request, sources.config, sources.store, _AUDIT.get())
 
     async def _view(self, sources: Sources, reference: str) -> ActivityView | None:
         if sources.store is None:
             raise StoreError("the store is not open")
         return await sources.store.show(reference)
+
+    def _unauthorised(self) -> web.Response:
+        denied = _AUDIT.get().denied
+        challenge = 'Bearer realm="smtpgate"'
+        if denied == "wrong token":
+            challenge += ', error="invalid_token"'  # RFC 6750 3.1
+        return web.json_response({"error": f"{denied}: send Authorization: Bearer <token>"},
+                                 status=401, headers={"WWW-Authenticate": challenge})
 
     # ------------------------------------------------------------ health and metrics
 
@@ -235,23 +255,32 @@ class AdminServer:
 
     async def api_activity(self, request: web.Request) -> web.Response:
         sources = self._sources()
-        grant = self._grant(request, sources.config)
+        grant = await self._grant(request, sources)
         if grant is None:
-            challenge = 'Bearer realm="smtpgate"'
-            if _AUDIT.get().denied == "wrong token":
-                challenge += ', error="invalid_token"'  # RFC 6750 3.1
-            return web.json_response({"error": f"{_AUDIT.get().denied}: send Authorization: Bearer <token>"},
-                                     status=401, headers={"WWW-Authenticate": challenge})
+            return self._unauthorised()
         reference = request.match_info["reference"]
-        try:
-            view = await self._view(sources, reference)
-        except StoreError as exc:
-            return web.json_response({"error": f"store: {exc}"}, status=503, dumps=_JSON)
+        view = await self._view(sources, reference)
         if view is None:
             return web.json_response({"error": f"no activity {reference}"}, status=404, dumps=_JSON)
         teams = sources.config.teams()
         shown = show_object(view, teams, messages=grant.sees_messages(view.mailbox, teams))
         return web.json_response(shown, dumps=_JSON)
+
+    async def api_list(self, request: web.Request) -> web.Response:
+        sources = self._sources()
+        grant = await self._grant(request, sources)
+        if grant is None:
+            return self._unauthorised()
+        teams = sources.config.teams()
+        try:
+            query = parse_list_query(request.query, grant.own_mailboxes(teams))
+        except BadQuery as exc:
+            _AUDIT.get().denied = f"bad query: {exc}"
+            return web.json_response({"error": str(exc)}, status=400, dumps=_JSON)
+        if sources.store is None:
+            raise StoreError("the store is not open")
+        rows, after = await sources.store.list_activities(query)
+        return web.json_response(list_object(rows, after, teams), dumps=_JSON)
 
     # ------------------------------------------------------------ pages
 
@@ -266,29 +295,45 @@ class AdminServer:
     async def root(self, request: web.Request) -> web.Response:
         raise web.HTTPFound("/activities")
 
-    async def search(self, request: web.Request) -> web.Response:
+    async def list_page(self, request: web.Request) -> web.Response:
         sources = self._sources()
-        grant = self._grant(request, sources.config)
+        grant = await self._grant(request, sources)
         if grant is None:
-            return self._login_page(request, status=401, next_path="/activities",
+            return self._login_page(request, status=401, next_path=_local_path(request.path_qs),
                                     error=_refusal())
         reference = request.query.get("reference", "").strip()
         if reference:
             raise web.HTTPSeeOther(activity_url(reference))
-        return self._page("search.html", grant=grant, reference="")
+        teams = sources.config.teams()
+        form = {name: request.query.get(name, "") for name in ("q", "mailbox", "since")}
+        context = dict(grant=grant, reference="", form=form, max_q=MAX_Q, rows=None, next_url=None,
+                       error=None, mailboxes=sorted(teams), teams=teams, first_url=None)
+        try:
+            query = parse_list_query(request.query, grant.own_mailboxes(teams))
+        except BadQuery as exc:
+            _AUDIT.get().denied = f"bad query: {exc}"
+            return self._page("activities.html", status=400, **{**context, "error": str(exc)})
+        if sources.store is None:
+            raise StoreError("the store is not open")
+        rows, after = await sources.store.list_activities(query)
+        kept = {name: value for name, value in form.items() if value}
+        if "limit" in request.query:
+            kept["limit"] = str(query.limit)
+        if after is not None:
+            context["next_url"] = "/activities?" + urlencode({**kept, "after": encode_cursor(after)})
+        if query.after is not None:
+            context["first_url"] = "/activities" + ("?" + urlencode(kept) if kept else "")
+        context["rows"] = [_row_for_page(row, teams) for row in rows]
+        return self._page("activities.html", **context)
 
     async def activity_page(self, request: web.Request) -> web.Response:
         sources = self._sources()
         reference = request.match_info["reference"]
-        grant = self._grant(request, sources.config)
+        grant = await self._grant(request, sources)
         if grant is None:
             return self._login_page(request, status=401, next_path=activity_url(reference),
                                     error=_refusal())
-        try:
-            view = await self._view(sources, reference)
-        except StoreError as exc:
-            return self._page("error.html", status=503, grant=grant, reference=reference,
-                              title="Store unavailable", detail=str(exc))
+        view = await self._view(sources, reference)
         if view is None:
             return self._page("error.html", status=404, grant=grant, reference=reference,
                               title=f"No activity {reference}",
@@ -320,19 +365,18 @@ class AdminServer:
         form = await request.post()
         token = str(form.get("token", "")).strip()
         next_path = _local_path(str(form.get("next", "")))
-        grant = self._identify(sources.config, token)
+        grant = self.identities.token(sources.config, token, _AUDIT.get())
         if grant is None:
             return self._login_page(request, status=401, next_path=next_path,
                                     error="That token is not accepted." if token else "Enter a token.")
         response = web.HTTPSeeOther(next_path)
-        # HttpOnly: no script can read it; Strict: no other site's page can make the browser send it.
-        response.set_cookie(COOKIE, token, httponly=True, samesite="Strict", path="/",
-                            secure=request.secure)
+        # The cookie is a new session's random id, never the token.
+        await self.identities.sign_in(sources.store, grant, response, secure=request.secure)
         raise response
 
     async def logout(self, request: web.Request) -> web.Response:
         response = web.HTTPSeeOther("/login")
-        response.del_cookie(COOKIE, path="/")
+        await self.identities.sign_out(self._sources().store, request, response)
         raise response
 
 
@@ -341,9 +385,25 @@ def _readable(value: datetime) -> str:
     return iso_utc(value)[:16].replace("T", " ") + " UTC"
 
 
+def _row_for_page(row, teams) -> dict:
+    return {"reference": row.reference, "mailbox": row.mailbox,
+            "team": teams.get(row.mailbox) if row.mailbox else None, "full": row.full,
+            "created": _readable(row.created_at), "created_at": iso_utc(row.created_at),
+            "links": [{"reference": link.reference,
+                       "team": teams.get(link.mailbox) if link.mailbox else None} for link in row.links],
+            "last": _readable(row.last_message_at) if row.last_message_at else None,
+            "last_at": iso_utc(row.last_message_at) if row.last_message_at else None,
+            "subject": row.last_subject}
+
+
 def _refusal() -> str | None:
-    """What the login page says after a refused token; nothing when none was given."""
-    return "That token is not accepted." if _AUDIT.get().denied == "wrong token" else None
+    """What the sign-in page says after a refused token or an ended session; nothing when none was given."""
+    denied = _AUDIT.get().denied
+    if denied == "wrong token":
+        return "That token is not accepted."
+    if denied in ("no session", "token withdrawn"):
+        return "Your session has ended. Sign in again."
+    return None
 
 
 def activity_url(reference: str) -> str:

@@ -15,14 +15,14 @@ from pathlib import Path
 
 from smtpgate.config.fields import join_hostport, parse_hostport
 from smtpgate.config.schema import (
-    Admin, AdminToken, Allocator, Config, Inbound, Limits, Listener, Logging, Mailbox, OAuth2, References,
-    Stamp, Store, Upstream, UpstreamTimeouts,
+    Admin, AdminTeam, AdminToken, Allocator, Config, Inbound, Limits, Listener, Logging, Mailbox, OAuth2, References,
+    Stamp, Store, TrustedProxy, Upstream, UpstreamTimeouts,
 )
 from smtpgate.config.source import ConfigError, load_config
 
 __all__ = [
-    "DEFAULT_CONFIG", "Admin", "AdminToken", "Allocator", "Config", "ConfigError", "Inbound", "Limits",
-    "Listener", "Logging", "Mailbox", "OAuth2", "References", "Stamp", "Store", "Upstream", "UpstreamTimeouts",
+    "DEFAULT_CONFIG", "Admin", "AdminTeam", "AdminToken", "Allocator", "Config", "ConfigError", "Inbound", "Limits",
+    "Listener", "Logging", "Mailbox", "OAuth2", "References", "Stamp", "Store", "TrustedProxy", "Upstream", "UpstreamTimeouts",
     "config_path", "join_hostport", "load_config", "parse_hostport",
 ]
 

@@ -10,6 +10,7 @@ docs/reference.md lists the keys; config/smtpgate.example.yaml explains them.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -455,9 +456,80 @@ class AdminToken(Section):
     token_file: ReadableFile  # not empty: checked with the team, by Config
 
 
+# ---------------------------------------------------------------- admin: single sign-on, teams, HTTPS
+# admin.trusted_proxy, admin.teams, admin.tls_cert / tls_key (docs/operations.md, "Single sign-on").
+
+
+class TrustedProxy(Section):
+    """A proxy (oauth2-proxy and the like) whose identity headers are believed."""
+
+    networks: tuple[Network, ...]  # only requests from these may carry identity headers
+    user_header: HeaderName = "X-Forwarded-Email"
+    groups_header: HeaderName = "X-Forwarded-Groups"  # comma-separated
+
+    @model_validator(mode="after")
+    def _rules(self) -> TrustedProxy:
+        problems = []
+        if not self.networks:
+            problems.append(Problem(("networks",), "name at least one network of the proxy"))
+        if self.user_header.lower() == self.groups_header.lower():
+            problems.append(Problem(("groups_header",), "must differ from user_header"))
+        refuse(problems)
+        return self
+
+
+class AdminTeam(Section):
+    """The groups a signed-in person is seen as team by; matched ignoring case and spacing."""
+
+    team: Text  # a team of mailboxes:, or admin: checked by Config
+    groups: tuple[Text, ...]
+
+    @field_validator("groups")
+    @classmethod
+    def _groups(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("name at least one group")
+        refuse([Problem((i,), f'a group name is not empty and has no comma: "{group}"')
+                for i, group in enumerate(value) if not group.strip() or "," in group])
+        return tuple(group.strip() for group in value)
+
+
 class Admin(Section):
     listen: HostPort | None = None
     tokens: tuple[AdminToken, ...] = ()
+    tls_cert: ReadableFile | None = None  # both or neither: the listener speaks HTTPS only
+    tls_key: ReadableFile | None = None
+    trusted_proxy: TrustedProxy | None = None
+    teams: tuple[AdminTeam, ...] = ()
+
+    @model_validator(mode="after")
+    def _rules(self) -> Admin:
+        problems = []
+        if (self.tls_cert is None) != (self.tls_key is None):
+            problems.append(Problem(("tls_cert",), "admin.tls_cert and admin.tls_key go together", at=()))
+        elif self.tls_cert is not None and self.tls_key is not None:
+            problem = checks.pem_certificate_problem(self.tls_cert)
+            if problem is None:
+                key_problem = checks.pem_key_problem(self.tls_key, self.tls_cert)
+                problems += [] if key_problem is None else [Problem(("tls_key",), key_problem)]
+            else:
+                problems.append(Problem(("tls_cert",), problem))
+        if self.teams and self.trusted_proxy is None:
+            problems.append(Problem(("teams",), "teams map the groups a trusted proxy names: "
+                                    "set admin.trusted_proxy too"))
+        refuse(problems)
+        return self
+
+
+def token_hash_problem(path: Path) -> str | None:
+    """A token file holding `sha256:` must hold exactly 64 hex digits after it."""
+    text = path.read_bytes().strip()
+    if text.lower().startswith(b"sha256:") and not re.fullmatch(rb"[0-9a-fA-F]{64}", text[7:]):
+        return f"{path}: after \"sha256:\" a token file holds the 64 hex digits of the token's SHA-256 hash"
+    return None
+
+
+# ---------------------------------------------------------------- end of admin: single sign-on
 
 
 class Stamp(Section):
@@ -558,6 +630,12 @@ class Config(Section):
                                         f'"{token.team}" is neither a team of mailboxes: nor admin'))
             if not checks.holds_text(token.token_file):
                 problems.append(Problem(("tokens", i, "token_file"), f"{token.token_file} is empty"))
+            elif (hashed := token_hash_problem(token.token_file)) is not None:
+                problems.append(Problem(("tokens", i, "token_file"), hashed))
+        for i, entry in enumerate(value.teams):
+            if "mailboxes" in info.data and entry.team not in teams:
+                problems.append(Problem(("teams", i, "team"),
+                                        f'"{entry.team}" is neither a team of mailboxes: nor admin'))
         refuse(problems)
         return value
 
@@ -595,11 +673,22 @@ class Config(Section):
             found.append(Problem(("store", "url"), "holds the password, in a file others may read: "
                                  "put it in store.password_file (mode 0640, group smtpgate)"))
         listen = parse_hostport(self.admin.listen) if self.admin.listen else None
-        if listen is not None and not checks.is_loopback_host(listen[0]) and not getattr(self.admin, "tls_cert", None):
+        if listen is not None and not checks.is_loopback_host(listen[0]) and self.admin.tls_cert is None:
             found.append(Problem(("admin", "listen"), f"{self.admin.listen} is reachable from other hosts over "
                                  "plain HTTP: tokens and sign-ins cross the network in clear; listen on 127.0.0.1 "
                                  "behind a TLS proxy, or give it TLS"))
-        return found
+        return found + self._sign_on_warnings()
+
+    def _sign_on_warnings(self) -> list[Problem]:
+        """A loopback network among admin.trusted_proxy.networks: every local user may claim any identity."""
+        proxy = self.admin.trusted_proxy
+        loopback = [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")]
+        return [Problem(("admin", "trusted_proxy", "networks", i),
+                        f"{net} is this host's loopback: every local user and process may claim any identity "
+                        "(admin included) with identity headers; give the proxy an address of its own and let "
+                        "only it reach admin.listen (docs/operations.md, \"Single sign-on\")")
+                for i, net in enumerate(proxy.networks if proxy else ())
+                if any(net.version == lo.version and net.subnet_of(lo) for lo in loopback)]
 
     @property
     def path(self) -> Path:

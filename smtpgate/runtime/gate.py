@@ -22,7 +22,7 @@ from smtpgate.frontends.registry import SessionRegistry
 from smtpgate.frontends.smtp.relay import RelayContext
 from smtpgate.frontends.smtp.auth import upstream_authenticator
 from smtpgate.frontends.smtp.server import SmtpSettings, file_authenticator, make_factory, tls_context
-from smtpgate.frontends.smtp.tls import TlsSetupError
+from smtpgate.frontends.smtp.tls import TlsSetupError, server_context
 from smtpgate.linking.plan import Directory
 from smtpgate.linking.references import ReferenceMatcher
 from smtpgate.linking.service import LinkService
@@ -170,12 +170,19 @@ class Gate:
             return Sources(snapshot.config, self.store, snapshot.pool, self.registry.draining)
 
         host, port = parse_hostport(listen)  # type: ignore[misc]  # validated by the config loader
+        context = None
+        if self.config.admin.tls_cert is not None and self.config.admin.tls_key is not None:
+            try:
+                context = server_context(self.config.admin.tls_cert, self.config.admin.tls_key)
+            except TlsSetupError as exc:
+                raise StartupError(f"admin: {exc}") from None
         self.admin = AdminServer(sources)
         try:
-            await self.admin.start(host, port)
+            await self.admin.start(host, port, context)
         except OSError as exc:
             raise StartupError(f"admin.listen: cannot listen on {listen}: {exc.strerror or exc}") from None
-        log.info("listener.started", listener="admin", address=", ".join(f"{h}:{p}" for h, p in self.admin.bound))
+        log.info("listener.started", listener="admin", address=", ".join(f"{h}:{p}" for h, p in self.admin.bound),
+                 tls="https" if context else "none")
 
     async def _listen(self, listener: Listener, bound: Sequence[socket.socket] = ()) -> None:
         if listener.kind not in ("smtp", "milter"):
@@ -242,6 +249,8 @@ class Gate:
             kept.append("workers")
         if config.admin.listen != started.admin.listen:
             kept.append("admin.listen")
+        if (config.admin.tls_cert, config.admin.tls_key) != (old.admin.tls_cert, old.admin.tls_key):
+            kept.append("admin.tls_cert")
         previous = self._current()
         pool = previous.pool if config.upstream == old.upstream else None
         assert self.store is not None

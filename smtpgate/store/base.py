@@ -157,6 +157,51 @@ class ActivityRow:
     created_at: datetime
 
 
+@dataclass(frozen=True)
+class ListedActivity:
+    """One row of the activities list (`GET /api/v1/activities`, the /activities page).
+
+    full: the caller may see this activity's messages; last_message_at and
+    last_subject are filled only then.
+    """
+
+    reference: str
+    mailbox: str | None
+    created_at: datetime
+    links: list[LinkedActivity]
+    full: bool
+    last_message_at: datetime | None = None
+    last_subject: str | None = None
+
+
+@dataclass(frozen=True)
+class ActivityQuery:
+    """What an activities list asks for.
+
+    own: the mailboxes whose activities the caller sees in full, None for
+    every one (admin). The list holds those activities and, header
+    information only, the activities linked to them; `q` (text in a
+    subject or Message-ID) matches only messages of activities seen in full.
+    after: the position (created_at, reference) the previous page ended at.
+    """
+
+    own: tuple[str, ...] | None
+    mailbox: str | None = None
+    q: str | None = None
+    since: datetime | None = None
+    limit: int = 50
+    after: tuple[datetime, str] | None = None
+
+
+@dataclass(frozen=True)
+class AdminSession:
+    """A sign-in session: the token's team and the token's SHA-256 (hex), until expires_at."""
+
+    team: str
+    token: str
+    expires_at: datetime
+
+
 class Store(abc.ABC):
     """The link store: activities, links, relayed messages and the local sequence.
 
@@ -288,6 +333,25 @@ class Store(abc.ABC):
     async def prune_messages(self, keep_days: int) -> int:
         """Delete message records relayed more than keep_days ago; links stay.
         Returns how many records were deleted."""
+
+    # -- the admin listener: lists and sessions (store/listing.py) ----------
+
+    @abc.abstractmethod
+    async def list_activities(self, query: ActivityQuery) -> tuple[list[ListedActivity], tuple[datetime, str] | None]:
+        """One page of activities, newest first (created_at, then reference, descending),
+        and the position to ask the next page `after`, None after the last page."""
+
+    @abc.abstractmethod
+    async def create_session(self, session_id: str, team: str, token: str, expires_at: datetime) -> None:
+        """Keep a sign-in session (session_id: the SHA-256 hex of the cookie); expired ones go."""
+
+    @abc.abstractmethod
+    async def find_session(self, session_id: str) -> AdminSession | None:
+        """The session, None when there is none or it expired."""
+
+    @abc.abstractmethod
+    async def end_session(self, session_id: str) -> bool:
+        """Forget the session everywhere; True when there was one."""
 
 
 def utcnow() -> datetime:

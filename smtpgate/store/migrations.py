@@ -67,6 +67,38 @@ SQLITE: list[Migration] = [
         "messages.shared: the recipients inbound sharing added",
         ["ALTER TABLE messages ADD COLUMN shared TEXT"],
     ),
+    (
+        3,
+        "activity lists and search, admin sign-in sessions",
+        [
+            # Lists: newest first, overall (admin) and per owning mailbox (a team).
+            "CREATE INDEX activities_created ON activities (created_at, reference)",
+            "CREATE INDEX activities_mailbox_created ON activities (mailbox, created_at, reference)",
+            "DROP INDEX activities_mailbox",
+            # Search: a trigram index of subjects and Message-IDs, kept by triggers.
+            """CREATE VIRTUAL TABLE messages_search USING fts5 (
+                subject, message_id, content='messages', content_rowid='id', tokenize='trigram'
+            )""",
+            """CREATE TRIGGER messages_search_insert AFTER INSERT ON messages BEGIN
+                INSERT INTO messages_search (rowid, subject, message_id)
+                VALUES (new.id, new.subject, new.message_id);
+            END""",
+            """CREATE TRIGGER messages_search_delete AFTER DELETE ON messages BEGIN
+                INSERT INTO messages_search (messages_search, rowid, subject, message_id)
+                VALUES ('delete', old.id, old.subject, old.message_id);
+            END""",
+            "INSERT INTO messages_search (messages_search) VALUES ('rebuild')",
+            # id is the SHA-256 of the cookie's value, never the value itself.
+            """CREATE TABLE admin_sessions (
+                id TEXT PRIMARY KEY,
+                team TEXT NOT NULL,
+                token TEXT NOT NULL,
+                created_at TEXT NOT NULL,
+                expires_at TEXT NOT NULL
+            )""",
+            "CREATE INDEX admin_sessions_expires_at ON admin_sessions (expires_at)",
+        ],
+    ),
 ]
 
 POSTGRES: list[Migration] = [
@@ -122,6 +154,39 @@ POSTGRES: list[Migration] = [
         2,
         "messages.shared: the recipients inbound sharing added",
         ["ALTER TABLE messages ADD COLUMN shared TEXT"],
+    ),
+    (
+        3,
+        "activity lists and search, admin sign-in sessions",
+        [
+            "CREATE INDEX activities_created ON activities (created_at, reference)",
+            "CREATE INDEX activities_mailbox_created ON activities (mailbox, created_at, reference)",
+            "DROP INDEX activities_mailbox",
+            # Search: trigram indexes (pg_trgm, a trusted extension: the database's owner may
+            # create it) for ILIKE '%text%' on subjects and Message-IDs.
+            # The operator class is named with the extension's own schema, wherever an
+            # earlier CREATE EXTENSION put it.
+            """DO $$
+            DECLARE home text;
+            BEGIN
+                CREATE EXTENSION IF NOT EXISTS pg_trgm;
+                SELECT n.nspname INTO home FROM pg_extension e
+                    JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'pg_trgm';
+                EXECUTE format('CREATE INDEX messages_subject_trgm ON messages'
+                               ' USING gin (subject %I.gin_trgm_ops)', home);
+                EXECUTE format('CREATE INDEX messages_message_id_trgm ON messages'
+                               ' USING gin (message_id %I.gin_trgm_ops)', home);
+            END
+            $$""",
+            """CREATE TABLE admin_sessions (
+                id TEXT PRIMARY KEY,
+                team TEXT NOT NULL,
+                token TEXT NOT NULL,
+                created_at TIMESTAMPTZ NOT NULL,
+                expires_at TIMESTAMPTZ NOT NULL
+            )""",
+            "CREATE INDEX admin_sessions_expires_at ON admin_sessions (expires_at)",
+        ],
     ),
 ]
 

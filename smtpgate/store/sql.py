@@ -35,6 +35,7 @@ from smtpgate.store.base import (
 )
 from smtpgate.store.errors import AllocationError, LinkConflict, StoreError
 from smtpgate.store.group import GroupCommit
+from smtpgate.store.listing import Listing
 from smtpgate.store.records import RECORD_LINGER, MessageRecords
 from smtpgate.store.transfer import TransferMixin
 
@@ -116,7 +117,7 @@ class _Numbers:
         return row is not None
 
 
-class SqlStore(TransferMixin, MessageRecords, Store):
+class SqlStore(TransferMixin, Listing, MessageRecords, Store):
     """A Store over SQL; subclasses provide `_read`, `_write` and the dialect."""
 
     # Takes the next number atomically; parameters: first_number twice.

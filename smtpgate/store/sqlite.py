@@ -35,6 +35,7 @@ import aiosqlite
 
 from smtpgate.store import migrations
 from smtpgate.store.errors import StoreError, StoreMissing
+from smtpgate.store.listing import fts_phrase, like_pattern
 from smtpgate.store.records import MessageRow, message_inserts
 from smtpgate.store.sql import SqlStore, Tx
 
@@ -336,6 +337,15 @@ class SqliteStore(SqlStore):
 
     def _migrations(self) -> list[migrations.Migration]:
         return migrations.SQLITE
+
+    LIKE = "LIKE"
+
+    def _search_hits(self, text: str) -> tuple[str, list[Any]]:
+        if len(text) >= 3:  # the trigram index finds substrings of three characters and more
+            return "SELECT rowid FROM messages_search WHERE messages_search MATCH ?", [fts_phrase(text)]
+        pattern = like_pattern(text)
+        return ("SELECT id FROM messages WHERE subject LIKE ? ESCAPE '\\' OR message_id LIKE ? ESCAPE '\\'",
+                [pattern, pattern])
 
     async def _has_schema_table(self, tx: Tx) -> bool:
         row = await tx.fetchone(

@@ -8,6 +8,7 @@ linked to a new Team B activity, with one message record on each.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 from dataclasses import dataclass
@@ -68,14 +69,49 @@ def write_tokens(folder) -> dict[str, str]:
     return tokens
 
 
-@pytest.fixture
-async def admin_relay(sink, config_for, start_gate, log_lines, tmp_path) -> AdminRelay:
+# Single sign-on: the proxy is 127.0.0.2 (tests bind their client there), Team B's token file
+# holds the token's SHA-256 rather than the token.
+SIGN_ON_YAML = ADMIN_YAML + """\
+  trusted_proxy:
+    networks: [127.0.0.2/32]
+  teams:
+    - team: Team A (UK)
+      groups: [uk-payroll-agents]
+    - team: Team B (Poland)
+      groups: [pl-payroll-agents, Payroll Leads]
+    - team: admin
+      groups: [mail-admins]
+"""
+
+
+def hash_token_file(path) -> None:
+    """Replace the token in a token file by `sha256:<hex>` of it."""
+    token = path.read_text(encoding="utf-8").strip()
+    path.write_text("sha256:" + hashlib.sha256(token.encode()).hexdigest() + "\n", encoding="utf-8")
+
+
+async def start_admin_relay(sink, config_for, start_gate, tmp_path, extra: str = ADMIN_YAML,
+                            store: str | None = None, scheme: str = "http") -> AdminRelay:
+    """smtpgate with an admin listener (extra: the admin YAML), filled by the first message."""
     tokens = write_tokens(tmp_path)
-    gate, port = await start_gate(config_for(f"smtp://127.0.0.1:{sink.port}", ADMIN_YAML))
+    if "trusted_proxy" in extra:
+        hash_token_file(tmp_path / "team-b.token")
+    gate, port = await start_gate(config_for(f"smtp://127.0.0.1:{sink.port}", extra, store=store))
     host, admin_port = gate.admin.bound[0]
     result = await send("127.0.0.1", port, mail_from=f"uk-payroll+{SOURCE}@corp.example",
                         rcpt_tos=["client@supplier.example", "pl-payroll@corp.example"], data=FIRST)
     assert result.data is not None and result.data[0] == 250, result
     [linked] = [m.group(1) for r in sink.messages[-1].rcpt_tos if (m := _TAGGED_B.fullmatch(r))]
-    return AdminRelay(gate=gate, smtp_port=port, admin_url=f"http://{host}:{admin_port}", sink=sink,
+    return AdminRelay(gate=gate, smtp_port=port, admin_url=f"{scheme}://{host}:{admin_port}", sink=sink,
                       tokens=tokens, linked=linked)
+
+
+@pytest.fixture
+async def admin_relay(sink, config_for, start_gate, log_lines, tmp_path) -> AdminRelay:
+    return await start_admin_relay(sink, config_for, start_gate, tmp_path)
+
+
+@pytest.fixture
+async def sign_on_relay(sink, config_for, start_gate, log_lines, tmp_path) -> AdminRelay:
+    """admin_relay with single sign-on from 127.0.0.2 and Team B's token file hashed."""
+    return await start_admin_relay(sink, config_for, start_gate, tmp_path, SIGN_ON_YAML)
