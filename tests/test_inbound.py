@@ -3,6 +3,7 @@ the thread smtpgate relayed; nothing is linked; nothing is relayed out."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 
 import pytest
@@ -39,9 +40,10 @@ async def gate(sink, tmp_path, start_gate, log_lines):
     return gate, outbound, inbound
 
 
-def counts(tmp_path) -> tuple[int, int]:
+def counts(tmp_path, *tables: str) -> tuple[int, ...]:
     with sqlite3.connect(tmp_path / "smtpgate.db") as conn:
-        return tuple(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("activities", "links"))
+        return tuple(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                     for t in tables or ("activities", "links"))
 
 
 REPLY = (b"From: Client <client@supplier.example>\r\nTo: uk-payroll@corp.example\r\n"
@@ -116,3 +118,46 @@ async def test_a_guessed_tag_is_kept_or_stripped(gate, sink, log_lines, tmp_path
     [event] = [e for e in log_lines() if e["event"] == "inbound.unknown_tag"]
     assert (event["recipient"], event["tag"], event["action"]) == ("pl-payroll+424242-T@corp.example",
                                                                    "424242-T", policy)
+
+
+SECOND = (b"From: uk-payroll+5512-C@corp.example\r\nTo: client@supplier.example\r\n"
+          b"Cc: pl-payroll@corp.example\r\nSubject: Invoice 4411, the other case\r\n"
+          b"Message-ID: <second.5512@corp.example>\r\n\r\nSecond case.\r\n")
+
+
+async def test_the_newest_message_of_a_thread_wins(gate, sink, log_lines):
+    _, outbound, inbound = gate
+    result = await send("127.0.0.1", outbound, mail_from="uk-payroll+5512-C@corp.example",
+                        rcpt_tos=["client@supplier.example", "pl-payroll@corp.example"], data=SECOND)
+    assert result.data[0] == 250
+    other = f"{FIRST + 1}-T"  # the second source activity's own link to Team B
+    assert f"pl-payroll+{other}@corp.example" in sink.messages[-1].rcpt_tos
+    # References lists the thread oldest first: the last one named is the newest.
+    reply = REPLY.replace(b"In-Reply-To: <step1.101203@corp.example>\r\n",
+                          b"References: <step1.101203@corp.example> <second.5512@corp.example>\r\n")
+    assert (await deliver(inbound, BOTH, reply)).data[0] == 250
+    assert sink.messages[-1].rcpt_tos == ["uk-payroll+5512-C@corp.example", f"pl-payroll+{other}@corp.example"]
+    # In-Reply-To names the message replied to: it wins over anything References lists.
+    reply = REPLY.replace(b"In-Reply-To: <step1.101203@corp.example>\r\n",
+                          b"In-Reply-To: <step1.101203@corp.example>\r\n"
+                          b"References: <step1.101203@corp.example> <second.5512@corp.example>\r\n")
+    assert (await deliver(inbound, BOTH, reply)).data[0] == 250
+    assert sink.messages[-1].rcpt_tos == ["uk-payroll+101203-T@corp.example", f"pl-payroll+{NEW}@corp.example"]
+    retagged = [e for e in log_lines() if e["event"] == "message.retagged"]
+    assert [r["thread_message_id"] for r in retagged[0]["recipients"]] == ["<second.5512@corp.example>"] * 2
+
+
+async def test_a_store_failure_inbound_is_a_temporary_failure_not_an_untagged_relay(gate, sink, log_lines,
+                                                                                  tmp_path):
+    _, _, inbound = gate
+    relayed = len(sink.messages)
+    async with asyncio.timeout(10):  # step 1's record committed first: only the read fails
+        while counts(tmp_path, "messages") == (0,):
+            await asyncio.sleep(0.01)
+    with sqlite3.connect(tmp_path / "smtpgate.db") as conn:
+        conn.execute("ALTER TABLE messages RENAME TO messages_away")  # the thread records cannot be read
+    result = await deliver(inbound, BOTH, REPLY)
+    assert result.data[0] == 451
+    assert len(sink.messages) == relayed
+    rejected = [e for e in log_lines() if e["event"] == "message.rejected"]
+    assert rejected[-1]["code"] == 451 and "store" in rejected[-1]["reason"]
