@@ -1,0 +1,134 @@
+"""Counters the main metrics test leaves alone, each moved by its real cause and read from /metrics.
+
+Each step does one thing to a real smtpgate (two links reused by one message,
+a session over the connection limit, a refused command, a tag the upstream
+refuses, an address too long to tag, a store failure after delivery, AUTH
+right and wrong) and checks the exact difference between two scrapes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+
+import pytest
+
+from smtpgate.config import load_config
+from smtpgate.log import get_logger, setup_logging
+from smtpgate.metrics import exposition
+from tests.conftest import BASE_CONFIG, write_config
+from tests.support.admin import ADMIN_YAML, write_tokens
+from tests.support.smtp import send
+from tests.support.wire import Wire, code
+from tests.test_metrics import delta, scrape, until
+
+LONG = "x" * 60  # a local part with no room for a tag within 64 octets
+MAILBOXES = f"""\
+mailboxes:
+  - address: fr-payroll@corp.example
+    team: Team D (France)
+  - address: {LONG}@corp.example
+    team: Team E (long)
+"""
+SOURCE = "uk-payroll+101203-T@corp.example"
+
+
+def message(message_id: str, cc: str) -> bytes:
+    return (f"From: Team A <{SOURCE}>\r\nTo: client@supplier.example\r\nCc: {cc}\r\n"
+            f"Subject: metrics\r\nMessage-ID: <{message_id}@corp.example>\r\n\r\nHello\r\n").encode()
+
+
+@pytest.fixture
+async def gate(sink, tmp_path, start_gate, log_lines):
+    write_tokens(tmp_path)
+    text = BASE_CONFIG.format(upstream=f"smtp://127.0.0.1:{sink.port}", store=f"sqlite:{tmp_path}/smtpgate.db")
+    text = text.replace("mailboxes:\n", MAILBOXES, 1) + ADMIN_YAML + "limits:\n  max_connections: 1\n"
+    gate, port = await start_gate(load_config(write_config(tmp_path, text)))
+    host, admin_port = gate.admin.bound[0]
+    gate.test_port, gate.admin_url = port, f"http://{host}:{admin_port}"
+    return gate
+
+
+async def relay(gate, message_id: str, rcpts: list[str], cc: str):
+    result = await send("127.0.0.1", gate.test_port, mail_from=SOURCE, rcpt_tos=rcpts,
+                        data=message(message_id, cc))
+    await until(lambda: not gate.registry.sessions)
+    return result
+
+
+async def test_links_reused_count_each_link_and_untaggable_each_address(gate, sink):
+    teams = ["pl-payroll@corp.example", "fr-payroll@corp.example"]
+    assert (await relay(gate, "first", teams, ", ".join(teams))).data[0] == 250
+    before = await scrape(gate.admin_url)
+    assert (await relay(gate, "second", teams, ", ".join(teams))).data[0] == 250
+    assert (await relay(gate, "long", [f"{LONG}@corp.example"], f"{LONG}@corp.example")).data[0] == 250
+    moved = delta(before, await scrape(gate.admin_url))
+    assert moved("smtpgate_links_reused_total") == 2  # one message, two links
+    assert moved("smtpgate_links_created_total") == 0
+    assert moved("smtpgate_addresses_untaggable_total") == 1
+    assert moved("smtpgate_messages_relayed_total") == 2
+
+
+async def test_refused_sessions_commands_and_tags_are_counted(gate, sink):
+    before = await scrape(gate.admin_url)
+    held, greeting = await Wire.open(gate.test_port)
+    assert code(greeting) == 220
+    over, greeting = await Wire.open(gate.test_port)
+    assert code(greeting) == 421  # limits.max_connections: 1
+    await over.close()
+    assert code(await held.cmd("EHLO client.test")) == 250
+    assert code(await held.cmd("MAIL FROM:<not an address>")) == 501
+    assert code(await held.cmd("QUIT")) == 221
+    await held.close()
+    sink.refuse_plus = True  # the upstream takes no tagged address: relayed untagged
+    result = await relay(gate, "untagged", ["pl-payroll@corp.example"], "pl-payroll@corp.example")
+    assert result.data[0] == 250 and sink.messages[-1].rcpt_tos == ["pl-payroll@corp.example"]
+    moved = delta(before, await scrape(gate.admin_url))
+    assert moved("smtpgate_smtp_sessions_refused_total") == 1
+    assert moved("smtpgate_commands_refused_total", code="501") == 1
+    assert moved("smtpgate_upstream_tag_refused_total") == 1
+
+
+async def test_a_store_failure_after_delivery_is_counted_by_stage(gate, sink, tmp_path):
+    assert (await relay(gate, "before", ["client@supplier.example"], "client@supplier.example")).data[0] == 250
+    def records() -> int:
+        with sqlite3.connect(tmp_path / "smtpgate.db") as conn:
+            return conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+    async with asyncio.timeout(10):  # the first message's record committed: only the next one fails
+        while records() == 0:
+            await asyncio.sleep(0.01)
+    before = await scrape(gate.admin_url)
+    with sqlite3.connect(tmp_path / "smtpgate.db") as conn:
+        conn.execute("ALTER TABLE messages RENAME TO messages_away")  # the message record cannot be written
+    assert (await relay(gate, "after", ["client@supplier.example"], "client@supplier.example")).data[0] == 250
+    async with asyncio.timeout(10):
+        while delta(before, await scrape(gate.admin_url))("smtpgate_store_errors_total", stage="record_message") < 1:
+            await asyncio.sleep(0.01)
+    moved = delta(before, await scrape(gate.admin_url))
+    assert moved("smtpgate_store_errors_total", stage="record_message") == 1
+    assert moved("smtpgate_messages_relayed_total") == 1  # delivered all the same
+
+
+def _samples() -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(exposition().decode()) for s in f.samples}
+
+
+def test_auth_results_and_the_sessions_gauge_follow_their_events(capsys):
+    setup_logging("json", "debug")
+    log = get_logger()
+    before = _samples()
+    log.info("auth.result", success=True, mechanism="PLAIN")
+    log.info("auth.result", success=False, mechanism="PLAIN")
+    log.info("auth.result", success=False, mechanism="LOGIN")
+    log.info("session.opened")
+    log.info("session.opened")
+    during = _samples()
+    log.info("session.closed")
+    moved, now = delta(before, during), delta(before, _samples())
+    assert moved("smtpgate_auth_attempts_total", result="success") == 1
+    assert moved("smtpgate_auth_attempts_total", result="failure") == 2
+    assert moved("smtpgate_smtp_sessions_open") == 2 and now("smtpgate_smtp_sessions_open") == 1
+    log.info("session.closed")
+    capsys.readouterr()
