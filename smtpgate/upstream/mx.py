@@ -74,8 +74,9 @@ class MxRoute:
     """The mail hosts of one domain, and which of them failed lately."""
 
     def __init__(self, domain: str, *, port: int, resolver: str | None, lifetime: float,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, down_seconds: float = DOWN_SECONDS):
         self.domain = domain
+        self.down_seconds = down_seconds  # how long a failed address is tried after the others
         self.port = port
         self.rng = rng or random.Random()
         self.down: dict[str, float] = {}  # address -> monotonic time until which it is tried last
@@ -116,7 +117,7 @@ class MxRoute:
         return self._healthy_first(targets)
 
     def failed(self, target: Target) -> None:
-        self.down[target.address] = time.monotonic() + DOWN_SECONDS
+        self.down[target.address] = time.monotonic() + self.down_seconds
 
     def succeeded(self, target: Target) -> None:
         self.down.pop(target.address, None)
