@@ -51,9 +51,9 @@ store:
     gate, port = await start_gate(config)
     tls = client_tls_context(cert)
 
-    async def submit(login, mail_from: str, from_: str | None = None):
+    async def submit(login, mail_from: str, from_: str | None = None, data: bytes | None = None):
         return await send("127.0.0.1", port, mail_from=mail_from, rcpt_tos=["b@x.example"],
-                          data=message(from_ or mail_from), starttls=True, tls_context=tls, login=login)
+                          data=data or message(from_ or mail_from), starttls=True, tls_context=tls, login=login)
 
     return submit
 
@@ -149,3 +149,18 @@ def test_bad_sender_list_in_the_file_names_file_line_and_user(tmp_path):
     with pytest.raises(UsersError) as info:
         Users.load(path)
     assert "hunter2" not in str(info.value)
+
+
+async def test_every_from_field_is_checked_and_an_unreadable_one_refused(gate_with_users, sink, log_lines):
+    second = b"From: jane@corp.example\r\nFrom: boss@corp.example\r\nTo: b@x.example\r\n\r\nbody\r\n"
+    refused = await gate_with_users(JANE, "jane@corp.example", data=second)
+    assert refused.data is not None and refused.data[0] == 550
+    [event] = [e for e in log_lines() if e["event"] == "message.rejected"]
+    assert event["header_from"] == "boss@corp.example"
+    unreadable = b"From: Someone <jane@corp.example\r\nTo: b@x.example\r\n\r\nbody\r\n"
+    refused = await gate_with_users(JANE, "jane@corp.example", data=unreadable)
+    assert refused.data is not None and refused.data[0] == 550 and refused.data[1].startswith("5.7.1")
+    assert sink.received == []
+    # Both fields hers: relayed.
+    hers = second.replace(b"boss@", b"uk-payroll+101203-T@")
+    assert (await gate_with_users(JANE, "jane@corp.example", data=hers)).data[0] == 250
