@@ -176,6 +176,16 @@ class Slot:
     statuses: list[int] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Timings:
+    """The supervisor's waits, in seconds (the module constants unless a caller, a test, says otherwise)."""
+
+    backoff_first: float = BACKOFF_FIRST
+    backoff_max: float = BACKOFF_MAX
+    stable_after: float = STABLE_AFTER
+    stop_margin: float = STOP_MARGIN
+
+
 class Supervisor:
     """Binds the listeners, forks and watches the workers; see the module docstring.
 
@@ -184,8 +194,10 @@ class Supervisor:
     spreads connections by hash; kept for bench/spread.py).
     """
 
-    def __init__(self, config_path: Path, config: Config, *, sharing: str = "shared"):
+    def __init__(self, config_path: Path, config: Config, *, sharing: str = "shared",
+                 timings: Timings = Timings()):
         self.config_path = config_path
+        self.timings = timings
         self.config = config
         self.sharing = sharing
         self.slots: list[Slot] = []
@@ -331,7 +343,7 @@ class Supervisor:
         log.info("shutdown.started", grace=grace, workers=[s.pid for s in self._live()])
         # The workers still hold the sockets; once they close theirs, the ports are free.
         self._close_listeners()
-        self.stop_deadline = time.monotonic() + grace + STOP_MARGIN
+        self.stop_deadline = time.monotonic() + grace + self.timings.stop_margin
         for slot in self.slots:
             slot.restart_at = None
             if slot.pid is not None:
@@ -377,8 +389,9 @@ class Supervisor:
             self._stop()
             return
         lived = time.monotonic() - slot.started
-        slot.quick_deaths = slot.quick_deaths + 1 if lived < STABLE_AFTER else 1
-        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (slot.quick_deaths - 1))
+        timings = self.timings
+        slot.quick_deaths = slot.quick_deaths + 1 if lived < timings.stable_after else 1
+        delay = min(timings.backoff_max, timings.backoff_first * 2 ** (slot.quick_deaths - 1))
         slot.restart_at = time.monotonic() + delay
         log.warning("worker.exited", worker=slot.index, pid=pid, restart_in=delay, **how)
 
@@ -406,7 +419,7 @@ class Supervisor:
         except OSError as exc:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             log.error("worker.fork_failed", worker=slot.index, error=str(exc))
-            slot.restart_at = time.monotonic() + BACKOFF_MAX
+            slot.restart_at = time.monotonic() + self.timings.backoff_max
             return
         if pid == 0:
             self._worker(slot)  # never returns
