@@ -133,3 +133,23 @@ async def test_an_upstream_refusing_early_data_gets_its_reply_to_the_clients_dot
     assert code(await send_data(wire, STEP1)) == 250
     await wire.cmd("QUIT")
     assert "RSET" in mission.sink.commands and mission.sink.closed_after_data == 0
+
+
+async def test_nothing_follows_an_early_data_that_is_given_up(mission):  # noqa: F811
+    """Once the upstream took DATA, only the message or a closed connection ends its transaction:
+    a new decision (two spellings merged) or a client gone mid-message closes the connection
+    without writing RSET or QUIT, which the upstream would read as message content."""
+    await mission.step1()
+    wire = await tagged_transaction(mission, ["pl-payroll@corp.example", "PL-Payroll@corp.example"])
+    await data_after_upstream_data(mission, wire)
+    await wire.cmd("QUIT")
+    await mission.sink.wait_for(lambda: mission.sink.closed_after_data == 1, what="the first connection closed")
+    datas = mission.sink.commands.count("DATA")
+    wire = await tagged_transaction(mission)
+    assert code(await wire.cmd("DATA")) == 354
+    await mission.sink.wait_for(lambda: mission.sink.commands.count("DATA") == datas + 1, what="the early DATA")
+    await wire.send(b"Subject: cut short\r\n")
+    await wire.close()
+    await mission.sink.wait_for(lambda: mission.sink.closed_after_data == 2, what="the second connection closed")
+    for written in mission.sink.abandoned_data:
+        assert not any(line.upper().startswith((b"RSET", b"QUIT")) for line in written.split(b"\r\n")), written

@@ -86,6 +86,7 @@ class SinkSMTP(SMTP):
         # What the next reply answers: "greeting", a command verb, or "dot" (fault knobs).
         self._stage = "greeting"
         self._last_command = ""  # the last command verb, "dot" once a message's dot is in
+        self._after_data = bytearray()
         super().__init__(_Hooks(sink), **kwargs)
         self._smtp_methods = {
             name: self._recording(name, method) for name, method in self._smtp_methods.items()
@@ -100,6 +101,7 @@ class SinkSMTP(SMTP):
                 shown = mechanism + (" ***" if rest else "")
             self.sink._command(name if shown is None else f"{name} {shown}")
             self._stage = self._last_command = name
+            self._after_data = bytearray()
             await method(arg)
 
         return record_then_run
@@ -107,10 +109,16 @@ class SinkSMTP(SMTP):
     def _create_envelope(self) -> Envelope:
         return _SinkEnvelope()
 
+    def data_received(self, data: bytes) -> None:
+        if getattr(self, "_last_command", None) == "DATA":
+            self._after_data += data  # what the client wrote once DATA was taken
+        super().data_received(data)
+
     def connection_lost(self, error: Exception | None) -> None:
         super().connection_lost(error)
         self.sink._protocols.discard(self)
         if self._last_command == "DATA":
+            self.sink.abandoned_data.append(bytes(self._after_data))
             self.sink.closed_after_data += 1
             self.sink._changed()
 
@@ -476,7 +484,8 @@ class Sink:
     message whose dot arrived, whatever the answer), `commands` (each command
     line, verb upper-cased, AUTH credentials masked), `connections`,
     `closed_after_data` (connections the client closed after DATA and before
-    a final dot: a transaction given up mid-data),
+    a final dot: a transaction given up mid-data), `abandoned_data` (for each
+    of those, the octets the client wrote after DATA),
     `auth_tokens` (each XOAUTH2 bearer token presented, accepted or not).
     """
 
@@ -534,6 +543,7 @@ class Sink:
         self.commands: list[str] = []
         self.connections = 0
         self.closed_after_data = 0
+        self.abandoned_data: list[bytes] = []
         self.auth_tokens: list[str] = []
 
         self._server: asyncio.AbstractServer | None = None
