@@ -80,20 +80,31 @@ fuzz: venv
 	# The SMTP state machine with its long profile (tests/test_smtp_state_machine.py).
 	SMTPGATE_FUZZ=1 $(BIN)/pytest -q -p no:cacheprovider tests/test_smtp_state_machine.py
 
-# Mutation testing of the pure core, not part of `make test`: mutmut makes small changes to
-# the core modules ([tool.mutmut] in pyproject.toml) and runs the core's unit tests against
-# each; a mutant that survives is a change no test notices. MUTANTS picks some by name
-# (MUTANTS='smtpgate.linking.references*'); MUTATE_SECONDS bounds the run, whose results are
-# kept in mutants/ (a later run goes on from them). `mutmut show NAME` shows one mutant.
+# Mutation testing, not part of `make test`. First the pure core: mutmut makes small changes to
+# the core modules ([tool.mutmut] in pyproject.toml) and runs the core's unit tests against each;
+# a mutant that survives is a change no test notices. MUTANTS picks some by name
+# (MUTANTS='smtpgate.linking.references*'); MUTATE_SECONDS bounds the run, whose results are kept
+# in mutants/ (a later run goes on from them). `mutmut show NAME` shows one mutant.
+# Then the I/O layers (tests/support/mutate_io.py): each module alone against the test files that
+# claim it, in mutants-io/<module>/, for at most MUTATE_MODULE_SECONDS each, with its score and
+# survivors.txt. MUTATE_MODULES picks modules (MUTATE_MODULES=smtpgate/metrics.py; the core run
+# is skipped then); MUTATE_MODULES=none runs the core only.
 MUTANTS ?=
 MUTATE_SECONDS ?= 1800
+MUTATE_MODULES ?=
+MUTATE_MODULE_SECONDS ?= 600
 mutate: venv
 	$(BIN)/pip install -q -e '.[mutate]'
-	@status=0; timeout $(MUTATE_SECONDS) $(BIN)/mutmut run --max-children 2 $(MUTANTS) > mutants.log 2>&1 || status=$$?; \
-	if [ $$status = 124 ]; then echo "stopped after $(MUTATE_SECONDS)s: the score counts the mutants judged so far"; \
-	elif [ $$status != 0 ]; then tail -n 30 mutants.log; exit $$status; fi; \
-	$(BIN)/mutmut results | grep -v ': not checked' || true; \
-	$(BIN)/python -m tests.support.mutation_score
+	@if [ -z "$(MUTATE_MODULES)" ] || [ "$(MUTATE_MODULES)" = none ]; then \
+		status=0; timeout $(MUTATE_SECONDS) $(BIN)/mutmut run --max-children 2 $(MUTANTS) > mutants.log 2>&1 || status=$$?; \
+		if [ $$status = 124 ]; then echo "stopped after $(MUTATE_SECONDS)s: the score counts the mutants judged so far"; \
+		elif [ $$status != 0 ]; then tail -n 30 mutants.log; exit $$status; fi; \
+		$(BIN)/mutmut results | grep -v ': not checked' || true; \
+		$(BIN)/python -m tests.support.mutation_score; \
+	fi
+	@if [ "$(MUTATE_MODULES)" != none ]; then \
+		MUTATE_MODULE_SECONDS=$(MUTATE_MODULE_SECONDS) $(BIN)/python -m tests.support.mutate_io $(MUTATE_MODULES); \
+	fi
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .coverage test-artifacts mutants mutants.log
+	rm -rf $(VENV) var .pytest_cache .coverage test-artifacts mutants mutants.log mutants-io

@@ -1,0 +1,118 @@
+"""`make mutate`, the I/O layers: each module mutated alone, against the test files that claim it.
+
+mutmut reads one [tool.mutmut] table from the pyproject.toml of the folder it runs in,
+so each module gets its own folder under mutants-io/ holding a copy of smtpgate/, tests/
+and pyproject.toml whose [tool.mutmut] names only that module and its test files. Each
+run is bounded by MUTATE_MODULE_SECONDS; the summary gives the score per module (mutants
+judged so far when the budget ran out) and the file mutants-io/<module>/survivors.txt
+lists the survivors (`mutmut show NAME` in that folder shows one).
+
+    python -m tests.support.mutate_io [MODULE ...]      # default: every module of MODULES
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.support.mutation_score import summary
+
+# Module -> the test files that claim it (a mutant is judged by these only).
+_SMTP = ["tests/test_relay.py", "tests/test_relay_edges.py", "tests/test_relay_faults.py",
+         "tests/test_relay_params.py", "tests/test_smtp_prototype.py", "tests/test_abuse_limits.py"]
+_MILTER = ["tests/test_milter.py", "tests/test_milter_faults.py"]
+_STORE = ["tests/test_store.py", "tests/test_store_model.py", "tests/test_store_group.py",
+          "tests/test_store_schema.py", "tests/test_record_durability.py"]
+MODULES: dict[str, list[str]] = {
+    "smtpgate/metrics.py": ["tests/test_metrics.py", "tests/test_metrics_counters.py"],
+    "smtpgate/linking/service.py": ["tests/test_link_service.py", "tests/test_mission.py", "tests/test_inbound.py",
+                                    "tests/test_early_tag.py"],
+    "smtpgate/frontends/registry.py": ["tests/test_serve.py", "tests/test_milter.py"],
+    "smtpgate/frontends/milter/session.py": _MILTER,
+    "smtpgate/frontends/milter/server.py": _MILTER,
+    "smtpgate/frontends/smtp/server.py": _SMTP + ["tests/test_sender_rights.py"],
+    "smtpgate/frontends/smtp/relay.py": _SMTP + ["tests/test_early_tag.py", "tests/test_inbound.py"],
+    "smtpgate/frontends/smtp/auth.py": ["tests/test_auth_mechanisms.py", "tests/test_auth_slowdown.py",
+                                        "tests/test_auth_burst.py", "tests/test_sender_rights.py"],
+    "smtpgate/frontends/smtp/tls.py": ["tests/test_tls_auth.py", "tests/test_tls_grade.py"],
+    "smtpgate/frontends/smtp/peercert.py": ["tests/test_connector.py"],
+    "smtpgate/frontends/smtp/aiosmtpd_glue.py": ["tests/test_aiosmtpd_glue.py", "tests/test_data_reader.py"],
+    "smtpgate/upstream/client.py": ["tests/test_upstream_faults.py", "tests/test_upstream_pool.py",
+                                    "tests/test_upstream_limits.py", "tests/test_early_tag.py"],
+    "smtpgate/upstream/mx.py": ["tests/test_mx.py", "tests/test_mx_route.py"],
+    "smtpgate/upstream/oauth2.py": ["tests/test_upstream_oauth2.py", "tests/test_upstream_xoauth2.py"],
+    "smtpgate/upstream/certificates.py": ["tests/test_upstream_client_cert.py"],
+    "smtpgate/upstream/passthrough.py": ["tests/test_auth_upstream.py"],
+    "smtpgate/runtime/gate.py": ["tests/test_serve.py", "tests/test_reload.py"],
+    "smtpgate/runtime/loop.py": ["tests/test_event_loop.py"],
+    "smtpgate/runtime/supervisor.py": ["tests/test_workers.py", "tests/test_supervisor_timings.py"],
+    "smtpgate/admin/app.py": ["tests/test_admin.py"],
+    "smtpgate/admin/auth.py": ["tests/test_admin.py"],
+    "smtpgate/store/sql.py": _STORE,
+    "smtpgate/store/sqlite.py": _STORE,
+    "smtpgate/store/postgres.py": _STORE + ["tests/test_store_concurrency.py"],
+    "smtpgate/store/records.py": _STORE,
+    "smtpgate/store/group.py": ["tests/test_store_group.py"],
+    "smtpgate/store/allocation.py": ["tests/test_allocator_adapter.py", "tests/test_allocator_http.py"],
+    "smtpgate/store/migrations.py": ["tests/test_store_schema.py"],
+}
+ROOT = Path(__file__).resolve().parents[2]
+WORK = ROOT / "mutants-io"
+
+
+def _pyproject(module: str, tests: list[str]) -> str:
+    """The project's pyproject.toml with a [tool.mutmut] table for this module alone."""
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    table = (f'[tool.mutmut]\nsource_paths = ["smtpgate"]\nonly_mutate = [{json.dumps(module)}]\n'
+             'pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]\n'
+             f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n")
+    return re.sub(r"\[tool\.mutmut\]\n(?:(?!\n\[).)*", table.rstrip("\n"), text, count=1, flags=re.S)
+
+
+def _folder(module: str) -> Path:
+    return WORK / module.removeprefix("smtpgate/").removesuffix(".py").replace("/", ".")
+
+
+def run(module: str, seconds: float, children: int) -> str:
+    """Mutate one module for at most ``seconds``; its summary line."""
+    folder = _folder(module)
+    for part in ("smtpgate", "tests"):
+        shutil.rmtree(folder / part, ignore_errors=True)
+        shutil.copytree(ROOT / part, folder / part, ignore=shutil.ignore_patterns("__pycache__", "corpus"))
+    (folder / "pyproject.toml").write_text(_pyproject(module, MODULES[module]), encoding="utf-8")
+    mutmut = str(Path(sys.executable).with_name("mutmut"))
+    with open(folder / "mutants.log", "w", encoding="utf-8") as out:
+        try:
+            subprocess.run([mutmut, "run", "--max-children", str(children)], cwd=folder, stdout=out,
+                           stderr=subprocess.STDOUT, timeout=seconds)
+            note = ""
+        except subprocess.TimeoutExpired:
+            note = f" (stopped after {seconds:g}s)"
+    subprocess.run([mutmut, "export-cicd-stats"], cwd=folder, check=True, capture_output=True)
+    stats = json.loads((folder / "mutants" / "mutmut-cicd-stats.json").read_text())
+    results = subprocess.run([mutmut, "results"], cwd=folder, capture_output=True, text=True).stdout
+    (folder / "survivors.txt").write_text("".join(line + "\n" for line in results.splitlines()
+                                                  if line.rstrip().endswith(": survived")))
+    return f"{module}: {summary(stats)}{note}"
+
+
+def main(argv: list[str]) -> int:
+    modules = argv or list(MODULES)
+    unknown = [m for m in modules if m not in MODULES]
+    if unknown:
+        print(f"not an I/O module of tests/support/mutate_io.py: {' '.join(unknown)}", file=sys.stderr)
+        return 2
+    seconds = float(os.environ.get("MUTATE_MODULE_SECONDS", "600"))
+    children = int(os.environ.get("MUTATE_CHILDREN", "2"))
+    for module in modules:
+        print(run(module, seconds, children), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
