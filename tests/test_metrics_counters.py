@@ -132,3 +132,35 @@ def test_auth_results_and_the_sessions_gauge_follow_their_events(capsys):
     assert moved("smtpgate_smtp_sessions_open") == 2 and now("smtpgate_smtp_sessions_open") == 1
     log.info("session.closed")
     capsys.readouterr()
+
+
+def test_odd_field_values_count_as_nothing_or_unknown(capsys):
+    """The counters take what the events carry: lists or numbers, never a flag or a negative time."""
+    setup_logging("json", "debug")
+    log = get_logger()
+    before = _samples()
+    log.info("message.relayed", links_reused=True, duration_ms=-5, size=True)
+    log.info("message.relayed", links_reused=3, duration_ms=250, upstream_ms=False, store_ms="1")
+    log.info("message.relayed", links_reused=None, duration_ms=None)
+    log.info("message.relayed", links_reused="900000-T", size=512)
+    for code in ("abc", 700, 99, None):
+        log.info("message.rejected", code=code)
+    log.info("message.rejected", code="451", upstream_ms=0, store_ms=-1)
+    log.info("message.shared", added=["a@corp.example", "b@corp.example"])
+    log.info("message.shared", added=[])
+    log.info("upstream.error")
+    log.info("store.error", stage="")
+    moved = delta(before, _samples())
+    assert moved("smtpgate_messages_relayed_total") == 4
+    assert moved("smtpgate_links_reused_total") == 3
+    assert moved("smtpgate_message_duration_seconds_count") == 1
+    assert moved("smtpgate_message_duration_seconds_sum") == 0.25
+    assert moved("smtpgate_upstream_data_seconds_count") == 1  # the 451's 0 ms; False is no time
+    assert moved("smtpgate_store_seconds_count") == 0
+    assert moved("smtpgate_message_size_bytes_count") == 1 and moved("smtpgate_message_size_bytes_sum") == 512
+    assert moved("smtpgate_messages_rejected_total", reply_class="unknown", code="unknown") == 4
+    assert moved("smtpgate_messages_rejected_total", reply_class="4xx", code="451") == 1
+    assert moved("smtpgate_messages_shared_total") == 1 and moved("smtpgate_recipients_shared_total") == 2
+    assert moved("smtpgate_upstream_errors_total", stage="unknown") == 1
+    assert moved("smtpgate_store_errors_total", stage="unknown") == 1
+    capsys.readouterr()

@@ -81,8 +81,9 @@ def _folder(module: str) -> Path:
 def run(module: str, seconds: float, children: int) -> str:
     """Mutate one module for at most ``seconds``; its summary line."""
     folder = _folder(module)
-    for part in ("smtpgate", "tests"):
+    for part in ("smtpgate", "tests", "mutants"):  # a fresh copy, judged afresh
         shutil.rmtree(folder / part, ignore_errors=True)
+    for part in ("smtpgate", "tests"):
         shutil.copytree(ROOT / part, folder / part, ignore=shutil.ignore_patterns("__pycache__", "corpus"))
     (folder / "pyproject.toml").write_text(_pyproject(module, MODULES[module]), encoding="utf-8")
     mutmut = str(Path(sys.executable).with_name("mutmut"))
