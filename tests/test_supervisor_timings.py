@@ -18,19 +18,20 @@ from tests.test_workers import CONFIG, Supervised
 
 
 async def supervise(tmp_path, *, backoff_first=0.05, backoff_max=0.1, stable_after=60.0, stop_margin=0.1,
-                    grace: int = 20) -> Supervised:
+                    grace: int = 20, ready: bool = True, **environ: str) -> Supervised:
     text = CONFIG.format(port=free_port(), upstream="maildir:outbox", store="sqlite:smtpgate.db", extra="")
     config = write_config(tmp_path, text.replace("shutdown_grace: 20", f"shutdown_grace: {grace}"))
     metrics = tmp_path / "metrics"
     metrics.mkdir()
-    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(metrics))
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(metrics), **environ)
     env.pop("NOTIFY_SOCKET", None)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tests.support.supervised", str(config),
         *(str(v) for v in (backoff_first, backoff_max, stable_after, stop_margin)),
         stdout=asyncio.subprocess.PIPE, env=env, cwd=os.getcwd())
     served = Supervised(proc)
-    await served.event("smtpgate.ready")
+    if ready:
+        await served.event("smtpgate.ready")
     return served
 
 
@@ -83,5 +84,18 @@ async def test_a_stable_worker_restarts_after_the_first_delay_and_a_stuck_one_is
         assert (await served.event("worker.exited", pid=pid))["signal"] == "SIGKILL"
         assert await asyncio.wait_for(served.proc.wait(), 30) == 1  # not every worker drained cleanly
         assert served.named("shutdown.complete", workers=2)[0]["clean"] is False
+    finally:
+        await served.kill()
+
+
+async def test_a_worker_that_crashes_says_why_and_the_start_fails(tmp_path):
+    served = await supervise(tmp_path, ready=False, SMTPGATE_EVENT_LOOP="no-such-loop")
+    try:
+        crashed = await served.event("worker.crashed")
+        assert crashed["error"] == "LoopChoiceError" and "SMTPGATE_EVENT_LOOP" in crashed["reason"]
+        exited = await served.event("worker.exited", pid=crashed["pid"])
+        assert exited["exit_status"] == 70
+        assert await asyncio.wait_for(served.proc.wait(), 30) == 1
+        assert served.named("startup.failed") and not served.named("smtpgate.ready")
     finally:
         await served.kill()
