@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import uuid
 
 import pytest
 
@@ -143,7 +144,9 @@ def test_odd_field_values_count_as_nothing_or_unknown(capsys):
     log.info("message.relayed", links_reused=3, duration_ms=250, upstream_ms=False, store_ms="1")
     log.info("message.relayed", links_reused=None, duration_ms=None)
     log.info("message.relayed", links_reused="900000-T", size=512)
-    for code in ("abc", 700, 99, None):
+    for code in ("abc", 700, 99, 600, None):
+        log.info("message.rejected", code=code)
+    for code in (100, 599):  # the ends of the range of reply codes
         log.info("message.rejected", code=code)
     log.info("message.rejected", code="451", upstream_ms=0, store_ms=-1)
     log.info("message.shared", added=["a@corp.example", "b@corp.example"])
@@ -158,9 +161,37 @@ def test_odd_field_values_count_as_nothing_or_unknown(capsys):
     assert moved("smtpgate_upstream_data_seconds_count") == 1  # the 451's 0 ms; False is no time
     assert moved("smtpgate_store_seconds_count") == 0
     assert moved("smtpgate_message_size_bytes_count") == 1 and moved("smtpgate_message_size_bytes_sum") == 512
-    assert moved("smtpgate_messages_rejected_total", reply_class="unknown", code="unknown") == 4
+    assert moved("smtpgate_messages_rejected_total", reply_class="unknown", code="unknown") == 5
+    assert moved("smtpgate_messages_rejected_total", reply_class="1xx", code="100") == 1
+    assert moved("smtpgate_messages_rejected_total", reply_class="5xx", code="599") == 1
     assert moved("smtpgate_messages_rejected_total", reply_class="4xx", code="451") == 1
     assert moved("smtpgate_messages_shared_total") == 1 and moved("smtpgate_recipients_shared_total") == 2
     assert moved("smtpgate_upstream_errors_total", stage="unknown") == 1
     assert moved("smtpgate_store_errors_total", stage="unknown") == 1
     capsys.readouterr()
+
+
+def test_each_event_is_counted_once_under_its_level(capsys):
+    setup_logging("json", "debug")
+    log = get_logger()
+    name = f"test.fresh.{uuid.uuid4().hex}"  # an event no earlier test counted
+    before = _samples()
+    log.info(name)
+    log.warning(name)
+    log.warning(name)
+    try:
+        raise ValueError("for the log")
+    except ValueError:
+        log.exception(name)  # the method is "exception", the level "error"
+    moved = delta(before, _samples())
+    assert moved("smtpgate_log_events_total", event=name, level="info") == 1
+    assert moved("smtpgate_log_events_total", event=name, level="warning") == 2
+    assert moved("smtpgate_log_events_total", event=name, level="error") == 1
+    assert moved("smtpgate_log_events_total", event=name, level="exception") == 0
+    capsys.readouterr()
+
+
+def test_with_a_metrics_folder_the_exposition_is_what_the_folder_holds(tmp_path, monkeypatch):
+    """Workers: /metrics sums the processes' files, not this process's own registry."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    assert exposition() == b""  # no process has written a sample there
