@@ -11,10 +11,13 @@ import asyncio
 import os
 import signal
 import sys
+from pathlib import Path
 
 from tests.conftest import write_config
 from tests.support.wire import free_port
 from tests.test_workers import CONFIG, Supervised
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 async def supervise(tmp_path, *, backoff_first=0.05, backoff_max=0.1, stable_after=60.0, stop_margin=0.1,
@@ -23,12 +26,12 @@ async def supervise(tmp_path, *, backoff_first=0.05, backoff_max=0.1, stable_aft
     config = write_config(tmp_path, text.replace("shutdown_grace: 20", f"shutdown_grace: {grace}"))
     metrics = tmp_path / "metrics"
     metrics.mkdir()
-    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(metrics), **environ)
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(metrics), PYTHONPATH=str(ROOT), **environ)
     env.pop("NOTIFY_SOCKET", None)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tests.support.supervised", str(config),
         *(str(v) for v in (backoff_first, backoff_max, stable_after, stop_margin)),
-        stdout=asyncio.subprocess.PIPE, env=env, cwd=os.getcwd())
+        stdout=asyncio.subprocess.PIPE, env=env, cwd=str(tmp_path))
     served = Supervised(proc)
     if ready:
         await served.event("smtpgate.ready")
