@@ -195,3 +195,9 @@ def test_with_a_metrics_folder_the_exposition_is_what_the_folder_holds(tmp_path,
     """Workers: /metrics sums the processes' files, not this process's own registry."""
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     assert exposition() == b""  # no process has written a sample there
+    # A worker's counter file, written as prometheus-client's multiprocess mode writes it.
+    from prometheus_client.mmap_dict import MmapedDict, mmap_key
+    written = MmapedDict(str(tmp_path / "counter_4242.db"))
+    written.write_value(mmap_key("smtpgate_probe", "smtpgate_probe_total", [], [], "A probe."), 3.0, 0.0)
+    written.close()
+    assert exposition().decode().splitlines()[-1] == "smtpgate_probe_total 3.0"
