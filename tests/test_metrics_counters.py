@@ -201,3 +201,18 @@ def test_with_a_metrics_folder_the_exposition_is_what_the_folder_holds(tmp_path,
     written.write_value(mmap_key("smtpgate_probe", "smtpgate_probe_total", [], [], "A probe."), 3.0, 0.0)
     written.close()
     assert exposition().decode().splitlines()[-1] == "smtpgate_probe_total 3.0"
+
+
+def test_a_reload_counts_once_whatever_the_number_of_workers(capsys):
+    setup_logging("json", "debug")
+    log = get_logger()
+    before = _samples()
+    log.info("config.reloaded")  # one process
+    log.info("config.reloaded", worker=0)  # workers: each logs it, worker 0 counts it
+    log.info("config.reloaded", worker=1)
+    log.error("config.rejected")  # the supervisor refused a file
+    log.error("config.rejected", worker=2)
+    moved = delta(before, _samples())
+    assert moved("smtpgate_config_reloads_total", result="reloaded") == 2
+    assert moved("smtpgate_config_reloads_total", result="rejected") == 1
+    capsys.readouterr()
