@@ -78,9 +78,11 @@ class LinkService:
 
         ``message_id`` None: the Message-ID field's ``<id>``, else a new one
         (``message_id_added``). ``known_links``: what ``early_target`` found for this
-        transaction, (source reference, mailbox) -> linked reference; those links are
-        reused as found then, without asking the store again (the RCPT already named them
-        upstream). Raises LinkUnavailable when the store fails.
+        transaction, (source reference, mailbox) -> linked reference; each is confirmed against
+        the store (never a remembered answer) and reused while it exists, so the message keeps
+        what its RCPT named upstream; one deleted meanwhile is not used, and that mailbox is
+        decided afresh (the front end replays the envelope). Raises LinkUnavailable when the
+        store fails.
         """
         log = log or _log
         added = False
@@ -205,7 +207,7 @@ class LinkService:
                     would_create.append(mb.address)
                 continue
             known = known_links.get((source.reference, mb.address))
-            if known is not None:
+            if known is not None and await self.store.has_link(source.reference, known, mb.address):
                 found[mb.address] = known
                 reused.append(known)
                 continue

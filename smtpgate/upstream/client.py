@@ -86,7 +86,7 @@ class UpstreamSession:
     size_limit: int | None = None  # the SIZE the upstream's EHLO declared; None: none
 
     async def mail(self, sender: str, params: list[str]) -> Verdict: ...
-    async def rcpt(self, recipient: str, params: list[str]) -> Verdict: ...
+    async def rcpt(self, recipient: str, params: list[str], *, timeout: float | None = None) -> Verdict: ...
     async def rset(self) -> Verdict: ...
 
     def begin_data(self) -> None:
@@ -105,6 +105,10 @@ class UpstreamSession:
         only CRLF line ends)."""
     async def release(self, reusable: bool) -> None: ...
 
+    def discard(self) -> None:
+        """Give the connection up at once, never to be reused: what a transaction cancelled
+        while it holds one does (synchronous, so a second cancellation cannot stop it half way)."""
+
 
 def _encode(text: str) -> bytes:
     # Addresses are ASCII unless the transaction is SMTPUTF8; utf-8 covers both.
@@ -122,6 +126,20 @@ class SmtpSession(UpstreamSession):
         self.deadline: float | None = None  # the client's MAIL is answered by then (set at acquire)
         self.unchecked = False  # handed out without a NOOP (FRESH_SECONDS): MAIL may reconnect once
         self._data_reply: asyncio.Task[Verdict] | None = None  # begin_data's DATA, its reply not taken
+        self.in_use = False  # handed out for a transaction (counted in UPSTREAM_IN_USE) and not yet back
+
+    def taken(self) -> None:
+        """Handed out for a transaction: counted in use until `returned`."""
+        self.in_use = True
+        UPSTREAM_IN_USE.inc()
+
+    def returned(self) -> bool:
+        """Back from a transaction; False when it was back already (released exactly once)."""
+        if not self.in_use:
+            return False
+        self.in_use = False
+        UPSTREAM_IN_USE.dec()
+        return True
 
     async def _command(self, *parts: bytes, timeout: float | None = None) -> Verdict:
         wait = self.pool.config.timeouts.command if timeout is None else timeout
@@ -178,8 +196,9 @@ class SmtpSession(UpstreamSession):
         value = self.client.esmtp_extensions.get("size", "").strip()
         return int(value) if value.isdigit() and int(value) > 0 else None  # SIZE 0: no fixed limit
 
-    async def rcpt(self, recipient: str, params: list[str]) -> Verdict:
-        return await self._command(b"RCPT", b"TO:<" + _encode(recipient) + b">", *map(_encode, params))
+    async def rcpt(self, recipient: str, params: list[str], *, timeout: float | None = None) -> Verdict:
+        return await self._command(b"RCPT", b"TO:<" + _encode(recipient) + b">", *map(_encode, params),
+                                   timeout=timeout)
 
     async def rset(self) -> Verdict:
         if self._data_reply is not None:
@@ -255,6 +274,14 @@ class SmtpSession(UpstreamSession):
             reusable = False
         await self.pool.give_back(self, reusable)
 
+    def discard(self) -> None:
+        if self._data_reply is not None:
+            self._abandon_data()
+        self.desynced = True
+        self.client.close()
+        self.returned()
+        self.pool.forget(self)
+
     async def close(self) -> None:
         self.pool.forget(self)
         try:
@@ -269,7 +296,7 @@ class SmtpSession(UpstreamSession):
 def _describe(exc: BaseException, wait: float) -> str:
     """An upstream fault for the log; a timeout says how long was waited."""
     if isinstance(exc, TimeoutError):  # aiosmtplib's timeouts are TimeoutErrors too
-        return f"no reply within {wait:g}s"
+        return f"no reply within {round(wait, 2):g}s"
     if isinstance(exc, (OSError, aiosmtplib.SMTPConnectError)):
         return plain_words(exc)  # "connection refused", not the errno's repr
     return f"{type(exc).__name__}: {exc}"
@@ -332,7 +359,7 @@ class MaildirSession(UpstreamSession):
         self.sender, self.mail_params, self.recipients, self.rcpt_params = sender, params, [], []
         return Verdict(250, "2.1.0 Sender OK")
 
-    async def rcpt(self, recipient: str, params: list[str]) -> Verdict:
+    async def rcpt(self, recipient: str, params: list[str], *, timeout: float | None = None) -> Verdict:
         self.recipients.append(recipient)
         self.rcpt_params.append(params)
         return Verdict(250, "2.1.5 Recipient OK")
@@ -473,17 +500,20 @@ class UpstreamPool:
                 continue
             if idle_for <= FRESH_SECONDS and not check:
                 session.unchecked = True
-                UPSTREAM_IN_USE.inc()
+                session.taken()
                 return session
             try:
                 if (await session.noop()).ok:
-                    UPSTREAM_IN_USE.inc()
+                    session.taken()
                     return session
             except UpstreamError:
                 pass
+            except asyncio.CancelledError:  # the client went away: out of the pool, not leaked
+                session.discard()
+                raise
             await session.close()
         session = await self._counted(self.open_session)
-        UPSTREAM_IN_USE.inc()
+        session.taken()
         return session
 
     async def _counted(self, open_session: Callable[[], Awaitable[SmtpSession]]) -> SmtpSession:
@@ -682,7 +712,8 @@ class UpstreamPool:
         self._accepted_token = max(self._accepted_token, token.generation)
 
     async def give_back(self, session: SmtpSession, reusable: bool) -> None:
-        UPSTREAM_IN_USE.dec()
+        if not session.returned():
+            return  # given back already
         if reusable and not self._closed and session.client.is_connected and len(self.idle) < self.config.pool_size:
             self.idle.append(session)
         else:

@@ -11,9 +11,10 @@ and never written anywhere.
 
 from __future__ import annotations
 
+import asyncio
+
 import aiosmtplib
 
-from smtpgate.metrics import UPSTREAM_IN_USE
 from smtpgate.upstream.client import SmtpSession, UpstreamAuthError, UpstreamError, UpstreamPool
 
 __all__ = ["UserUpstream"]
@@ -62,17 +63,21 @@ class UserUpstream:
         if session is not None:
             try:
                 if session.client.is_connected and (await session.noop()).ok:
-                    UPSTREAM_IN_USE.inc()
+                    session.taken()
                     return session
             except UpstreamError:
                 pass
+            except asyncio.CancelledError:
+                session.discard()
+                raise
             await session.close()
         session = await self._open()
-        UPSTREAM_IN_USE.inc()
+        session.taken()
         return session
 
     async def give_back(self, session: SmtpSession, reusable: bool) -> None:
-        UPSTREAM_IN_USE.dec()
+        if not session.returned():
+            return  # given back already
         if reusable and not self.closed and self.session is None and session.client.is_connected:
             self.session = session
         else:

@@ -125,6 +125,11 @@ class SinkSMTP(SMTP):
     # -- fault knobs: greeting, stall, raw_replies ------------------------
     async def push(self, status: Any) -> None:
         sink, stage = self.sink, self._stage
+        held = sink.hold.get(stage)
+        if held is not None:
+            sink.held.append(stage)
+            sink._changed()
+            await held.wait()  # answered late, once the test sets the event
         if stage in sink.stall:
             sink.stalled.append(stage)
             sink._changed()
@@ -476,7 +481,9 @@ class Sink:
     then closes), `data_command_reply` (the answer to DATA instead of 354),
     `stall` (stages never answered: "greeting", a command verb such as
     "MAIL", "RCPT", "DATA", or "dot" for the final dot; each stall is noted in
-    `stalled`), and `raw_replies` (stage to bytes written verbatim instead of
+    `stalled`), `hold` (stage to an event: that stage is answered only once
+    the test sets it, each wait noted in `held`: an upstream slow at a chosen
+    stage), and `raw_replies` (stage to bytes written verbatim instead of
     the reply, e.g. an over-long line). A message whose dot is stalled or
     answered raw is in `received`, never in `messages`.
 
@@ -537,6 +544,8 @@ class Sink:
         self.stall: set[str] = set()
         self.raw_replies: dict[str, bytes] = {}
         self.stalled: list[str] = []
+        self.hold: dict[str, asyncio.Event] = {}
+        self.held: list[str] = []
 
         self.messages: list[Received] = []
         self.received: list[Received] = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import struct
 
 
 class Wire:
@@ -64,6 +65,12 @@ class Wire:
             except (BlockingIOError, InterruptedError):
                 queued = b""
         return buffered + queued
+
+    def reset(self) -> None:
+        """Go away with a TCP reset (SO_LINGER 0), as a crashed client or a load balancer does."""
+        sock = self.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.writer.transport.abort()
 
     async def close(self) -> None:
         self.writer.close()

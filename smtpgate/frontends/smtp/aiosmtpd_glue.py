@@ -475,6 +475,14 @@ class GlueSMTP(PrototypeSMTP):
     def _timeout_cb(self) -> None:
         self.timed_out()
 
+    def eof_received(self) -> bool:
+        # aiosmtpd cancels the session at the client's FIN but keeps a plain transport half
+        # open, and before the command loop (a FIN before the greeting: a load balancer's
+        # health check, a port scan) nothing closes it. Closed here, whatever the stage, so
+        # connection_lost ends the session and gives back what it holds.
+        super().eof_received()
+        return False
+
     def data_received(self, data: bytes) -> None:
         # Message data is not a command, so aiosmtpd would not restart the timer for it; a
         # big message on a slow link must not time out while its bytes keep coming.

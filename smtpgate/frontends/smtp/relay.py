@@ -41,6 +41,12 @@ _RCPT_PARAM_EXTENSION = {"NOTIFY": "dsn", "ORCPT": "dsn"}
 MAIL_PARAMS = set(_MAIL_PARAM_EXTENSION)
 RCPT_PARAMS = set(_RCPT_PARAM_EXTENSION)
 
+# The longest a RCPT waits for its RCPT-time tag (the MAIL-time link look-up, seconds);
+# the upstream's RCPT gets what is left of upstream.timeouts.command, so a hung store
+# never makes a RCPT wait longer than that (docs/upstream.md). Not back in time: the
+# recipient goes upstream untagged and the end of DATA decides (and replays).
+EARLY_TAG_SECONDS = 2.0
+
 
 @dataclass(frozen=True)
 class RelayContext:
@@ -64,6 +70,7 @@ class Recipient:
     params: dict[str, Param]
     relayed: Address  # what the upstream was last asked to accept
     tag_refused: bool = False  # the upstream refused the tagged form at RCPT time
+    reply: str = ""  # the client's reply to this RCPT (the upstream's verdict)
     settled: bool = False  # relayed as the decision will have it: tagged at RCPT, or no untagged mailbox
 
     def upstream_params(self, extensions: frozenset[str]) -> list[str]:
@@ -117,6 +124,17 @@ class Transaction:
         except UpstreamError as exc:
             self._drop_early_links()
             raise self._not_connected(exc) from None
+        try:
+            return await self._mail(sender, params)
+        except asyncio.CancelledError:
+            # The client went away while MAIL waited: the session does not know this
+            # transaction yet, so it gives its connection up itself.
+            self.drop()
+            raise
+
+    async def _mail(self, sender: Address | None, params: dict[str, Param]) -> str:
+        """MAIL on the connection open() took."""
+        assert self.upstream is not None
         ext = self.upstream.extensions
         if "SMTPUTF8" in params and "smtputf8" not in ext and sender and not str(sender).isascii():
             await self.release(reusable=True)
@@ -145,18 +163,36 @@ class Transaction:
     # ----------------------------------------------------------------- RCPT
 
     async def add_recipient(self, address: Address, params: dict[str, Param]) -> str:
-        """RCPT: relay it (tagged already when the link is known); the upstream's verdict is the reply."""
+        """RCPT: relay it (tagged already when the link is known); the upstream's verdict is the reply.
+
+        A recipient given again in the same spelling goes upstream once: the second RCPT
+        gets the first one's verdict."""
+        for rcpt in self.recipients:
+            if rcpt.address == address:
+                return rcpt.reply
+        try:
+            return await self._add_recipient(address, params)
+        except asyncio.CancelledError:
+            self.drop()
+            raise
+
+    async def _add_recipient(self, address: Address, params: dict[str, Param]) -> str:
         if self.broken or self.upstream is None:
             raise SMTPReply(replies.UPSTREAM_LOST, self.broken or "no upstream transaction")
         if len(self.recipients) >= self.ctx.limits.max_recipients:
             raise SMTPReply(replies.TOO_MANY_RECIPIENTS, "limits.max_recipients reached")
         if "smtputf8" not in self.upstream.extensions and not str(address).isascii():
             raise SMTPReply(replies.SMTPUTF8_UNSUPPORTED, "non-ASCII recipient, upstream lacks SMTPUTF8")
+        started = time.monotonic()
         tagged = await self._early_tag(address)
         rcpt = Recipient(address=address, params=params, relayed=tagged or address,
                          settled=tagged is not None or not self.ctx.links.directory.untagged_mailbox(address))
+        # The RCPT's reply comes within upstream.timeouts.command, the tag's wait included.
+        left = None
+        if self.early_links is not None:
+            left = max(self.ctx.pool.config.timeouts.command - (time.monotonic() - started), 0.001)
         verdict = await self._upstream_call(
-            self.upstream.rcpt(str(rcpt.relayed), rcpt.upstream_params(self.upstream.extensions))
+            self.upstream.rcpt(str(rcpt.relayed), rcpt.upstream_params(self.upstream.extensions), timeout=left)
         )
         if tagged is not None and verdict.code >= 500:
             # The upstream refuses the tag (plus addressing off): delivery matters more.
@@ -165,11 +201,12 @@ class Transaction:
             rcpt.relayed, rcpt.tag_refused = address, True
             verdict = await self._upstream_call(
                 self.upstream.rcpt(str(address), rcpt.upstream_params(self.upstream.extensions)))
+        rcpt.reply = _rcpt_line(verdict)
         if verdict.ok:
             self.recipients.append(rcpt)
         else:
             self.refused.append((str(address), f"{verdict.code} {verdict.text}"))
-        return _rcpt_line(verdict)
+        return rcpt.reply
 
     async def _early_tag(self, address: Address) -> Address | None:
         """The tagged form at RCPT time when the envelope sender names the source
@@ -177,8 +214,22 @@ class Transaction:
         (a replay follows if the message says otherwise)."""
         if self.early_links is None or self.mail_from is None:  # started by open() when tagging early
             return None
-        links = await self.early_links
-        return await self.ctx.links.early_target(self.mail_from, address, self.known_links, links)
+        found: dict[tuple[str, str], str] = {}
+        look_up = asyncio.ensure_future(self._early_target(self.early_links, self.mail_from, address, found))
+        look_up.add_done_callback(_retrieved)
+        # asyncio.wait cancels neither on its timeout nor when this RCPT is cancelled (the
+        # client gone): the shared look-up always runs to its end (see open).
+        wait = min(EARLY_TAG_SECONDS, self.ctx.pool.config.timeouts.command / 4)
+        done, _ = await asyncio.wait({look_up}, timeout=wait)
+        if not done:
+            self.log.info("rcpt.tag_late", recipient=str(address), waited_s=wait)
+            return None
+        self.known_links.update(found)
+        return look_up.result()
+
+    async def _early_target(self, early_links: asyncio.Future, mail_from: Address, address: Address,
+                            found: dict[tuple[str, str], str]) -> Address | None:
+        return await self.ctx.links.early_target(mail_from, address, found, await early_links)
 
     def _drop_early_links(self) -> None:
         self.early_links = None  # left to finish (see open)
@@ -499,6 +550,14 @@ class Transaction:
 
     # ----------------------------------------------------------------- end
 
+    def drop(self) -> None:
+        """Cancelled while holding the upstream connection (client gone, drain): give it up
+        at once, never reused; nothing is awaited, so nothing can stop it half way."""
+        upstream, self.upstream = self.upstream, None
+        self._drop_early_links()
+        if upstream is not None:
+            upstream.discard()
+
     async def release(self, reusable: bool) -> None:
         """Give the upstream connection back (after RSET when the transaction is unfinished)."""
         upstream, self.upstream = self.upstream, None
@@ -511,7 +570,9 @@ class Transaction:
 
     async def abort(self) -> None:
         """RSET, QUIT, a dropped client or a refusal: no final dot is ever sent."""
-        upstream = self.upstream
+        # Taken out first: whoever takes the connection out of the transaction gives it back,
+        # exactly once, whatever else ends the transaction meanwhile.
+        upstream, self.upstream = self.upstream, None
         self._drop_early_links()
         if upstream is None:
             return
@@ -521,7 +582,9 @@ class Transaction:
                 reusable = (await upstream.rset()).ok
             except UpstreamError:
                 reusable = False
-        self.upstream = None
+            except asyncio.CancelledError:
+                upstream.discard()
+                raise
         await upstream.release(reusable)
 
 

@@ -503,6 +503,9 @@ class Handler(PasswordMechanisms):
                                  **tx.client.log_fields())
             await tx.abort()
             return replies.TEMPORARY_FAILURE.line()
+        except asyncio.CancelledError:  # the loop is stopping under it: nothing may stay held
+            tx.drop()
+            raise
 
     async def handle_PROXY(self, server, session, envelope, proxy_data) -> bool:
         if proxy_data and getattr(proxy_data, "src_addr", None):
