@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= config/smtpgate.yaml
 FUZZ_SECONDS ?= 60
 
-.PHONY: venv serve test system-deps bench fuzz mutate check-config clean
+.PHONY: venv serve test system-deps bench soak fuzz mutate check-config clean
 
 venv: $(STAMP)
 
@@ -71,6 +71,14 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 
 bench: venv system-deps $(BENCH_STAMP)
 	$(BIN)/python -m bench --messages $(BENCH_MESSAGES) --rounds $(BENCH_ROUNDS) $(BENCH_ARGS)
+
+# Clients that vanish and faults that strike, not part of `make test` (bench/soak.py):
+# SOAK_MINUTES of mixed traffic against 2 workers on PostgreSQL; fails on any breach of
+# its invariants and writes bench/SOAK.md. Needs root, Debian's postfix and PostgreSQL.
+SOAK_MINUTES ?= 10
+
+soak: venv system-deps $(BENCH_STAMP)
+	SOAK_MINUTES=$(SOAK_MINUTES) $(BIN)/python -m bench.soak
 
 fuzz: venv
 	$(BIN)/pip install -q -e '.[fuzz]'

@@ -272,6 +272,7 @@ class GateSetup:
     workers: int
     env: dict[str, str] | None = None  # extra environment (e.g. the event loop choice)
     root: Path = ROOT  # the smtpgate source tree that runs
+    extra: str = ""  # YAML appended to the generated config (keys CONFIG does not set)
 
 
 @dataclass
@@ -303,7 +304,7 @@ class Smtpgate:
         self.port = free_port()
         self.config_path.write_text(CONFIG.format(
             port=self.port, workers=self.setup.workers, sink_port=self.sink_port,
-            store=self.setup.store_url))
+            store=self.setup.store_url) + self.setup.extra)
         self._log = open(self.log_path, "wb")  # a fresh log: its events are this run's only
         env = dict(os.environ)
         env["PYTHONPATH"] = str(self.setup.root)
