@@ -229,6 +229,36 @@ async def test_a_client_gone_while_the_mail_time_look_up_runs_leaves_it_running(
 
 
 @pytest.mark.postgres
+async def test_a_link_deleted_by_hand_within_the_links_memory_window_is_not_used(
+        pg_store_url, sink, tmp_path, start_gate, log_lines):
+    """A hand-made DELETE notifies nobody: the MAIL-time look-up still answers the deleted link
+    from memory and the RCPT names it upstream, but the decision confirms it against the
+    database, so the message goes out with a new link, replayed."""
+    import asyncpg
+
+    gate, port = await start_gate(config(tmp_path, sink, store=pg_store_url))
+    store = gate.snapshot.links.store
+    assert await store.record_link("101203-T", "uk-payroll@corp.example", "900777-T", "pl-payroll@corp.example",
+                                   None)
+    assert await store.links_of("101203-T") == {"pl-payroll@corp.example": "900777-T"}  # remembered now
+    admin = await asyncpg.connect(pg_store_url)
+    try:
+        await admin.execute("DELETE FROM links WHERE lo = '101203-T' AND hi = '900777-T'")
+    finally:
+        await admin.close()
+    wire = await session(port)
+    assert code(await wire.cmd(f"MAIL FROM:<{SENDER}>")) == 250
+    assert code(await wire.cmd("RCPT TO:<pl-payroll@corp.example>")) == 250
+    assert sink.commands[-1].startswith("RCPT TO:<pl-payroll+900777-T@corp.example>")  # from memory
+    assert code(await send_data(wire, MESSAGE)) == 250
+    await wire.cmd("QUIT")
+    [message] = sink.messages
+    [rcpt] = message.rcpt_tos
+    assert rcpt.startswith("pl-payroll+") and rcpt != "pl-payroll+900777-T@corp.example"
+    assert b"900777-T" not in message.data
+
+
+@pytest.mark.postgres
 async def test_a_hung_store_costs_a_rcpt_no_more_than_timeouts_command(
         pg_store_url, sink, tmp_path, start_gate, log_lines):
     """The MAIL-time look-up waits for a lock and the upstream holds its RCPT reply: the

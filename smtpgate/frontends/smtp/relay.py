@@ -167,9 +167,10 @@ class Transaction:
 
         A recipient given again in the same spelling goes upstream once: the second RCPT
         gets the first one's verdict."""
-        for rcpt in self.recipients:
-            if rcpt.address == address:
-                return rcpt.reply
+        if not self.broken:
+            for rcpt in self.recipients:
+                if rcpt.address == address:
+                    return rcpt.reply
         try:
             return await self._add_recipient(address, params)
         except asyncio.CancelledError:
