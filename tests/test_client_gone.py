@@ -217,6 +217,9 @@ async def test_a_client_gone_while_the_mail_time_look_up_runs_leaves_it_running(
     assert await store.record_link("101203-T", "uk-payroll@corp.example", "900777-T", "pl-payroll@corp.example",
                                    None)
     connection = store._lookups
+    await connection.fetchval("SELECT 1")  # record_link's notification taken in before the look-up
+    for _ in range(3):
+        await asyncio.sleep(0)
     async with links_locked(pg_store_url) as admin:
         wire = await session(port)
         assert code(await wire.cmd(f"MAIL FROM:<{SENDER}>")) == 250
@@ -240,7 +243,14 @@ async def test_a_link_deleted_by_hand_within_the_links_memory_window_is_not_used
     store = gate.snapshot.links.store
     assert await store.record_link("101203-T", "uk-payroll@corp.example", "900777-T", "pl-payroll@corp.example",
                                    None)
-    assert await store.links_of("101203-T") == {"pl-payroll@corp.example": "900777-T"}  # remembered now
+    # record_link's own notification reaches the look-up connection a moment later and
+    # empties the memory: a statement on that connection takes it in (PostgreSQL delivers
+    # it between transactions), then the links read are remembered.
+    await store._lookups.fetchval("SELECT 1")
+    for _ in range(3):
+        await asyncio.sleep(0)  # the listener callbacks asyncpg scheduled
+    assert await store.links_of("101203-T") == {"pl-payroll@corp.example": "900777-T"}
+    assert "101203-T" in store._links
     admin = await asyncpg.connect(pg_store_url)
     try:
         await admin.execute("DELETE FROM links WHERE lo = '101203-T' AND hi = '900777-T'")
