@@ -1,4 +1,4 @@
-"""The DATA payload smtpgate writes upstream (smtpgate.upstream.client.wire_pieces).
+"""The DATA payload smtpgate writes upstream (smtpgate.upstream.wire.wire_pieces).
 
 The reference is aiosmtplib's own preparation (line endings made CRLF, a final
 CRLF, periods at line starts doubled), which smtpgate used before writing the
@@ -11,7 +11,7 @@ from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from hypothesis import given
 from hypothesis import strategies as st
 
-from smtpgate.upstream.client import wire_pieces
+from smtpgate.upstream.wire import wire_pieces
 
 
 def reference(message: bytes) -> bytes:
