@@ -102,6 +102,8 @@ def run_gate(target: Target, folder: Path, sink: SmtpSink, messages: int, index:
 def throughput(targets: list[Target], folder: Path, sink: SmtpSink, postfix: PostfixRelay,
                messages: int, rounds: int) -> None:
     active = [t for t in targets if t.unavailable is None]
+    if not active:
+        return
     for round_no in range(rounds):
         # Alternate, and rotate the order too, so no target always runs first or last.
         order = active[round_no % len(active):] + active[:round_no % len(active)]
@@ -185,14 +187,22 @@ def list_run(stack: contextlib.ExitStack, folder: Path, store: str, messages: in
 
 
 def memory_run(folder: Path, sink: SmtpSink, setup: GateSetup) -> memory.MemoryResult:
-    with Smtpgate(folder, setup, sink.port, "memory-one") as gate:
-        idle, peak_one = memory.one_large(gate, folder)
-    with Smtpgate(folder, setup, sink.port, "memory-ten") as gate:
-        idle_ten, peak_ten, small, in_flight = memory.ten_large(gate, folder, sink)
-    result = memory.MemoryResult(idle, peak_one, idle_ten, peak_ten, small, in_flight)
-    log(f"memory: idle {idle / 1e6:.0f} MB, one 25 MB message peak {peak_one / 1e6:.0f} MB, "
-        f"ten peak {peak_ten / 1e6:.0f} MB, small message {small * 1000:.0f} ms")
-    return result
+    cases = []
+    for kind in ("plain", "linking"):
+        with Smtpgate(folder, setup, sink.port, f"memory-one-{kind}") as gate:
+            idle, peak_one = memory.one_large(gate, folder, kind)
+        with Smtpgate(folder, setup, sink.port, f"memory-ten-{kind}") as gate:
+            idle_ten, peak_ten, small, during = memory.ten_large(gate, folder, kind)
+        case = memory.MemoryCase(kind, idle, peak_one, idle_ten, peak_ten, small, len(during), during)
+        cases.append(case)
+        log(f"memory ({kind}): idle {idle / 1e6:.0f} MB, one 25 MB message peak {peak_one / 1e6:.0f} MB, "
+            f"ten peak {peak_ten / 1e6:.0f} MB over idle {idle_ten / 1e6:.0f} MB, small message p50 "
+            f"{case.small_p50 * 1000:.0f} ms; {len(during)} of {len(small)} while the ten were in flight, "
+            f"their p50 {case.small_during_p50 * 1000:.0f} ms")
+    with Smtpgate(folder, setup, sink.port, "memory-idle-sessions") as gate:
+        sessions = memory.idle_sessions(gate)
+    log(f"memory: {sessions.sessions} idle sessions after EHLO: {sessions.per_session / 1024:.1f} KiB each")
+    return memory.MemoryResult(cases, sessions)
 
 
 def profile_run(folder: Path, sink: SmtpSink, setup: GateSetup, messages: int, out_dir: Path):
@@ -252,6 +262,8 @@ def main() -> int:
                              "to run as extra 1-worker rows and store-alone runs, for before/after")
     parser.add_argument("--no-latency", action="store_true")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="only the memory section (first store, 1 worker); the other sections are left out")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "RESULTS.md")
     parser.add_argument("--profile-dir", type=Path, default=ROOT / "var" / "bench")
@@ -302,6 +314,8 @@ def main() -> int:
                     targets.append(Target(f"smtpgate {report.STORE_NAMES[store]} 1 worker "
                                           f"[{base.name}]", "smtpgate",
                                           GateSetup(store, urls[store], 1, root=base.resolve())))
+            if args.memory_only:
+                targets, args.no_store, args.no_latency, args.no_profile, args.no_lists = [], True, True, True, True
             for store in stores:
                 warm_up(folder, GateSetup(store, urls[store], 1), sink)
             for target in targets:

@@ -256,7 +256,8 @@ store:
   url: {store}
   auto_upgrade: true
 limits:
-  max_connections_per_client: 200
+  max_connections: 2000              # the memory section holds 1,000 idle sessions open
+  max_connections_per_client: 2000
 logging:
   format: json
   level: info

@@ -27,7 +27,7 @@ from aiosmtpd.smtp import SMTP
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from smtpgate.frontends.smtp.aiosmtpd_glue import GlueSMTP, _MessageData, data_refusal, read_message_data
+from smtpgate.frontends.smtp.aiosmtpd_glue import DataLimits, GlueSMTP, _MessageData, data_refusal, read_message_data
 from smtpgate.mail import replies
 from tests.support.wire import Wire, code, strip_trace
 from tests.test_relay import dot_stuff, session, wait_until
@@ -594,3 +594,20 @@ def test_data_far_past_the_size_limit_is_dropped_with_the_verdict_kept(lengths, 
     if len(data) >= size_limit + 12 + 3:
         assert kept.chunks == []  # dropped as soon as the verdict was known
     assert kept.finish()[0] == aiosmtpd_refusal(data, size_limit, 12)
+
+
+@settings(max_examples=500, deadline=None, derandomize=True)
+@given(st.lists(st.integers(0, 40), max_size=12), st.sampled_from([None, 20, 50, 100]),
+       st.lists(st.integers(0, 300), max_size=8), st.booleans())
+def test_data_limits_on_pieces_give_data_refusal_s_verdict(lengths, size_limit, cuts, unterminated):
+    """The streamed verdict is the whole data's, however the data is cut, as soon as it is known."""
+    data = b"".join(b"x" * n + b"\r\n" for n in lengths) + (b"tail" if unterminated else b"")
+    whole = data_refusal(data, size_limit, 12, 16)
+    limits = DataLimits(size_limit, 12, 16)
+    edges = sorted({0, len(data), *(c for c in cuts if c <= len(data))})
+    for a, b in zip(edges, edges[1:]):
+        early = limits.add(memoryview(data)[a:b])
+        if early is not None:
+            assert early == whole  # decided early only when the whole data says the same
+    assert limits.finish() == whole
+    assert limits.size == len(data)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from smtpgate.mail.dataguard import DataProblem, crlf_only, find_header_end, find_in_slices, scan_data
+from smtpgate.mail.dataguard import DataProblem, StreamGuard, crlf_only, find_header_end, find_in_slices, scan_data
 
 
 @pytest.mark.parametrize(
@@ -106,3 +106,30 @@ def test_crlf_only_in_slices_is_the_whole_count(data, start, slice_octets):
        slice_octets=st.integers(1, 7))
 def test_find_in_slices_is_find(data, sub, start, slice_octets):
     assert find_in_slices(data, sub, start, slice_octets=slice_octets) == data.find(sub, start)
+
+
+_guard_octets = st.lists(st.sampled_from([b"a", b"\r", b"\n", b"\r\n", b"\0", b"."]), max_size=40).map(b"".join)
+
+
+@given(data=_guard_octets, cuts=st.lists(st.integers(0, 40), max_size=6))
+def test_the_stream_guard_finds_what_scan_data_finds_however_the_data_is_cut(data, cuts):
+    guard = StreamGuard()
+    edges = sorted({0, len(data), *(c for c in cuts if c <= len(data))})
+    found = [guard.add(data[a:b]) for a, b in zip(edges, edges[1:])]
+    assert guard.finish() == scan_data(data)
+    # Once found, the problem stays, and it was reported by the piece that held it.
+    problem = scan_data(data)
+    if problem is not None:
+        assert problem in found or guard.finish() == problem
+        assert guard.add(b"more") == problem
+
+
+def test_the_stream_guard_judges_a_cr_at_a_piece_end_by_the_next_piece():
+    guard = StreamGuard()
+    assert guard.add(b"line\r") is None
+    assert guard.add(b"\nnext\r") is None
+    assert guard.add(b"x") == DataProblem("bare_cr", 10)
+    assert guard.finish() == DataProblem("bare_cr", 10)
+    lone_lf = StreamGuard()
+    assert lone_lf.add(b"line\r\n") is None and lone_lf.add(b"") is None
+    assert lone_lf.add(b"\nafter") == DataProblem("bare_lf", 6)

@@ -8,6 +8,7 @@ ValueError with them; the schema's converters and rules call these.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import ssl
 from pathlib import Path
@@ -52,6 +53,15 @@ def readable(path: Path) -> Path:
             pass
     except OSError as exc:
         raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def writable_dir(path: Path) -> Path:
+    """path, when it is a folder smtpgate may create files in; else ValueError naming it and why."""
+    if not path.is_dir():
+        raise ValueError(f"{path} is not a folder")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write to {path}")
     return path
 
 

@@ -27,7 +27,7 @@ from smtpgate.redact import redact_url
 __all__ = [
     "CipherString", "Count", "Domain", "HostPort", "HttpUrl", "Mode", "Network",
     "PositiveCount", "PositiveSeconds", "ReadableFile", "Resolver", "Seconds",
-    "Separator", "StoreUrl", "Template", "Text", "UpstreamTarget", "UpstreamUrl", "UsersFile",
+    "Separator", "SpoolDir", "StoreUrl", "Template", "Text", "UpstreamTarget", "UpstreamUrl", "UsersFile",
     "Pattern", "join_hostport", "parse_hostport", "upstream_target", "CertName", "HeaderName",
 ]
 
@@ -74,6 +74,16 @@ def _path(value: Any, info: ValidationInfo) -> Path:
 
 ReadableFile = Annotated[Path, PlainValidator(lambda v, info: checks.readable(_path(v, info)))]
 UsersFile = Annotated[Path, PlainValidator(lambda v, info: checks.users_file(_path(v, info)))]
+
+
+def _spool_dir(value: Any, info: ValidationInfo) -> Path | None:
+    """"" (the system's temporary folder: None) or a folder smtpgate may write to."""
+    if _text(value) == "":
+        return None
+    return checks.writable_dir(_path(value, info))
+
+
+SpoolDir = Annotated[Path | None, PlainValidator(_spool_dir)]
 
 
 # --- networks and addresses

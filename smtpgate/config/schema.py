@@ -22,7 +22,7 @@ from pydantic_core import PydanticCustomError
 from smtpgate.config import checks
 from smtpgate.config.fields import (
     CertName, CipherString, Count, Domain, HeaderName, HostPort, HttpUrl, Mode, Network, Pattern, PositiveCount,
-    PositiveSeconds, ReadableFile, Resolver, Seconds, Separator, StoreUrl, Template, Text, UpstreamTarget,
+    PositiveSeconds, ReadableFile, Resolver, Seconds, Separator, SpoolDir, StoreUrl, Template, Text, UpstreamTarget,
     UpstreamUrl, UsersFile, parse_hostport, upstream_target,
 )
 from smtpgate.linking.plan import CoreSettings, MailboxInfo
@@ -430,6 +430,8 @@ class Limits(Section):
     idle_timeout: PositiveSeconds = 300.0
     max_bad_commands: PositiveCount = 20
     auth_failure_delay: Seconds = 1.0  # the first failed AUTH's delay; doubles per failure from one address
+    max_header_block: PositiveCount = 1048576  # octets of the header block held to decide; more: 552 5.3.4
+    spool_dir: SpoolDir = None  # "" (None): the system's temporary folder; bodies the upstream cannot take yet
 
 
 class Logging(Section):

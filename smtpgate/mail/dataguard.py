@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from smtpgate.mail.headers import parse_header_block
 
-__all__ = ["OFF_LOOP_OCTETS", "SLICE_OCTETS", "DataProblem", "crlf_only", "find_header_end", "find_in_slices",
+__all__ = ["OFF_LOOP_OCTETS", "SLICE_OCTETS", "DataProblem", "StreamGuard", "crlf_only", "find_header_end", "find_in_slices",
            "scan_data"]
 
 # From this size on, smtpgate runs whole-message work (this scan, joining and unstuffing the
@@ -77,3 +77,52 @@ def scan_data(raw: bytes) -> DataProblem | None:
 def find_header_end(raw: bytes) -> int:
     """The offset where the body of ``raw`` starts, decided as parse_header_block decides it."""
     return parse_header_block(raw).header_end
+
+
+class StreamGuard:
+    """scan_data over data that arrives in pieces: the first bare CR, bare LF or NUL.
+
+    Each piece is judged as it comes, whatever splits a CRLF between two pieces; ``problem``
+    is set by the first offending byte (offsets count from the first piece) and stays.
+    """
+
+    __slots__ = ("problem", "_offset", "_cr")
+
+    def __init__(self) -> None:
+        self.problem: DataProblem | None = None
+        self._offset = 0  # octets judged so far
+        self._cr = False  # the last octet judged was a CR whose LF may start the next piece
+
+    def add(self, piece: bytes) -> DataProblem | None:
+        """Judge the next piece; returns the problem once one is found."""
+        if self.problem is not None or not piece:
+            return self.problem
+        start = 0
+        if self._cr:
+            if piece[:1] != b"\n":
+                return self._found("bare_cr", -1)
+            start = 1
+        elif piece[:1] == b"\n":
+            return self._found("bare_lf", 0)
+        end = len(piece) - 1 if piece.endswith(b"\r") else len(piece)
+        body = piece[start:end] if start or end < len(piece) else piece
+        # With the CRLFs taken out, no CR, LF or NUL may be left: one replace and three memchr
+        # searches, about twice as fast as crlf_only's counts on a piece of lines.
+        rest = body.replace(b"\r\n", b"")
+        if b"\r" in rest or b"\n" in rest or b"\0" in rest:
+            match = _PROBLEM.search(body)
+            assert match is not None
+            return self._found(_KINDS[match.group()], start + match.start())
+        self._cr = end < len(piece)
+        self._offset += len(piece)
+        return None
+
+    def finish(self) -> DataProblem | None:
+        """The end of the data: a CR left waiting is a bare CR."""
+        if self.problem is None and self._cr:
+            return self._found("bare_cr", -1)
+        return self.problem
+
+    def _found(self, kind: str, offset: int) -> DataProblem:
+        self.problem = DataProblem(kind, self._offset + offset)
+        return self.problem

@@ -76,6 +76,8 @@ BAD_LINE_ENDINGS = Reply(550, "5.5.2", "Bare CR, bare LF or NUL in message data 
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops, mail loop suspected")
 # RFC 1870: message size exceeds fixed maximum.
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+# limits.max_header_block: the header block is held whole to decide, so it is bounded.
+HEADER_TOO_BIG = Reply(552, "5.3.4", "Message header block exceeds fixed maximum size")
 # RFC 5321 4.5.3.1.6: line length limit.
 LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
 # RFC 5321 3.3 / RFC 3463 5.1.3 and 5.1.7: bad destination/sender address syntax.

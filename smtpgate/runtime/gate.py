@@ -10,6 +10,7 @@ import asyncio
 import signal
 import socket
 import ssl
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from smtpgate.frontends.milter.session import MilterSettings
 from smtpgate.frontends.registry import SessionRegistry
 from smtpgate.frontends.smtp.relay import RelayContext
 from smtpgate.frontends.smtp.auth import upstream_authenticator
+from smtpgate.frontends.smtp.stream import clean_spool_dir
 from smtpgate.frontends.smtp.server import SmtpSettings, file_authenticator, make_factory, tls_context
 from smtpgate.frontends.smtp.tls import TlsSetupError, server_context
 from smtpgate.linking.plan import Directory
@@ -149,6 +151,12 @@ class Gate:
         self.snapshot = Snapshot.build(self.config, self.store)
         await self.snapshot.pool.probe()
         if prune:
+            # Spool files are anonymous; only a name left by a process killed within the moment
+            # between creating and unlinking one (no O_TMPFILE) can remain.
+            spool_dir = self.config.limits.spool_dir
+            removed = clean_spool_dir(spool_dir)
+            if removed:
+                log.info("spool.cleaned", removed=removed, spool_dir=str(spool_dir or tempfile.gettempdir()))
             self.pruner = asyncio.get_running_loop().create_task(
                 run_pruner(self.store, self.config.store.keep_messages_days))
         if sockets is None:

@@ -15,15 +15,10 @@ included). The pool opens at most `upstream.max_connections` connections.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import socket
 import ssl
 import time
 import weakref
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import aiosmtplib
 
@@ -31,12 +26,16 @@ from smtpgate.config import Upstream
 from smtpgate.log import get_logger, outage, plain_words
 from smtpgate.mail import replies
 from smtpgate.mail.dataguard import OFF_LOOP_OCTETS
-from smtpgate.mail.replies import Reply
 from smtpgate.metrics import UPSTREAM_IN_USE
 from smtpgate.upstream.certificates import load_client_certificate
+from smtpgate.upstream.maildir import MaildirSession, write_maildir
 from smtpgate.upstream.mx import MxRoute, RouteError, Target
 from smtpgate.upstream.oauth2 import TokenError, TokenSource
-from smtpgate.upstream.wire import wire_pieces
+from smtpgate.upstream.session import UpstreamAuthError, UpstreamError, UpstreamSession, Verdict
+from smtpgate.upstream.wire import _stuffed, wire_pieces
+
+__all__ = ["FRESH_SECONDS", "IDLE_SECONDS", "MaildirSession", "SmtpSession", "UpstreamAuthError", "UpstreamError",
+           "UpstreamPool", "UpstreamSession", "Verdict", "wire_pieces", "write_maildir"]
 
 log = get_logger()
 
@@ -47,67 +46,8 @@ IDLE_SECONDS = 30.0
 # Postfix's smtp_connection_cache_time_limit reuses one); should the upstream have
 # dropped it meanwhile, the MAIL finds out and goes out once more on a new connection.
 FRESH_SECONDS = 2.0
-
-
-class UpstreamError(Exception):
-    """The upstream could not be reached, timed out or dropped the connection.
-
-    `reply`, when set, is what the client should hear instead of the relay's
-    default for that stage (a null MX, the connection cap).
-    """
-
-    def __init__(self, reason: str, *, reply: Reply | None = None, dropped: bool = False):
-        super().__init__(reason)
-        self.reason = reason
-        self.reply = reply
-        self.dropped = dropped  # the connection was closed under the command (not a timeout)
-        self.connecting = False  # raised while opening a connection (a MAIL's reconnect included)
-
-
-class UpstreamAuthError(UpstreamError):
-    """The upstream's credentials could not be had (token endpoint) or were refused (AUTH)."""
-
-
-@dataclass
-class Verdict:
-    code: int
-    text: str
-
-    @property
-    def ok(self) -> bool:
-        return 200 <= self.code < 300
-
-
-class UpstreamSession:
-    """The interface the relay drives; see SmtpSession and MaildirSession."""
-
-    extensions: frozenset[str] = frozenset()
-    label: str = ""
-    size_limit: int | None = None  # the SIZE the upstream's EHLO declared; None: none
-
-    async def mail(self, sender: str, params: list[str]) -> Verdict: ...
-    async def rcpt(self, recipient: str, params: list[str], *, timeout: float | None = None) -> Verdict: ...
-    async def rset(self) -> Verdict: ...
-
-    def begin_data(self) -> None:
-        """Send DATA now and let `data` read its reply: the upstream's 354 comes while the
-        client still sends the message. Until `data` is called the transaction can only
-        end with the connection: `rset` answers 421 and `release` closes it unused."""
-
-    @property
-    def data_begun(self) -> bool:
-        """DATA was sent by begin_data and `data` has not taken its reply yet."""
-        return False
-
-    async def data(self, content: bytes, *, head: bytes = b"", start: int = 0, clean: bool = False) -> Verdict:
-        """Send the message ``head + content[start:]`` (head and start spare a copy of a
-        large body when only the header block changed; ``clean``: content is known to have
-        only CRLF line ends)."""
-    async def release(self, reusable: bool) -> None: ...
-
-    def discard(self) -> None:
-        """Give the connection up at once, never to be reused: what a transaction cancelled
-        while it holds one does (synchronous, so a second cancellation cannot stop it half way)."""
+# A streamed message waits for the upstream once this much of it is queued unsent.
+STREAM_HIGH_WATER = 64 * 1024
 
 
 def _encode(text: str) -> bytes:
@@ -127,6 +67,8 @@ class SmtpSession(UpstreamSession):
         self.unchecked = False  # handed out without a NOOP (FRESH_SECONDS): MAIL may reconnect once
         self._data_reply: asyncio.Task[Verdict] | None = None  # begin_data's DATA, its reply not taken
         self.in_use = False  # handed out for a transaction (counted in UPSTREAM_IN_USE) and not yet back
+        self._streaming = False  # between open_data's 354 and end_data's final dot
+        self._unsent: list[bytes | memoryview] = []  # the streamed message's start, written with what follows
 
     def taken(self) -> None:
         """Handed out for a transaction: counted in use until `returned`."""
@@ -201,6 +143,9 @@ class SmtpSession(UpstreamSession):
                                    timeout=timeout)
 
     async def rset(self) -> Verdict:
+        if self._streaming:
+            self._abandon_stream()
+            return Verdict(421, "4.4.2 message abandoned: the connection is closed")
         if self._data_reply is not None:
             # After DATA only the message or a closed connection ends the transaction.
             self._abandon_data()
@@ -265,6 +210,68 @@ class SmtpSession(UpstreamSession):
             raise UpstreamError(f"DATA: {_describe(exc, wait)}") from None
         return Verdict(response.code, response.message)
 
+    async def open_data(self, head: bytes) -> Verdict:
+        wait = self.pool.config.timeouts.data
+        begun, self._data_reply = self._data_reply, None
+        ready = await (begun if begun is not None else self._command(b"DATA", timeout=wait))
+        if ready.code != 354:
+            return ready
+        self._streaming = True
+        # Written with what follows (one write for a small message: head, body and dot).
+        self._unsent = [_stuffed(head)] if head else []
+        return ready
+
+    async def write_data(self, wire: bytes | memoryview) -> None:
+        protocol = self.client.protocol
+        transport = protocol.transport if protocol is not None else None
+        if transport is None or transport.is_closing():
+            self._abandon_stream()
+            raise UpstreamError("DATA: connection lost while the message was sent", dropped=True)
+        if self._unsent:
+            self._unsent.append(wire)
+            transport.writelines(self._unsent)  # uvloop: one writev
+            self._unsent = []
+        else:
+            transport.write(wire)
+        if transport.get_write_buffer_size() > STREAM_HIGH_WATER:
+            # The upstream takes the body slower than the client sends it: the client waits
+            # (its bytes stay in the kernel), not smtpgate's memory.
+            wait = self.pool.config.timeouts.data
+            try:
+                async with asyncio.timeout(wait):
+                    await protocol._drain_helper()
+            except (ConnectionError, TimeoutError) as exc:
+                self._abandon_stream()
+                raise UpstreamError(f"DATA: {_describe(exc, wait)}", dropped=not isinstance(exc, TimeoutError)) \
+                    from None
+            except asyncio.CancelledError:
+                self._abandon_stream()
+                raise
+
+    async def end_data(self, last: bytes = b"") -> Verdict:
+        wait = self.pool.config.timeouts.data
+        try:
+            if last:
+                self._unsent.append(last)
+            await self.write_data(b".\r\n")
+            self._streaming = False
+            response = await self.client.protocol.read_response(timeout=wait)
+        except asyncio.CancelledError:
+            self._abandon_stream()
+            raise
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            self._abandon_stream()
+            raise UpstreamError(f"DATA: {_describe(exc, wait)}") from None
+        return Verdict(response.code, response.message)
+
+    def _abandon_stream(self) -> None:
+        """A message streaming upstream ends without its final dot: only closing the
+        connection ends it (anything sent now would be read as message content)."""
+        self._streaming = False
+        self._unsent = []
+        self.desynced = True
+        self.client.close()
+
     async def release(self, reusable: bool) -> None:
         self.last_used = time.monotonic()
         self.deadline = None
@@ -272,11 +279,15 @@ class SmtpSession(UpstreamSession):
         if self._data_reply is not None:
             self._abandon_data()
             reusable = False
+        if self._streaming:
+            self._abandon_stream()
+            reusable = False
         await self.pool.give_back(self, reusable)
 
     def discard(self) -> None:
         if self._data_reply is not None:
             self._abandon_data()
+        self._streaming, self._unsent = False, []
         self.desynced = True
         self.client.close()
         self.returned()
@@ -304,77 +315,6 @@ def _describe(exc: BaseException, wait: float) -> str:
 
 def _no_connection(budget: float) -> UpstreamError:
     return UpstreamError(f"no upstream connection within upstream.timeout ({budget:g}s)")
-
-
-@dataclass
-class MaildirSession(UpstreamSession):
-    """Writes each accepted message into a Maildir: for the demo and dry runs.
-
-    The final envelope is recorded in a JSON sidecar beside the message,
-    `<maildir>/envelopes/<same name>.json`: {"mail_from", "mail_options",
-    "rcpt_tos", "rcpt_options"} — the message file itself holds exactly the
-    bytes an SMTP upstream would have received.
-    """
-
-    root: Path
-    label: str = ""
-    extensions: frozenset[str] = frozenset({"8bitmime", "smtputf8", "size", "pipelining"})
-    sender: str = ""
-    mail_params: list[str] = field(default_factory=list)
-    recipients: list[str] = field(default_factory=list)
-    rcpt_params: list[list[str]] = field(default_factory=list)
-
-    async def mail(self, sender: str, params: list[str]) -> Verdict:
-        self.sender, self.mail_params, self.recipients, self.rcpt_params = sender, params, [], []
-        return Verdict(250, "2.1.0 Sender OK")
-
-    async def rcpt(self, recipient: str, params: list[str], *, timeout: float | None = None) -> Verdict:
-        self.recipients.append(recipient)
-        self.rcpt_params.append(params)
-        return Verdict(250, "2.1.5 Recipient OK")
-
-    async def rset(self) -> Verdict:
-        self.sender, self.recipients, self.rcpt_params = "", [], []
-        return Verdict(250, "2.0.0 OK")
-
-    async def data(self, content: bytes, *, head: bytes = b"", start: int = 0, clean: bool = False) -> Verdict:
-        if head or start:
-            content = head + content[start:]
-        envelope = {
-            "mail_from": self.sender,
-            "mail_options": self.mail_params,
-            "rcpt_tos": self.recipients,
-            "rcpt_options": self.rcpt_params,
-        }
-        try:
-            name = await asyncio.to_thread(write_maildir, self.root, content, envelope)
-        except OSError as exc:
-            raise UpstreamError(f"maildir write failed: {exc}") from None
-        return Verdict(250, f"2.0.0 Ok: queued as {name}")
-
-    async def release(self, reusable: bool) -> None:
-        return None
-
-
-_counter = 0
-
-
-def write_maildir(root: Path, content: bytes, envelope: dict) -> str:
-    """Deliver content into root/new the Maildir way (tmp, fsync, rename); return its name."""
-    global _counter
-    _counter += 1
-    for sub in ("tmp", "new", "cur", "envelopes"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    name = f"{time.time_ns()}.P{os.getpid()}Q{_counter}.{socket.gethostname()}"
-    tmp = root / "tmp" / name
-    with open(tmp, "wb") as fh:
-        fh.write(content)
-        fh.flush()
-        os.fsync(fh.fileno())
-    side = root / "envelopes" / f"{name}.json"
-    side.write_text(json.dumps(envelope, indent=1) + "\n", encoding="utf-8")
-    os.rename(tmp, root / "new" / name)
-    return name
 
 
 async def _greet(client: aiosmtplib.SMTP) -> None:

@@ -156,7 +156,24 @@ class SinkSMTP(SMTP):
         if reply is not None and self.envelope is not None and self.envelope.rcpt_tos:
             await self.push(reply)
             return
+        hold = self.sink.hold_354
+        if hold is not None and self.envelope is not None and self.envelope.rcpt_tos:
+            self.sink.held_354 += 1
+            self.sink._changed()
+            await hold.wait()
+        self._data_octets = 0
         await super().smtp_DATA(arg)
+
+    def data_received(self, data: bytes) -> None:
+        if self._last_command == "DATA":
+            self._data_octets = getattr(self, "_data_octets", 0) + len(data)
+            self.sink.data_octets += len(data)
+            self.sink._changed()
+            limit = self.sink.drop_mid_data
+            if limit is not None and self._data_octets > limit and self.transport is not None:
+                self.transport.abort()  # an upstream that goes away in the middle of a message
+                return
+        super().data_received(data)
 
     # -- EHLO -----------------------------------------------------------
     async def smtp_EHLO(self, hostname: str) -> None:
@@ -541,6 +558,10 @@ class Sink:
         self.refuse_plus = False
         self.greeting: str | None = None
         self.data_command_reply: str | None = None
+        self.hold_354: asyncio.Event | None = None
+        self.held_354 = 0
+        self.drop_mid_data: int | None = None
+        self.data_octets = 0  # octets that came in after DATA commands, whole messages or not
         self.stall: set[str] = set()
         self.raw_replies: dict[str, bytes] = {}
         self.stalled: list[str] = []

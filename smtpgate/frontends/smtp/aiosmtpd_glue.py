@@ -42,18 +42,19 @@ import inspect
 import logging
 import types
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 from warnings import warn
 
 from aiosmtpd.smtp import MISSING, SMTP, Session, _AuthMechAttr, syntax
 
+from smtpgate.frontends.smtp.data_verdict import LINE_TOO_LONG, TOO_MUCH_DATA, DataLimits, data_refusal
 from smtpgate.mail import replies
 from smtpgate.mail.dataguard import OFF_LOOP_OCTETS, find_in_slices
 
-__all__ = ["AIOSMTPD_REPLIES", "DATA_READ_LIMIT", "DATA_REFUSALS", "GlueSMTP", "PrototypeSMTP", "check_internals",
-           "data_refusal", "read_message_data"]
+__all__ = ["AIOSMTPD_REPLIES", "DATA_READ_LIMIT", "DATA_REFUSALS", "DataLimits", "GlueSMTP", "MessageConsumer",
+           "PrototypeSMTP", "check_internals", "data_refusal", "read_message_data"]
 
 # The private aiosmtpd members smtpgate relies on, and the kind each must be.
 _INTERNALS = {
@@ -96,9 +97,6 @@ AIOSMTPD_REPLIES = {
     "250 OK": "250 2.0.0 OK",
 }
 
-# aiosmtpd's refusals of the message data itself: each is the message's one message.rejected.
-TOO_MUCH_DATA = "552 Error: Too much mail data"
-LINE_TOO_LONG = "500 Line too long (see RFC5321 4.5.3.1.6)"
 DATA_REFUSALS = {
     TOO_MUCH_DATA: "data over limits.max_message_size",
     LINE_TOO_LONG: "line over 1000 octets",
@@ -180,34 +178,6 @@ def _run_at_once(coroutine):
     raise RuntimeError("the coroutine waited")
 
 
-def data_refusal(data: bytes, size_limit: int | None, line_limit: int, read_limit: int) -> str | None:
-    """aiosmtpd's refusal of message data (its 552 or its 500 line), or None when it takes it.
-
-    `data` is the message data as sent (dot-stuffed CRLF lines, without the final dot) or,
-    once it is longer than size_limit, at least its first size_limit + read_limit + 3
-    octets. aiosmtpd reads it a line at a time from a stream reader limited to
-    read_limit: a line whose text is longer than that overruns the reader and is refused
-    before it is counted; any other line is counted (552 once the count passes
-    size_limit) and then measured (500 when it is longer than line_limit with its CRLF).
-    The first of these decides, as it does in aiosmtpd.
-    """
-    pos, end = 0, len(data)
-    while pos < end:
-        if size_limit and pos > size_limit:
-            return TOO_MUCH_DATA
-        # Every line that ends within line_limit octets of pos is short enough: past them all.
-        crlf = data.rfind(b"\r\n", pos, pos + line_limit)
-        if crlf != -1:
-            pos = crlf + 2
-            continue
-        # The line at pos is too long.
-        crlf = data.find(b"\r\n", pos, pos + read_limit + 2)
-        if crlf == -1:  # it overran aiosmtpd's reader: refused before it was counted
-            return LINE_TOO_LONG
-        return TOO_MUCH_DATA if size_limit and crlf + 2 > size_limit else LINE_TOO_LONG
-    return TOO_MUCH_DATA if size_limit and end > size_limit else None
-
-
 class _MessageData:
     """Message data as it arrives, dot-stuffed, and aiosmtpd's verdict on it.
 
@@ -255,17 +225,33 @@ class _MessageData:
         return None, data
 
 
-async def read_message_data(reader: asyncio.StreamReader, add: Callable[[bytes | memoryview], None]) -> None:
+class MessageConsumer(Protocol):
+    """Where a streamed message's data goes (GlueSMTP.data_consumer): the octets as sent."""
+
+    async def feed(self, piece: bytes | memoryview) -> None: ...
+    async def finish(self) -> str: ...
+    def abandon(self) -> None: ...
+
+
+async def read_message_data(reader: asyncio.StreamReader,
+                            add: Callable[[bytes | memoryview], Awaitable[None] | None]) -> None:
     """Read message data up to and including its final dot, handing `add` what precedes the dot.
 
     The final dot is a line "." (RFC 5321 4.1.1.4), the first line included; lines end at
     CRLF only. `add` gets the octets as sent (dot-stuffed), in order, in pieces no longer
     than the reader's limit allows; whatever follows the final dot stays in the reader.
+    An `add` that returns an awaitable is awaited before more is read (a streamed message
+    waits for its upstream).
     """
+    async def put(piece: bytes | memoryview) -> None:
+        pending = add(piece)
+        if pending is not None:
+            await pending
+
     while True:  # at the start of a line
         first = await reader.readexactly(1)
         if first != b"." and first != b"\r":
-            add(first)
+            await put(first)
             break
         # The final dot, a dot-stuffed line, or a line whose first octet is a CR that the
         # next may make a CRLF: read to the next LF, so no separator begins in what was read.
@@ -278,13 +264,13 @@ async def read_message_data(reader: asyncio.StreamReader, add: Callable[[bytes |
                 # A long run without LF: move it out but for its last octet (maybe a CR),
                 # so no CRLF is split between two pieces.
                 if head:
-                    add(head)
+                    await put(head)
                     head = b""
-                add(await reader.read(exc.consumed - 1))
+                await put(await reader.read(exc.consumed - 1))
         line = head + rest
         if head and line == b".\r\n":
             return
-        add(line)
+        await put(line)
         if not line.endswith(b"\r\n"):
             break  # within a line, after a bare LF
     # No separator begins in what was read: the first CRLF "." CRLF from here ends the data.
@@ -295,8 +281,8 @@ async def read_message_data(reader: asyncio.StreamReader, add: Callable[[bytes |
         except asyncio.LimitOverrunError as exc:
             # CPython leaves the last len(separator) - 1 octets in the reader, so a
             # separator that arrives in pieces is still found.
-            add(await reader.read(exc.consumed))
-    add(memoryview(chunk)[:-3])  # the last line keeps its CRLF; ".\r\n" is the final dot
+            await put(await reader.read(exc.consumed))
+    await put(memoryview(chunk)[:-3])  # the last line keeps its CRLF; ".\r\n" is the final dot
 
 
 # handler -> {(class, loop, settings): prototype}; a handler that goes (a stopped
@@ -513,6 +499,10 @@ class GlueSMTP(PrototypeSMTP):
             return
         self.data_starting()
         await self.push("354 End data with <CR><LF>.<CR><LF>")
+        consumer = self.data_consumer()
+        if consumer is not None:
+            await self._stream_data(consumer)
+            return
 
         reader = self._reader
         command_limit = reader._limit
@@ -566,6 +556,52 @@ class GlueSMTP(PrototypeSMTP):
                     status = MISSING
         self._set_post_data_state()
         await self.push("250 OK" if status is MISSING else status)
+
+    async def _stream_data(self, consumer: MessageConsumer) -> None:
+        """The message data handed to `consumer` as it arrives; its finish() is the reply.
+
+        aiosmtpd's own refusals (size, line length) are decided on the way: once one is
+        known the consumer is abandoned, the rest is read and counted only, and the refusal
+        is sent after the final dot, as aiosmtpd sends it.
+        """
+        reader = self._reader
+        command_limit = reader._limit
+        limits = DataLimits(self.data_size_limit, self.line_length_limit, command_limit)
+        reader._limit = max(command_limit, self.data_read_limit)
+
+        def add(piece: bytes | memoryview) -> Awaitable[None] | None:
+            if limits.refusal is not None:
+                return None
+            if limits.add(piece) is not None:
+                consumer.abandon()
+                return None
+            return consumer.feed(piece)
+
+        try:
+            await read_message_data(reader, add)
+        except asyncio.CancelledError:
+            consumer.abandon()
+            _aiosmtpd_log.info("Connection lost during DATA")
+            self._writer.close()
+            raise
+        except BaseException:
+            consumer.abandon()
+            raise
+        finally:
+            reader._limit = command_limit
+        refusal = limits.finish()
+        if refusal is not None:
+            consumer.abandon()
+            await self.push(refusal)
+            self._set_post_data_state()
+            return
+        status = await consumer.finish()
+        self._set_post_data_state()
+        await self.push(status)
+
+    def data_consumer(self) -> MessageConsumer | None:
+        """Where this message's data goes as it arrives; None: collected whole, as aiosmtpd does."""
+        return None
 
     async def before_serving(self) -> bool:
         """Called before the greeting; False closes the connection (the hook pushed a reply)."""

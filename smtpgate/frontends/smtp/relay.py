@@ -22,7 +22,7 @@ from smtpgate.linking.decision import ClientInfo, Envelope, EnvelopeRecipient, L
 from smtpgate.linking.service import LinkService, LinkUnavailable
 from smtpgate.mail import replies
 from smtpgate.mail.addresses import Address, envelope_key
-from smtpgate.mail.dataguard import OFF_LOOP_OCTETS, scan_data
+from smtpgate.mail.dataguard import scan_data
 from smtpgate.mail.headers import HeaderBlock, parse_header_block
 from smtpgate.mail.msgid import message_id_of
 from smtpgate.mail.params import Param, upstream_size, xtext
@@ -104,6 +104,11 @@ class Transaction:
     # inbound sharing: the recipients added (the upstream accepted) and those it refused
     shared: list[Address] = field(default_factory=list)
     shared_refused: list[tuple[str, str]] = field(default_factory=list)
+    # the message on its way upstream (start_message .. end_message): the decision as applied,
+    # whether it gets a record, and the octets sent so far
+    _applied: LinkDecision | None = None
+    _record: bool = True
+    size: int = 0
 
     # ----------------------------------------------------------------- MAIL
 
@@ -273,60 +278,86 @@ class Transaction:
             return
         self.upstream.begin_data()
 
-    async def finish(self, raw: bytes) -> str:
-        """End of DATA: check, decide, replay if needed, send, record; returns the reply line.
+    async def start_message(self, head: bytes, headers: HeaderBlock | None = None) -> str | None:
+        """The header block is in (``head``, dot-unstuffed, up to and including the empty line
+        that ends it): check, decide (links are committed here, before any final dot), replay
+        the envelope when it changed, and send DATA and the rewritten header block upstream.
 
-        Raises SMTPReply for every refusal; the caller aborts the transaction then.
+        Returns None when the body may follow (`write_body`, then `end_message`), or the
+        upstream's refusal of DATA for the client (logged; the transaction is reset).
+        Raises SMTPReply for every refusal of smtpgate's own; the caller aborts then.
+        ``headers``: head parsed already; its bare CR, LF and NUL were looked for by the
+        caller's data guard (smtpgate.mail.dataguard.StreamGuard) when given.
         """
         if self.broken or self.upstream is None:
             raise SMTPReply(replies.UPSTREAM_LOST, self.broken or "no upstream transaction")
-        headers = await asyncio.to_thread(self._check, raw) if len(raw) > OFF_LOOP_OCTETS else self._check(raw)
+        headers = self._check(head, headers)
         stamp = self._stamp_check(headers)
         if stamp.valid:
-            return await self._pass_stamped(headers, raw)
-        decision = await self._timed("store_ms", self._decide(headers))
+            applied = await self._pass_stamped(headers)
+            message, self._record = self._trace_fields(applied) + head, False
+        else:
+            applied = await self._apply(await self._timed("store_ms", self._decide(headers)))
+            if stamp.removals:  # a stamp that does not verify leaves; this message gets its own
+                applied = dataclasses.replace(applied, header_edits=applied.header_edits + stamp.removals)
+            # The trace fields and the edited header block, then the rest of the head as received.
+            first, rest = applied.split(head)
+            message = self._trace_fields(applied) + self._stamp_field(applied.message_id) + first + head[rest:]
+        self._applied, self.size = applied, len(message)
+        verdict = await self._timed("upstream_ms", self._upstream_data(self.upstream.open_data(message)))
+        if verdict.code == 354:
+            return None
+        return await self._refused_data(verdict)
+
+    async def _apply(self, decision: LinkDecision) -> LinkDecision:
+        """The decision as it goes upstream: observed (observe mode), or replayed."""
         observe = self.ctx.mode == "observe"
         if decision.inbound is not None:
             self._log_retagged(decision, observe)
         if observe:
             self._log_observed(decision)
-            applied = decision.without_changes()
-        else:
-            for rcpt in self.recipients:
-                if rcpt.tag_refused:
-                    decision = decision.without_tag(rcpt.address)
-            applied = await self._replay(decision)
-            await self._add_shared(applied)
-        if stamp.removals:  # a stamp that does not verify leaves; this message gets its own
-            applied = dataclasses.replace(applied, header_edits=applied.header_edits + stamp.removals)
-        # The trace fields and the edited header block, then the rest of raw as received.
-        head, rest = applied.split(raw)
-        head = self._trace_fields(applied) + self._stamp_field(applied.message_id) + head
-        return await self._deliver(applied, head, raw, rest)
+            return decision.without_changes()
+        for rcpt in self.recipients:
+            if rcpt.tag_refused:
+                decision = decision.without_tag(rcpt.address)
+        applied = await self._replay(decision)
+        await self._add_shared(applied)
+        return applied
 
-    async def _deliver(self, applied: LinkDecision, head: bytes, raw: bytes, rest: int,
-                       *, record: bool = True) -> str:
-        """DATA upstream (head + raw[rest:]), then the record and message.relayed on its 250."""
-        size = len(head) + len(raw) - rest
-        verdict = await self._timed("upstream_ms", self._send(head, raw, rest))
+    async def write_body(self, wire: bytes | memoryview) -> None:
+        """The next piece of the body as the client sent it (dot-stuffed lines)."""
+        assert self.upstream is not None
+        self.size += len(wire)
+        await self._upstream_data(self.upstream.write_data(wire))
+
+    async def end_message(self, last: bytes = b"") -> str:
+        """``last`` (the end of the body) and the final dot; the client's reply is the upstream's."""
+        assert self.upstream is not None and self._applied is not None
+        self.size += len(last)
+        verdict = await self._timed("upstream_ms", self._upstream_data(self.upstream.end_data(last)))
         if not verdict.ok:
-            self.log.info("message.rejected", code=verdict.code, reason=f"upstream: {verdict.text}",
-                          message_id=applied.message_id, mail_from=self._sender_text(), stage="data",
-                          **self.timings, **self.client.log_fields())
-            # A refused DATA command leaves MAIL and RCPT open upstream: reset before reuse.
-            await self.abort()
-            return _client_line(verdict)
-        upstream_label = self.upstream.label if self.upstream else None
+            return await self._refused_data(verdict)
+        applied, upstream_label = self._applied, self.upstream.label
         await self.release(reusable=True)
-        if record:
+        if self._record:
             # Queued, not awaited: the client's 250 does not wait for the record's commit
             # (docs/architecture.md, durability); a drain writes what is queued.
             self.ctx.links.record_soon(applied, [r.relayed for r in self.recipients] + self.shared, log=self.log)
-        self._log_relayed(applied, size, upstream_label, verdict, **({} if record else {"already_processed": True}))
+        self._log_relayed(applied, self.size, upstream_label, verdict,
+                          **({} if self._record else {"already_processed": True}))
         if applied.added:
             self.log.info("message.shared", message_id=applied.message_id, mail_from=self._sender_text(),
                           **applied.share.log_fields(), added=[str(a) for a in self.shared],
                           refused=[{"recipient": a, "reply": why} for a, why in self.shared_refused])
+        return _client_line(verdict)
+
+    async def _refused_data(self, verdict: Verdict) -> str:
+        """The upstream refused DATA or the final dot: passed to the client unchanged."""
+        self.log.info("message.rejected", code=verdict.code, reason=f"upstream: {verdict.text}",
+                      message_id=self._applied.message_id if self._applied else None,
+                      mail_from=self._sender_text(), stage="data", **self.timings, **self.client.log_fields())
+        # A refused DATA command or dot leaves MAIL and RCPT open upstream: reset before reuse.
+        await self.abort()
         return _client_line(verdict)
 
     def _stamp_check(self, headers: HeaderBlock) -> StampCheck:
@@ -346,7 +377,7 @@ class Transaction:
     def _stamp_field(self, message_id: str) -> bytes:
         return b"" if self.ctx.stamp is None else self.ctx.stamp.field(message_id)
 
-    async def _pass_stamped(self, headers: HeaderBlock, raw: bytes) -> str:
+    async def _pass_stamped(self, headers: HeaderBlock) -> LinkDecision:
         """A valid stamp: relayed exactly as received (its Received field added), no decision,
         no rewrite, no record; recipients tagged at RCPT time go back to what the client gave."""
         message_id = message_id_of(headers.get("Message-ID"))
@@ -356,18 +387,18 @@ class Transaction:
         if self.ctx.mode == "observe":
             self.log.info("message.observed", message_id=message_id, mail_from=self._sender_text(),
                           exempt="valid stamp: relayed untouched, no link decision")
-        as_received = await self._replay(LinkDecision(message_id=message_id, headers=headers, observed=True))
-        return await self._deliver(as_received, self._trace_fields(as_received), raw, 0, record=False)
+        return await self._replay(LinkDecision(message_id=message_id, headers=headers, observed=True))
 
-    def _check(self, raw: bytes) -> HeaderBlock:
+    def _check(self, raw: bytes, headers: HeaderBlock | None = None) -> HeaderBlock:
         """The refusals before anything is relayed (bare CR/LF or NUL, too many hops, too big); returns the header block."""
         limits = self.ctx.limits
         if len(raw) > limits.max_message_size:
             raise SMTPReply(replies.MESSAGE_TOO_BIG, f"{len(raw)} octets")
-        problem = scan_data(raw)
-        if problem is not None:
-            raise SMTPReply(replies.BAD_LINE_ENDINGS, f"{problem.kind} at octet {problem.offset}")
-        headers = parse_header_block(raw)
+        if headers is None:
+            problem = scan_data(raw)
+            if problem is not None:
+                raise SMTPReply(replies.BAD_LINE_ENDINGS, f"{problem.kind} at octet {problem.offset}")
+            headers = parse_header_block(raw)
         hops = len(headers.get_all("Received"))
         if hops > limits.max_hops:
             raise SMTPReply(replies.TOO_MANY_HOPS, f"{hops} Received fields")
@@ -518,11 +549,10 @@ class Transaction:
         self.recipients = kept
         return decision
 
-    async def _send(self, head: bytes, raw: bytes, rest: int) -> Verdict:
-        """DATA upstream: the message head + raw[rest:]."""
-        assert self.upstream is not None
+    async def _upstream_data(self, call) -> Verdict:
+        """A step of the message's way upstream; a lost upstream is the client's 451 4.4.2."""
         try:
-            return await self.upstream.data(raw, head=head, start=rest, clean=True)  # _check passed raw
+            return await call
         except UpstreamError as exc:
             self.broken = exc.reason
             self.log.warning("upstream.error", stage="data", reason=exc.reason,

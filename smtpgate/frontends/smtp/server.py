@@ -25,6 +25,7 @@ from smtpgate.frontends.smtp.aiosmtpd_glue import AIOSMTPD_REPLIES, DATA_REFUSAL
 from smtpgate.frontends.smtp.auth import PasswordMechanisms
 from smtpgate.frontends.smtp.peercert import PeerCertificate, peer_certificate
 from smtpgate.frontends.smtp.relay import MAIL_PARAMS, RCPT_PARAMS, ClientInfo, RelayContext, Transaction
+from smtpgate.frontends.smtp.stream import MessageStream
 from smtpgate.frontends.smtp.tls import server_context
 from smtpgate.log import get_logger
 from smtpgate.mail import replies
@@ -59,6 +60,7 @@ class GateSMTP(GlueSMTP):
         self.log = get_logger(session=self.session_id, listener=listener.name)
         self.tx: Transaction | None = None
         self.finishing = False  # between the client's final dot and smtpgate's reply
+        self.stream: MessageStream | None = None  # the message being relayed as it arrives (DATA)
         self.counted = False
         self.admitted: str | None = None  # the address counted against max_connections_per_client
         self.user_upstream = None  # auth_backend: upstream: the client's own upstream login
@@ -140,7 +142,7 @@ class GateSMTP(GlueSMTP):
         return False
 
     def timed_out(self) -> None:
-        if self.finishing:
+        if self.finishing or (self.stream is not None and self.stream.finishing):
             # The client sent its dot and waits for the upstream's verdict; upstream.timeout bounds that.
             self.restart_timer()
             return
@@ -150,7 +152,7 @@ class GateSMTP(GlueSMTP):
     @property
     def busy(self) -> bool:
         """A transaction is in flight: a drain waits for it."""
-        return self.tx is not None or self.finishing
+        return self.tx is not None or self.finishing or self.stream is not None
 
     def say_goodbye(self, line: str) -> None:
         """Shutdown: tell the client and close, whatever state the session is in."""
@@ -174,9 +176,10 @@ class GateSMTP(GlueSMTP):
         if self._smtp_methods.seen is not None:
             self.log.debug("smtp.reply", reply=status if isinstance(status, str) else status.decode("utf-8", "replace"))
         if isinstance(status, str):
-            if status in DATA_REFUSALS and self.tx is not None:
+            tx = self.tx or (self.stream.tx if self.stream is not None else None)
+            if status in DATA_REFUSALS and tx is not None:
                 self.log.info("message.rejected", code=int(status[:3]), reason=DATA_REFUSALS[status],
-                              mail_from=self.tx.sender_text(), stage="data", **self.tx.client.log_fields())
+                              mail_from=tx.sender_text(), stage="data", **tx.client.log_fields())
                 self.refusal_logged = True
             elif status == "503 Error: need RCPT command" and self.tx is not None and self.tx.refused:
                 self.log.info("message.rejected", code=554, reason="the upstream refused every recipient",
@@ -218,8 +221,22 @@ class GateSMTP(GlueSMTP):
         if self.tx is not None:
             self.tx.begin_data()
 
+    def data_consumer(self) -> MessageStream | None:
+        """The message is relayed as it arrives: the stream owns the transaction from now on."""
+        tx, self.tx = self.tx, None
+        if tx is None:
+            return None
+        limits = self.settings.relay.limits
+        self.stream = MessageStream(tx, max_header_block=limits.max_header_block, spool_dir=limits.spool_dir,
+                                    check_head=self.check_from, spawn=self.registry.spawn)
+        return self.stream
+
     def transaction_ended(self) -> None:
-        # HELO, EHLO, RSET, a refused data or a lost client: the upstream transaction ends too.
+        # HELO, EHLO, RSET, a refused data or a lost client: the upstream transaction ends too
+        # (a message stream ends its own: see MessageStream.abandon).
+        stream, self.stream = self.stream, None
+        if stream is not None and stream.answered:
+            self.refusal_logged = True  # the verdict is the message's message.relayed or .rejected
         tx, self.tx = self.tx, None
         if tx is not None:
             self.registry.spawn(tx.abort())
@@ -476,36 +493,9 @@ class Handler(PasswordMechanisms):
         return out
 
     async def handle_DATA(self, server: GateSMTP, session, envelope) -> str:
-        tx, server.tx = server.tx, None
-        if tx is None:
-            return replies.BAD_SEQUENCE.line()
-        server.finishing = True
-        # The client's final dot is in: the relay runs to its end even if the client hangs
-        # up now, so the upstream's verdict is logged and recorded and the upstream released.
-        task = self.registry.spawn(self._finish(server, tx, envelope.original_content))
-        try:
-            return await asyncio.shield(task)
-        finally:
-            server.finishing = False
-            server.refusal_logged = True  # the verdict is the message's message.relayed or .rejected
-
-    async def _finish(self, server: GateSMTP, tx, raw: bytes) -> str:
-        try:
-            server.check_from(raw)
-            return await tx.finish(raw)
-        except SMTPReply as exc:
-            server.log.info("message.rejected", code=exc.reply.code, reason=exc.reason,
-                            mail_from=tx.sender_text(), stage="data", **exc.log_fields, **tx.client.log_fields())
-            await tx.abort()
-            return exc.line()
-        except Exception:
-            server.log.exception("message.rejected", code=451, reason="internal error", stage="data",
-                                 **tx.client.log_fields())
-            await tx.abort()
-            return replies.TEMPORARY_FAILURE.line()
-        except asyncio.CancelledError:  # the loop is stopping under it: nothing may stay held
-            tx.drop()
-            raise
+        # Reached only without a transaction: a message with one is relayed as it arrives
+        # (GateSMTP.data_consumer, smtpgate.frontends.smtp.stream).
+        return replies.BAD_SEQUENCE.line()
 
     async def handle_PROXY(self, server, session, envelope, proxy_data) -> bool:
         if proxy_data and getattr(proxy_data, "src_addr", None):
