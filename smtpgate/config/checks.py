@@ -172,6 +172,12 @@ def empty_secret_problem(path: Path | None) -> str | None:
 _HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 
 
+def read_secret(path: Path | None) -> str | None:
+    """The secret in path, white space around it dropped; None without a file. Read at each call,
+    so a rotated secret needs no reload."""
+    return None if path is None else path.read_text(encoding="utf-8").strip()
+
+
 def hostname(value: str) -> str:
     """A host name for the greeting, EHLO and Received: (RFC 1123), or an address literal."""
     if value.startswith("[") and value.endswith("]") or _HOSTNAME.fullmatch(value):

@@ -32,9 +32,7 @@ class Allocator(Section):
         return self
 
     def token(self) -> str | None:
-        if self.token_file is None:
-            return None
-        return self.token_file.read_text(encoding="utf-8").strip()
+        return checks.read_secret(self.token_file)
 
 
 class Store(Section):
@@ -61,9 +59,7 @@ class Store(Section):
 
     def password(self) -> str | None:
         """store.password_file's text, read at each call (a rotated password needs no reload)."""
-        if self.password_file is None:
-            return None
-        return self.password_file.read_text(encoding="utf-8").strip()
+        return checks.read_secret(self.password_file)
 
 
 class Inbound(Section):

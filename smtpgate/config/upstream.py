@@ -31,7 +31,7 @@ class OAuth2(Section):
 
     def client_secret(self) -> str:
         """The secret, read from its file at each call (so a rotated secret needs no reload)."""
-        return self.client_secret_file.read_text(encoding="utf-8").strip()
+        return checks.read_secret(self.client_secret_file)
 
 
 class UpstreamTimeouts(Section):
@@ -166,6 +166,4 @@ class Upstream(Section):
         return self.url
 
     def password(self) -> str | None:
-        if self.password_file is None:
-            return None
-        return self.password_file.read_text(encoding="utf-8").strip()
+        return checks.read_secret(self.password_file)
