@@ -249,7 +249,7 @@ class Gate:
             kept.append("workers")
         if config.admin.listen != started.admin.listen:
             kept.append("admin.listen")
-        if (config.admin.tls_cert, config.admin.tls_key) != (old.admin.tls_cert, old.admin.tls_key):
+        if (config.admin.tls_cert, config.admin.tls_key) != (started.admin.tls_cert, started.admin.tls_key):
             kept.append("admin.tls_cert")
         previous = self._current()
         pool = previous.pool if config.upstream == old.upstream else None
