@@ -13,29 +13,13 @@ import pytest
 
 from smtpgate.config import ConfigError, load_config
 from tests.conftest import write_config
+from tests.support.configs import UPSTREAM_HEAD as HEAD, UPSTREAM_TAIL as TAIL, XOAUTH2
 from tests.support.pki import client_certs  # noqa: F401 - fixture
 
 # Line numbers: 1 listeners, 2 name, 3 address, 4 relay_networks, 5 upstream, 6 url.
-HEAD = """\
-listeners:
-  - name: submission
-    address: 127.0.0.1:2525
-    relay_networks: [127.0.0.0/8]
-upstream:
-"""
 URL = "  url: smtp://mail.corp.example:25\n"
-TAIL = "internal_domains: [corp.example]\n"
 BASE = HEAD + URL + TAIL  # 7 lines
 
-XOAUTH2 = """\
-  url: smtp+starttls://smtp.office365.com:587
-  auth: xoauth2
-  username: relay@corp.example
-  oauth2:
-    token_url: https://login.microsoftonline.com/0f1e2d3c/oauth2/v2.0/token
-    client_id: 6a1b2c3d
-    client_secret_file: oauth.secret
-"""
 FROM_MX = ("applies to mx: upstreams only (for TLS to one server use smtp+starttls:// or smtps://)")
 URL_SHAPES = ("expected smtp://host:port, smtp+starttls://host:port, smtps://host:port, "
               "mx:domain or maildir:path")

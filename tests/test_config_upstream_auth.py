@@ -6,16 +6,8 @@ import pytest
 
 from smtpgate.config import ConfigError, load_config
 from tests.conftest import write_config
+from tests.support.configs import UPSTREAM_HEAD as HEAD, UPSTREAM_TAIL as TAIL, XOAUTH2
 from tests.support.pki import client_certs  # noqa: F401 - fixture
-
-HEAD = """\
-listeners:
-  - name: submission
-    address: 127.0.0.1:2525
-    relay_networks: [127.0.0.0/8]
-upstream:
-"""
-TAIL = "internal_domains: [corp.example]\n"
 
 
 def load(tmp_path, upstream: str):
@@ -28,17 +20,6 @@ def problems(tmp_path, upstream: str) -> list[str]:
     with pytest.raises(ConfigError) as info:
         load(tmp_path, upstream)
     return info.value.problems
-
-
-XOAUTH2 = """\
-  url: smtp+starttls://smtp.office365.com:587
-  auth: xoauth2
-  username: relay@corp.example
-  oauth2:
-    token_url: https://login.microsoftonline.com/0f1e2d3c/oauth2/v2.0/token
-    client_id: 6a1b2c3d
-    client_secret_file: oauth.secret
-"""
 
 
 def test_xoauth2_settings_and_defaults(tmp_path):

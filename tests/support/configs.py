@@ -24,6 +24,29 @@ listeners:
 """
 
 
+# A config with its upstream section open: HEAD + the upstream's keys (indented) + TAIL.
+# Line numbers: 1 listeners, 2 name, 3 address, 4 relay_networks, 5 upstream, 6 the first key.
+UPSTREAM_HEAD = """\
+listeners:
+  - name: submission
+    address: 127.0.0.1:2525
+    relay_networks: [127.0.0.0/8]
+upstream:
+"""
+UPSTREAM_TAIL = "internal_domains: [corp.example]\n"
+
+# The upstream keys of Microsoft 365 with OAuth2 (the client secret in oauth.secret).
+XOAUTH2 = """\
+  url: smtp+starttls://smtp.office365.com:587
+  auth: xoauth2
+  username: relay@corp.example
+  oauth2:
+    token_url: https://login.microsoftonline.com/0f1e2d3c/oauth2/v2.0/token
+    client_id: 6a1b2c3d
+    client_secret_file: oauth.secret
+"""
+
+
 def tls_auth_yaml(folder: Path, sink_port: int, auth: str, networks: str = "[127.0.0.1/32]", port: int = 0) -> str:
     """A config: a STARTTLS listener on 127.0.0.1:port with `auth` and `relay_networks: networks`, the user
     jane with "s3cret pass" in folder/users, an upstream at sink_port, a SQLite store. The listener's
