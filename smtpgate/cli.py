@@ -55,7 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", action="store_true",
                    help="print the effective configuration, defaults filled in, secrets redacted")
 
-    links = group("links", "linked activities")
+    _links_commands(group("links", "linked activities"), command)
+    _explain_options(command(commands, "explain", _explain,
+                             "the link decision for one message, step by step, read-only"))
+    _users_commands(group("users", "AUTH users"), command)
+
+    db = group("db", "the store")
+    command(db, "upgrade", _db_upgrade, "apply schema migrations")
+    command(db, "prune", _db_prune, "delete message records older than store.keep_messages_days (links are kept)")
+    return parser
+
+
+def _links_commands(links, command) -> None:
+    """links show | list | add | delete | export | import."""
     p = command(links, "show", _links_show, "one activity, its links and its messages")
     p.add_argument("reference", help="matched case-insensitively")
     p.add_argument("--json", action="store_true")
@@ -77,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "load an export into the store (creating it when there is none); a second run adds nothing")
     p.add_argument("file", metavar="FILE", help="a `links export --json` file, or - for standard input")
 
-    p = command(commands, "explain", _explain, "the link decision for one message, step by step, read-only")
+
+def _explain_options(p: argparse.ArgumentParser) -> None:
+    """explain [FILE | --message-id ID], and the envelope it assumes."""
     p.add_argument("file", nargs="?", metavar="FILE", help="an .eml file, or - for standard input")
     p.add_argument("--message-id", metavar="ID", help="a message smtpgate relayed: what was done with it")
     p.add_argument("--mail-from", metavar="ADDR", help="envelope sender (default: the From: address)")
@@ -87,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="as an inbound listener would: tags put back, and what inbound sharing would add")
     p.add_argument("--json", action="store_true")
 
-    users = group("users", "AUTH users")
+
+def _users_commands(users, command) -> None:
+    """users add | list | delete."""
     p = command(users, "add", _users_add, "add or replace a user; the password is read from stdin")
     p.add_argument("name")
     rights = p.add_mutually_exclusive_group()
@@ -101,11 +117,6 @@ def build_parser() -> argparse.ArgumentParser:
     command(users, "list", _users_list, "the users and what each may send as")
     p = command(users, "delete", _users_delete, "remove a user")
     p.add_argument("name")
-
-    db = group("db", "the store")
-    command(db, "upgrade", _db_upgrade, "apply schema migrations")
-    command(db, "prune", _db_prune, "delete message records older than store.keep_messages_days (links are kept)")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

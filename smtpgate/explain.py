@@ -143,8 +143,7 @@ async def explain_inbound(raw: bytes, links: LinkService, *, mail_from: str | No
     return {
         "message_id": decision.message_id,
         "direction": "inbound",
-        "envelope": {"mail_from": str(envelope.mail_from) if envelope.mail_from else "",
-                     "recipients": [str(a) for a in envelope.addresses]},
+        "envelope": _envelope(envelope),
         "recipients": recipients,
         "share": {
             "enabled": share_with_thread,

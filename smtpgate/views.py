@@ -11,19 +11,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import datetime
 
-from smtpgate.store.base import ActivityView, LinkRow
+from smtpgate.store.base import ActivityView, LinkRow, as_utc, iso_utc
 from smtpgate.store.transfer import Backup, export_object
 
 __all__ = ["format_export", "format_list", "format_show", "iso_utc", "parse_since", "show_object"]
-
-
-def iso_utc(value: datetime) -> str:
-    """ISO 8601 UTC to the second with a Z: `2026-11-27T17:00:00Z`."""
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def parse_since(text: str) -> datetime:
@@ -32,10 +25,7 @@ def parse_since(text: str) -> datetime:
     text = text.strip()
     if text.endswith(("Z", "z")):
         text = text[:-1] + "+00:00"
-    value = datetime.fromisoformat(text)
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc)
+    return as_utc(datetime.fromisoformat(text))
 
 
 def _team(teams: Mapping[str, str], mailbox: str | None) -> str | None:

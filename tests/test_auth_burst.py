@@ -12,33 +12,14 @@ from __future__ import annotations
 import asyncio
 import base64
 
-from smtpgate.users import add_user
 from tests.conftest import write_config
+from tests.support.configs import tls_auth_yaml
 from tests.support.process import ServeProcess
-from tests.support.sink import Sink, client_tls_context, make_test_cert
+from tests.support.sink import Sink, client_tls_context
 from tests.support.wire import Wire, code, free_port
 
 LOGINS = 50
-PASSWORD = "s3cret pass"
-
-CONFIG = """\
-hostname: relay.test.example
-listeners:
-  - name: submission
-    address: 127.0.0.1:{port}
-    tls: starttls
-    tls_cert: {cert}
-    tls_key: {key}
-    auth: optional
-    relay_networks: [127.0.0.1/32]
-users_file: users
-upstream:
-  url: smtp://127.0.0.1:{sink_port}
-internal_domains: [corp.example]
-store:
-  url: sqlite:smtpgate.db
-  auto_upgrade: true
-"""
+PASSWORD = "s3cret pass"  # jane's, as tls_auth_yaml sets it
 
 
 async def logged_in_over_tls(port: int, tls, source: str) -> Wire:
@@ -54,9 +35,6 @@ async def logged_in_over_tls(port: int, tls, source: str) -> Wire:
 
 
 async def test_relay_transaction_completes_while_logins_are_checked(tmp_path):
-    cert, key = make_test_cert(tmp_path / "tls")
-    add_user(tmp_path / "users", "jane", PASSWORD)
-    tls = client_tls_context(cert)
     order: list[str] = []
 
     async def await_auth(i: int, wire: Wire) -> None:
@@ -75,7 +53,8 @@ async def test_relay_transaction_completes_while_logins_are_checked(tmp_path):
 
     async with Sink() as sink:
         port = free_port()
-        config = write_config(tmp_path, CONFIG.format(port=port, cert=cert, key=key, sink_port=sink.port))
+        config = write_config(tmp_path, tls_auth_yaml(tmp_path, sink.port, "optional", port=port))
+        tls = client_tls_context(str(tmp_path / "tls" / "test-cert.pem"))
         async with ServeProcess(config):
             # Fifty clients at fifty addresses, as limits.max_connections_per_client expects of them.
             wires = await asyncio.gather(*(logged_in_over_tls(port, tls, f"127.0.1.{i + 1}") for i in range(LOGINS)))

@@ -4,33 +4,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 from smtpgate.users import Users
 from tests.conftest import write_config
+from tests.support.cli import CONFIG as CLI_CONFIG, smtpgate
 
-ROOT = Path(__file__).resolve().parent.parent
-
-CONFIG = """\
-listeners:
-  - name: submission
-    address: 127.0.0.1:2525
-upstream:
-  url: maildir:outbox
-internal_domains: [corp.example]
-mailboxes:
-  - address: uk-payroll@corp.example
-    team: Team A (UK)
-users_file: users
-store:
-  url: sqlite:state/smtpgate.db
-"""
+CONFIG = CLI_CONFIG.format(store="sqlite:state/smtpgate.db")
 
 
 def run(config: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "smtpgate", *args, "-c", str(config)], input=stdin,
-                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    return smtpgate(*args, "-c", str(config), stdin=stdin)
 
 
 def test_db_upgrade_then_empty_views(tmp_path):

@@ -5,33 +5,14 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
-from pathlib import Path
 
 from smtpgate.users import Users, add_user
 from tests.conftest import write_config
-from tests.support.configs import TEAMS_A_B
-
-ROOT = Path(__file__).resolve().parent.parent
-CONFIG = """\
-listeners:
-  - name: submission
-    address: 127.0.0.1:2525
-upstream:
-  url: maildir:outbox
-""" + TEAMS_A_B + """\
-users_file: users
-store:
-  url: sqlite:smtpgate.db
-"""
-
-
-def smtpgate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "smtpgate", *args], capture_output=True, text=True,
-                          timeout=60, cwd=ROOT)
+from tests.support.cli import CONFIG, ROOT, smtpgate
 
 
 def test_users_list_and_delete(tmp_path):
-    config = write_config(tmp_path, CONFIG)
+    config = write_config(tmp_path, CONFIG.format(store="sqlite:smtpgate.db"))
     users = tmp_path / "users"
     add_user(users, "alice", "pw one", senders=["alice@corp.example", "uk-payroll+*@corp.example"])
     add_user(users, "scanner", "pw two")
@@ -52,7 +33,7 @@ def test_users_list_and_delete(tmp_path):
 
 
 def test_links_list_into_head_ends_quietly(tmp_path):
-    config = write_config(tmp_path, CONFIG)
+    config = write_config(tmp_path, CONFIG.format(store="sqlite:smtpgate.db"))
     assert smtpgate("db", "upgrade", "-c", str(config)).returncode == 0
     with sqlite3.connect(tmp_path / "smtpgate.db") as db:  # more than a pipe holds
         db.executemany("INSERT INTO links (source_reference, target_reference, lo, hi, created_at)"

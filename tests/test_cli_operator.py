@@ -7,8 +7,6 @@ import grp
 import json
 import os
 import pwd
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,26 +14,7 @@ import pytest
 from smtpgate.users import Users, add_user
 from tests.conftest import write_config
 from tests.store_helpers import pg_database, store_url  # noqa: F401  (fixtures)
-from tests.support.configs import TEAMS_A_B
-
-ROOT = Path(__file__).resolve().parent.parent
-
-CONFIG = """\
-listeners:
-  - name: submission
-    address: 127.0.0.1:2525
-upstream:
-  url: maildir:outbox
-""" + TEAMS_A_B + """\
-users_file: users
-store:
-  url: {store}
-"""
-
-
-def smtpgate(*args: str, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "smtpgate", *args], input=stdin, capture_output=True,
-                          text=True, timeout=60, cwd=ROOT, env=env)
+from tests.support.cli import CONFIG, smtpgate
 
 
 def events(stderr: str) -> list[dict]:

@@ -19,24 +19,10 @@ import pytest
 from tests.support.ci import needs
 from tests.support.clients import CLIENTS, Attempt, PostfixClient, missing_program, submit
 from tests.support.sink import Received, Sink
-from tests.support.submission import PASSWORD, USER, Submission, submission_config
+from tests.support.submission import PASSWORD, USER, strict_sink, submission  # noqa: F401 - fixtures
 from tests.support.wire import strip_trace
 
 _references = itertools.count(71001)
-
-
-@pytest.fixture
-async def strict_sink():
-    async with Sink(data_size_limit=50_000_000, strict_size=True) as s:
-        yield s
-
-
-@pytest.fixture
-async def submission(tmp_path, strict_sink, start_gate) -> Submission:
-    config, cafile = submission_config(tmp_path, strict_sink.port)
-    gate, _ = await start_gate(config)
-    (_, starttls_port), (_, implicit_port) = gate.bound
-    return Submission(cafile, starttls_port, implicit_port)
 
 
 def linking_message(client: str, name: str, reference: str) -> bytes:

@@ -7,36 +7,19 @@ of the file. The TLS certificate and key cases are in test_check_config.py.
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from smtpgate.config import ConfigError, load_config
 from tests.conftest import write_config
-from tests.support.pki import TestCA
+from tests.support.configs import UPSTREAM_HEAD as HEAD, UPSTREAM_TAIL as TAIL, XOAUTH2
+from tests.support.pki import client_certs  # noqa: F401 - fixture
 
 # Line numbers: 1 listeners, 2 name, 3 address, 4 relay_networks, 5 upstream, 6 url.
-HEAD = """\
-listeners:
-  - name: submission
-    address: 127.0.0.1:2525
-    relay_networks: [127.0.0.0/8]
-upstream:
-"""
 URL = "  url: smtp://mail.corp.example:25\n"
-TAIL = "internal_domains: [corp.example]\n"
 BASE = HEAD + URL + TAIL  # 7 lines
 
-XOAUTH2 = """\
-  url: smtp+starttls://smtp.office365.com:587
-  auth: xoauth2
-  username: relay@corp.example
-  oauth2:
-    token_url: https://login.microsoftonline.com/0f1e2d3c/oauth2/v2.0/token
-    client_id: 6a1b2c3d
-    client_secret_file: oauth.secret
-"""
 FROM_MX = ("applies to mx: upstreams only (for TLS to one server use smtp+starttls:// or smtps://)")
 URL_SHAPES = ("expected smtp://host:port, smtp+starttls://host:port, smtps://host:port, "
               "mx:domain or maildir:path")
@@ -234,17 +217,6 @@ def test_text_is_taken_as_written(tmp_path):
     assert config.references.headers == ("2024", "X-Ref")
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("certs")
-    ca = TestCA(folder / "ca")
-    good, other = ca.client("relay.corp.example"), ca.client("other.example")
-    encrypted = folder / "encrypted.key"
-    subprocess.run(["openssl", "pkey", "-in", good[1], "-aes256", "-passout", "pass:x", "-out", str(encrypted)],
-                   check=True, capture_output=True)
-    return {"cert": good[0], "key": good[1], "other_key": other[1], "encrypted_key": str(encrypted)}
-
-
 @pytest.mark.parametrize("url,cert,key,expected", [
     ("smtp://mail.corp.example", "cert", "key",
      ["smtpgate.yaml:7: upstream.tls_client_cert: a client certificate needs a TLS upstream: "
@@ -261,11 +233,11 @@ def certs(tmp_path_factory):
     ("smtps://mail.corp.example", "cert", None,
      ["smtpgate.yaml:6: upstream.tls_client_cert: tls_client_cert and tls_client_key go together"]),
 ])
-def test_client_certificate_problem_lines(tmp_path, certs, url, cert, key, expected):
-    upstream = f"  url: {url}\n  tls_client_cert: {certs[cert]}\n"
+def test_client_certificate_problem_lines(tmp_path, client_certs, url, cert, key, expected):
+    upstream = f"  url: {url}\n  tls_client_cert: {client_certs[cert]}\n"
     if key:
-        upstream += f"  tls_client_key: {certs[key]}\n"
-    assert problems(tmp_path, HEAD + upstream + TAIL) == [line.format(**certs) for line in expected]
+        upstream += f"  tls_client_key: {client_certs[key]}\n"
+    assert problems(tmp_path, HEAD + upstream + TAIL) == [line.format(**client_certs) for line in expected]
 
 
 def test_a_missing_file_is_named_with_why(tmp_path):

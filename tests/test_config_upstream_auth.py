@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 
 from smtpgate.config import ConfigError, load_config
 from tests.conftest import write_config
-from tests.support.pki import TestCA
-
-HEAD = """\
-listeners:
-  - name: submission
-    address: 127.0.0.1:2525
-    relay_networks: [127.0.0.0/8]
-upstream:
-"""
-TAIL = "internal_domains: [corp.example]\n"
+from tests.support.configs import UPSTREAM_HEAD as HEAD, UPSTREAM_TAIL as TAIL, XOAUTH2
+from tests.support.pki import client_certs  # noqa: F401 - fixture
 
 
 def load(tmp_path, upstream: str):
@@ -30,17 +20,6 @@ def problems(tmp_path, upstream: str) -> list[str]:
     with pytest.raises(ConfigError) as info:
         load(tmp_path, upstream)
     return info.value.problems
-
-
-XOAUTH2 = """\
-  url: smtp+starttls://smtp.office365.com:587
-  auth: xoauth2
-  username: relay@corp.example
-  oauth2:
-    token_url: https://login.microsoftonline.com/0f1e2d3c/oauth2/v2.0/token
-    client_id: 6a1b2c3d
-    client_secret_file: oauth.secret
-"""
 
 
 def test_xoauth2_settings_and_defaults(tmp_path):
@@ -102,43 +81,13 @@ def test_token_url_over_http_on_loopback(tmp_path):
         assert config.upstream.oauth2.token_url.startswith(f"http://{host}/")
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("certs")
-    ca = TestCA(folder / "ca")
-    good, other = ca.client("relay.corp.example"), ca.client("other.example")
-    encrypted = folder / "encrypted.key"
-    subprocess.run(["openssl", "pkey", "-in", good[1], "-aes256", "-passout", "pass:x", "-out", str(encrypted)],
-                   check=True, capture_output=True)
-    return {"cert": good[0], "key": good[1], "other_key": other[1], "encrypted_key": str(encrypted)}
-
-
 def cert_keys(cert: str, key: str) -> str:
     return f"  tls_client_cert: {cert}\n  tls_client_key: {key}\n"
 
 
-def test_client_certificate_loaded(tmp_path, certs):
-    upstream = load(tmp_path, "  url: smtps://mail.corp.example\n" + cert_keys(certs["cert"], certs["key"])).upstream
-    assert str(upstream.tls_client_cert) == certs["cert"] and str(upstream.tls_client_key) == certs["key"]
+def test_client_certificate_loaded(tmp_path, client_certs):
+    cert, key = client_certs["cert"], client_certs["key"]
+    upstream = load(tmp_path, "  url: smtps://mail.corp.example\n" + cert_keys(cert, key)).upstream
+    assert str(upstream.tls_client_cert) == cert and str(upstream.tls_client_key) == key
     for url in ("smtp+starttls://mail.corp.example:25", "mx:corp.example"):
-        assert load(tmp_path, f"  url: {url}\n" + cert_keys(certs["cert"], certs["key"])).upstream.tls_client_cert
-
-
-@pytest.mark.parametrize("url,cert,key,expected", [
-    ("smtp://mail.corp.example", "cert", "key",
-     "upstream.tls_client_cert: a client certificate needs a TLS upstream: smtp+starttls://, smtps:// or mx:"),
-    ("smtps://mail.corp.example", "cert", "other_key",
-     "upstream.tls_client_cert: cannot use {cert} with {other_key}: the key does not belong to the certificate"),
-    ("smtps://mail.corp.example", "key", "key",
-     "upstream.tls_client_cert: cannot use {key} with {key}: not a PEM certificate and PEM private key"),
-    ("smtps://mail.corp.example", "cert", "encrypted_key",
-     "upstream.tls_client_key: cannot use {encrypted_key}: the private key is encrypted"),
-    ("smtps://mail.corp.example", "cert", None,
-     "upstream.tls_client_cert: tls_client_cert and tls_client_key go together"),
-])
-def test_client_certificate_problems(tmp_path, certs, url, cert, key, expected):
-    upstream = f"  url: {url}\n  tls_client_cert: {certs[cert]}\n"
-    if key:
-        upstream += f"  tls_client_key: {certs[key]}\n"
-    found = problems(tmp_path, upstream)
-    assert any(expected.format(**certs) in p for p in found), found
+        assert load(tmp_path, f"  url: {url}\n" + cert_keys(cert, key)).upstream.tls_client_cert

@@ -4,22 +4,15 @@ from __future__ import annotations
 
 from smtpgate.config import load_config
 from tests.conftest import write_config
+from tests.support.configs import tls_auth_yaml
 from tests.support.sink import client_tls_context
 from tests.support.smtp import send
-from tests.test_tls_auth import listener_yaml
 
 BODY = b"Subject: debug\r\nMessage-ID: <debug@corp.example>\r\n\r\nbody\r\n"
 
 
 def config(tmp_path, sink, extra: str):
-    return load_config(write_config(tmp_path, listener_yaml(tmp_path, "optional") + f"""\
-upstream:
-  url: smtp://127.0.0.1:{sink.port}
-internal_domains: [corp.example]
-store:
-  url: sqlite:smtpgate.db
-  auto_upgrade: true
-""" + extra))
+    return load_config(write_config(tmp_path, tls_auth_yaml(tmp_path, sink.port, "optional") + extra))
 
 
 async def relay(tmp_path, port):

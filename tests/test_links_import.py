@@ -13,15 +13,8 @@ from smtpgate.config import load_config
 from smtpgate.store.migrations import SQLITE, latest
 from tests.conftest import BASE_CONFIG, write_config
 from tests.store_helpers import pg_database, store_url  # noqa: F401  (fixtures)
+from tests.support.cli import ROOT, smtpgate
 from tests.support.smtp import send
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def smtpgate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "smtpgate", *args], capture_output=True, text=True,
-                          timeout=60, cwd=ROOT)
-
 
 # Several commands in one process, each through smtpgate's own main (a process costs seconds
 # on a busy machine): a JSON list of argument lists in, a list of [status, stdout, stderr] out.

@@ -9,9 +9,9 @@ import signal
 import subprocess
 import sys
 
-from smtpgate.users import add_user
 from tests.conftest import write_config
-from tests.support.sink import client_tls_context, make_test_cert
+from tests.support.configs import tls_auth_yaml
+from tests.support.sink import client_tls_context
 from tests.support.smtp import send
 from tests.support.wire import free_port
 
@@ -30,26 +30,8 @@ def json_lines(output: bytes) -> list[dict]:
 
 
 async def test_stdout_is_only_json_lines_after_auth(tmp_path, sink):
-    cert, key = make_test_cert(tmp_path / "tls")
-    add_user(tmp_path / "users", "jane", "s3cret pass")
     port = free_port()
-    config = write_config(tmp_path, f"""\
-listeners:
-  - name: submission
-    address: 127.0.0.1:{port}
-    tls: starttls
-    tls_cert: {cert}
-    tls_key: {key}
-    auth: required
-    relay_networks: []
-users_file: users
-upstream:
-  url: smtp://127.0.0.1:{sink.port}
-internal_domains: [corp.example]
-store:
-  url: sqlite:smtpgate.db
-  auto_upgrade: true
-""")
+    config = write_config(tmp_path, tls_auth_yaml(tmp_path, sink.port, "required", "[]", port=port))
     # stderr into the same pipe, as the journal takes both.
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "smtpgate", "serve", "-c", str(config),

@@ -10,6 +10,7 @@ import signal
 from smtpgate.config import load_config
 from tests.conftest import write_config
 from tests.support.configs import SUBMISSION, TEAMS_A_B
+from tests.support.sink import make_test_cert
 from tests.support.smtp import send
 from tests.support.wire import free_port
 from tests.test_serve import start_serve
@@ -90,3 +91,22 @@ async def test_a_listener_change_reverted_before_a_restart_needs_none(tmp_path, 
     # The per-listener mode is no socket change either; it reaches the next session.
     assert reload(text(port, upstream, mode="enforce", listener_mode="observe"))["needs_restart"] is None
     assert await relayed_to(port, sink, 1) == RCPTS
+
+
+async def test_an_admin_certificate_change_reverted_before_a_restart_needs_none(tmp_path, sink, start_gate,
+                                                                                 log_lines):
+    first, second = make_test_cert(tmp_path / "one"), make_test_cert(tmp_path / "two")
+    base = (text(free_port(), f"smtp://127.0.0.1:{sink.port}", mode="enforce")
+            + f'admin:\n  listen: "127.0.0.1:{free_port()}"\n')
+
+    def with_cert(pair: tuple[str, str]) -> str:
+        return base + f"  tls_cert: {pair[0]}\n  tls_key: {pair[1]}\n"
+
+    gate, _ = await start_gate(load_config(write_config(tmp_path, with_cert(first))))
+
+    def reload(config_text: str) -> dict:
+        gate.reload(load_config(write_config(tmp_path, config_text)))
+        return [e for e in log_lines() if e["event"] == "config.reloaded"][-1]
+
+    assert reload(with_cert(second))["needs_restart"] == ["admin.tls_cert"]
+    assert reload(with_cert(first))["needs_restart"] is None  # the certificate serving all along

@@ -10,8 +10,7 @@ import base64
 import pytest
 
 from tests.test_abuse_limits import until
-from tests.support.sink import Sink
-from tests.support.submission import PASSWORD, USER, Submission, submission_config
+from tests.support.submission import PASSWORD, USER, Submission, strict_sink, submission  # noqa: F401 - fixtures
 from tests.support.wire import Wire, code
 
 MESSAGE = (b"From: jane@corp.example\r\nTo: b@x.example\r\nSubject: submission\r\n"
@@ -24,21 +23,6 @@ def b64(text: str) -> str:
 
 def plain(user: str = USER, password: str = PASSWORD) -> str:
     return f"AUTH PLAIN {b64(chr(0) + user + chr(0) + password)}"
-
-
-@pytest.fixture
-async def strict_sink():
-    """An upstream that refuses a message longer than its declared SIZE."""
-    async with Sink(data_size_limit=50_000_000, strict_size=True) as s:
-        yield s
-
-
-@pytest.fixture
-async def submission(tmp_path, strict_sink, start_gate) -> Submission:
-    config, cafile = submission_config(tmp_path, strict_sink.port)
-    gate, _ = await start_gate(config)
-    (_, starttls_port), (_, implicit_port) = gate.bound
-    return Submission(cafile, starttls_port, implicit_port)
 
 
 async def open_implicit(submission: Submission) -> tuple[Wire, str]:

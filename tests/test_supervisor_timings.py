@@ -50,20 +50,26 @@ async def kill_worker_1(served: Supervised, pid: int, seen: set[int]) -> tuple[f
     return exited["restart_in"], new
 
 
+async def restart_delays(served: Supervised, times: int) -> tuple[list[float], int]:
+    """Kill worker 1 `times` times: the restart_in each death was given, and the last worker 1's pid."""
+    ready = served.named("smtpgate.ready")[0]
+    pid, seen = ready["workers"][1], set(ready["workers"])
+    delays = []
+    for _ in range(times):
+        delay, pid = await kill_worker_1(served, pid, seen)
+        delays.append(delay)
+    return delays, pid
+
+
 async def test_the_back_off_doubles_up_to_its_cap_and_sigint_drains_every_worker(tmp_path):
     served = await supervise(tmp_path)
     try:
-        ready = served.named("smtpgate.ready")[0]
-        pid, seen = ready["workers"][1], set(ready["workers"])
-        delays = []
-        for _ in range(3):
-            delay, pid = await kill_worker_1(served, pid, seen)
-            delays.append(delay)
+        delays, pid = await restart_delays(served, 3)
         assert delays == [0.05, 0.1, 0.1]
         served.proc.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(served.proc.wait(), 30) == 0
         assert await served.ended(30)
-        live = [ready["workers"][0], pid]
+        live = [served.named("smtpgate.ready")[0]["workers"][0], pid]
         assert sorted(e["pid"] for e in served.named("shutdown.complete") if "pid" in e) == sorted(live)
         assert served.named("shutdown.complete", workers=2)[0]["clean"] is True
     finally:
@@ -73,12 +79,7 @@ async def test_the_back_off_doubles_up_to_its_cap_and_sigint_drains_every_worker
 async def test_a_stable_worker_restarts_after_the_first_delay_and_a_stuck_one_is_killed(tmp_path):
     served = await supervise(tmp_path, stable_after=0.0, grace=0)
     try:
-        ready = served.named("smtpgate.ready")[0]
-        pid, seen = ready["workers"][1], set(ready["workers"])
-        delays = []
-        for _ in range(2):
-            delay, pid = await kill_worker_1(served, pid, seen)
-            delays.append(delay)
+        delays, pid = await restart_delays(served, 2)
         assert delays == [0.05, 0.05]  # each lived past stable_after: no doubling
         os.kill(pid, signal.SIGSTOP)  # a worker that will not drain
         served.proc.send_signal(signal.SIGTERM)

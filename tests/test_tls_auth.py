@@ -6,43 +6,19 @@ import aiosmtplib
 import pytest
 
 from smtpgate.users import Users, add_user
-from tests.support.sink import Sink, client_tls_context, make_test_cert, make_test_tls
+from tests.support.configs import tls_auth_yaml
+from tests.support.sink import Sink, client_tls_context, make_test_tls
 from tests.support.smtp import send
 from tests.support.wire import Wire, code
 
 BODY = b"Subject: tls\r\nMessage-ID: <tls@corp.example>\r\n\r\nbody\r\n"
 
 
-def listener_yaml(tmp_path, auth: str, networks: str = "[127.0.0.1/32]") -> str:
-    cert, key = make_test_cert(tmp_path / "tls")
-    add_user(tmp_path / "users", "jane", "s3cret pass")
-    return f"""\
-hostname: relay.test.example
-listeners:
-  - name: submission
-    address: 127.0.0.1:0
-    tls: starttls
-    tls_cert: {cert}
-    tls_key: {key}
-    auth: {auth}
-    relay_networks: {networks}
-users_file: users
-"""
-
-
 def config_with_listener(tmp_path, sink_port: int, auth: str, networks: str = "[127.0.0.1/32]"):
     from smtpgate.config import load_config
     from tests.conftest import write_config
 
-    text = listener_yaml(tmp_path, auth, networks) + f"""\
-upstream:
-  url: smtp://127.0.0.1:{sink_port}
-internal_domains: [corp.example]
-store:
-  url: sqlite:smtpgate.db
-  auto_upgrade: true
-"""
-    return load_config(write_config(tmp_path, text))
+    return load_config(write_config(tmp_path, tls_auth_yaml(tmp_path, sink_port, auth, networks)))
 
 
 async def test_auth_required_over_starttls(tmp_path, sink, start_gate, log_lines):

@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from smtpgate.config import Admin
+from smtpgate.config import Admin, checks
 from smtpgate.log import get_logger
 
 ADMIN_TEAM = "admin"
@@ -161,15 +160,7 @@ class SignOn:
 
     def trusts(self, peer: str | None) -> bool:
         """True when a request from peer may carry identity headers."""
-        if not self.networks or not peer:
-            return False
-        try:
-            address = ipaddress.ip_address(peer.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address.version == net.version and address in net for net in self.networks)
+        return bool(peer) and checks.holds_address(self.networks, peer)
 
     def names_someone(self, headers) -> bool:
         return self.user_header is not None and self.user_header in headers

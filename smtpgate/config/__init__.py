@@ -1,8 +1,10 @@
 """smtpgate's configuration: one YAML file loaded into validated, immutable objects.
 
-schema.py declares every key once (type, default, rules), fields.py the
-converters it reads values with, checks.py what a schema cannot say (files,
-PEM certificates and keys, relay networks), source.py the reading of the file
+schema.py declares every key once (type, default, rules), its sections in
+listeners.py, upstream.py, mailboxes.py, admin.py and sections.py and what
+they share in rules.py; fields.py the converters it reads values with,
+checks.py what a schema cannot say (files, PEM certificates and keys, relay
+networks), source.py the reading of the file
 and the wording of its problems: `smtpgate.yaml:14: upstream.timeout: expected
 a number, got "soon"`. Relative paths are resolved against the config file's
 folder. docs/reference.md lists every key with its type and default.

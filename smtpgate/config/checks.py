@@ -145,6 +145,18 @@ def is_private(network: Network) -> bool:
     return any(network.version == p.version and network.subnet_of(p) for p in _PRIVATE_NETWORKS)
 
 
+def holds_address(networks: tuple[Network, ...], ip: str) -> bool:
+    """True when ip (a client's address as the socket gives it; an IPv4-mapped IPv6 address as its IPv4
+    address, a zone index ignored) lies in one of networks."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return any(addr.version == net.version and addr in net for net in networks)
+
+
 def public_network_problem(network: Network) -> str:
     return (f"{network} is not a private network: every host in it could relay through smtpgate "
             f"without AUTH (set allow_public_relay_networks: true on this listener if that is intended)")
@@ -168,6 +180,12 @@ def empty_secret_problem(path: Path | None) -> str | None:
 
 
 _HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+
+
+def read_secret(path: Path | None) -> str | None:
+    """The secret in path, white space around it dropped; None without a file. Read at each call,
+    so a rotated secret needs no reload."""
+    return None if path is None else path.read_text(encoding="utf-8").strip()
 
 
 def hostname(value: str) -> str:

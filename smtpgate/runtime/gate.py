@@ -144,8 +144,7 @@ class Gate:
         admin: False when another process runs the store's background pruning
         or serves the admin listener.
         """
-        for warning in self.config.warnings:
-            log.warning("config.warning", problem=warning)
+        log_warnings(self.config)
         if self.store is None:
             self.store = await open_configured_store(self.config)
         self.snapshot = Snapshot.build(self.config, self.store)
@@ -257,7 +256,7 @@ class Gate:
             kept.append("workers")
         if config.admin.listen != started.admin.listen:
             kept.append("admin.listen")
-        if (config.admin.tls_cert, config.admin.tls_key) != (old.admin.tls_cert, old.admin.tls_key):
+        if (config.admin.tls_cert, config.admin.tls_key) != (started.admin.tls_cert, started.admin.tls_key):
             kept.append("admin.tls_cert")
         previous = self._current()
         pool = previous.pool if config.upstream == old.upstream else None
@@ -327,8 +326,8 @@ def debug_peers(config: Config) -> bool:
 
 
 def log_warnings(config: Config) -> None:
-    """The file's warnings (what check-config prints as `warning:`), at a reload (Gate.start logs
-    them at start)."""
+    """The file's warnings (what check-config prints as `warning:`) as config.warning, at start and
+    at each reload."""
     for warning in config.warnings:
         log.warning("config.warning", problem=warning)
 

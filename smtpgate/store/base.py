@@ -369,3 +369,8 @@ def as_utc(value: datetime) -> datetime:
     if value.tzinfo is None:
         return value.replace(tzinfo=timezone.utc)
     return value.astimezone(timezone.utc)
+
+
+def iso_utc(value: datetime) -> str:
+    """ISO 8601 UTC to the second with a Z, as every view writes a time: `2026-11-27T17:00:00Z`."""
+    return as_utc(value).strftime("%Y-%m-%dT%H:%M:%SZ")

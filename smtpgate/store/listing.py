@@ -5,7 +5,7 @@ The list is ordered by (created_at, reference), newest first, and read with
 the indexes `activities_created` and `activities_mailbox_created`; a page
 ends where the next one starts (`after`, keyset paging: no OFFSET). The
 search finds matching messages through a trigram index first (SQLite FTS5,
-PostgreSQL pg_trgm; migration 2), then the activities they were relayed for.
+PostgreSQL pg_trgm; migration 3), then the activities they were relayed for.
 Sessions live in the store so that every worker and node honours them and a
 sign-out ends one everywhere.
 """

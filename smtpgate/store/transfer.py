@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
-from smtpgate.store.base import ActivityRow, LinkRow, MessageRecord
+from smtpgate.store.base import ActivityRow, LinkRow, MessageRecord, as_utc, iso_utc
 
 __all__ = ["Backup", "BackupError", "ImportCounts", "TransferMixin", "export_object", "read_backup"]
 
@@ -46,13 +46,6 @@ class ImportCounts:
     conflicts: list[str] = field(default_factory=list)  # owners the store already knew otherwise
 
 
-def _iso(value: datetime) -> str:
-    """As every view writes a time: ISO 8601 UTC to the second with a Z."""
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def export_object(backup: Backup, teams: Mapping[str, str], exported_at: datetime) -> dict:
     """The `links export --json` object; links as `links list --json` gives them."""
 
@@ -60,13 +53,13 @@ def export_object(backup: Backup, teams: Mapping[str, str], exported_at: datetim
         return {"reference": reference, "mailbox": mailbox, "team": teams.get(mailbox) if mailbox else None}
 
     shown: dict[str, Any] = {
-        "exported_at": _iso(exported_at),
+        "exported_at": iso_utc(exported_at),
         "schema": backup.schema,
-        "activities": [dict(side(a.reference, a.mailbox), created_at=_iso(a.created_at)) for a in backup.activities],
+        "activities": [dict(side(a.reference, a.mailbox), created_at=iso_utc(a.created_at)) for a in backup.activities],
         "links": [
             {"source": side(row.source_reference, row.source_mailbox),
              "target": side(row.target_reference, row.target_mailbox),
-             "created_at": _iso(row.created_at), "message_id": row.message_id}
+             "created_at": iso_utc(row.created_at), "message_id": row.message_id}
             for row in backup.links
         ],
     }
@@ -74,7 +67,7 @@ def export_object(backup: Backup, teams: Mapping[str, str], exported_at: datetim
         shown["messages"] = [
             {"message_id": m.message_id, "date": m.date, "from": m.from_, "subject": m.subject,
              "source_reference": m.source_reference, "recipients": list(m.recipients),
-             "mapping": dict(m.mapping), "relayed_at": _iso(m.relayed_at), "shared": list(m.shared)}
+             "mapping": dict(m.mapping), "relayed_at": iso_utc(m.relayed_at), "shared": list(m.shared)}
             for m in backup.messages
         ]
     return shown
@@ -106,8 +99,7 @@ class _Reader:
     def time(self, obj: Any, key: str, where: str) -> datetime:
         text = self.get(obj, key, where, str)
         try:
-            value = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text)
-            return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
+            return as_utc(datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text))
         except ValueError:
             raise self.fail(f"{where}.{key}", f"expected an ISO 8601 date-time, got {text!r:.60}") from None
 

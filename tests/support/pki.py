@@ -16,7 +16,9 @@ import subprocess
 from datetime import datetime
 from pathlib import Path
 
-__all__ = ["TestCA"]
+import pytest
+
+__all__ = ["TestCA", "client_certs"]
 
 _EC = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
 
@@ -90,3 +92,16 @@ class TestCA:
 
 def _run(*args: str) -> None:
     subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def client_certs(tmp_path_factory) -> dict[str, str]:
+    """Client certificate files: cert and its key, other_key (another certificate's), encrypted_key
+    (key under a passphrase)."""
+    folder = tmp_path_factory.mktemp("certs")
+    ca = TestCA(folder / "ca")
+    good, other = ca.client("relay.corp.example"), ca.client("other.example")
+    encrypted = folder / "encrypted.key"
+    subprocess.run(["openssl", "pkey", "-in", good[1], "-aes256", "-passout", "pass:x", "-out", str(encrypted)],
+                   check=True, capture_output=True)
+    return {"cert": good[0], "key": good[1], "other_key": other[1], "encrypted_key": str(encrypted)}

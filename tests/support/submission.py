@@ -7,12 +7,15 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from smtpgate.config import load_config
 from smtpgate.users import add_user
 from tests.support.configs import TEAMS_A_B
 from tests.support.pki import TestCA
+from tests.support.sink import Sink
 
-__all__ = ["PASSWORD", "USER", "Submission", "submission_config"]
+__all__ = ["PASSWORD", "USER", "Submission", "strict_sink", "submission", "submission_config"]
 
 USER = "jane"
 PASSWORD = "s3cret pass"
@@ -61,3 +64,19 @@ def submission_config(folder: Path, sink_port: int, *, hostname: str = "relay.te
     path = folder / "smtpgate.yaml"
     path.write_text(text, encoding="utf-8")
     return load_config(path), str(ca.cert)
+
+
+@pytest.fixture
+async def strict_sink():
+    """An upstream that refuses a message longer than its declared SIZE."""
+    async with Sink(data_size_limit=50_000_000, strict_size=True) as s:
+        yield s
+
+
+@pytest.fixture
+async def submission(tmp_path, strict_sink, start_gate) -> Submission:
+    """submission_config's gate, started, relaying to strict_sink."""
+    config, cafile = submission_config(tmp_path, strict_sink.port)
+    gate, _ = await start_gate(config)
+    (_, starttls_port), (_, implicit_port) = gate.bound
+    return Submission(cafile, starttls_port, implicit_port)

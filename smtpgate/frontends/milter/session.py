@@ -302,6 +302,12 @@ class MilterSession:
         packets, relayed = self._apply(message, decision, stamp)
         delivered = [a for a in relayed if isinstance(a, Address)] + list(decision.added)
         await self.settings.links.record(decision, delivered, log=self.log)
+        self._log_relayed(message, decision, relayed, observe, fields)
+        return [*packets, codec.ACCEPT]
+
+    def _log_relayed(self, message: _Message, decision: LinkDecision, relayed: list, observe: bool,
+                     fields: dict) -> None:
+        """message.relayed, and message.shared when inbound sharing added mailboxes."""
         self.log.info(
             "message.relayed",
             message_id=decision.message_id,
@@ -319,7 +325,6 @@ class MilterSession:
             # ADDRCPT has no per-recipient verdict: an added mailbox the MTA cannot take bounces.
             self.log.info("message.shared", message_id=decision.message_id, **fields, **decision.share.log_fields(),
                           added=[str(a) for a in decision.added], refused=[])
-        return [*packets, codec.ACCEPT]
 
     def _stamp_check(self, headers: HeaderBlock) -> StampCheck:
         stamper = self.settings.stamp
