@@ -309,15 +309,21 @@ def main() -> int:
                 targets.append(Target("smtpgate SQLite 1 worker, asyncio loop", "smtpgate",
                                       GateSetup("sqlite", urls["sqlite"], 1,
                                                 env={"SMTPGATE_EVENT_LOOP": "asyncio"})))
+            # A baseline gets stores of its own: an older tree refuses a store a newer schema upgraded.
+            base_urls = {(base, store): (f"sqlite:{folder / f'bench-{base.name}.db'}" if store == "sqlite"
+                                         else stack.enter_context(fresh_pg_database()))
+                         for base in args.baseline for store in stores}
             for base in args.baseline:
                 for store in stores:
                     targets.append(Target(f"smtpgate {report.STORE_NAMES[store]} 1 worker "
                                           f"[{base.name}]", "smtpgate",
-                                          GateSetup(store, urls[store], 1, root=base.resolve())))
+                                          GateSetup(store, base_urls[base, store], 1, root=base.resolve())))
             if args.memory_only:
                 targets, args.no_store, args.no_latency, args.no_profile, args.no_lists = [], True, True, True, True
             for store in stores:
                 warm_up(folder, GateSetup(store, urls[store], 1), sink)
+            for (base, store), url in base_urls.items():
+                warm_up(folder, GateSetup(store, url, 1, root=base.resolve()), sink)
             for target in targets:
                 if target.setup is not None and target.setup.workers > 1:
                     target.unavailable = workers_available(folder, target.setup, sink)
@@ -331,7 +337,7 @@ def main() -> int:
             lists = [] if args.no_lists else [
                 (report.STORE_NAMES[store], list_run(stack, folder, store, args.list_messages)) for store in stores]
             one_worker = [GateSetup(s, urls[s], 1) for s in stores]
-            baselines = [GateSetup(s, urls[s], 1, root=b.resolve()) for b in args.baseline for s in stores]
+            baselines = [GateSetup(s, base_urls[b, s], 1, root=b.resolve()) for b in args.baseline for s in stores]
             if "postgresql" in stores:
                 pg_checkpoint()  # the runs above wrote much WAL: its checkpoint is not the latency's
             lat = None if args.no_latency else latency(folder, sink, postfix, one_worker + baselines,
