@@ -59,6 +59,13 @@ def probe(port: int, how: str) -> None:
     sock.close()
 
 
+async def all_given_back(gate, in_use_before: float) -> None:
+    """Every session ends and every upstream connection closes, the in-use gauge back where it was."""
+    pool = gate.snapshot.pool
+    await wait_until(lambda: pool.open_connections == 0 and len(gate.registry) == 0, timeout=5)
+    assert in_use() == in_use_before
+
+
 async def go_away(wire: Wire, how: str) -> None:
     if how == "reset":
         wire.reset()
@@ -90,7 +97,6 @@ async def test_a_probe_that_leaves_before_the_greeting_holds_no_slot(how, sink, 
 async def test_a_client_gone_while_mail_waits_gives_the_upstream_connection_back(
         how, sink, tmp_path, start_gate, log_lines):
     gate, port = await start_gate(config(tmp_path, sink))
-    pool = gate.snapshot.pool
     before = in_use()
     sink.hold["MAIL"] = held = asyncio.Event()
     for n in range(2):  # upstream.max_connections: 2
@@ -98,8 +104,7 @@ async def test_a_client_gone_while_mail_waits_gives_the_upstream_connection_back
         await wire.send("MAIL FROM:<jane@corp.example>\r\n")
         await sink.wait_for(lambda: len(sink.held) == n + 1, what="MAIL held upstream")
         await go_away(wire, how)
-    await wait_until(lambda: pool.open_connections == 0 and len(gate.registry) == 0, timeout=5)
-    assert in_use() == before
+    await all_given_back(gate, before)
     held.set()
     del sink.hold["MAIL"]
     wire = await session(port)
@@ -111,7 +116,6 @@ async def test_a_client_gone_while_mail_waits_gives_the_upstream_connection_back
 async def test_a_client_gone_while_rcpt_waits_gives_the_upstream_connection_back(
         how, sink, tmp_path, start_gate, log_lines):
     gate, port = await start_gate(config(tmp_path, sink))
-    pool = gate.snapshot.pool
     before = in_use()
     sink.hold["RCPT"] = held = asyncio.Event()
     wire = await session(port)
@@ -119,8 +123,7 @@ async def test_a_client_gone_while_rcpt_waits_gives_the_upstream_connection_back
     await wire.send("RCPT TO:<client@supplier.example>\r\n")
     await sink.wait_for(lambda: sink.held == ["RCPT"], what="RCPT held upstream")
     await go_away(wire, how)
-    await wait_until(lambda: pool.open_connections == 0 and len(gate.registry) == 0, timeout=5)
-    assert in_use() == before
+    await all_given_back(gate, before)
     held.set()
 
 
