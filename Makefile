@@ -85,8 +85,8 @@ fuzz: venv
 	for target in tests/fuzz/fuzz_*.py; do \
 		$(BIN)/python $$target -max_total_time=$(FUZZ_SECONDS) || exit 1; \
 	done
-	# The SMTP state machine with its long profile (tests/test_smtp_state_machine.py).
-	SMTPGATE_FUZZ=1 $(BIN)/pytest -q -p no:cacheprovider tests/test_smtp_state_machine.py
+	# The SMTP state machine with its long profile (tests/frontends/smtp/test_smtp_state_machine.py).
+	SMTPGATE_FUZZ=1 $(BIN)/pytest -q -p no:cacheprovider tests/frontends/smtp/test_smtp_state_machine.py
 
 # Mutation testing, not part of `make test`. First the pure core: mutmut makes small changes to
 # the core modules ([tool.mutmut] in pyproject.toml) and runs the core's unit tests against each;

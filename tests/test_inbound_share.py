@@ -14,7 +14,7 @@ from tests.conftest import write_config
 from tests.support.smtp import send
 from tests.support.wire import strip_trace
 from tests.test_inbound import NEW, config_text
-from tests.test_milter import milter_config  # noqa: F401 - the fixture
+from tests.frontends.milter.test_milter import milter_config  # noqa: F401 - the fixture
 from tests.test_mission import STEP1
 
 A = "uk-payroll+101203-T@corp.example"
@@ -153,7 +153,7 @@ async def test_without_the_option_nothing_is_shared(thread, sink, log_lines):
 
 
 async def test_the_milter_adds_with_addrcpt_and_changes_no_header_field(milter_config, start_gate, log_lines):
-    from tests.test_milter import INBOUND_LISTENER, Milter
+    from tests.frontends.milter.test_milter import INBOUND_LISTENER, Milter
 
     gate, port = await start_gate(milter_config(listener=INBOUND_LISTENER,
                                                 extra="inbound:\n  share_with_thread: true\n"))
@@ -240,7 +240,7 @@ async def test_the_activities_page_marks_the_shared_reply_in_both_timelines(thre
 
 
 async def test_the_milter_in_observe_mode_adds_nothing_and_records_nothing(milter_config, start_gate, log_lines):
-    from tests.test_milter import INBOUND_LISTENER, Milter
+    from tests.frontends.milter.test_milter import INBOUND_LISTENER, Milter
 
     observe = INBOUND_LISTENER + "    mode: observe\n"
     gate, port = await start_gate(milter_config(listener=observe, extra="inbound:\n  share_with_thread: true\n"))

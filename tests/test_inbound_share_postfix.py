@@ -14,8 +14,8 @@ from tests.conftest import write_config
 from tests.support.postfix import PostfixInstance
 from tests.support.smtp import send
 from tests.test_inbound import NEW, config_text
-from tests.test_milter import INBOUND_LISTENER, Milter, milter_config  # noqa: F401 - the fixture
-from tests.test_milter_postfix import DISCARD
+from tests.frontends.milter.test_milter import INBOUND_LISTENER, Milter, milter_config  # noqa: F401 - the fixture
+from tests.frontends.milter.test_milter_postfix import DISCARD
 from tests.test_mission import STEP1
 
 pytestmark = pytest.mark.postfix

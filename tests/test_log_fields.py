@@ -13,7 +13,7 @@ from smtpgate import __version__
 from tests.support.sink import client_tls_context
 from tests.support.smtp import send
 from tests.support.wire import Wire, code
-from tests.test_tls_auth import BODY, config_with_listener
+from tests.frontends.smtp.test_tls_auth import BODY, config_with_listener
 
 
 def events(log_lines, name: str) -> list[dict]:

@@ -18,7 +18,7 @@ from smtpgate.log import get_logger, setup_logging
 from tests.conftest import write_config
 from tests.support.admin import SOURCE, admin_relay  # noqa: F401 - fixture
 from tests.support.wire import free_port
-from tests.test_serve import config_text, start_serve
+from tests.runtime.test_serve import config_text, start_serve
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

@@ -13,7 +13,7 @@ from tests.conftest import write_config
 from tests.support.smtp import send
 from tests.support.wire import strip_trace
 from tests.test_mission import MISSION_CONFIG, STEP1
-from tests.test_store import eventually
+from tests.store.test_store import eventually
 
 FIRST = 900000
 TWO_LISTENERS = MISSION_CONFIG.replace(

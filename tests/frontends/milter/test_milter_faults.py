@@ -1,0 +1,136 @@
+"""The milter front end when something goes wrong or is only watched: the answer Postfix gets.
+
+Each test asserts what the MTA receives (the modification requests, the reply
+code, a closed connection) and the event smtpgate logs, over loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import struct
+
+from tests.support.milter import POSTFIX_ACTIONS, MilterClient, packet, strings
+from tests.frontends.milter.test_milter import SENDER, STEP1, STEP1_RCPTS, Milter, milter, milter_config  # noqa: F401 - fixtures
+
+TEMPFAIL_451 = ("REPLYCODE", "451 4.3.0 Temporary failure, try again later")
+WATCH_LISTENER = """\
+  - name: watch
+    kind: milter
+    address: 127.0.0.1:0
+    mode: observe
+"""
+INBOUND_WATCH = """\
+  - name: inbound
+    kind: milter
+    address: 127.0.0.1:0
+    direction: inbound
+    mode: observe
+"""
+REPLY = (b"From: Client Ltd <client@supplier.example>\r\n"
+         b"To: uk-payroll@corp.example, pl-payroll@corp.example\r\nSubject: Re: Invoice 4411\r\n"
+         b"In-Reply-To: <step1.101203@corp.example>\r\nMessage-ID: <reply@supplier.example>\r\n\r\nthanks\r\n")
+
+
+async def _recorded(db, count: int = 1) -> None:
+    """Wait until the store has committed ``count`` message records."""
+    def rows() -> int:
+        with sqlite3.connect(db) as conn:
+            return conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+    async with asyncio.timeout(10):
+        while await asyncio.to_thread(rows) < count:
+            await asyncio.sleep(0.01)
+
+
+async def test_an_internal_error_in_the_decision_is_a_temporary_failure(milter_config, start_gate, log_lines,
+                                                                       tmp_path):
+    gate, port = await start_gate(milter_config())
+    m = Milter(gate, port, log_lines)
+    await m.step1()
+    await _recorded(tmp_path / "smtpgate.db")
+    # A thread record the store cannot read back: not a store outage, a fault in smtpgate's hands.
+    with sqlite3.connect(tmp_path / "smtpgate.db") as conn:
+        conn.execute("UPDATE messages SET mapping = '{not json'")
+    actions = await m.send("client@supplier.example", ["uk-payroll@corp.example"], REPLY)
+    assert actions == [TEMPFAIL_451]
+    [rejected] = m.events("message.rejected")
+    assert rejected["code"] == 451 and rejected["reason"] == "internal error"
+    assert [e["message_id"] for e in m.events("message.relayed")] == ["<step1.101203@corp.example>"]
+
+
+async def test_observe_mode_leaves_an_existing_link_unused(milter_config, start_gate, log_lines):
+    gate, port = await start_gate(milter_config(listener=WATCH_LISTENER))
+    m = Milter(gate, port, log_lines)
+    new, _ = await m.step1()
+    watch = Milter(gate, gate.bound[1][1], log_lines)
+    data = STEP1.replace(b"<step1.101203@", b"<watched@")
+    actions = await watch.send(SENDER, STEP1_RCPTS, data)
+    assert actions == [("ACCEPT",)]
+    [observed] = m.events("message.observed")
+    assert observed["message_id"] == "<watched@corp.example>"
+    relayed = m.events("message.relayed")[-1]
+    assert relayed["message_id"] == "<watched@corp.example>" and relayed["links_reused"] == []
+    assert {r["relayed"] for r in relayed["recipients"]} == set(STEP1_RCPTS)
+    # Observe mode writes nothing: still the one link step 1 made.
+    assert [link.reference for link in (await gate.store.show("101203-T")).links] == [new]
+
+
+async def test_an_inbound_milter_in_observe_mode_restores_no_tag(milter_config, start_gate, log_lines):
+    gate, port = await start_gate(milter_config(listener=INBOUND_WATCH))
+    outbound = Milter(gate, port, log_lines)
+    new, _ = await outbound.step1()
+    inbound = Milter(gate, gate.bound[1][1], log_lines)
+    actions = await inbound.send("client@supplier.example", ["uk-payroll@corp.example", "pl-payroll@corp.example"],
+                                 REPLY)
+    assert actions == [("CONTINUE",), ("CONTINUE",), ("ACCEPT",)]  # RCPT answered, then no change at all
+    assert outbound.events("message.retagged") == []
+    [observed] = outbound.events("message.observed")
+    assert observed["recipients"] == [
+        {"original": "uk-payroll@corp.example", "relayed": "uk-payroll+101203-T@corp.example",
+         "thread_message_id": "<step1.101203@corp.example>"},
+        {"original": "pl-payroll@corp.example", "relayed": f"pl-payroll+{new}@corp.example",
+         "thread_message_id": "<step1.101203@corp.example>"}]
+
+
+async def test_abort_in_the_middle_of_a_message_forgets_it(milter):
+    client = await milter.client()
+    await client.send(packet(b"M", strings(f"<{SENDER}>")) + packet(b"R", strings("<pl-payroll@corp.example>"))
+                      + packet(b"L", strings("From", f" {SENDER}")))
+    await client.abort()
+    # The next message on the connection knows nothing of the aborted one's recipient.
+    actions = await client.message("jane@corp.example", ["client@supplier.example"],
+                                   b"From: jane@corp.example\r\nMessage-ID: <after-abort@corp.example>\r\n\r\n")
+    await client.quit()
+    assert actions == [("ACCEPT",)]
+    [relayed] = milter.events("message.relayed")
+    assert relayed["recipients"] == [{"original": "client@supplier.example", "relayed": "client@supplier.example"}]
+    assert await milter.link("101203-T", "pl-payroll@corp.example") is None
+
+
+async def _refused_offer(milter, actions: int) -> str:
+    client = await MilterClient.open(milter.port)
+    await client.send(packet(b"O", struct.pack("!III", 6, actions, 0x1FFFFF)))
+    assert await client.read() == ("TEMPFAIL",)
+    assert await client.closed()
+    return milter.events("milter.session.closed")[-1]["reason"]
+
+
+async def test_an_mta_that_cannot_change_headers_or_add_recipients_is_refused(milter):
+    assert "CHGHEADER" in await _refused_offer(milter, POSTFIX_ACTIONS & ~0x10)  # no CHGHDRS
+    assert "ADDRCPT" in await _refused_offer(milter, POSTFIX_ACTIONS & ~(0x04 | 0x80))  # neither ADDRCPT
+    # ADDRCPT alone (no ADDRCPT_PAR) is enough.
+    client = await MilterClient.open(milter.port)
+    assert (await client.negotiate(actions=POSTFIX_ACTIONS & ~0x80))[2] & 0x04
+    await client.close()
+
+
+async def test_a_connection_arriving_while_draining_is_closed_unserved(milter):
+    milter.gate.registry.draining = True  # a drain has begun; the listener has not closed yet
+    try:
+        client = await MilterClient.open(milter.port)
+        assert await client.closed()
+    finally:
+        milter.gate.registry.draining = False
+    [refused] = milter.events("milter.session.refused")
+    assert refused["reason"] == "draining"
+    assert milter.events("milter.session.opened") == []

@@ -1,0 +1,115 @@
+"""The upstream pool: a pooled connection is reused only while it is fresh and alive.
+
+The upstream is a sink the test controls (tests/support/sink.py); the client side
+is a real smtpgate on loopback.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from smtpgate.upstream.client import FRESH_SECONDS, IDLE_SECONDS
+from tests.support.sink import Sink, make_test_tls
+from tests.frontends.smtp.test_relay import MESSAGE, send_data, session
+from tests.frontends.smtp.test_tls_auth import relay_one, upstream_config
+
+
+def events(log_lines, name: str) -> list[dict]:
+    return [e for e in log_lines() if e["event"] == name]
+
+
+async def relay_message(port: int) -> str:
+    wire = await session(port)
+    assert (await wire.cmd("MAIL FROM:<jane@corp.example>")).startswith("250")
+    assert (await wire.cmd("RCPT TO:<client@supplier.example>")).startswith("250")
+    reply = await send_data(wire, MESSAGE)
+    await wire.cmd("QUIT")
+    return reply
+
+
+async def test_a_pooled_connection_the_upstream_dropped_is_replaced(relay, sink, log_lines):
+    """Servers drop idle clients (RFC 5321 4.5.3.2.7). Handed out without a NOOP (it was used
+    a moment ago), the dropped connection fails at MAIL, which goes out once more on a new
+    connection in the same pool slot; the client never notices."""
+    gate, port = relay
+    assert (await relay_message(port)).startswith("250")
+    assert sink.connections == 1 and len(gate.snapshot.pool.idle) == 1
+    [pooled] = gate.snapshot.pool.idle
+    assert await sink.drop_connections() == 1
+    assert (await relay_message(port)).startswith("250")
+    assert sink.connections == 2 and len(sink.messages) == 2
+    assert "NOOP" not in sink.commands
+    assert not events(log_lines, "upstream.error")
+    assert gate.snapshot.pool.idle == [pooled] and gate.snapshot.pool.open_connections == 1
+
+
+@pytest.mark.parametrize("check", ["noop", "mail"])
+async def test_a_pooled_connection_dropped_while_idle_is_replaced(relay, sink, log_lines, check):
+    """Idle past FRESH_SECONDS the NOOP finds the drop; within it the MAIL does."""
+    gate, port = relay
+    assert (await relay_message(port)).startswith("250")
+    if check == "noop":
+        gate.snapshot.pool.idle[0].last_used -= FRESH_SECONDS + 0.5
+    assert await sink.drop_connections() == 1
+    assert (await relay_message(port)).startswith("250")
+    assert sink.connections == 2 and len(sink.messages) == 2
+    assert not events(log_lines, "upstream.error")
+
+
+async def test_a_pooled_connection_idle_too_long_is_closed_unused(relay, sink):
+    gate, port = relay
+    assert (await relay_message(port)).startswith("250")
+    [pooled] = gate.snapshot.pool.idle
+    pooled.last_used -= IDLE_SECONDS + 1  # as if it had waited in the pool that long
+    noops = sink.commands.count("NOOP")
+    assert (await relay_message(port)).startswith("250")
+    assert sink.connections == 2
+    # Said goodbye to, not checked with NOOP and not used again.
+    await sink.wait_for_command("QUIT")
+    assert sink.commands.count("NOOP") == noops
+    assert len(sink.messages) == 2 and len(gate.snapshot.pool.idle) == 1 and gate.snapshot.pool.idle[0] is not pooled
+
+
+async def test_a_pooled_connection_used_a_moment_ago_is_reused_without_a_noop(relay, sink):
+    gate, port = relay
+    for _ in range(2):
+        assert (await relay_message(port)).startswith("250")
+    assert sink.connections == 1
+    assert [c for c in sink.commands if c in ("NOOP", "QUIT")] == []
+
+
+async def test_a_pooled_connection_idle_a_while_is_checked_with_a_noop(relay, sink):
+    gate, port = relay
+    assert (await relay_message(port)).startswith("250")
+    [pooled] = gate.snapshot.pool.idle
+    pooled.last_used -= FRESH_SECONDS + 0.5  # as if it had waited in the pool that long
+    assert (await relay_message(port)).startswith("250")
+    assert sink.connections == 1
+    assert [c for c in sink.commands if c in ("NOOP", "QUIT")] == ["NOOP"]
+
+
+@pytest.mark.parametrize("change", ["removed", "garbled"])
+async def test_a_ca_file_gone_after_start_is_an_upstream_error(tmp_path, start_gate, log_lines, change):
+    """The upstream's trust anchor removed or garbled while smtpgate runs: the next connection
+    cannot be made, which is the upstream being unreachable (451 4.4.1, upstream.error naming
+    the file), not an internal error."""
+    context, cafile = make_test_tls(tmp_path / "up")
+    ca = tmp_path / "upstream-ca.pem"
+    shutil.copy(cafile, ca)
+    async with Sink(implicit_tls=context) as up:
+        gate, port = await start_gate(await upstream_config(tmp_path, f"smtps://localhost:{up.port}",
+                                                            f"  ca_file: {ca}\n"))
+        assert (await relay_one(port))[0] == 250
+        if change == "removed":
+            ca.unlink()
+        else:
+            ca.write_text("not a certificate\n")
+        await up.drop_connections()  # the pooled connection is gone too: the next MAIL connects
+        code, text = await relay_one(port)
+        assert code == 451 and text.startswith("4.4.1 "), text
+        [error] = [e for e in events(log_lines, "upstream.error") if e["stage"] == "connect"]
+        assert str(ca) in error["reason"]
+        assert not events(log_lines, "session.error")
+        assert len(up.messages) == 1
