@@ -31,11 +31,13 @@ from smtpgate.upstream.certificates import load_client_certificate
 from smtpgate.upstream.maildir import MaildirSession, write_maildir
 from smtpgate.upstream.mx import MxRoute, RouteError, Target
 from smtpgate.upstream.oauth2 import TokenError, TokenSource
-from smtpgate.upstream.session import UpstreamAuthError, UpstreamError, UpstreamSession, Verdict
+from smtpgate.upstream.session import (UpstreamAuthError, UpstreamConnectError, UpstreamError, UpstreamSession,
+                                       UpstreamSource, Verdict)
 from smtpgate.upstream.wire import _stuffed, wire_pieces
 
-__all__ = ["FRESH_SECONDS", "IDLE_SECONDS", "MaildirSession", "SmtpSession", "UpstreamAuthError", "UpstreamError",
-           "UpstreamPool", "UpstreamSession", "Verdict", "wire_pieces", "write_maildir"]
+__all__ = ["FRESH_SECONDS", "IDLE_SECONDS", "MaildirSession", "SmtpSession", "UpstreamAuthError",
+           "UpstreamConnectError", "UpstreamError", "UpstreamPool", "UpstreamSession", "UpstreamSource", "Verdict",
+           "wire_pieces", "write_maildir"]
 
 log = get_logger()
 
@@ -56,8 +58,13 @@ def _encode(text: str) -> bytes:
 
 
 class SmtpSession(UpstreamSession):
-    def __init__(self, pool: UpstreamPool, client: aiosmtplib.SMTP, label: str | None = None):
+    """One connection opened by `pool`; it goes back to `owner`, the source that handed it
+    out (the pool itself, or a client's own login: smtpgate.upstream.passthrough)."""
+
+    def __init__(self, pool: UpstreamPool, client: aiosmtplib.SMTP, label: str | None = None, *,
+                 owner: UpstreamSource | None = None):
         self.pool = pool
+        self.owner: UpstreamSource = owner or pool
         self.client = client
         self.label = label or pool.config.label
         self.extensions = frozenset(client.esmtp_extensions)
@@ -108,7 +115,8 @@ class SmtpSession(UpstreamSession):
             if not (unchecked and exc.dropped):
                 raise
         # Nothing of this transaction reached the upstream, which had closed the pooled
-        # connection: MAIL goes out once more, on a new one.
+        # connection: MAIL goes out once more, on a new one (UpstreamConnectError when
+        # there is none).
         await self._reconnect(deadline)
         return await self._command(*command, timeout=self._mail_wait(deadline))
 
@@ -118,18 +126,14 @@ class SmtpSession(UpstreamSession):
         return wait if deadline is None else max(0.001, min(wait, deadline - time.monotonic()))
 
     async def _reconnect(self, deadline: float | None) -> None:
+        # Only the pool hands a connection out unchecked: the new one is the pool's too.
         self.client.close()
         budget = self.pool.config.timeout if deadline is None else deadline - time.monotonic()
         try:
             async with asyncio.timeout(max(0.001, budget)):
                 fresh = await self.pool.open_session()
         except TimeoutError:
-            error = _no_connection(self.pool.config.timeout)
-            error.connecting = True
-            raise error from None
-        except UpstreamError as error:
-            error.connecting = True
-            raise
+            raise _no_connection(self.pool.config.timeout) from None
         self.client, self.label, self.extensions = fresh.client, fresh.label, fresh.extensions
         self.desynced = False
 
@@ -282,7 +286,7 @@ class SmtpSession(UpstreamSession):
         if self._streaming:
             self._abandon_stream()
             reusable = False
-        await self.pool.give_back(self, reusable)
+        await self.owner.give_back(self, reusable)
 
     def discard(self) -> None:
         if self._data_reply is not None:
@@ -291,10 +295,10 @@ class SmtpSession(UpstreamSession):
         self.desynced = True
         self.client.close()
         self.returned()
-        self.pool.forget(self)
+        self.owner.forget(self)
 
     async def close(self) -> None:
-        self.pool.forget(self)
+        self.owner.forget(self)
         try:
             if self.client.is_connected and not self.desynced:
                 await asyncio.wait_for(self.client.quit(), timeout=min(5.0, self.pool.config.timeouts.command))
@@ -313,8 +317,8 @@ def _describe(exc: BaseException, wait: float) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _no_connection(budget: float) -> UpstreamError:
-    return UpstreamError(f"no upstream connection within upstream.timeout ({budget:g}s)")
+def _no_connection(budget: float) -> UpstreamConnectError:
+    return UpstreamConnectError(f"no upstream connection within upstream.timeout ({budget:g}s)")
 
 
 async def _greet(client: aiosmtplib.SMTP) -> None:
@@ -337,7 +341,7 @@ class _TlsFailed(Exception):
 Login = Callable[[aiosmtplib.SMTP], Awaitable[None]]
 
 
-class UpstreamPool:
+class UpstreamPool(UpstreamSource):
     """Connections to one upstream, opened at MAIL and reused when healthy.
 
     `pool_size` bounds how many idle connections are kept for reuse. A pooled
@@ -377,7 +381,8 @@ class UpstreamPool:
         """A session ready for MAIL; the client's MAIL is answered within upstream.timeout.
 
         ``check``: a pooled connection is checked with NOOP however recently it was used
-        (a readiness probe must see the upstream, not the pool).
+        (a readiness probe must see the upstream, not the pool). UpstreamConnectError
+        (UpstreamAuthError: credentials) when no connection can be had.
         """
         if self.config.scheme == "maildir":
             assert self.config.path is not None
@@ -429,7 +434,7 @@ class UpstreamPool:
         """A new connection from open_session, counted under upstream.max_connections from the start."""
         cap = self.config.max_connections
         if self.open_connections >= cap:
-            raise UpstreamError(f"upstream.max_connections ({cap}) connections open",
+            raise UpstreamConnectError(f"upstream.max_connections ({cap}) connections open",
                                 reply=replies.UPSTREAM_BUSY)
         self._connecting += 1
         try:
@@ -441,7 +446,8 @@ class UpstreamPool:
         return session
 
     async def open_session(self) -> SmtpSession:
-        """A new connection, to the host or the first MX host that takes it."""
+        """A new connection, to the host or the first MX host that takes it; UpstreamConnectError
+        when there is none."""
         return await (self._connect_mx() if self.route is not None else self._connect())
 
     def forget(self, session: SmtpSession) -> None:
@@ -459,7 +465,7 @@ class UpstreamPool:
                 cafile=str(self.config.ca_file) if self.config.ca_file else None
             )
         except OSError as exc:  # ssl.SSLError too: a ca_file gone or garbled since the config was read
-            raise UpstreamError(f"upstream.ca_file {self.config.ca_file}: {exc}") from None
+            raise UpstreamConnectError(f"upstream.ca_file {self.config.ca_file}: {exc}") from None
         if not (verify and self.config.verify_tls):
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
@@ -469,20 +475,21 @@ class UpstreamPool:
                 # Read at each connection, so a renewed certificate is used without a reload.
                 load_client_certificate(context, cert, key)
             except (OSError, ValueError) as exc:
-                raise UpstreamError(f"client certificate {cert}: {type(exc).__name__}: {exc}") from None
+                raise UpstreamConnectError(f"client certificate {cert}: {type(exc).__name__}: {exc}") from None
         return context
 
-    async def _connect(self, login: Login | None = None) -> SmtpSession:
+    async def _connect(self, login: Login | None = None, owner: UpstreamSource | None = None) -> SmtpSession:
         cfg = self.config
         assert cfg.host is not None and cfg.port is not None
         tls = {"smtps": "implicit", "smtp+starttls": "required"}.get(cfg.scheme, "none")
         client = await self._open(cfg.host, cfg.port, server_name=cfg.host, tls=tls, login=login)
-        return SmtpSession(self, client)
+        return SmtpSession(self, client, owner=owner)
 
-    async def connect_as(self, login: Login) -> SmtpSession:
+    async def connect_as(self, login: Login, owner: UpstreamSource) -> SmtpSession:
         """A new connection that `login` authenticates instead of upstream.auth (a client's own
-        credentials, auth_backend: upstream); counted under max_connections, never pooled."""
-        return await self._counted(lambda: self._connect(login=login))
+        credentials, auth_backend: upstream), handed out by `owner` and given back there;
+        counted under max_connections, never pooled."""
+        return await self._counted(lambda: self._connect(login=login, owner=owner))
 
     async def _connect_mx(self) -> SmtpSession:
         """The first MX host (RFC 5321 5.1 order) that takes a connection."""
@@ -490,7 +497,7 @@ class UpstreamPool:
         try:
             targets = await self.route.targets()
         except RouteError as exc:
-            raise UpstreamError(exc.reason, reply=exc.reply) from None
+            raise UpstreamConnectError(exc.reason, reply=exc.reply) from None
         failures: list[str] = []
         auth_failures = 0
         for target in targets:
@@ -512,7 +519,7 @@ class UpstreamPool:
         reason = "no MX host took the connection: " + "; ".join(failures)
         if failures and auth_failures == len(failures):
             raise UpstreamAuthError(reason)  # every host refused smtpgate's credentials: 451 4.7.0
-        raise UpstreamError(reason)
+        raise UpstreamConnectError(reason)
 
     async def _open_mx(self, target: Target) -> aiosmtplib.SMTP:
         assert self.route is not None
@@ -559,7 +566,7 @@ class UpstreamPool:
             raise
         except (aiosmtplib.SMTPException, OSError) as exc:  # TimeoutError is an OSError
             client.close()
-            raise UpstreamError(f"connect to {where}: {_describe(exc, wait)}") from None
+            raise UpstreamConnectError(f"connect to {where}: {_describe(exc, wait)}") from None
         except asyncio.CancelledError:
             client.close()
             raise
@@ -568,7 +575,7 @@ class UpstreamPool:
     async def _starttls(self, client: aiosmtplib.SMTP, server_name: str, tls: str) -> None:
         if not client.supports_extension("starttls"):
             if tls == "required":
-                raise UpstreamError(f"{server_name}: STARTTLS not offered and TLS is required")
+                raise UpstreamConnectError(f"{server_name}: STARTTLS not offered and TLS is required")
             return
         context = self._tls_context(verify=tls == "required")
         try:

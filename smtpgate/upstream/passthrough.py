@@ -7,6 +7,9 @@ upstream applies its own send-as rules to its own user. The password lives in
 this object, in memory, for the session only (to log in again when the
 upstream closed the idle connection between two messages); it is never logged
 and never written anywhere.
+
+`UserUpstream` is an `UpstreamSource`: the client's transactions take their
+session from it and give it back to it, as others do with the shared pool.
 """
 
 from __future__ import annotations
@@ -15,13 +18,18 @@ import asyncio
 
 import aiosmtplib
 
-from smtpgate.upstream.client import SmtpSession, UpstreamAuthError, UpstreamError, UpstreamPool
+from smtpgate.config import Upstream
+from smtpgate.upstream.client import (SmtpSession, UpstreamAuthError, UpstreamConnectError, UpstreamError,
+                                      UpstreamPool, UpstreamSource)
 
 __all__ = ["UserUpstream"]
 
 
-class UserUpstream:
-    """One authenticated client's upstream connection; it stands in for the pool in its transactions."""
+class UserUpstream(UpstreamSource):
+    """One authenticated client's upstream connection: the source of its transactions' sessions.
+
+    Its connections are opened (and counted under upstream.max_connections) by the shared
+    pool, logged in with the client's credentials, and come back here, never to the pool."""
 
     def __init__(self, pool: UpstreamPool, username: str, password: str):
         self.pool = pool
@@ -31,7 +39,7 @@ class UserUpstream:
         self.closed = False
 
     @property
-    def config(self):
+    def config(self) -> Upstream:
         return self.pool.config
 
     @property
@@ -39,13 +47,11 @@ class UserUpstream:
         return self.pool.extensions
 
     async def login(self) -> None:
-        """Log in at the upstream; UpstreamAuthError when it refuses, UpstreamError when it cannot be reached."""
+        """Log in at the upstream; UpstreamAuthError when it refuses, UpstreamConnectError when it cannot be reached."""
         self.session = await self._open()
 
     async def _open(self) -> SmtpSession:
-        session = await self.pool.connect_as(self._login)
-        session.pool = self  # type: ignore[assignment]  # its release comes back here, not to the shared pool
-        return session
+        return await self.pool.connect_as(self._login, owner=self)
 
     async def _login(self, client: aiosmtplib.SMTP) -> None:
         if not client.supports_extension("auth"):
@@ -58,7 +64,7 @@ class UserUpstream:
     async def acquire(self) -> SmtpSession:
         """The session's connection for one transaction, logged in again if the upstream dropped it."""
         if self.closed:
-            raise UpstreamError("the client's session has ended")
+            raise UpstreamConnectError("the client's session has ended")
         session, self.session = self.session, None
         if session is not None:
             try:
@@ -84,7 +90,7 @@ class UserUpstream:
             await session.close()
 
     def forget(self, session: SmtpSession) -> None:
-        self.pool.forget(session)
+        self.pool.forget(session)  # its place under max_connections is the pool's
 
     async def close(self) -> None:
         """The client's session ended: the connection closes and the password is dropped."""

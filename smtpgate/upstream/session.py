@@ -1,7 +1,10 @@
 """What the relay drives an upstream transaction with: `UpstreamSession`, its verdicts and its faults.
 
 `smtpgate.upstream.client.SmtpSession` speaks SMTP to an upstream server;
-`smtpgate.upstream.maildir.MaildirSession` writes into a Maildir. A message goes
+`smtpgate.upstream.maildir.MaildirSession` writes into a Maildir. A transaction
+takes its session from an `UpstreamSource` and gives it back there: the shared
+pool (`smtpgate.upstream.client.UpstreamPool`) or one client's own upstream
+login (`smtpgate.upstream.passthrough.UserUpstream`). A message goes
 upstream whole (`data`) or as a stream (`open_data`, `write_data`, `end_data`):
 the header block first, then the body as it arrives from the client, so no more
 than a bounded piece of a body is ever held (docs/architecture.md, "Memory").
@@ -9,11 +12,14 @@ than a bounded piece of a body is ever held (docs/architecture.md, "Memory").
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from smtpgate.config import Upstream
 from smtpgate.mail.replies import Reply
 
-__all__ = ["UpstreamAuthError", "UpstreamError", "UpstreamSession", "Verdict"]
+__all__ = ["UpstreamAuthError", "UpstreamConnectError", "UpstreamError", "UpstreamSession", "UpstreamSource",
+           "Verdict"]
 
 
 class UpstreamError(Exception):
@@ -28,10 +34,15 @@ class UpstreamError(Exception):
         self.reason = reason
         self.reply = reply
         self.dropped = dropped  # the connection was closed under the command (not a timeout)
-        self.connecting = False  # raised while opening a connection (a MAIL's reconnect included)
 
 
-class UpstreamAuthError(UpstreamError):
+class UpstreamConnectError(UpstreamError):
+    """No upstream connection could be had: raised while opening one, by a source's
+    `acquire` or by the MAIL that finds its pooled connection dropped and opens another.
+    Whenever it comes, the client hears what a MAIL that cannot connect hears."""
+
+
+class UpstreamAuthError(UpstreamConnectError):
     """The upstream's credentials could not be had (token endpoint) or were refused (AUTH)."""
 
 
@@ -92,8 +103,49 @@ class UpstreamSession:
         line's end) and the upstream's verdict."""
         raise NotImplementedError
 
-    async def release(self, reusable: bool) -> None: ...
+    def carries(self, *addresses: object) -> bool:
+        """Whether this connection can carry these envelope addresses: a non-ASCII one
+        needs the upstream's SMTPUTF8 (RFC 6531)."""
+        return "smtputf8" in self.extensions or all(str(a).isascii() for a in addresses)
+
+    async def release(self, reusable: bool) -> None:
+        """Back to where it came from: kept for the next transaction when ``reusable``
+        (the transaction ended cleanly, RSET answered 2xx), else closed."""
 
     def discard(self) -> None:
         """Give the connection up at once, never to be reused: what a transaction cancelled
         while it holds one does (synchronous, so a second cancellation cannot stop it half way)."""
+
+
+class UpstreamSource(ABC):
+    """Where a transaction's upstream session comes from and goes back to.
+
+    The relay asks only this: `acquire` a session ready for MAIL, the upstream's
+    `label` for the logs, the `extensions` learnt from its last connection. A
+    session goes back through its own `release` and `discard`, which call
+    `give_back` and `forget` on the source that handed it out.
+    """
+
+    config: Upstream  # the upstream section (timeouts, label)
+    extensions: frozenset[str] | None = None  # learnt from the last connection; None: none yet
+
+    @property
+    def label(self) -> str:
+        """The upstream as the logs name it."""
+        return self.config.label
+
+    @abstractmethod
+    async def acquire(self) -> UpstreamSession:
+        """A session ready for MAIL; UpstreamConnectError when no connection can be had."""
+
+    @abstractmethod
+    async def give_back(self, session, reusable: bool) -> None:
+        """A session this source handed out is back (its `release`): kept when reusable, else closed."""
+
+    @abstractmethod
+    def forget(self, session) -> None:
+        """A session this source handed out is closing: its connection is no longer counted."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Nothing more is handed out; idle connections close."""

@@ -30,7 +30,8 @@ from smtpgate.mail.replies import SMTPReply
 from smtpgate.mail.queueid import queue_id
 from smtpgate.mail.required_headers import required_header_problem
 from smtpgate.mail.stamp import StampCheck, Stamper
-from smtpgate.upstream.client import UpstreamAuthError, UpstreamError, UpstreamPool, UpstreamSession, Verdict
+from smtpgate.upstream.client import (UpstreamAuthError, UpstreamConnectError, UpstreamError, UpstreamSession,
+                                      UpstreamSource, Verdict)
 
 __all__ = ["MAIL_PARAMS", "RCPT_PARAMS", "ClientInfo", "RelayContext", "Transaction"]
 
@@ -52,7 +53,7 @@ EARLY_TAG_SECONDS = 2.0
 class RelayContext:
     """What a transaction needs, from one configuration snapshot (docs/architecture.md)."""
 
-    pool: UpstreamPool
+    pool: UpstreamSource  # the shared pool, or the client's own upstream login (auth_backend: upstream)
     links: LinkService
     limits: Limits
     hostname: str
@@ -140,8 +141,7 @@ class Transaction:
     async def _mail(self, sender: Address | None, params: dict[str, Param]) -> str:
         """MAIL on the connection open() took."""
         assert self.upstream is not None
-        ext = self.upstream.extensions
-        if "SMTPUTF8" in params and "smtputf8" not in ext and sender and not str(sender).isascii():
+        if "SMTPUTF8" in params and sender and not self.upstream.carries(sender):
             await self.release(reusable=True)
             raise SMTPReply(replies.SMTPUTF8_UNSUPPORTED, "non-ASCII sender, upstream lacks SMTPUTF8")
         self.mail_from, self.mail_params = sender, params
@@ -187,7 +187,7 @@ class Transaction:
             raise SMTPReply(replies.UPSTREAM_LOST, self.broken or "no upstream transaction")
         if len(self.recipients) >= self.ctx.limits.max_recipients:
             raise SMTPReply(replies.TOO_MANY_RECIPIENTS, "limits.max_recipients reached")
-        if "smtputf8" not in self.upstream.extensions and not str(address).isascii():
+        if not self.upstream.carries(address):
             raise SMTPReply(replies.SMTPUTF8_UNSUPPORTED, "non-ASCII recipient, upstream lacks SMTPUTF8")
         started = time.monotonic()
         tagged = await self._early_tag(address)
@@ -243,10 +243,9 @@ class Transaction:
     def _not_connected(self, exc: UpstreamError) -> SMTPReply:
         """No upstream connection could be had: logged at stage connect, and the reply."""
         if isinstance(exc, UpstreamAuthError):
-            self.log.warning("upstream.auth_failed", stage="connect", reason=exc.reason,
-                             upstream=self.ctx.pool.config.label)
+            self.log.warning("upstream.auth_failed", stage="connect", reason=exc.reason, upstream=self.ctx.pool.label)
             return SMTPReply(replies.UPSTREAM_AUTH_FAILED, exc.reason)
-        self.log.warning("upstream.error", stage="connect", reason=exc.reason, upstream=self.ctx.pool.config.label)
+        self.log.warning("upstream.error", stage="connect", reason=exc.reason, upstream=self.ctx.pool.label)
         return SMTPReply(exc.reply or replies.UPSTREAM_UNREACHABLE, exc.reason)
 
     async def _upstream_call(self, call) -> Verdict:
@@ -254,11 +253,24 @@ class Transaction:
             return await call
         except UpstreamError as exc:
             self.broken = exc.reason
-            if exc.connecting:  # a pooled connection found dropped at MAIL, and no new one
+            if isinstance(exc, UpstreamConnectError):  # a pooled connection found dropped at MAIL, and no new one
                 raise self._not_connected(exc) from None
-            self.log.warning("upstream.error", stage="transaction", reason=exc.reason,
-                             upstream=self.ctx.pool.config.label)
+            self.log.warning("upstream.error", stage="transaction", reason=exc.reason, upstream=self.ctx.pool.label)
             raise SMTPReply(replies.UPSTREAM_LOST, exc.reason) from None
+
+    async def _new_upstream(self) -> None:
+        """The replay after DATA went out: that connection closes and the transaction's source
+        hands out another, which must carry the envelope as the client gave it."""
+        await self.release(reusable=False)
+        try:
+            self.upstream = await self.ctx.pool.acquire()
+        except UpstreamError as exc:
+            self.broken = exc.reason
+            raise self._not_connected(exc) from None
+        if not self.upstream.carries(self._sender_text(), *(r.address for r in self.recipients)):
+            # Another MX host, say: MAIL and RCPT were judged against the first one's extensions.
+            self.broken = "replay: the new upstream connection lacks SMTPUTF8"
+            raise SMTPReply(replies.TEMPORARY_FAILURE, self.broken)
 
     def sender_text(self) -> str:
         return self._sender_text()
@@ -497,24 +509,14 @@ class Transaction:
         assert self.upstream is not None
         if all(decision.target_of(r.address) == r.relayed for r in self.recipients):
             return decision
+        verdict: Verdict | None = None  # RSET's, on the connection that carries on
         if self.upstream.data_begun:
             # DATA went out at the client's DATA: only a new connection takes other recipients.
-            await self.release(reusable=False)
-            try:
-                self.upstream = await self.ctx.pool.acquire()
-            except UpstreamError as exc:
-                self.broken = exc.reason
-                raise self._not_connected(exc) from None
-            if "smtputf8" not in self.upstream.extensions and not all(
-                    str(a).isascii() for a in (self._sender_text(), *(r.address for r in self.recipients))):
-                # Another MX host, say: MAIL and RCPT were judged against the first one's extensions.
-                self.broken = "replay: the new upstream connection lacks SMTPUTF8"
-                raise SMTPReply(replies.TEMPORARY_FAILURE, self.broken)
-            verdict = Verdict(250, "new connection")
+            await self._new_upstream()
         else:
             verdict = await self._upstream_call(self.upstream.rset())
         upstream = self.upstream
-        if verdict.ok:
+        if verdict is None or verdict.ok:
             verdict = await self._upstream_call(upstream.mail(self._sender_text(), self._mail_params()))
         if not verdict.ok:
             self.broken = f"replay MAIL: {verdict.code} {verdict.text}"
@@ -555,8 +557,7 @@ class Transaction:
             return await call
         except UpstreamError as exc:
             self.broken = exc.reason
-            self.log.warning("upstream.error", stage="data", reason=exc.reason,
-                             upstream=self.ctx.pool.config.label)
+            self.log.warning("upstream.error", stage="data", reason=exc.reason, upstream=self.ctx.pool.label)
             raise SMTPReply(replies.UPSTREAM_LOST, exc.reason) from None
 
     def _trace_fields(self, decision: LinkDecision) -> bytes:

@@ -33,6 +33,7 @@ from smtpgate.mail.addresses import Address, AddressError, parse_address_list, p
 from smtpgate.mail.headers import parse_header_block
 from smtpgate.mail.params import parse_params, split_argument
 from smtpgate.mail.replies import SMTPReply
+from smtpgate.upstream.session import UpstreamSource
 
 
 @dataclass(frozen=True)
@@ -274,8 +275,9 @@ class GateSMTP(GlueSMTP):
         cipher = ssl_object.cipher()
         return f"{ssl_object.version()} {cipher[0]}" if cipher else ssl_object.version()
 
-    def adopt_upstream(self, user_upstream) -> None:
-        """auth_backend: upstream: this session's messages go over the client's own upstream login."""
+    def adopt_upstream(self, user_upstream: UpstreamSource) -> None:
+        """auth_backend: upstream: this session's messages go over the client's own upstream login,
+        the source its transactions take their upstream session from (in place of the pool)."""
         self.user_upstream = user_upstream
 
     @property
