@@ -17,20 +17,41 @@ class Reply:
     text: str
 
     def line(self) -> str:
-        return f"{self.code} {self.enhanced} {self.text}"
+        return " ".join(part for part in (str(self.code), self.enhanced, self.text) if part)
+
+    @property
+    def wording(self) -> str:
+        """The line without its code: what a refusal passed on is logged with as its reason."""
+        return " ".join(part for part in (self.enhanced, self.text) if part)
 
     @property
     def permanent(self) -> bool:
         return self.code >= 500
 
+    @classmethod
+    def parse(cls, line: str) -> Reply | None:
+        """A one-line reply someone else worded (the upstream's, aiosmtpd's own), read once
+        where it enters: its line() is `line` again. None when it does not start with a code."""
+        code, _, rest = line.partition(" ")
+        if len(code) != 3 or not code.isdigit():
+            return None
+        enhanced, _, text = rest.partition(" ")
+        reply = cls(int(code), enhanced, text)
+        if not (enhanced and _is_enhanced(enhanced, int(code))) or reply.line() != line:
+            reply = cls(int(code), "", rest)
+        return reply
+
 
 class SMTPReply(Exception):
     """An SMTP failure with its client face (reply) and its log face (reason)."""
 
-    def __init__(self, reply: Reply, reason: str | None = None, **log_fields: object):
+    def __init__(self, reply: Reply, reason: str | None = None, *, rejects_message: bool = False,
+                 **log_fields: object):
         super().__init__(reason or reply.text)
         self.reply = reply
         self.reason = reason or reply.text
+        # It refuses the message (logged message.rejected), not only the command (command.refused).
+        self.rejects_message = rejects_message
         self.log_fields = log_fields
 
     def line(self) -> str:
@@ -87,6 +108,15 @@ BAD_SENDER = Reply(501, "5.1.7", "Bad sender address syntax")
 BAD_PARAMETER = Reply(555, "5.5.4", "Parameter not recognized or not implemented")
 BAD_SYNTAX = Reply(501, "5.5.4", "Syntax error in parameters or arguments")
 BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
+NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
+NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
+MAIL_SYNTAX = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address> [parameters]")
+RCPT_SYNTAX = Reply(501, "5.5.4", "Syntax: RCPT TO:<address> [parameters]")
+# RFC 4954 4: AUTH where the listener offers none, or inside a mail transaction.
+AUTH_UNAVAILABLE = Reply(502, "5.5.1", "AUTH not available on this listener")
+AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "AUTH not allowed during a mail transaction")
+# RFC 3207 4: STARTTLS in a session that is encrypted already (STARTTLS done, or implicit TLS).
+TLS_ACTIVE = Reply(503, "5.5.1", "TLS already active")
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
 # RFC 3030/6531: the upstream cannot carry what the message needs.
 SMTPUTF8_UNSUPPORTED = Reply(553, "5.6.7", "SMTPUTF8 not supported by the upstream")
