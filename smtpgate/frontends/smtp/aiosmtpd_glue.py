@@ -10,7 +10,12 @@ and the `tls_active` property, and keeps the verb of the command being served
 (`command`). aiosmtpd knows only STARTTLS as encryption: a session it
 serves over an implicit-TLS transport (`implicit_tls`) is told that AUTH's
 need for TLS is met, so AUTH is offered and accepted there (RFC 8314).
-`check_internals` fails loudly when an aiosmtpd release renames
+Refusals are values: the checks aiosmtpd makes in its own `smtp_DATA`
+(`check_data`), its verdicts on the message data and the glue's own refusals
+reach the client through `refuse`, each a `StockRefusal` or
+`smtpgate.mail.replies.SMTPReply` carrying both aiosmtpd's line (what a plain
+GlueSMTP says) and smtpgate's reply, so a subclass answers them without
+reading any reply text. `check_internals` fails loudly when an aiosmtpd release renames
 them; a test runs it, and pyproject.toml pins aiosmtpd to the tested minor
 range.
 
@@ -52,9 +57,10 @@ from aiosmtpd.smtp import MISSING, SMTP, Session, _AuthMechAttr, syntax
 from smtpgate.frontends.smtp.data_verdict import LINE_TOO_LONG, TOO_MUCH_DATA, DataLimits, data_refusal
 from smtpgate.mail import replies
 from smtpgate.mail.dataguard import OFF_LOOP_OCTETS, find_in_slices
+from smtpgate.mail.replies import Reply, SMTPReply
 
-__all__ = ["AIOSMTPD_REPLIES", "DATA_READ_LIMIT", "DATA_REFUSALS", "DataLimits", "GlueSMTP", "MessageConsumer",
-           "PrototypeSMTP", "check_internals", "data_refusal", "read_message_data"]
+__all__ = ["AIOSMTPD_REPLIES", "DATA_READ_LIMIT", "DataLimits", "GlueSMTP", "MessageConsumer", "PrototypeSMTP",
+           "StockRefusal", "check_internals", "data_refusal", "read_message_data"]
 
 # The private aiosmtpd members smtpgate relies on, and the kind each must be.
 _INTERNALS = {
@@ -79,12 +85,10 @@ _DATA_ATTRIBUTES = ("self._reader", "self._writer", "self._decode_data", "self._
 _PER_CONNECTION_TABLES = ("self._smtp_methods", "self._auth_methods", "self._handle_hooks",
                           "self.command_size_limits.clear()")
 
-# aiosmtpd's own reply lines, translated to smtpgate's (code, enhanced code, text).
+# The reply lines aiosmtpd's own code pushes (commands the glue leaves to it), translated
+# to smtpgate's (code, enhanced code, text). What the glue refuses itself is a StockRefusal.
 AIOSMTPD_REPLIES = {
-    "552 Error: Too much mail data": replies.MESSAGE_TOO_BIG.line(),
-    "500 Line too long (see RFC5321 4.5.3.1.6)": replies.LINE_TOO_LONG.line(),
-    "503 Error: need RCPT command": replies.NO_VALID_RECIPIENTS.line(),
-    "503 Error: need MAIL command": "503 5.5.1 Error: need MAIL command",
+    "503 Error: need MAIL command": replies.NEED_MAIL.line(),
     "503 Error: send HELO first": "503 5.5.1 Error: send HELO first",
     "500 Command line too long": "500 5.5.6 Command line too long",
     "500 Error: bad syntax": "500 5.5.2 Error: bad syntax",
@@ -97,10 +101,35 @@ AIOSMTPD_REPLIES = {
     "250 OK": "250 2.0.0 OK",
 }
 
-DATA_REFUSALS = {
-    TOO_MUCH_DATA: "data over limits.max_message_size",
-    LINE_TOO_LONG: "line over 1000 octets",
+
+
+class StockRefusal(SMTPReply):
+    """A refusal aiosmtpd itself would make: its own line (`stock`, what a plain GlueSMTP
+    says, as aiosmtpd does) and smtpgate's reply for it. Unless a reason is given, the
+    reason is the reply's wording, as for any refusal passed on."""
+
+    def __init__(self, stock: str, reply: Reply, reason: str | None = None, *, rejects_message: bool = False):
+        super().__init__(reply, reason or reply.wording, rejects_message=rejects_message)
+        self.stock = stock
+
+
+# The stock lines of the glue's own refusals, as aiosmtpd's smtp_DATA words them.
+_NEED_RCPT = "503 Error: need RCPT command"
+_DATA_SYNTAX = "501 Syntax: DATA"
+_STRICT_ASCII = "500 Error: strict ASCII mode"
+_NON_ASCII = Reply(500, "5.6.7", "Error: non-ASCII without SMTPUTF8")
+
+# aiosmtpd's verdicts on the message data (data_verdict): each refuses the message.
+_DATA_REFUSALS = {
+    TOO_MUCH_DATA: (replies.MESSAGE_TOO_BIG, "data over limits.max_message_size"),
+    LINE_TOO_LONG: (replies.LINE_TOO_LONG, "line over 1000 octets"),
 }
+
+
+def _data_refused(verdict: str) -> StockRefusal:
+    reply, reason = _DATA_REFUSALS[verdict]
+    return StockRefusal(verdict, reply, reason, rejects_message=True)
+
 
 # The stream reader's limit while message data is read (commands keep aiosmtpd's
 # line_length_limit): the most a chunk holds before it is moved out, and half of
@@ -140,7 +169,7 @@ def check_internals() -> list[str]:
         problems.append("aiosmtpd.smtp.SMTP.smtp_AUTH no longer reads _auth_require_tls")
     if "method = self._smtp_methods.get(command)" not in source:
         problems.append("aiosmtpd.smtp.SMTP no longer looks commands up in _smtp_methods")
-    for line in AIOSMTPD_REPLIES:
+    for line in (*AIOSMTPD_REPLIES, _NEED_RCPT, _DATA_SYNTAX, _STRICT_ASCII, *_DATA_REFUSALS):
         written = line.replace("send HELO first", "send {helo} first")  # an f-string there
         if not any(f"{q}{written}{q}" in source for q in ("'", '"')):
             problems.append(f"aiosmtpd no longer replies {line!r}")
@@ -229,7 +258,7 @@ class MessageConsumer(Protocol):
     """Where a streamed message's data goes (GlueSMTP.data_consumer): the octets as sent."""
 
     async def feed(self, piece: bytes | memoryview) -> None: ...
-    async def finish(self) -> str: ...
+    async def finish(self) -> str: ...  # the reply to the final dot, logged by the consumer
     def abandon(self) -> None: ...
 
 
@@ -425,7 +454,7 @@ class GlueSMTP(PrototypeSMTP):
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
         if self.tls_active:  # implicit TLS, or STARTTLS done: no second handshake
-            await self.push("503 5.5.1 TLS already active")
+            await self.refuse(SMTPReply(replies.TLS_ACTIVE, replies.TLS_ACTIVE.wording))
             return
         await super().smtp_STARTTLS(arg)
 
@@ -449,7 +478,8 @@ class GlueSMTP(PrototypeSMTP):
 
     async def unknown_command(self, verb: str, arg: str | None) -> None:
         """A verb aiosmtpd does not know (HELP's lookup of one never gets here: no syntax)."""
-        await self.push(f'500 5.5.2 Error: command "{verb}" not recognized')
+        reply = Reply(500, "5.5.2", f'Error: command "{verb}" not recognized')
+        await self.refuse(SMTPReply(reply, reply.wording))
 
     def timed_out(self) -> None:
         """limits.idle_timeout passed without a command (or message data); the default closes."""
@@ -490,12 +520,9 @@ class GlueSMTP(PrototypeSMTP):
             return
         if await self.check_auth_needed("DATA"):
             return
-        assert self.envelope is not None
-        if not self.envelope.rcpt_tos:
-            await self.push("503 Error: need RCPT command")
-            return
-        if arg:
-            await self.push("501 Syntax: DATA")
+        refusal = self.check_data(arg)
+        if refusal is not None:
+            await self.refuse(refusal)
             return
         self.data_starting()
         await self.push("354 End data with <CR><LF>.<CR><LF>")
@@ -503,7 +530,21 @@ class GlueSMTP(PrototypeSMTP):
         if consumer is not None:
             await self._stream_data(consumer)
             return
+        original_content = await self._read_whole()
+        if original_content is not None:
+            await self._hand_over(original_content)
 
+    def check_data(self, arg: str | None) -> SMTPReply | None:
+        """aiosmtpd's checks of a DATA command from a client past HELO and AUTH: the refusal, or None."""
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            return StockRefusal(_NEED_RCPT, replies.NO_VALID_RECIPIENTS)
+        if arg:
+            return StockRefusal(_DATA_SYNTAX, Reply(501, "", "Syntax: DATA"))
+        return None
+
+    async def _read_whole(self) -> bytes | None:
+        """The message data, read whole and dot-unstuffed; None when aiosmtpd's verdict refused it."""
         reader = self._reader
         command_limit = reader._limit
         data = _MessageData(self.data_size_limit, self.line_length_limit, command_limit)
@@ -523,9 +564,13 @@ class GlueSMTP(PrototypeSMTP):
         refusal, original_content = (await asyncio.to_thread(data.finish) if data.size > OFF_LOOP_OCTETS
                                      else data.finish())
         if refusal is not None:
-            await self.push(refusal)
+            await self.refuse(_data_refused(refusal))
             self._set_post_data_state()
-            return
+            return None
+        return original_content
+
+    async def _hand_over(self, original_content: bytes) -> None:
+        """The data to the handler's DATA hook (or its process_message), as aiosmtpd hands it."""
         content: str | bytes
         if self._decode_data:
             if self.enable_SMTPUTF8:
@@ -534,7 +579,7 @@ class GlueSMTP(PrototypeSMTP):
                 try:
                     content = original_content.decode("ascii", errors="strict")
                 except UnicodeDecodeError:
-                    await self.push("500 Error: strict ASCII mode")
+                    await self.refuse(StockRefusal(_STRICT_ASCII, _NON_ASCII))
                     return
         else:
             content = original_content
@@ -592,11 +637,19 @@ class GlueSMTP(PrototypeSMTP):
         refusal = limits.finish()
         if refusal is not None:
             consumer.abandon()
-            await self.push(refusal)
+            await self.refuse(_data_refused(refusal))
             self._set_post_data_state()
             return
         status = await consumer.finish()
         self._set_post_data_state()
+        await self.answer(status)
+
+    async def refuse(self, refusal: SMTPReply) -> None:
+        """Refuse the command being served; a StockRefusal in aiosmtpd's own words."""
+        await self.push(refusal.stock if isinstance(refusal, StockRefusal) else refusal.line())
+
+    async def answer(self, status: str) -> None:
+        """The consumer's reply to the final dot (see MessageConsumer.finish)."""
         await self.push(status)
 
     def data_consumer(self) -> MessageConsumer | None:

@@ -16,6 +16,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from email.utils import format_datetime, localtime
+from typing import NoReturn
 
 from smtpgate.config import Limits
 from smtpgate.linking.decision import ClientInfo, Envelope, EnvelopeRecipient, LinkDecision
@@ -295,9 +296,9 @@ class Transaction:
         that ends it): check, decide (links are committed here, before any final dot), replay
         the envelope when it changed, and send DATA and the rewritten header block upstream.
 
-        Returns None when the body may follow (`write_body`, then `end_message`), or the
-        upstream's refusal of DATA for the client (logged; the transaction is reset).
-        Raises SMTPReply for every refusal of smtpgate's own; the caller aborts then.
+        Returns None when the body may follow (`write_body`, then `end_message`). Raises
+        SMTPReply for every refusal: smtpgate's own (the caller aborts then), or the
+        upstream's of DATA (the transaction is reset).
         ``headers``: head parsed already; its bare CR, LF and NUL were looked for by the
         caller's data guard (smtpgate.mail.dataguard.StreamGuard) when given.
         """
@@ -363,14 +364,15 @@ class Transaction:
                           refused=[{"recipient": a, "reply": why} for a, why in self.shared_refused])
         return _client_line(verdict)
 
-    async def _refused_data(self, verdict: Verdict) -> str:
-        """The upstream refused DATA or the final dot: passed to the client unchanged."""
-        self.log.info("message.rejected", code=verdict.code, reason=f"upstream: {verdict.text}",
-                      message_id=self._applied.message_id if self._applied else None,
-                      mail_from=self._sender_text(), stage="data", **self.timings, **self.client.log_fields())
+    async def _refused_data(self, verdict: Verdict) -> NoReturn:
+        """The upstream refused DATA or the final dot: the message's refusal, passed to the
+        client unchanged (SMTPReply; the front end's error path logs it)."""
+        refusal = SMTPReply(replies.Reply.parse(_client_line(verdict)) or replies.TEMPORARY_FAILURE,
+                            f"upstream: {verdict.text}", rejects_message=True,
+                            message_id=self._applied.message_id if self._applied else None, **self.timings)
         # A refused DATA command or dot leaves MAIL and RCPT open upstream: reset before reuse.
         await self.abort()
-        return _client_line(verdict)
+        raise refusal
 
     def _stamp_check(self, headers: HeaderBlock) -> StampCheck:
         """The tenant guard first (before any link is looked up), then the message's stamp."""

@@ -5,6 +5,13 @@ with GlueSMTP's chunked reader (aiosmtpd's replies and refusals, see
 aiosmtpd_glue), and replaces MAIL and RCPT (to keep parameters as written and to
 relay each one in lockstep), so every reply comes from smtpgate.mail.replies or
 from the upstream.
+
+Every refusal takes one path (docs/architecture.md, "Refusals"): it is an
+SMTPReply, raised or handed over, and `GateSMTP.refuse` logs it once
+(`refused`: message.rejected or command.refused), says it and counts it
+against limits.max_bad_commands (`_say`). aiosmtpd's own replies arrive as
+text in `push`, which reads each once into a Reply and sends a refusal among
+them the same way.
 """
 
 from __future__ import annotations
@@ -16,12 +23,13 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from aiosmtpd.smtp import AuthResult, LoginPassword, TLSSetupException, syntax
 
 from smtpgate.config import Listener
 from smtpgate.frontends.registry import SessionRegistry
-from smtpgate.frontends.smtp.aiosmtpd_glue import AIOSMTPD_REPLIES, DATA_REFUSALS, GlueSMTP
+from smtpgate.frontends.smtp.aiosmtpd_glue import AIOSMTPD_REPLIES, GlueSMTP
 from smtpgate.frontends.smtp.auth import PasswordMechanisms
 from smtpgate.frontends.smtp.peercert import PeerCertificate, peer_certificate
 from smtpgate.frontends.smtp.relay import MAIL_PARAMS, RCPT_PARAMS, ClientInfo, RelayContext, Transaction
@@ -32,7 +40,7 @@ from smtpgate.mail import replies
 from smtpgate.mail.addresses import Address, AddressError, parse_address_list, parse_path
 from smtpgate.mail.headers import parse_header_block
 from smtpgate.mail.params import parse_params, split_argument
-from smtpgate.mail.replies import SMTPReply
+from smtpgate.mail.replies import Reply, SMTPReply
 from smtpgate.upstream.session import UpstreamSource
 
 
@@ -66,7 +74,6 @@ class GateSMTP(GlueSMTP):
         self.admitted: str | None = None  # the address counted against max_connections_per_client
         self.user_upstream = None  # auth_backend: upstream: the client's own upstream login
         self.bad_commands = 0
-        self.refusal_logged = False  # the reply pushed next was logged with its own event
         self.peer_cert: PeerCertificate | None = None  # the verified client certificate (tls_client_ca)
         super().__init__(handler, **kwargs)
 
@@ -173,50 +180,67 @@ class GateSMTP(GlueSMTP):
         self._smtp_methods.seen = lambda verb, arg: self.log.debug(
             "smtp.command", verb=verb, arg=(arg or "").split(" ", 1)[0] if verb == "AUTH" else (arg or "")[:512])
 
+    # -------------------------------------------------------- replies and refusals
+
     async def push(self, status) -> None:
+        """What aiosmtpd's own code says (and the glue's 354 and OKs): aiosmtpd's wording
+        becomes smtpgate's, and a refusal among them takes the one error path."""
+        if not isinstance(status, str):
+            await self._say(status, None)
+            return
+        reply = Reply.parse(AIOSMTPD_REPLIES.get(status, status))
+        if reply is None:
+            await self._say(status, None)
+        elif reply.code >= 400 and self.command is not None:  # None: before the first command
+            await self.refuse(SMTPReply(reply, reply.wording))
+        else:
+            await self._say(reply.line(), reply.code)
+
+    async def refuse(self, refusal: SMTPReply) -> None:
+        """The one way a refusal reaches the client: logged once (`refused`), then said."""
+        tx = self.tx or (self.stream.tx if self.stream is not None else None)
+        stage = self.command.lower() if self.command is not None else None
+        await self._say(self.refused(refusal, stage=stage, tx=tx), refusal.reply.code)
+
+    def refused(self, refusal: SMTPReply, *, stage: str | None, tx: Transaction | None = None,
+                rejects_message: bool = False, internal: bool = False) -> str:
+        """Log a refusal, once, and give the client's reply line: message.rejected when it refuses
+        the message (the refusal says so, or `rejects_message`: the end of the data), else
+        command.refused with the command's stage (none before the first command, a greeting
+        refused: that is session.refused). `internal`: a fault, logged with its traceback."""
+        reply = refusal.reply
+        if refusal.rejects_message or rejects_message:
+            client = tx.client if tx is not None else self.client_info()
+            fields = {"mail_from": tx.sender_text()} if tx is not None and not internal else {}
+            fields.update(refusal.log_fields, **client.log_fields())
+            if internal:
+                self.log.exception("message.rejected", code=reply.code, reason=refusal.reason, stage=stage, **fields)
+            else:
+                self.log.info("message.rejected", code=reply.code, reason=refusal.reason, stage=stage, **fields)
+        elif stage is not None:
+            self.log.info("command.refused", code=reply.code, reason=refusal.reason, stage=stage,
+                          **refusal.log_fields)
+        return refusal.line()
+
+    async def answer(self, status: str) -> None:
+        """A reply passed on as it is, logged where it was decided: the upstream's 2xx to MAIL
+        or RCPT, the verdict on the final dot (the upstream's, or the stream's refusal)."""
+        reply = Reply.parse(status)
+        await self._say(status, reply.code if reply is not None else None)
+
+    async def _say(self, status, code: int | None) -> None:
+        """Send a reply. One to a command the client should not have sent as it did counts
+        against limits.max_bad_commands; the last one allowed closes the session."""
         if self._smtp_methods.seen is not None:
             self.log.debug("smtp.reply", reply=status if isinstance(status, str) else status.decode("utf-8", "replace"))
-        if isinstance(status, str):
-            tx = self.tx or (self.stream.tx if self.stream is not None else None)
-            if status in DATA_REFUSALS and tx is not None:
-                self.log.info("message.rejected", code=int(status[:3]), reason=DATA_REFUSALS[status],
-                              mail_from=tx.sender_text(), stage="data", **tx.client.log_fields())
-                self.refusal_logged = True
-            elif status == "503 Error: need RCPT command" and self.tx is not None and self.tx.refused:
-                self.log.info("message.rejected", code=554, reason="the upstream refused every recipient",
-                              mail_from=self.tx.sender_text(), stage="data",
-                              refused=[{"recipient": a, "reply": why} for a, why in self.tx.refused],
-                              **self.tx.client.log_fields())
-                self.refusal_logged = True
-            status = AIOSMTPD_REPLIES.get(status, status)
-            self._log_refusal(status)
-            if status[:3] in _BAD_COMMAND_CODES:
-                self.bad_commands += 1
-                if self.bad_commands >= self.settings.relay.limits.max_bad_commands:
-                    await super().push(status)
-                    self.log.warning("session.refused", reason="limits.max_bad_commands reached",
-                                     bad_commands=self.bad_commands)
-                    self.say_goodbye(replies.TOO_MANY_BAD_COMMANDS.line())
-                    return
         await super().push(status)
-
-    def _log_refusal(self, line: str) -> None:
-        """Every refused command is logged with its code: command.refused, unless the refusal
-        was logged already with its own event (message.rejected, command.refused)."""
-        logged, self.refusal_logged = self.refusal_logged, False
-        command = self.command
-        if logged or command is None or line[:1] not in ("4", "5"):
-            return  # None: no command yet (a greeting refused is session.refused)
-        code, _, text = line.partition(" ")
-        self.log.info("command.refused", code=int(code) if code.isdigit() else code, reason=text,
-                      stage=command.lower())
-
-    def _upstream_refused(self, line: str, **fields) -> None:
-        """The upstream's refusal, passed to the client, is the command's refusal."""
-        code, _, text = line.partition(" ")
-        self.log.info("command.refused", code=int(code) if code.isdigit() else code, reason=f"upstream: {text}",
-                      **fields)
-        self.refusal_logged = True
+        if code not in _BAD_COMMAND_CODES:
+            return
+        self.bad_commands += 1
+        if self.bad_commands >= self.settings.relay.limits.max_bad_commands:
+            self.log.warning("session.refused", reason="limits.max_bad_commands reached",
+                             bad_commands=self.bad_commands)
+            self.say_goodbye(replies.TOO_MANY_BAD_COMMANDS.line())
 
     def data_starting(self) -> None:
         if self.tx is not None:
@@ -229,15 +253,14 @@ class GateSMTP(GlueSMTP):
             return None
         limits = self.settings.relay.limits
         self.stream = MessageStream(tx, max_header_block=limits.max_header_block, spool_dir=limits.spool_dir,
+                                    reject=partial(self.refused, stage="data", tx=tx, rejects_message=True),
                                     check_head=self.check_from, spawn=self.registry.spawn)
         return self.stream
 
     def transaction_ended(self) -> None:
         # HELO, EHLO, RSET, a refused data or a lost client: the upstream transaction ends too
         # (a message stream ends its own: see MessageStream.abandon).
-        stream, self.stream = self.stream, None
-        if stream is not None and stream.answered:
-            self.refusal_logged = True  # the verdict is the message's message.relayed or .rejected
+        self.stream = None
         tx, self.tx = self.tx, None
         if tx is not None:
             self.registry.spawn(tx.abort())
@@ -307,39 +330,45 @@ class GateSMTP(GlueSMTP):
 
     # -------------------------------------------------------- commands
 
-    async def _reply(self, error: SMTPReply, **fields) -> None:
-        self.log.info("command.refused", code=error.reply.code, reason=error.reason, **fields)
-        self.refusal_logged = True
-        await self.push(error.line())
+    def check_data(self, arg: str | None) -> SMTPReply | None:
+        tx = self.tx
+        if not self.envelope.rcpt_tos and tx is not None and tx.refused:
+            # Every recipient was refused upstream: no message, and the log says why.
+            return SMTPReply(replies.NO_VALID_RECIPIENTS, "the upstream refused every recipient",
+                             rejects_message=True, refused=[{"recipient": a, "reply": why} for a, why in tx.refused])
+        return super().check_data(arg)
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
         if await self.check_helo_needed():
             return
-        if self.tx is not None:
-            await self.push("503 5.5.1 Error: nested MAIL command")
+        try:
+            sender, words, params = self._mail_command(arg)
+            tx = self._transaction()
+            line = await tx.open(sender, params)
+        except SMTPReply as refusal:
+            await self.refuse(refusal)
             return
-        if not self.session.authenticated:
-            # No open relay: strangers must authenticate first (RFC 4954 6).
-            if self.listener.auth == "required":
-                reason = "not authenticated, auth: required"
-            elif not (self.listener.direction == "inbound" or self.listener.relays_for(self.client_ip)
-                      or self.cert_admitted):
-                # inbound accepts anyone, for internal domains only
-                reason = "not authenticated, not in relay_networks" + (
-                    ", client certificate not in relay_client_cert_names" if self.peer_cert else "")
-            else:
-                reason = None
-            if reason is not None:
-                self.log.info("message.rejected", code=replies.AUTH_REQUIRED.code, reason=reason,
-                              stage="mail", **self.client_info().log_fields())
-                self.refusal_logged = True
-                await self.push(replies.AUTH_REQUIRED.line())
-                return
+        reply = _reply_of(line)
+        if reply.code // 100 != 2:
+            await self.refuse(_passed_on(reply, mail_from=str(sender) if sender else ""))
+            return
+        self.tx = tx
+        self.envelope.mail_from = str(sender) if sender else "<>"
+        self.envelope.mail_options.extend(words)
+        await self.answer(line)
+
+    def _mail_command(self, arg: str | None) -> tuple[Address | None, list[str], dict]:
+        """MAIL's checks, in order: no transaction open, relaying allowed, the syntax, the
+        user's sender list. Returns (sender, parameters as written, parameters); SMTPReply if refused."""
+        if self.tx is not None:
+            raise _refusal(replies.NESTED_MAIL)
+        reason = self._relay_refusal()
+        if reason is not None:
+            raise SMTPReply(replies.AUTH_REQUIRED, reason, rejects_message=True)
         parts = split_argument(arg, "FROM:")
         if parts is None:
-            await self.push("501 5.5.4 Syntax: MAIL FROM:<address> [parameters]")
-            return
+            raise _refusal(replies.MAIL_SYNTAX)
         path, words = parts
         try:
             sender = parse_path(path)
@@ -350,82 +379,99 @@ class GateSMTP(GlueSMTP):
             if "SMTPUTF8" not in params and sender is not None and not str(sender).isascii():
                 raise SMTPReply(replies.BAD_SENDER, "non-ASCII sender without SMTPUTF8")
         except AddressError as exc:
-            await self._reply(SMTPReply(replies.BAD_SENDER, str(exc)), stage="mail")
-            return
-        except SMTPReply as exc:
-            await self._reply(exc, stage="mail")
-            return
+            raise SMTPReply(replies.BAD_SENDER, str(exc)) from None
         user = self.authenticated_user
         if user is not None and not self.may_send_as(user, sender):
-            self.log.info("message.rejected", code=replies.SENDER_NOT_ALLOWED.code, stage="mail",
-                          reason="envelope sender not in the user's sender list", mail_from=str(sender),
-                          **self.client_info().log_fields())
-            self.refusal_logged = True
-            await self.push(replies.SENDER_NOT_ALLOWED.line())
-            return
+            raise SMTPReply(replies.SENDER_NOT_ALLOWED, "envelope sender not in the user's sender list",
+                            rejects_message=True, mail_from=str(sender))
+        return sender, words, params
+
+    def _relay_refusal(self) -> str | None:
+        """Why this client may not relay, or None: no open relay, strangers must authenticate
+        first (RFC 4954 6)."""
+        if self.session.authenticated:
+            return None
+        if self.listener.auth == "required":
+            return "not authenticated, auth: required"
+        if self.listener.direction == "inbound" or self.listener.relays_for(self.client_ip) or self.cert_admitted:
+            return None  # inbound accepts anyone, for internal domains only
+        return "not authenticated, not in relay_networks" + (
+            ", client certificate not in relay_client_cert_names" if self.peer_cert else "")
+
+    def _transaction(self) -> Transaction:
         ctx = self.settings.relay
         if self.user_upstream is not None:
             ctx = dataclasses.replace(ctx, pool=self.user_upstream)
-        tx = Transaction(ctx=ctx, client=self.client_info(), log=self.log)
-        try:
-            line = await tx.open(sender, params)
-        except SMTPReply as exc:
-            await self._reply(exc, stage="mail")
-            return
-        if line.startswith("2"):
-            self.tx = tx
-            self.envelope.mail_from = str(sender) if sender else "<>"
-            self.envelope.mail_options.extend(words)
-        else:
-            self._upstream_refused(line, stage="mail", mail_from=str(sender) if sender else "")
-        await self.push(line)
+        return Transaction(ctx=ctx, client=self.client_info(), log=self.log)
 
     @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None) -> None:
         if await self.check_helo_needed() or await self.check_auth_needed("RCPT"):
             return
-        if self.tx is None:
-            await self.push("503 5.5.1 Error: need MAIL command")
-            return
-        parts = split_argument(arg, "TO:")
-        if parts is None:
-            await self.push("501 5.5.4 Syntax: RCPT TO:<address> [parameters]")
-            return
-        path, words = parts
         try:
-            address = parse_path(path)
-            if address is None:
-                raise AddressError("the null path is not a recipient")
-            _check_sendable(address)
-            if words and not self.session.extended_smtp:
-                raise SMTPReply(replies.BAD_SYNTAX, "parameters need EHLO")
-            params = parse_params(words, RCPT_PARAMS)
-            if self.listener.direction == "inbound" and not self.settings.relay.links.directory.is_internal(address):
-                # An inbound listener delivers to the mailbox server only; it never relays out.
-                raise SMTPReply(replies.RELAY_DENIED, "inbound listener: not an internal domain")
-            if not str(address).isascii() and "SMTPUTF8" not in self.tx.mail_params:
-                raise SMTPReply(replies.BAD_RECIPIENT, "non-ASCII recipient without SMTPUTF8")
+            address, params = self._rcpt_command(arg)
             line = await self.tx.add_recipient(address, params)
         except AddressError as exc:
-            await self._reply(SMTPReply(replies.BAD_RECIPIENT, str(exc)), stage="rcpt")
+            await self.refuse(SMTPReply(replies.BAD_RECIPIENT, str(exc)))
             return
-        except SMTPReply as exc:
-            await self._reply(exc, stage="rcpt")
+        except SMTPReply as refusal:
+            await self.refuse(refusal)
             return
-        if line.startswith("2"):
-            self.envelope.rcpt_tos.append(str(address))
-        else:
-            self._upstream_refused(line, stage="rcpt", recipient=str(address))
-        await self.push(line)
+        reply = _reply_of(line)
+        if reply.code // 100 != 2:
+            await self.refuse(_passed_on(reply, recipient=str(address)))
+            return
+        self.envelope.rcpt_tos.append(str(address))
+        await self.answer(line)
+
+    def _rcpt_command(self, arg: str | None) -> tuple[Address, dict]:
+        """RCPT's checks, in order: a transaction open, the syntax, the listener's domains.
+        Returns (recipient, parameters); SMTPReply (AddressError: the address) if refused."""
+        if self.tx is None:
+            raise _refusal(replies.NEED_MAIL)
+        parts = split_argument(arg, "TO:")
+        if parts is None:
+            raise _refusal(replies.RCPT_SYNTAX)
+        path, words = parts
+        address = parse_path(path)
+        if address is None:
+            raise AddressError("the null path is not a recipient")
+        _check_sendable(address)
+        if words and not self.session.extended_smtp:
+            raise SMTPReply(replies.BAD_SYNTAX, "parameters need EHLO")
+        params = parse_params(words, RCPT_PARAMS)
+        if self.listener.direction == "inbound" and not self.settings.relay.links.directory.is_internal(address):
+            # An inbound listener delivers to the mailbox server only; it never relays out.
+            raise SMTPReply(replies.RELAY_DENIED, "inbound listener: not an internal domain")
+        if not str(address).isascii() and "SMTPUTF8" not in self.tx.mail_params:
+            raise SMTPReply(replies.BAD_RECIPIENT, "non-ASCII recipient without SMTPUTF8")
+        return address, params
 
     async def smtp_AUTH(self, arg: str) -> None:
         if self.listener.auth == "none":
-            await self.push("502 5.5.1 AUTH not available on this listener")
+            await self.refuse(_refusal(replies.AUTH_UNAVAILABLE))
             return
         if self.tx is not None:
-            await self.push("503 5.5.1 AUTH not allowed during a mail transaction")
+            await self.refuse(_refusal(replies.AUTH_IN_TRANSACTION))
             return
         await super().smtp_AUTH(arg)
+
+
+def _refusal(reply: Reply) -> SMTPReply:
+    """A refusal whose reason is the reply's own wording."""
+    return SMTPReply(reply, reply.wording)
+
+
+def _reply_of(line: str) -> Reply:
+    """The upstream's verdict as the transaction words it for the client (always with a code)."""
+    reply = Reply.parse(line)
+    assert reply is not None, line
+    return reply
+
+
+def _passed_on(reply: Reply, **fields) -> SMTPReply:
+    """The upstream's refusal of a command, passed to the client as it is."""
+    return SMTPReply(reply, f"upstream: {reply.wording}", **fields)
 
 
 # The longest a failed AUTH's answer is held (seconds): well inside limits.idle_timeout's default.
@@ -433,7 +479,7 @@ AUTH_DELAY_CAP = 30.0
 
 # Replies to a command the client should not have sent as it did (RFC 5321 4.2.4: unknown,
 # syntax, not implemented, out of sequence); each counts against limits.max_bad_commands.
-_BAD_COMMAND_CODES = {"500", "501", "502", "503", "504"}
+_BAD_COMMAND_CODES = {500, 501, 502, 503, 504}
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")

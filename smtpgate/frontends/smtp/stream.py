@@ -18,7 +18,7 @@ import asyncio
 import glob
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -98,22 +98,24 @@ class MessageStream:
 
     `spawn` runs a coroutine to its end whatever happens to the client (the session
     registry's), so a decision under way when the client goes finishes on its own and
-    the upstream transaction is abandoned after it.
+    the upstream transaction is abandoned after it. `reject` is the session's one
+    error path (GateSMTP.refused): it logs the message's refusal, once, and gives its
+    reply line; `internal=True` for a fault.
     """
 
     def __init__(self, tx: Transaction, *, max_header_block: int, spool_dir: Path | None,
-                 check_head=None, spawn=None) -> None:
+                 reject: Callable[..., str], check_head=None, spawn=None) -> None:
         self.tx = tx
         self.max_header_block = max_header_block
         self.head: bytearray | None = bytearray()  # the header block as sent, until it is complete
         self.guard = StreamGuard()
         self.spool = BodySpool(spool_dir)
         self.start: asyncio.Future[str | None] | None = None  # start_message under way
-        self.refusal: SMTPReply | None = None  # smtpgate's own refusal, logged at the end
-        self.answer: str | None = None  # the upstream's refusal of DATA, logged already
+        self.refusal: SMTPReply | None = None  # the message's refusal (smtpgate's or the upstream's)
+        self.refusal_line: str | None = None  # the refusal's reply, once logged
         self.abandoned = False
         self.finishing = False  # the final dot is in, the reply not yet known
-        self.answered = False  # finish() gave the client's reply (logged as the message's verdict)
+        self._reject = reject
         self._ending = False  # the upstream transaction is being ended without a dot
         self._sending = asyncio.Lock()  # one writer upstream at a time: the reader, or the flush
         self._check_head = check_head  # the session's own check of the header block (sender rights)
@@ -149,7 +151,7 @@ class MessageStream:
 
     @property
     def _done(self) -> bool:
-        return self.abandoned or self.refusal is not None or self.answer is not None
+        return self.abandoned or self.refusal is not None
 
     def _begin(self, head_wire: bytes, headers: HeaderBlock | None = None) -> None:
         """The header block is complete: decide and open the upstream's DATA, beside the reading.
@@ -169,7 +171,7 @@ class MessageStream:
             if self.start is not None and not self._done:
                 await self._started()
 
-    async def _start(self, head: bytes, headers: HeaderBlock | None) -> str | None:
+    async def _start(self, head: bytes, headers: HeaderBlock | None) -> None:
         if self._check_head is not None:
             self._check_head(head)
         return await self.tx.start_message(head, headers)
@@ -197,18 +199,15 @@ class MessageStream:
         assert start is not None
         await asyncio.wait([start])  # never cancelled from here: see _end_upstream
         try:
-            answer = start.result()
-        except SMTPReply as exc:
+            start.result()
+        except SMTPReply as exc:  # smtpgate's, or the upstream's refusal of DATA
             self._refuse(exc)
             return False
         except Exception:
-            self.tx.log.exception("message.rejected", code=451, reason="internal error", stage="data",
-                                  **self.tx.client.log_fields())
-            self._refuse(SMTPReply(replies.TEMPORARY_FAILURE, "internal error"), logged=True)
-            return False
-        if answer is not None:
-            self.answer = answer
-            self.spool.close()
+            fault = SMTPReply(replies.TEMPORARY_FAILURE, "internal error")
+            self._refuse(fault)
+            if self.refusal is fault:
+                self.refusal_line = self._reject(fault, internal=True)
             return False
         if not flush:
             return True
@@ -235,7 +234,6 @@ class MessageStream:
             return await asyncio.shield(task)
         finally:
             self.finishing = False
-            self.answered = True
 
     async def _finish_all(self) -> str:
         try:
@@ -244,10 +242,9 @@ class MessageStream:
             self.tx.drop()
             raise
         except Exception:
-            self.tx.log.exception("message.rejected", code=451, reason="internal error", stage="data",
-                                  **self.tx.client.log_fields())
+            line = self._reject(SMTPReply(replies.TEMPORARY_FAILURE, "internal error"), internal=True)
             await self.tx.abort()
-            return replies.TEMPORARY_FAILURE.line()
+            return line
         finally:
             self.spool.close()
 
@@ -264,8 +261,6 @@ class MessageStream:
             if self.start is not None and await self._started(flush=self.spool.file is not None):
                 # What waited in memory goes with the final dot: a small message is one write.
                 last = b"".join(self.spool.drain())
-        if self.answer is not None:
-            return self.answer
         if self.refusal is not None:
             return self._refused_line()
         try:
@@ -275,20 +270,17 @@ class MessageStream:
             return self._refused_line()
 
     def _refused_line(self) -> str:
-        error = self.refusal
-        assert error is not None
-        if not getattr(error, "logged", False):
-            self.tx.log.info("message.rejected", code=error.reply.code, reason=error.reason,
-                             mail_from=self.tx.sender_text(), stage="data", **error.log_fields,
-                             **self.tx.client.log_fields())
-        return error.line()
+        """The refusal's reply, logged (once) as the message's message.rejected."""
+        if self.refusal_line is None:
+            assert self.refusal is not None
+            self.refusal_line = self._reject(self.refusal)
+        return self.refusal_line
 
-    def _refuse(self, error: SMTPReply, *, logged: bool = False) -> None:
-        """smtpgate refuses the message: the upstream gets no final dot (its connection closed
+    def _refuse(self, error: SMTPReply) -> None:
+        """The message is refused: the upstream gets no final dot (its connection closed
         when the body had begun); the client's reply waits for its final dot."""
         if self.refusal is None:
             self.refusal = error
-            error.logged = logged
         self.head = None
         self.spool.close()
         self._end_upstream()
