@@ -226,9 +226,8 @@ class MilterSession:
         address = _parse(path)
         if self.settings.inbound and address is not None and not self.settings.links.directory.is_internal(address):
             # An inbound listener serves the mailbox server only; it never relays out.
-            self.log.info("command.refused", code=replies.RELAY_DENIED.code, stage="rcpt", recipient=str(address),
-                          reason="inbound listener: not an internal domain")
-            return codec.encode_reply_code(replies.RELAY_DENIED.line())
+            return self._refuse(replies.RELAY_DENIED, "inbound listener: not an internal domain",
+                                {"recipient": str(address)}, command="rcpt")
         message.recipients.append(_Recipient(path, params, address))
         return None
 
@@ -291,8 +290,7 @@ class MilterSession:
         except LinkUnavailable as exc:
             return [self._refuse(replies.TEMPORARY_FAILURE, str(exc), fields)]
         except Exception:  # noqa: BLE001 - an internal fault is a temporary failure, never an accept
-            self.log.exception("message.rejected", code=451, reason="internal error", **fields)
-            return [codec.encode_reply_code(replies.TEMPORARY_FAILURE.line())]
+            return [self._refuse(replies.TEMPORARY_FAILURE, "internal error", fields, internal=True)]
         if decision.inbound is not None:
             _log_retagged(self.log, decision, observe, fields)
         if observe and (decision.inbound is None or decision.added):
@@ -351,8 +349,16 @@ class MilterSession:
                       duration_ms=round((time.monotonic() - message.started) * 1000, 1))
         return [codec.ACCEPT]
 
-    def _refuse(self, reply: replies.Reply, reason: str, fields: dict) -> bytes:
-        self.log.info("message.rejected", code=reply.code, reason=reason, **fields)
+    def _refuse(self, reply: replies.Reply, reason: str, fields: dict, *, command: str | None = None,
+                internal: bool = False) -> bytes:
+        """The one way a refusal reaches the MTA: logged once (message.rejected; command.refused
+        for one `command`; `internal`: a fault, with its traceback), and its REPLYCODE."""
+        if command is not None:
+            self.log.info("command.refused", code=reply.code, reason=reason, stage=command, **fields)
+        elif internal:
+            self.log.exception("message.rejected", code=reply.code, reason=reason, **fields)
+        else:
+            self.log.info("message.rejected", code=reply.code, reason=reason, **fields)
         return codec.encode_reply_code(reply.line())
 
     def _client_ip(self) -> str:
