@@ -188,13 +188,12 @@ class GateSMTP(GlueSMTP):
         if not isinstance(status, str):
             await self._say(status, None)
             return
-        reply = Reply.parse(AIOSMTPD_REPLIES.get(status, status))
-        if reply is None:
-            await self._say(status, None)
-        elif reply.code >= 400 and self.command is not None:  # None: before the first command
+        status = AIOSMTPD_REPLIES.get(status, status)
+        reply = Reply.parse(status)
+        if reply is not None and reply.code >= 400 and self.command is not None:  # None: before the first command
             await self.refuse(SMTPReply(reply, reply.wording))
         else:
-            await self._say(reply.line(), reply.code)
+            await self._say(status, reply.code if reply is not None else None)
 
     async def refuse(self, refusal: SMTPReply) -> None:
         """The one way a refusal reaches the client: logged once (`refused`), then said."""
