@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
-from smtpgate.linking.decision import Envelope, EnvelopeRecipient, LinkDecision
+from smtpgate.linking.decision import Envelope, EnvelopeRecipient, LinkDecision, SourceLinks
 from smtpgate.linking.plan import Directory, RecipientClass, header_addresses, thread_message_ids
 from smtpgate.linking.service import LinkService
 from smtpgate.mail.addresses import Address, AddressError, parse_path
@@ -96,19 +96,20 @@ def _envelope(envelope: Envelope) -> dict:
 async def _explain_decision(raw: bytes, headers: HeaderBlock, envelope: Envelope, links: LinkService) -> dict:
     decision = await links.decide(envelope, headers, observe=True)
     facts = _Facts(links.directory, headers, envelope, decision)
+    source = decision.source
     return {
         "message_id": decision.message_id,
         "envelope": _envelope(envelope),
         "source": {
-            "reference": decision.source_reference,
-            "found_in": decision.source_found_in,
-            "mailbox": decision.source_mailbox,
+            "reference": source.reference if source else None,
+            "found_in": source.found_in if source else None,
+            "mailbox": source.mailbox if source else None,
             "steps": await _source_steps(facts, links.store),
         },
-        "automatic": decision.automatic,
+        "automatic": source.automatic if source else False,
         "recipients": [_recipient(facts, r) for r in decision.recipients],
-        "links": {"would_create": sorted(set(decision.would_create) | set(decision.links_created)),
-                  "would_reuse": list(decision.links_reused)},
+        "links": {"would_create": sorted(set(source.would_create) | set(source.created)) if source else [],
+                  "would_reuse": list(source.reused) if source else []},
         "header_diff": _header_diff(raw, decision),
     }
 
@@ -159,35 +160,36 @@ async def explain_inbound(raw: bytes, links: LinkService, *, mail_from: str | No
 
 async def _source_steps(facts: _Facts, store: Store) -> list[dict]:
     """The source-activity rules of find_source and the thread look-up, rule by rule: matched, or why not."""
-    d, headers, found = facts.directory, facts.headers, facts.decision.source_found_in
+    d, headers, source = facts.directory, facts.headers, facts.decision.source
+    found = source.found_in if source else None
     steps = []
     tagged = "a mailbox tagged with a reference in the envelope sender or From:"
     where = {"envelope": "the envelope sender", "from": "From:"}.get(found or "")
     steps.append(_step("tag", where is not None,
-                       f"{where} is mailbox {facts.decision.source_mailbox} tagged {facts.decision.source_reference}"
+                       f"{where} is mailbox {source.mailbox} tagged {source.reference}"
                        if where else f"no tag: neither the envelope sender nor From: is {tagged}"))
     if found in ("envelope", "from"):
         return steps
     names = d.settings.reference_headers
     present = [n for n in names if headers.get_all(n)]
     steps.append(_step("header", found == "header",
-                       f"{', '.join(present)} names {facts.decision.source_reference}" if found == "header"
+                       f"{', '.join(present)} names {source.reference}" if source and found == "header"
                        else (f"{', '.join(present)} present but holds no reference" if present
                              else f"header absent ({', '.join(names) or 'none configured'})")))
     if found == "header":
         return steps
     if not d.settings.subject:
         steps.append(_step("subject", False, "the subject rule is off (references.subject: false)"))
-    elif found == "subject":
-        steps.append(_step("subject", True, f"Subject names {facts.decision.source_reference}"))
+    elif source and found == "subject":
+        steps.append(_step("subject", True, f"Subject names {source.reference}"))
         return steps
     else:
         subject = headers.get("Subject")
         steps.append(_step("subject", False, "no Subject" if subject is None
                            else f"Subject has no reference: {decode_text(subject)!r}"))
     ids = thread_message_ids(headers)
-    if found == "thread":
-        steps.append(_step("thread", True, f"a message smtpgate relayed from {facts.decision.source_reference}"))
+    if source and found == "thread":
+        steps.append(_step("thread", True, f"a message smtpgate relayed from {source.reference}"))
     elif not ids:
         steps.append(_step("thread", False, "no In-Reply-To or References"))
     else:
@@ -200,11 +202,11 @@ def _step(rule: str, matched: bool, detail: str) -> dict:
 
 
 def _recipient(facts: _Facts, r) -> dict:
-    decision = facts.decision
+    source = facts.decision.source
     cls = r.recipient_class or facts.directory.classify(r.original, None).value
     out = {"address": str(r.original), "class": cls,
            "target": str(r.target) if r.target is not None else None}
-    if decision.source_reference is None:
+    if source is None:
         return out | {"action": "unchanged", "reason": "no source activity: the message is relayed untouched"}
     if r.target is None:
         return out | {"action": "merged", "reason": "the same mailbox as an earlier recipient: sent once"}
@@ -214,12 +216,12 @@ def _recipient(facts: _Facts, r) -> dict:
         return out | {"action": "unchanged", "reason": "internal address, not a work-management mailbox"}
     reference = _tag_of(facts, r.target)
     if cls == RecipientClass.TAGGED_MAILBOX.value:
-        known = reference in decision.links_reused
-        return out | {"action": "kept", "reason": f"tagged mailbox: link {decision.source_reference} <-> "
+        known = reference in source.reused
+        return out | {"action": "kept", "reason": f"tagged mailbox: link {source.reference} <-> "
                       f"{reference} {'exists' if known else 'would be recorded'}"}
     if r.target != r.original:
-        return out | {"action": "tag", "reason": _why_tagged(facts, cls, r.mailbox, reference)}
-    return out | _why_untagged(facts, r.mailbox)
+        return out | {"action": "tag", "reason": _why_tagged(facts, source, cls, reference)}
+    return out | _why_untagged(facts, source, r.mailbox)
 
 
 def _tag_of(facts: _Facts, address: Address) -> str | None:
@@ -227,42 +229,41 @@ def _tag_of(facts: _Facts, address: Address) -> str | None:
     return tagged[1] if tagged else None
 
 
-def _why_tagged(facts: _Facts, cls: str, mailbox: str | None, reference: str | None) -> str:
-    decision = facts.decision
+def _why_tagged(facts: _Facts, source: SourceLinks, cls: str, reference: str | None) -> str:
     if cls == RecipientClass.SOURCE_MAILBOX.value:
         return f"the source activity's own mailbox: tagged with {reference} so replies route back to it"
     named = {_tag_of(facts, a) for a in list(facts.envelope.addresses) + header_addresses(facts.headers, "To", "Cc")}
     named.discard(None)
     if reference in named:
         return f"this message names {reference} for this mailbox elsewhere: that activity is used"
-    if reference in decision.links_reused:
-        return f"existing link {decision.source_reference} <-> {reference} reused"
+    if reference in source.reused:
+        return f"existing link {source.reference} <-> {reference} reused"
     return f"the thread's activity {reference} for this mailbox"
 
 
-def _why_untagged(facts: _Facts, mailbox: str | None) -> dict:
-    decision = facts.decision
+def _why_untagged(facts: _Facts, source: SourceLinks, mailbox: str | None) -> dict:
     info = facts.directory.mailbox_info(mailbox) if mailbox else None
-    if mailbox in decision.would_create:
+    if mailbox in source.would_create:
         return {"action": "new_activity", "reason": "no linked activity yet: a new activity would be allocated "
-                f"for {info.team if info else mailbox} and linked to {decision.source_reference}"}
-    if mailbox in decision.untaggable:
+                f"for {info.team if info else mailbox} and linked to {source.reference}"}
+    if mailbox in source.untaggable:
         return {"action": "unchanged", "reason": "untaggable: the tagged address would exceed 64 octets; "
                 "no link is made"}
     if info is not None and info.new_links == "never":
         return {"action": "unchanged", "reason": "new_links: never, and no linked activity exists"}
-    if decision.automatic:
+    if source.automatic:
         return {"action": "unchanged", "reason": "automatic mail (Auto-Submitted/Precedence) creates no link, "
                 "and no linked activity exists"}
     return {"action": "unchanged", "reason": "no linked activity"}
 
 
 def _header_diff(raw: bytes, decision: LinkDecision) -> str:
-    if not decision.header_edits:
+    edits = decision.rewrite.edits
+    if not edits:
         return ""
     end = decision.headers.header_end
     before = raw[:end].decode("utf-8", "replace").splitlines(keepends=True)
-    after = decision.apply(raw)[: end + sum(len(e.new) - len(e.old) for e in decision.header_edits)]
+    after = decision.apply(raw)[: end + sum(len(e.new) - len(e.old) for e in edits)]
     lines = after.decode("utf-8", "replace").splitlines(keepends=True)
     return "".join(difflib.unified_diff(before, lines, "header (as sent)", "header (as relayed)"))
 

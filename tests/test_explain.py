@@ -70,7 +70,7 @@ def seeded(tmp_path_factory):
         envelope = Envelope(parse_path("uk-payroll+101203-T@corp.example"),
                             tuple(EnvelopeRecipient(parse_path(r)) for r in rcpts))
         decision = await links.decide(envelope, parse_header_block(raw))
-        assert decision.links_created == (NEW,)
+        assert decision.source.created == (NEW,)
         await links.record(decision, decision.targets())
         await store.close()
 

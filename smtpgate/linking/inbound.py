@@ -73,7 +73,7 @@ def plan_inbound(
     seen: set[tuple[str, str]] = set()
     for address in recipients:
         target = address
-        found = directory._match(address)
+        found = directory.match(address)
         if found is not None:
             info, tag = found.info, found.tag
             if tag is None:

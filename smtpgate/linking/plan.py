@@ -93,7 +93,9 @@ class Source:
     found_in: str  # "envelope" | "from" | "header" | "subject" | "thread"
 
 
-class _MailboxMatch:
+class MailboxMatch:
+    """A configured mailbox an address belongs to: its base local part and its tag (None: untagged)."""
+
     __slots__ = ("info", "base", "tag")
 
     def __init__(self, info: MailboxInfo, base: str, tag: str | None) -> None:
@@ -133,9 +135,9 @@ class Directory:
                 raise ValueError(f"mailbox {key} configured twice")
             self._mailboxes[key] = dataclasses.replace(info, address=key)
         self._mailbox_domains = frozenset(key.rpartition("@")[2] for key in self._mailboxes)
-        # What _match found per address: a message asks about the same few addresses
+        # What match found per address: a message asks about the same few addresses
         # a dozen times (envelope, header fields, RCPT time, the plan).
-        self._matches: dict[Address, _MailboxMatch | None] = {}
+        self._matches: dict[Address, MailboxMatch | None] = {}
 
     @property
     def mailboxes(self) -> tuple[MailboxInfo, ...]:
@@ -146,7 +148,8 @@ class Directory:
         """The mailbox whose canonical base address is ``canonical``, or None."""
         return self._mailboxes.get(canonical)
 
-    def _match(self, address: Address) -> _MailboxMatch | None:
+    def match(self, address: Address) -> MailboxMatch | None:
+        """The mailbox ``address`` belongs to, with its base and tag; None for any other address."""
         try:
             return self._matches[address]
         except KeyError:
@@ -157,7 +160,7 @@ class Directory:
         self._matches[address] = match
         return match
 
-    def _find_match(self, address: Address) -> _MailboxMatch | None:
+    def _find_match(self, address: Address) -> MailboxMatch | None:
         try:
             domain = normalize_domain(address.domain) if address.domain else ""
         except AddressError:
@@ -166,18 +169,18 @@ class Directory:
             return None
         info = self._mailboxes.get(address.canonical)
         if info is not None:
-            return _MailboxMatch(info, address.local, None)
+            return MailboxMatch(info, address.local, None)
         base, tag = split_tag(address.local, self.separator)
         if tag is None:
             return None
         info = self._mailboxes.get(Address(base, address.domain).canonical)
         if info is None:
             return None
-        return _MailboxMatch(info, base, tag or None)  # "base+" carries no tag
+        return MailboxMatch(info, base, tag or None)  # "base+" carries no tag
 
     def mailbox(self, address: Address) -> tuple[MailboxInfo, str | None] | None:
         """The mailbox ``address`` belongs to and its tag (None when untagged), or None."""
-        match = self._match(address)
+        match = self.match(address)
         return None if match is None else (match.info, match.tag)
 
     def is_internal(self, address: Address) -> bool:
@@ -191,9 +194,9 @@ class Directory:
 
     def classify(self, address: Address, source: Source | None) -> RecipientClass:
         """The section 4 class of ``address``; ``source.mailbox`` is the source's own mailbox."""
-        return self._classify(self._match(address), address, source.mailbox if source else None)
+        return self._classify(self.match(address), address, source.mailbox if source else None)
 
-    def _classify(self, match: _MailboxMatch | None, address: Address, own: str | None) -> RecipientClass:
+    def _classify(self, match: MailboxMatch | None, address: Address, own: str | None) -> RecipientClass:
         if match is not None:
             if match.tag is not None:
                 return RecipientClass.TAGGED_MAILBOX
@@ -205,12 +208,12 @@ class Directory:
     def untagged_mailbox(self, address: Address) -> bool:
         """True when ``address`` is a mailbox without a tag: the one kind of recipient a
         link decision may rewrite."""
-        match = self._match(address)
+        match = self.match(address)
         return match is not None and match.tag is None
 
     def tag_reference(self, address: Address) -> tuple[MailboxInfo, str] | None:
         """(mailbox, reference) when ``address`` is a mailbox tagged with a reference."""
-        match = self._match(address)
+        match = self.match(address)
         if match is None or match.tag is None:
             return None
         reference = self.matcher.normalize(match.tag)
@@ -289,14 +292,12 @@ class LinkLookup:
 class Resolution:
     """What to relay and how to rewrite the header (see Plan.resolve)."""
 
-    envelope: list[tuple[Address, Address]]
-    header_mapping: dict[str, str]
-    mapping: dict[str, str]
-    untaggable: list[str]
-    changed: bool
     # Per plan recipient, in order: the address to relay, None when it merges into an
     # earlier spelling of the same recipient (sent once).
-    targets: list[Address | None] = field(default_factory=list)
+    targets: list[Address | None]
+    tagged: dict[str, str]  # untagged mailbox -> its tagged addr-spec, for To/Cc/From/Reply-To
+    references: dict[str, str]  # mailbox -> the reference this message uses for it (the message record)
+    untaggable: list[str]
 
 
 @dataclass(frozen=True)
@@ -333,17 +334,15 @@ class Plan:
         in ``untaggable``. With no source nothing changes.
         """
         if self.source is None:
-            envelope = [(r.address, r.address) for r in self.recipients]
-            return Resolution(envelope, {}, {}, [], False, [r.address for r in self.recipients])
+            return Resolution([r.address for r in self.recipients], {}, {}, [])
         tagger = _Tagger(self._references(found), self.separator)
-        envelope, targets, mapping = self._envelope(tagger)
-        header_mapping = self._header_mapping(tagger, mapping)
+        targets, references = self._envelope(tagger)
+        tagged = self._header_tags(tagger, references)
         if self.source.mailbox is not None:
-            mapping[self.source.mailbox] = self.source.reference
+            references[self.source.mailbox] = self.source.reference
         for reference, info in self.explicit_links:
-            mapping.setdefault(info.address, reference)
-        changed = bool(header_mapping) or any(o != r for o, r in envelope) or len(envelope) != len(self.recipients)
-        return Resolution(envelope, header_mapping, mapping, tagger.untaggable, changed, targets)
+            references.setdefault(info.address, reference)
+        return Resolution(targets, tagged, references, tagger.untaggable)
 
     def _references(self, found: Mapping[str, str | None]) -> dict[str, str]:
         """Mailbox -> reference, first rule wins: the message's own tag, the thread, the store."""
@@ -360,11 +359,11 @@ class Plan:
             refs[self.source.mailbox] = self.source.reference
         return refs
 
-    def _envelope(self, tagger: _Tagger):
-        """The envelope to relay, each recipient's target (None: merged), and the mapping used."""
-        envelope: list[tuple[Address, Address]] = []
+    def _envelope(self, tagger: _Tagger) -> tuple[list[Address | None], dict[str, str]]:
+        """Each recipient's target (None: merged into an earlier one, sent once), and the
+        references the tags use."""
         targets: list[Address | None] = []
-        mapping: dict[str, str] = {}
+        references: dict[str, str] = {}
         seen: set[tuple[str, str]] = set()
         for rcpt in self.recipients:
             relayed = rcpt.address
@@ -372,27 +371,26 @@ class Plan:
                 assert rcpt.mailbox is not None and rcpt.base is not None
                 relayed = tagger.tag(rcpt.base, rcpt.address.domain, rcpt.mailbox.address) or relayed
                 if relayed is not rcpt.address:
-                    mapping[rcpt.mailbox.address] = tagger.refs[rcpt.mailbox.address]
+                    references[rcpt.mailbox.address] = tagger.refs[rcpt.mailbox.address]
             key = envelope_key(relayed, rcpt.mailbox is not None)
             if key in seen:
                 targets.append(None)
             else:
                 seen.add(key)
-                envelope.append((rcpt.address, relayed))
                 targets.append(relayed)
-        return envelope, targets, mapping
+        return targets, references
 
-    def _header_mapping(self, tagger: _Tagger, mapping: dict[str, str]) -> dict[str, str]:
-        """Untagged mailbox -> its tagged addr-spec for To/Cc/From/Reply-To; extends ``mapping``."""
-        header_mapping: dict[str, str] = {}
+    def _header_tags(self, tagger: _Tagger, references: dict[str, str]) -> dict[str, str]:
+        """Untagged mailbox -> its tagged addr-spec for To/Cc/From/Reply-To; extends ``references``."""
+        tagged: dict[str, str] = {}
         for info in self.header_mailboxes:
             address = parse_path(info.address)
             assert address is not None
             new = tagger.tag(address.local, address.domain, info.address)
             if new is not None:
-                header_mapping[info.address] = str(new)
-                mapping[info.address] = tagger.refs[info.address]
-        return header_mapping
+                tagged[info.address] = str(new)
+                references[info.address] = tagger.refs[info.address]
+        return tagged
 
 
 class _Tagger:
@@ -455,7 +453,7 @@ def make_plan(
 
 
 def _recipient_plan(address: Address, directory: Directory, own: str | None) -> RecipientPlan:
-    match = directory._match(address)
+    match = directory.match(address)
     return RecipientPlan(
         address,
         directory._classify(match, address, own),
@@ -473,7 +471,7 @@ def _named_mailboxes(rcpt_plans: Sequence[RecipientPlan], headers: HeaderBlock, 
     links: dict[tuple[str, str], tuple[str, MailboxInfo]] = {}
     visible = header_addresses(headers, "To", "Cc")
     for address in itertools.chain((r.address for r in rcpt_plans), visible):
-        match = directory._match(address)
+        match = directory.match(address)
         if match is None or match.info.address == source.mailbox:
             continue
         if match.tag is None:
@@ -489,7 +487,7 @@ def _untagged_header_mailboxes(headers: HeaderBlock, directory: Directory) -> tu
     """Untagged mailboxes in From/Reply-To/To/Cc, in order of appearance, each once."""
     found: dict[str, MailboxInfo] = {}
     for address in header_addresses(headers, "From", "Reply-To", "To", "Cc"):
-        match = directory._match(address)
+        match = directory.match(address)
         if match is not None and match.tag is None:
             found.setdefault(match.info.address, match.info)
     return tuple(found.values())
@@ -507,7 +505,7 @@ def _canonical(address: str | None) -> str | None:
 
 def _from_mailbox(headers: HeaderBlock, directory: Directory) -> str | None:
     for address in header_addresses(headers, "From")[:1]:
-        match = directory._match(address)
+        match = directory.match(address)
         if match is not None and match.tag is None:
             return match.info.address
     return None

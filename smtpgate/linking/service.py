@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from smtpgate.linking.decision import Envelope, LinkDecision, RecipientDecision
+from smtpgate.linking.decision import Envelope, HeaderRewrite, LinkDecision, RecipientDecision, SourceLinks
 from smtpgate.linking.inbound import ThreadMapping, plan_inbound, tags_to_check
 from smtpgate.linking.share import plan_share
 from smtpgate.linking.plan import (
@@ -35,7 +36,6 @@ from smtpgate.mail.dkim import broken_signatures
 from smtpgate.mail.headers import HeaderBlock
 from smtpgate.mail.msgid import make_message_id, message_id_of
 from smtpgate.mail.stamp import Stamper
-from smtpgate.mail.rewrite import header_edits
 from smtpgate.store import AllocationContext, AllocationError, LinkTarget, MessageRecord, Store, StoreError
 
 __all__ = ["LinkService", "LinkUnavailable"]
@@ -45,6 +45,18 @@ _log = get_logger()
 
 class LinkUnavailable(Exception):
     """The store or the allocator failed: the front end answers temporarily (451 4.3.0, TEMPFAIL)."""
+
+
+@dataclass
+class _FoundLinks:
+    """What the store answered for a plan's mailboxes (LinkService._links)."""
+
+    # mailbox -> the reference of its activity linked to the source; None: it stays untagged
+    references: dict[str, str | None] = field(default_factory=dict)
+    created: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    would_create: list[str] = field(default_factory=list)  # observe mode: no link yet, one would be made
+    untaggable: list[str] = field(default_factory=list)  # no link: the tagged local part would not fit
 
 
 class LinkService:
@@ -103,20 +115,40 @@ class LinkService:
         self, envelope: Envelope, headers: HeaderBlock, message_id: str, added: bool, observe: bool, log,
         known_links: Mapping[tuple[str, str], str],
     ) -> LinkDecision:
-        facts = dict(
-            message_id=message_id,
-            message_id_added=added,
-            headers=headers,
-            observed=observe,
-            date=headers.get("Date"),
-            from_=headers.get("From"),
-            subject=headers.get_text("Subject"),
-        )
+        facts = dict(message_id=message_id, message_id_added=added, headers=headers, observed=observe)
         source, thread_mapping = await self._source(envelope, headers)
         if source is None:
             recipients = tuple(RecipientDecision(a, a) for a in envelope.addresses)
             return LinkDecision(recipients=recipients, **facts)
+        plan, owner = await self._plan(envelope, headers, source, thread_mapping, observe, log)
+        context = AllocationContext(subject=headers.get_text("Subject"), from_=headers.get("From"),
+                                    message_id=message_id)
+        found = await self._links(plan, source, owner, context, message_id, observe, log, known_links)
+        resolution = plan.resolve(found.references)
+        untaggable = found.untaggable + [m for m in resolution.untaggable if m not in found.untaggable]
+        for mailbox in untaggable:
+            log.warning("address.untaggable", address=mailbox,
+                        reason="tagged local part would exceed 64 octets")
+        recipients = tuple(
+            RecipientDecision(rp.address, target, rp.cls.value, rp.mailbox.address if rp.mailbox else None)
+            for rp, target in zip(plan.recipients, resolution.targets)
+        )
+        rewrite = HeaderRewrite.of(headers, resolution.tagged)
+        for domain, fields in broken_signatures(headers, {e.name.lower() for e in rewrite.edits}):
+            # Placed after a signer, smtpgate breaks its signature: say so on day one.
+            log.warning("dkim.invalidated", domain=domain, fields=fields, message_id=message_id)
+        links = SourceLinks(
+            reference=source.reference, found_in=source.found_in, mailbox=plan.source_mailbox,
+            references=dict(resolution.references), created=tuple(found.created), reused=tuple(found.reused),
+            would_create=tuple(found.would_create), untaggable=tuple(untaggable), automatic=plan.automatic,
+        )
+        return LinkDecision(recipients=recipients, source=links, rewrite=rewrite, **facts)
 
+    async def _plan(self, envelope: Envelope, headers: HeaderBlock, source: Source, thread_mapping: dict | None,
+                    observe: bool, log) -> tuple[Plan, str | None]:
+        """The plan for a message with a source, and the owner to record with a new link (only
+        from authoritative evidence the store lacks; never a guess). A stored owner that the
+        evidence contradicts is kept and the conflict logged."""
         stored = await self.store.activity_mailbox(source.reference)
         evidence = self._owner_evidence(source, envelope, headers)
         if evidence is not None and stored is not None and evidence != stored:
@@ -127,43 +159,7 @@ class LinkService:
         # The store's owner is the activity's; an untagged From serves only this message.
         plan = make_plan(envelope.mail_from, envelope.addresses, headers, source, self.directory,
                          source_owner=stored or evidence, thread_mapping=thread_mapping)
-        owner = evidence if stored is None else None  # recorded with a new link; never a guess
-
-        context = AllocationContext(subject=facts["subject"], from_=facts["from_"], message_id=message_id)
-        found, created, reused, would_create, untaggable = await self._links(
-            plan, source, owner, context, message_id, observe, log, known_links)
-
-        resolution = plan.resolve(found)
-        for mailbox in resolution.untaggable:
-            if mailbox not in untaggable:
-                untaggable.append(mailbox)
-        for mailbox in untaggable:
-            log.warning("address.untaggable", address=mailbox,
-                        reason="tagged local part would exceed 64 octets")
-        recipients = tuple(
-            RecipientDecision(rp.address, target, rp.cls.value, rp.mailbox.address if rp.mailbox else None)
-            for rp, target in zip(plan.recipients, resolution.targets)
-        )
-        mapping = dict(resolution.header_mapping)
-        edits = header_edits(headers, mapping)
-        for domain, fields in broken_signatures(headers, {e.name.lower() for e in edits}):
-            # Placed after a signer, smtpgate breaks its signature: say so on day one.
-            log.warning("dkim.invalidated", domain=domain, fields=fields, message_id=message_id)
-        return LinkDecision(
-            recipients=recipients,
-            source_reference=source.reference,
-            source_found_in=source.found_in,
-            source_mailbox=plan.source_mailbox,
-            header_mapping=mapping,
-            header_edits=edits,
-            mapping=dict(resolution.mapping),
-            links_created=tuple(created),
-            links_reused=tuple(reused),
-            would_create=tuple(would_create),
-            untaggable=tuple(untaggable),
-            automatic=plan.automatic,
-            **facts,
-        )
+        return plan, (evidence if stored is None else None)
 
     async def _source(self, envelope: Envelope, headers: HeaderBlock) -> tuple[Source | None, dict | None]:
         """The source activity: from the message itself (find_source), else from the thread its
@@ -190,52 +186,51 @@ class LinkService:
         return None
 
     async def _links(self, plan: Plan, source: Source, owner: str | None, context: AllocationContext,
-                     message_id: str, observe: bool, log, known_links: Mapping[tuple[str, str], str]):
-        found: dict[str, str | None] = {}
-        created: list[str] = []
-        reused: list[str] = []
-        would_create: list[str] = []
-        untaggable: list[str] = []
+                     message_id: str, observe: bool, log,
+                     known_links: Mapping[tuple[str, str], str]) -> _FoundLinks:
+        """The store's answer for each mailbox of the plan (a link created where the plan allows
+        it; in observe mode only read), and the links the message names itself, recorded."""
+        found = _FoundLinks()
         for lookup in plan.lookups:
             mb = lookup.mailbox
             if observe:
                 reference = await self.store.find_link(source.reference, mb.address)
-                found[mb.address] = reference
+                found.references[mb.address] = reference
                 if reference is not None:
-                    reused.append(reference)
+                    found.reused.append(reference)
                 elif lookup.allow_create:
-                    would_create.append(mb.address)
+                    found.would_create.append(mb.address)
                 continue
             known = known_links.get((source.reference, mb.address))
             if known is not None and await self.store.has_link(source.reference, known, mb.address):
-                found[mb.address] = known
-                reused.append(known)
+                found.references[mb.address] = known
+                found.reused.append(known)
                 continue
             target = LinkTarget(mailbox=mb.address, team=mb.team, new_reference=mb.new_reference,
                                 allow_create=lookup.allow_create,
                                 max_reference_length=_room_for_tag(mb.address, self.directory.separator))
             outcome = await self.store.get_or_create_link(source.reference, owner, target, context)
-            found[mb.address] = outcome.reference if outcome else None
+            found.references[mb.address] = outcome.reference if outcome else None
             if outcome is None:
                 if lookup.allow_create:
-                    untaggable.append(mb.address)
+                    found.untaggable.append(mb.address)
             elif outcome.created:
-                created.append(outcome.reference)
+                found.created.append(outcome.reference)
                 log.info("link.created", source_reference=source.reference, reference=outcome.reference,
                          mailbox=mb.address, message_id=message_id)
             else:
-                reused.append(outcome.reference)
+                found.reused.append(outcome.reference)
         for reference, mb in plan.explicit_links:
             if observe:
                 known = await self.store.find_link(source.reference, mb.address) == reference
-                (reused if known else created).append(reference)
+                (found.reused if known else found.created).append(reference)
             elif await self.store.record_link(source.reference, owner, reference, mb.address, message_id):
-                created.append(reference)
+                found.created.append(reference)
                 log.info("link.created", source_reference=source.reference, reference=reference,
                          mailbox=mb.address, message_id=message_id)
             else:
-                reused.append(reference)
-        return found, created, reused, would_create, untaggable
+                found.reused.append(reference)
+        return found
 
     async def early_links(self, mail_from: Address | None) -> dict[str, str] | None:
         """At MAIL: the links of the source activity the envelope sender names, mailbox ->
@@ -260,7 +255,7 @@ class LinkService:
         to ``found`` (for ``decide``'s ``known_links``). ``links``: what ``early_links``
         read for this sender at MAIL, which answers instead of the store."""
         source = self.directory.tag_reference(mail_from)
-        match = self.directory._match(recipient)
+        match = self.directory.match(recipient)
         if source is None or match is None or match.tag is not None:
             return None
         owner, source_reference = source
@@ -329,16 +324,16 @@ class LinkService:
             if record is None:
                 return None
             return self._queue(record, decision.message_id, log, urgent)
-        if decision.source_reference is None or decision.observed:
+        if decision.source is None or decision.observed:
             return None
         record = MessageRecord(
             message_id=decision.message_id,
-            date=decision.date,
-            from_=decision.from_,
-            subject=decision.subject,
-            source_reference=decision.source_reference,
+            date=decision.headers.get("Date"),
+            from_=decision.headers.get("From"),
+            subject=decision.headers.get_text("Subject"),
+            source_reference=decision.source.reference,
             recipients=[str(a) for a in delivered],
-            mapping=dict(decision.mapping),
+            mapping=dict(decision.source.references),
             relayed_at=datetime.now(timezone.utc),
         )
         return self._queue(record, decision.message_id, log, urgent)

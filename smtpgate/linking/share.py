@@ -119,7 +119,7 @@ def _candidates(message: ThreadMapping, directory: Directory) -> list[tuple[Addr
     named: set[str] = set()
     senders = [(a, True) for a in _addresses(message.sender)]
     for address, sender in senders + [(a, False) for a in map(_path, message.recipients) if a is not None]:
-        match = directory._match(address)
+        match = directory.match(address)
         if match is None:
             continue
         mailbox = match.info.address
@@ -146,7 +146,7 @@ def _source_candidate(message: ThreadMapping, directory: Directory,
                       named: set[str]) -> tuple[Address, str, str] | None:
     """The source activity's own mailbox, tagged with the source reference."""
     address = _path(message.source_mailbox or "")
-    match = directory._match(address) if address is not None else None
+    match = directory.match(address) if address is not None else None
     if match is None or match.tag is not None or message.source_reference is None:
         return None
     if match.info.new_links == "never" and match.info.address not in named:

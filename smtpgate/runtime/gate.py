@@ -19,6 +19,7 @@ from pathlib import Path
 from smtpgate.config import Config, ConfigError, Listener, load_config
 from smtpgate.frontends.milter.server import start_milter_listener
 from smtpgate.frontends.milter.session import MilterSettings
+from smtpgate.frontends.policy import MessagePolicy
 from smtpgate.frontends.registry import SessionRegistry
 from smtpgate.frontends.smtp.relay import RelayContext
 from smtpgate.frontends.smtp.auth import upstream_authenticator
@@ -95,12 +96,8 @@ class Snapshot:
         """The SMTP front end's settings for one listener, built once per snapshot."""
         settings = self._smtp.get(listener.name)
         if settings is None:
-            mode = self.listener(listener).mode or self.config.mode
-            relay = RelayContext(pool=self.pool, links=self.links, limits=self.config.limits,
-                                 hostname=self.config.hostname, mode=mode,
-                                 direction=listener.direction, unknown_tags=self.config.inbound.unknown_tags,
-                                 stamp=self.config.stamp.stamper, required_headers=dict(listener.required_headers),
-                                 share_with_thread=self.config.inbound.share_with_thread)
+            policy = MessagePolicy.for_listener(self.links, self.config, self.listener(listener))
+            relay = RelayContext(pool=self.pool, hostname=self.config.hostname, policy=policy)
             by_upstream = self.config.auth_backend == "upstream"  # the upstream's own send-as rules apply
             settings = SmtpSettings(relay=relay, max_connections=self.config.limits.max_connections,
                                     authenticator=(upstream_authenticator(self.pool) if by_upstream

@@ -52,20 +52,20 @@ STEP1 = (b"From: Team A <uk-payroll+101203-T@corp.example>\r\nTo: client@supplie
 async def test_new_link_then_reuse_splice_exactly_the_rewritten_addr_spec(service):
     rcpts = ["client@supplier.example", PL, "hr@corp.example"]
     first = await decide(service, "uk-payroll+101203-T@corp.example", rcpts, STEP1)
-    assert (first.source_reference, first.source_found_in) == ("101203-T", "envelope")
+    assert (first.source.reference, first.source.found_in) == ("101203-T", "envelope")
     assert [str(t) for t in first.targets()] == ["client@supplier.example", f"pl-payroll+{NEW}@corp.example",
                                                  "hr@corp.example"]
-    assert first.links_created == (NEW,) and first.links_reused == ()
+    assert first.source.created == (NEW,) and first.source.reused == ()
     expected = STEP1.replace(b"<pl-payroll@", f"<pl-payroll+{NEW}@".encode())
     assert first.apply(STEP1) == expected
-    assert first.apply(STEP1) == rewrite_headers(STEP1, first.header_mapping)
-    [edit] = first.header_edits
+    assert first.apply(STEP1) == rewrite_headers(STEP1, first.rewrite.tagged)
+    [edit] = first.rewrite.edits
     assert (edit.name, edit.index) == ("Cc", 1)
     assert edit.old == b" Team B <pl-payroll@corp.example>,\r\n hr@corp.example\r\n"
     assert edit.new == f" Team B <pl-payroll+{NEW}@corp.example>,\r\n hr@corp.example\r\n".encode()
 
     second = await decide(service, "uk-payroll+101203-T@corp.example", rcpts, STEP1)
-    assert second.links_created == () and second.links_reused == (NEW,)
+    assert second.source.created == () and second.source.reused == (NEW,)
     assert second.apply(STEP1) == expected
 
 
@@ -75,27 +75,27 @@ async def test_subject_source_and_thread_reply(service):
     outlook = (b"From: Jane <jane@corp.example>\r\nTo: client@supplier.example\r\nCc: pl-payroll@corp.example\r\n"
                b"Subject: RE: Invoice 4411 [101203-T]\r\n\r\nx\r\n")
     by_subject = await decide(service, "jane@corp.example", ["client@supplier.example", PL], outlook)
-    assert by_subject.source_found_in == "subject"
+    assert by_subject.source.found_in == "subject"
     assert by_subject.apply(outlook) == outlook.replace(b"Cc: pl-payroll@", f"Cc: pl-payroll+{NEW}@".encode())
 
     reply = (b"From: client@supplier.example\r\nTo: uk-payroll@corp.example\r\nCc: pl-payroll@corp.example\r\n"
              b"In-Reply-To: <m1@corp.example>\r\nSubject: RE: Invoice 4411\r\n\r\nthanks\r\n")
     threaded = await decide(service, "client@supplier.example", [UK, PL], reply)
-    assert threaded.source_found_in == "thread"
+    assert threaded.source.found_in == "thread"
     assert [str(t) for t in threaded.targets()] == ["uk-payroll+101203-T@corp.example",
                                                     f"pl-payroll+{NEW}@corp.example"]
     assert threaded.apply(reply) == reply.replace(b"To: uk-payroll@", b"To: uk-payroll+101203-T@").replace(
         b"Cc: pl-payroll@", f"Cc: pl-payroll+{NEW}@".encode())
-    assert threaded.links_created == ()
+    assert threaded.source.created == ()
 
 
 async def test_no_source_changes_nothing_and_bcc_changes_only_the_envelope(service):
     plain = b"From: jane@corp.example\r\nTo: pl-payroll@corp.example\r\nSubject: hello\r\n\r\nx\r\n"
     none = await decide(service, "jane@corp.example", [PL], plain)
-    assert none.source_reference is None and not none.changed and none.apply(plain) == plain
+    assert none.source is None and none.targets() == [parse_path(PL)] and none.apply(plain) == plain
     bcc = b"From: uk-payroll+101203-T@corp.example\r\nTo: client@supplier.example\r\n\r\nx\r\n"
     hidden = await decide(service, "uk-payroll+101203-T@corp.example", ["client@supplier.example", PL], bcc)
-    assert hidden.header_edits == () and hidden.apply(bcc) == bcc
+    assert hidden.rewrite.edits == () and hidden.apply(bcc) == bcc
     assert str(hidden.targets()[1]) == f"pl-payroll+{NEW}@corp.example"
 
 
@@ -104,7 +104,7 @@ async def test_owner_from_an_untagged_from_is_not_stored(service):
     raw = (b"From: pl-payroll@corp.example\r\nTo: client@supplier.example\r\n"
            b"Subject: RE: [101203-T]\r\n\r\nx\r\n")
     decision = await decide(service, "pl-payroll@corp.example", ["client@supplier.example"], raw)
-    assert decision.source_mailbox == PL  # serves this message: its own mailbox is tagged in From
+    assert decision.source.mailbox == PL  # serves this message: its own mailbox is tagged in From
     assert decision.apply(raw).startswith(b"From: pl-payroll+101203-T@corp.example")
     assert await service.store.activity_mailbox("101203-T") is None
 
@@ -126,7 +126,7 @@ async def test_untaggable_mailbox_makes_no_link(service):
     with capture_logs() as logs:
         decision = await decide(service, "uk-payroll+101203-T@corp.example", [LONG], raw)
     assert [str(t) for t in decision.targets()] == [LONG]
-    assert decision.links_created == () and decision.header_edits == ()
+    assert decision.source.created == () and decision.rewrite.edits == ()
     assert await service.store.find_link("101203-T", LONG) is None
     assert [e["address"] for e in logs if e["event"] == "address.untaggable"] == [LONG]
 
@@ -141,12 +141,12 @@ async def test_an_explicit_tag_in_the_message_wins_for_that_message(service):
     assert [str(t) for t in decision.targets()] == ["pl-payroll+5512-C@corp.example"]
     assert decision.recipients[1].target is None
     assert decision.apply(raw) == raw.replace(b"Cc: pl-payroll@", b"Cc: pl-payroll+5512-C@")
-    assert "5512-C" in decision.links_created
+    assert "5512-C" in decision.source.created
 
 
 async def test_observe_reads_and_never_writes(service):
     decision = await decide(service, "uk-payroll+101203-T@corp.example", [PL], STEP1, observe=True)
-    assert decision.would_create == (PL,) and decision.links_created == ()
+    assert decision.source.would_create == (PL,) and decision.source.created == ()
     assert await service.store.activity_mailbox("101203-T") is None
     assert await service.store.find_link("101203-T", PL) is None
     await service.record(decision, decision.targets())

@@ -256,18 +256,14 @@ def test_the_demo_message() -> None:
     assert plan.automatic is False
 
     resolution = plan.resolve({"pl-payroll@corp.example": "900001-T"})
-    assert [(str(a), str(b)) for a, b in resolution.envelope] == [
-        ("pl-payroll@corp.example", "pl-payroll+900001-T@corp.example"),
-        ("client@supplier.example", "client@supplier.example"),
-        ("hr@corp.example", "hr@corp.example"),
-    ]
-    assert resolution.header_mapping == {
+    assert [str(t) for t in resolution.targets] == [
+        "pl-payroll+900001-T@corp.example", "client@supplier.example", "hr@corp.example"]
+    assert resolution.tagged == {
         "uk-payroll@corp.example": "uk-payroll+101203-T@corp.example",
         "pl-payroll@corp.example": "pl-payroll+900001-T@corp.example",
     }
-    assert resolution.mapping == {"pl-payroll@corp.example": "900001-T", "uk-payroll@corp.example": "101203-T"}
+    assert resolution.references == {"pl-payroll@corp.example": "900001-T", "uk-payroll@corp.example": "101203-T"}
     assert resolution.untaggable == []
-    assert resolution.changed is True
 
 
 def test_rewritten_header_of_the_demo_message() -> None:
@@ -276,7 +272,7 @@ def test_rewritten_header_of_the_demo_message() -> None:
     block = parse_header_block(raw)
     plan = make_plan(None, [addr("pl-payroll@corp.example")], block, Source("101203-T", None, "header"), DIRECTORY)
     resolution = plan.resolve({"pl-payroll@corp.example": "900001-T"})
-    assert rewrite_headers(raw, resolution.header_mapping) == (
+    assert rewrite_headers(raw, resolution.tagged) == (
         b"From: UK Payroll <uk-payroll+101203-T@corp.example>\r\n"
         b"To: \"Payroll, PL\" <pl-payroll+900001-T@corp.example>,\r\n client@supplier.example\r\n\r\nbody\r\n")
 
@@ -288,10 +284,8 @@ def test_no_source_changes_nothing() -> None:
     assert plan.lookups == () and plan.explicit_links == ()
     assert [r.cls for r in plan.recipients] == [RecipientClass.UNTAGGED_MAILBOX] * 3
     resolution = plan.resolve({"pl-payroll@corp.example": "900001-T"})
-    assert resolution.envelope == [(r, r) for r in rcpts]
     assert resolution.targets == rcpts  # each relayed as given, the repeat too: nothing is decided
-    assert resolution.header_mapping == {} and resolution.mapping == {} and resolution.untaggable == []
-    assert resolution.changed is False
+    assert resolution.tagged == {} and resolution.references == {} and resolution.untaggable == []
 
 
 @pytest.mark.parametrize(
@@ -324,9 +318,9 @@ def test_own_mailbox_is_tagged_with_the_source_reference_everywhere() -> None:
     assert plan.recipients[0].cls is RecipientClass.SOURCE_MAILBOX
     assert plan.lookups == ()
     resolution = plan.resolve({})
-    assert [str(b) for _, b in resolution.envelope] == ["UK-Payroll+101203-T@corp.example"]
-    assert resolution.header_mapping == {"uk-payroll@corp.example": "uk-payroll+101203-T@corp.example"}
-    assert resolution.mapping == {"uk-payroll@corp.example": "101203-T"}
+    assert [str(t) for t in resolution.targets if t is not None] == ["UK-Payroll+101203-T@corp.example"]
+    assert resolution.tagged == {"uk-payroll@corp.example": "uk-payroll+101203-T@corp.example"}
+    assert resolution.references == {"uk-payroll@corp.example": "101203-T"}
 
 
 def test_own_mailbox_only_in_reply_to_is_tagged() -> None:
@@ -335,9 +329,9 @@ def test_own_mailbox_only_in_reply_to_is_tagged() -> None:
                     "To: client@supplier.example")
     plan = make_plan(addr("jane@corp.example"), [addr("client@supplier.example")], block, OWN, DIRECTORY)
     resolution = plan.resolve({})
-    assert resolution.header_mapping == {"uk-payroll@corp.example": "uk-payroll+101203-T@corp.example"}
-    assert [str(b) for _, b in resolution.envelope] == ["client@supplier.example"]
-    assert resolution.changed is True  # the header changes though the envelope does not
+    assert resolution.tagged == {"uk-payroll@corp.example": "uk-payroll+101203-T@corp.example"}
+    assert [str(t) for t in resolution.targets if t is not None] == ["client@supplier.example"]
+    assert resolution.tagged  # the header changes though the envelope does not
 
 
 def test_an_explicit_tag_is_used_for_untagged_copies_of_that_mailbox() -> None:
@@ -347,11 +341,11 @@ def test_an_explicit_tag_is_used_for_untagged_copies_of_that_mailbox() -> None:
     plan = make_plan(None, rcpts, block, OWN, DIRECTORY)
     assert plan.lookups == ()
     resolution = plan.resolve({})
-    assert resolution.header_mapping == {"pl-payroll@corp.example": "pl-payroll+5512-C@corp.example"}
+    assert resolution.tagged == {"pl-payroll@corp.example": "pl-payroll+5512-C@corp.example"}
     # Per recipient: the copy merges into the tagged spelling already sent: duplicates go once.
     assert [str(t) if t else None for t in resolution.targets] == [
         "pl-payroll+5512-C@corp.example", None, "client@x.example"]
-    assert [str(b) for _, b in resolution.envelope] == ["pl-payroll+5512-C@corp.example", "client@x.example"]
+    assert [str(t) for t in resolution.targets if t is not None] == ["pl-payroll+5512-C@corp.example", "client@x.example"]
 
 
 def test_lookups_cover_envelope_and_to_cc_once_each() -> None:
@@ -381,9 +375,9 @@ def test_thread_mapping_replaces_lookups() -> None:
     plan = make_plan(None, rcpts, block, source, DIRECTORY, thread_mapping=thread)
     assert plan.lookups == (LinkLookup(DE, False),)
     resolution = plan.resolve({"de-hr@corp.example": None})
-    assert [str(b) for _, b in resolution.envelope] == ["pl-payroll+900001-T@corp.example", "de-hr@corp.example"]
-    assert resolution.header_mapping == {"pl-payroll@corp.example": "pl-payroll+900001-T@corp.example"}
-    assert resolution.mapping == {"pl-payroll@corp.example": "900001-T", "uk-payroll@corp.example": "101203-T"}
+    assert [str(t) for t in resolution.targets if t is not None] == ["pl-payroll+900001-T@corp.example", "de-hr@corp.example"]
+    assert resolution.tagged == {"pl-payroll@corp.example": "pl-payroll+900001-T@corp.example"}
+    assert resolution.references == {"pl-payroll@corp.example": "900001-T", "uk-payroll@corp.example": "101203-T"}
 
 
 def test_explicit_tags_are_links_to_record_and_are_kept() -> None:
@@ -397,11 +391,11 @@ def test_explicit_tags_are_links_to_record_and_are_kept() -> None:
     assert plan.lookups == ()
     resolution = plan.resolve({})
     # the duplicate after rewriting (here: already identical) is sent once
-    assert [str(b) for _, b in resolution.envelope] == ["pl-payroll+5512-C@corp.example"]
-    assert resolution.header_mapping == {}
-    assert resolution.mapping == {"uk-payroll@corp.example": "101203-T", "pl-payroll@corp.example": "5512-C",
+    assert [str(t) for t in resolution.targets if t is not None] == ["pl-payroll+5512-C@corp.example"]
+    assert resolution.tagged == {}
+    assert resolution.references == {"uk-payroll@corp.example": "101203-T", "pl-payroll@corp.example": "5512-C",
                                   "de-hr@corp.example": "77-A"}
-    assert resolution.changed is True
+    assert resolution.targets[1] is None
 
 
 def test_duplicates_after_rewriting_are_sent_once() -> None:
@@ -410,12 +404,9 @@ def test_duplicates_after_rewriting_are_sent_once() -> None:
                                "Client@SUPPLIER.example")]
     plan = make_plan(None, rcpts, NO_HEADERS, OWN, DIRECTORY)
     resolution = plan.resolve({"pl-payroll@corp.example": "900001-T"})
-    assert [(str(a), str(b)) for a, b in resolution.envelope] == [
-        ("pl-payroll@corp.example", "pl-payroll+900001-T@corp.example"),
-        ("Client@supplier.example", "Client@supplier.example"),
-        ("client@supplier.example", "client@supplier.example"),
-    ]
-    assert resolution.header_mapping == {}
+    assert [str(t) if t else None for t in resolution.targets] == [
+        "pl-payroll+900001-T@corp.example", None, None, "Client@supplier.example", "client@supplier.example", None]
+    assert resolution.tagged == {}
 
 
 def test_mailbox_left_untagged_by_the_store_or_by_length() -> None:
@@ -423,18 +414,18 @@ def test_mailbox_left_untagged_by_the_store_or_by_length() -> None:
     rcpts = [addr(LONG.address), addr("de-hr@corp.example"), addr("X" * 56 + "@corp.example")]
     plan = make_plan(None, rcpts, block, OWN, DIRECTORY)
     resolution = plan.resolve({LONG.address: "900001-T", "de-hr@corp.example": None})
-    assert [str(b) for _, b in resolution.envelope] == [LONG.address, "de-hr@corp.example"]
+    assert [str(t) for t in resolution.targets if t is not None] == [LONG.address, "de-hr@corp.example"]
     assert resolution.untaggable == [LONG.address]
-    assert resolution.header_mapping == {}
-    assert resolution.mapping == {"uk-payroll@corp.example": "101203-T"}
-    assert resolution.changed is True  # the duplicate differing only in case was dropped
+    assert resolution.tagged == {}
+    assert resolution.references == {"uk-payroll@corp.example": "101203-T"}
+    assert resolution.targets[2] is None  # the duplicate differing only in case was dropped
 
 
 def test_nothing_to_change() -> None:
     plan = make_plan(None, [addr("client@supplier.example")], headers("To: client@supplier.example"), OWN, DIRECTORY)
     resolution = plan.resolve({})
-    assert resolution.changed is False
-    assert resolution.mapping == {"uk-payroll@corp.example": "101203-T"}
+    assert resolution.targets == [addr("client@supplier.example")] and resolution.tagged == {}
+    assert resolution.references == {"uk-payroll@corp.example": "101203-T"}
 
 
 def test_source_with_unknown_mailbox_tags_nobody_as_source() -> None:
@@ -442,19 +433,19 @@ def test_source_with_unknown_mailbox_tags_nobody_as_source() -> None:
     assert plan.recipients[0].cls is RecipientClass.UNTAGGED_MAILBOX
     assert plan.lookups == (LinkLookup(UK, True),)
     resolution = plan.resolve({"uk-payroll@corp.example": "2-T", "other@corp.example": None})
-    assert [str(b) for _, b in resolution.envelope] == ["uk-payroll+2-T@corp.example"]
-    assert resolution.mapping == {"uk-payroll@corp.example": "2-T"}
+    assert [str(t) for t in resolution.targets if t is not None] == ["uk-payroll+2-T@corp.example"]
+    assert resolution.references == {"uk-payroll@corp.example": "2-T"}
 
 
 def test_envelope_keeps_the_written_form_of_a_mailbox() -> None:
     plan = make_plan(None, [addr("Pay@Bücher.example")], headers("To: pay@bücher.example"), OWN, DIRECTORY)
     resolution = plan.resolve({"pay@xn--bcher-kva.example": "3-C"})
-    assert [str(b) for _, b in resolution.envelope] == ["Pay+3-C@Bücher.example"]
-    assert resolution.header_mapping == {"pay@xn--bcher-kva.example": "pay+3-C@xn--bcher-kva.example"}
+    assert [str(t) for t in resolution.targets if t is not None] == ["Pay+3-C@Bücher.example"]
+    assert resolution.tagged == {"pay@xn--bcher-kva.example": "pay+3-C@xn--bcher-kva.example"}
 
 
 def test_recipient_with_an_invalid_domain_is_external_and_kept() -> None:
     bad = Address("a", "corp..example")
     plan = make_plan(None, [bad, bad], NO_HEADERS, OWN, DIRECTORY)
     assert plan.recipients[0].cls is RecipientClass.EXTERNAL
-    assert plan.resolve({}).envelope == [(bad, bad)]
+    assert plan.resolve({}).targets == [bad, None]

@@ -16,18 +16,18 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from smtpgate.config import Config, Limits, Listener
+from smtpgate.config import Config, Listener
 from smtpgate.frontends.milter import codec
 from smtpgate.frontends.milter.codec import ProtocolError
+from smtpgate.frontends.policy import MessagePolicy, envelope_plan, log_relayed, log_shared
 from smtpgate.linking.decision import ClientInfo, Envelope, EnvelopeRecipient, LinkDecision
-from smtpgate.linking.service import LinkService, LinkUnavailable
+from smtpgate.linking.service import LinkService
 from smtpgate.mail import replies
-from smtpgate.mail.addresses import Address, AddressError, envelope_key, parse_path
-from smtpgate.mail.headers import HeaderBlock, parse_header_block
-from smtpgate.mail.msgid import message_id_of
+from smtpgate.mail.addresses import Address, AddressError, parse_path
+from smtpgate.mail.headers import parse_header_block
 from smtpgate.mail.params import xtext
-from smtpgate.mail.required_headers import required_header_problem
-from smtpgate.mail.stamp import StampCheck, Stamper
+from smtpgate.mail.replies import SMTPReply
+from smtpgate.mail.stamp import StampCheck
 
 # What smtpgate asks of the MTA (docs/milter.md, "Negotiation"): recipients and
 # header fields changed, a missing Message-ID added, its own macro lists.
@@ -77,27 +77,12 @@ _KEPT_RCPT_PARAMS = ("NOTIFY=", "ORCPT=")
 class MilterSettings:
     """What a milter session uses, from one configuration snapshot."""
 
-    links: LinkService
-    limits: Limits
+    policy: MessagePolicy
     listener: str
-    mode: str = "enforce"  # enforce | observe
-    direction: str = "outbound"  # outbound | inbound (restore the tags a reply dropped)
-    unknown_tags: str = "pass"  # inbound: pass | strip
-    stamp: Stamper | None = None  # stamp.secret_file set: stamp every message, pass stamped ones
-    required_headers: dict[str, tuple[str, ...]] = field(default_factory=dict)  # the tenant guard
-    share_with_thread: bool = False  # inbound: add the thread's missing team mailboxes with ADDRCPT
 
     @classmethod
     def for_listener(cls, links: LinkService, config: Config, listener: Listener) -> MilterSettings:
-        return cls(links=links, limits=config.limits, listener=listener.name,
-                   mode=listener.mode or config.mode, direction=listener.direction,
-                   unknown_tags=config.inbound.unknown_tags, stamp=config.stamp.stamper,
-                   required_headers=dict(listener.required_headers),
-                   share_with_thread=config.inbound.share_with_thread)
-
-    @property
-    def inbound(self) -> bool:
-        return self.direction == "inbound"
+        return cls(policy=MessagePolicy.for_listener(links, config, listener), listener=listener.name)
 
 
 @dataclass
@@ -193,7 +178,7 @@ class MilterSession:
                                 "ADDRCPT or ADDRCPT_PAR needed")
         self.actions = offer.actions & WANTED_ACTIONS
         # Inbound refuses recipients in other domains at RCPT: RCPT needs its reply.
-        wanted = WANTED_STEPS & ~codec.SMFIP_NR_RCPT if self.settings.inbound else WANTED_STEPS
+        wanted = WANTED_STEPS & ~codec.SMFIP_NR_RCPT if self.settings.policy.inbound else WANTED_STEPS
         self.steps = offer.protocol & wanted
         self.negotiated = True
         macros = MACRO_LISTS if self.actions & codec.SMFIF_SETSYMLIST else None
@@ -224,7 +209,8 @@ class MilterSession:
             raise ProtocolError("RCPT after the header")
         path, params = event.args[0], event.args[1:]
         address = _parse(path)
-        if self.settings.inbound and address is not None and not self.settings.links.directory.is_internal(address):
+        policy = self.settings.policy
+        if policy.inbound and address is not None and not policy.links.directory.is_internal(address):
             # An inbound listener serves the mailbox server only; it never relays out.
             return self._refuse(replies.RELAY_DENIED, "inbound listener: not an internal domain",
                                 {"recipient": str(address)}, command="rcpt")
@@ -252,7 +238,7 @@ class MilterSession:
             value = b" " + value  # the MTA ate one space after the colon
         raw = event.name.encode("utf-8", "surrogateescape") + b":" + value.replace(b"\n", b"\r\n") + b"\r\n"
         message.header_octets += len(raw)
-        if message.header_octets <= self.settings.limits.max_message_size:
+        if message.header_octets <= self.settings.policy.limits.max_message_size:
             message.fields.append(raw)
 
     # ----------------------------------------------------------------- end of message
@@ -261,93 +247,45 @@ class MilterSession:
         message, self.message = self.message, None
         assert message is not None
         self.messages += 1
-        queue_id = self.macros.get("i")
         mail_from = message.mail[0] if message.mail else ""
         client = self._client()
-        fields = dict(queue_id=queue_id, mail_from=_bare(mail_from), **client.log_fields())
-        limits = self.settings.limits
-        if message.header_octets > limits.max_message_size:
+        fields = dict(queue_id=self.macros.get("i"), mail_from=_bare(mail_from), **client.log_fields())
+        policy = self.settings.policy
+        if message.header_octets > policy.limits.max_message_size:
             return [self._refuse(replies.MESSAGE_TOO_BIG, f"header of {message.header_octets} octets", fields)]
         headers = parse_header_block(b"".join(message.fields) + b"\r\n")
-        hops = len(headers.get_all("Received"))
-        if hops > limits.max_hops:
-            return [self._refuse(replies.TOO_MANY_HOPS, f"{hops} Received fields", fields)]
-        problem = required_header_problem(headers, self.settings.required_headers)
-        if problem is not None:
-            return [self._refuse(replies.NOT_ACCEPTED_SENDER_ORGANISATION, f"required_headers: {problem}", fields)]
-        stamp = self._stamp_check(headers)
-        if stamp.valid:
-            return self._pass_stamped(message, headers, fields)
         envelope = self._envelope(message, client)
-        observe = self.settings.mode == "observe"
-        links = self.settings.links
         try:
-            if self.settings.inbound:
-                decision = await links.retag(envelope, headers, unknown_tags=self.settings.unknown_tags,
-                                             share=self.settings.share_with_thread)
-            else:
-                decision = await links.decide(envelope, headers, observe=observe, log=self.log)
-        except LinkUnavailable as exc:
-            return [self._refuse(replies.TEMPORARY_FAILURE, str(exc), fields)]
+            stamp = policy.check(headers, self.log)
+        except SMTPReply as exc:
+            return [self._refuse(exc.reply, exc.reason, fields)]
+        if stamp.valid:
+            decision = policy.pass_stamped(headers, envelope.addresses, self.log, **fields)
+            self._log_relayed(message, decision, fields, already_processed=True)
+            return [codec.ACCEPT]
+        try:
+            decision = await policy.decide(envelope, headers, self.log)
+        except SMTPReply as exc:
+            return [self._refuse(exc.reply, exc.reason, fields)]
         except Exception:  # noqa: BLE001 - an internal fault is a temporary failure, never an accept
             return [self._refuse(replies.TEMPORARY_FAILURE, "internal error", fields, internal=True)]
-        if decision.inbound is not None:
-            _log_retagged(self.log, decision, observe, fields)
-        if observe and (decision.inbound is None or decision.added):
-            _log_observed(self.log, decision, fields)
-        if observe:
-            decision = decision.without_changes()
+        decision = policy.to_apply(decision, self.log, **fields)
         packets, relayed = self._apply(message, decision, stamp)
         delivered = [a for a in relayed if isinstance(a, Address)] + list(decision.added)
-        await self.settings.links.record(decision, delivered, log=self.log)
-        self._log_relayed(message, decision, relayed, observe, fields)
+        await policy.links.record(decision, delivered, log=self.log)
+        self._log_relayed(message, decision, fields, relayed)
+        log_shared(self.log, decision, decision.added, [], **fields)  # ADDRCPT has no verdict: a refused one bounces
         return [*packets, codec.ACCEPT]
 
-    def _log_relayed(self, message: _Message, decision: LinkDecision, relayed: list, observe: bool,
-                     fields: dict) -> None:
-        """message.relayed, and message.shared when inbound sharing added mailboxes."""
-        self.log.info(
-            "message.relayed",
-            message_id=decision.message_id,
-            **fields,
-            recipients=[{"original": _shown(r.address or r.spelled), "relayed": _shown(a)}
-                        for r, a in zip(message.recipients, relayed)],
-            source_reference=None if observe else decision.source_reference,
-            source_found_in=None if observe else decision.source_found_in,
-            links_created=[] if observe else list(decision.links_created),
-            links_reused=[] if observe else list(decision.links_reused),
-            shared=[str(a) for a in decision.added] or None,
-            duration_ms=round((time.monotonic() - message.started) * 1000, 1),
-        )
-        if decision.added:
-            # ADDRCPT has no per-recipient verdict: an added mailbox the MTA cannot take bounces.
-            self.log.info("message.shared", message_id=decision.message_id, **fields, **decision.share.log_fields(),
-                          added=[str(a) for a in decision.added], refused=[])
-
-    def _stamp_check(self, headers: HeaderBlock) -> StampCheck:
-        stamper = self.settings.stamp
-        if stamper is None:
-            return StampCheck("none")
-        check = stamper.check(headers)
-        if check.status == "invalid":
-            self.log.warning("stamp.invalid", reason=check.reason, header=stamper.header,
-                             message_id=message_id_of(headers.get("Message-ID")), action="removed")
-        return check
-
-    def _pass_stamped(self, message: _Message, headers: HeaderBlock, fields: dict) -> list[bytes]:
-        """A valid stamp: accepted unchanged, no decision, no record."""
-        message_id = message_id_of(headers.get("Message-ID"))
-        self.log.info("message.already_processed", message_id=message_id, **fields,
-                      header=self.settings.stamp.header if self.settings.stamp else None, mode=self.settings.mode)
-        if self.settings.mode == "observe":
-            self.log.info("message.observed", message_id=message_id, **fields,
-                          exempt="valid stamp: relayed untouched, no link decision")
-        self.log.info("message.relayed", message_id=message_id, **fields, already_processed=True,
-                      recipients=[{"original": _shown(r.address or r.spelled), "relayed": _shown(r.address or r.spelled)}
-                                  for r in message.recipients],
-                      source_reference=None, source_found_in=None, links_created=[], links_reused=[],
-                      duration_ms=round((time.monotonic() - message.started) * 1000, 1))
-        return [codec.ACCEPT]
+    def _log_relayed(self, message: _Message, decision: LinkDecision, fields: dict, relayed: list | None = None,
+                     **extra) -> None:
+        """message.relayed: each recipient as Postfix gave it and as relayed (None: sent once,
+        as another; ``relayed`` None: every one as given)."""
+        if relayed is None:
+            relayed = [r.address or r.spelled for r in message.recipients]
+        recipients = [(_shown(r.address or r.spelled), _shown(a)) for r, a in zip(message.recipients, relayed)]
+        log_relayed(self.log, decision, recipients, shared=decision.added, started=message.started, **fields,
+                    **extra)
 
     def _refuse(self, reply: replies.Reply, reason: str, fields: dict, *, command: str | None = None,
                 internal: bool = False) -> bytes:
@@ -385,44 +323,38 @@ class MilterSession:
                              if r.address is not None),
             mail_params=message.mail[1:],
             client=client,
-            direction=self.settings.direction,
+            direction=self.settings.policy.direction,
         )
 
-    def _apply(self, message: _Message, decision: LinkDecision,
-               stamp: StampCheck | None = None) -> tuple[list[bytes], list]:
+    def _apply(self, message: _Message, decision: LinkDecision, stamp: StampCheck) -> tuple[list[bytes], list]:
         """The modification requests for ``decision`` and what each recipient became.
 
-        Returns (packets, per recipient: the Address relayed, None when it merged into
-        an earlier spelling of the same mailbox, or its spelling when smtpgate cannot
-        parse it and leaves it alone).
+        Returns (packets, per recipient: the Address relayed, None when it goes out once as
+        another recipient, or its spelling when smtpgate cannot parse it and leaves it alone).
         """
-        parsed = [r for r in message.recipients if r.address is not None]
-        targets = {id(r): d.target for r, d in zip(parsed, decision.recipients)}
-        kept = {envelope_key(r.address) for r in parsed if targets.get(id(r), r.address) == r.address}
+        plan = iter(envelope_plan(decision))  # one per parsed recipient, as the envelope has them
         deletes: list[bytes] = []
         adds: list[bytes] = []
         relayed: list = []
         for rcpt in message.recipients:
-            target = targets.get(id(rcpt), rcpt.address) if rcpt.address is not None else rcpt.spelled
-            if target == rcpt.address or rcpt.address is None:
-                relayed.append(target)
+            if rcpt.address is None:
+                relayed.append(rcpt.spelled)
+                continue
+            target = next(plan)
+            relayed.append(target)
+            if target == rcpt.address:
                 continue
             deletes.append(codec.encode_delete_recipient(rcpt.spelled))
-            if target is None or envelope_key(target) in kept:
-                relayed.append(None)  # duplicates after rewriting are sent once
-                continue
-            kept.add(envelope_key(target))
-            relayed.append(target)
-            params = self._params(rcpt) if self.actions & codec.SMFIF_ADDRCPT_PAR else None
-            adds.append(codec.encode_add_recipient(f"<{target}>", params))
+            if target is not None:
+                params = self._params(rcpt) if self.actions & codec.SMFIF_ADDRCPT_PAR else None
+                adds.append(codec.encode_add_recipient(f"<{target}>", params))
         for address in decision.added:  # inbound sharing: envelope only, no parameters of its own
             adds.append(codec.encode_add_recipient(f"<{address}>", None if self.actions & codec.SMFIF_ADDRCPT else ""))
-        removals = stamp.removals if stamp is not None else ()
         # A removal is CHGHEADER with an empty value, which deletes the field.
-        edits = [self._change_header(e.name, e.index, e.new or b"") for e in (*decision.header_edits, *removals)]
+        edits = [self._change_header(e.name, e.index, e.new or b"") for e in (*decision.rewrite.edits, *stamp.removals)]
         if decision.message_id_added and self.actions & codec.SMFIF_ADDHDRS:
             edits.append(codec.encode_add_header("Message-ID", self._value(f" {decision.message_id}".encode())))
-        stamper = self.settings.stamp
+        stamper = self.settings.policy.stamp
         if stamper is not None and self.actions & codec.SMFIF_ADDHDRS:
             edits.append(codec.encode_add_header(stamper.header, self._value(stamper.value(decision.message_id))))
         return [*deletes, *adds, *edits], relayed
@@ -467,24 +399,3 @@ def _shown(value: Address | str | None) -> str | None:
         return _bare(value)
     return None if value is None else str(value)
 
-
-def _log_retagged(log, decision: LinkDecision, observe: bool, fields: dict) -> None:
-    """Inbound: which recipients got their tag back (or an unknown tag handled), and from where."""
-    plan = decision.inbound
-    assert plan is not None
-    for address, tag, action in plan.unknown:
-        log.warning("inbound.unknown_tag", recipient=str(address), tag=tag,
-                    action="observed" if observe else action, message_id=decision.message_id)
-    if plan.retagged:
-        log.info(
-            "message.observed" if observe else "message.retagged",
-            message_id=decision.message_id,
-            **fields,
-            recipients=[{"original": str(o), "relayed": str(n), "thread_message_id": t}
-                        for o, n, t in plan.retagged],
-        )
-
-
-def _log_observed(log, decision: LinkDecision, fields: dict) -> None:
-    """Observe mode: what enforce mode would have done with this message."""
-    log.info("message.observed", message_id=decision.message_id, **fields, **decision.observation())

@@ -19,18 +19,16 @@ from email.utils import format_datetime, localtime
 from typing import NoReturn
 
 from smtpgate.config import Limits
+from smtpgate.frontends.policy import MessagePolicy, envelope_plan, log_relayed, log_shared
 from smtpgate.linking.decision import ClientInfo, Envelope, EnvelopeRecipient, LinkDecision
-from smtpgate.linking.service import LinkService, LinkUnavailable
+from smtpgate.linking.service import LinkService
 from smtpgate.mail import replies
-from smtpgate.mail.addresses import Address, envelope_key
+from smtpgate.mail.addresses import Address
 from smtpgate.mail.dataguard import scan_data
 from smtpgate.mail.headers import HeaderBlock, parse_header_block
-from smtpgate.mail.msgid import message_id_of
 from smtpgate.mail.params import Param, upstream_size, xtext
 from smtpgate.mail.replies import SMTPReply
 from smtpgate.mail.queueid import queue_id
-from smtpgate.mail.required_headers import required_header_problem
-from smtpgate.mail.stamp import StampCheck, Stamper
 from smtpgate.upstream.client import (UpstreamAuthError, UpstreamConnectError, UpstreamError, UpstreamSession,
                                       UpstreamSource, Verdict)
 
@@ -55,15 +53,25 @@ class RelayContext:
     """What a transaction needs, from one configuration snapshot (docs/architecture.md)."""
 
     pool: UpstreamSource  # the shared pool, or the client's own upstream login (auth_backend: upstream)
-    links: LinkService
-    limits: Limits
     hostname: str
-    mode: str = "enforce"  # enforce | observe
-    direction: str = "outbound"  # outbound | inbound (restore dropped tags, never relay out)
-    unknown_tags: str = "pass"  # inbound: pass | strip
-    stamp: Stamper | None = None  # stamp.secret_file set: stamp every message, pass stamped ones
-    required_headers: dict[str, tuple[str, ...]] = field(default_factory=dict)  # the tenant guard
-    share_with_thread: bool = False  # inbound: add the thread's missing team mailboxes (envelope only)
+    policy: MessagePolicy
+
+    # The policy's parts the session's upstream side reads as well.
+    @property
+    def links(self) -> LinkService:
+        return self.policy.links
+
+    @property
+    def limits(self) -> Limits:
+        return self.policy.limits
+
+    @property
+    def mode(self) -> str:
+        return self.policy.mode
+
+    @property
+    def direction(self) -> str:
+        return self.policy.direction
 
 
 @dataclass
@@ -73,7 +81,8 @@ class Recipient:
     relayed: Address  # what the upstream was last asked to accept
     tag_refused: bool = False  # the upstream refused the tagged form at RCPT time
     reply: str = ""  # the client's reply to this RCPT (the upstream's verdict)
-    settled: bool = False  # relayed as the decision will have it: tagged at RCPT, or no untagged mailbox
+    # relayed at RCPT as the decision will have it (tagged then, or no untagged mailbox): DATA may go early
+    final_at_rcpt: bool = False
 
     def upstream_params(self, extensions: frozenset[str]) -> list[str]:
         out = [str(p) for k, p in self.params.items() if _RCPT_PARAM_EXTENSION[k] in extensions]
@@ -193,7 +202,7 @@ class Transaction:
         started = time.monotonic()
         tagged = await self._early_tag(address)
         rcpt = Recipient(address=address, params=params, relayed=tagged or address,
-                         settled=tagged is not None or not self.ctx.links.directory.untagged_mailbox(address))
+                         final_at_rcpt=tagged is not None or not self.ctx.links.directory.untagged_mailbox(address))
         # The RCPT's reply comes within upstream.timeouts.command, the tag's wait included.
         left = None
         if self.early_links is not None:
@@ -280,14 +289,15 @@ class Transaction:
 
     def begin_data(self) -> None:
         """The client's DATA: when the end of DATA will relay the envelope as it stands (every
-        recipient settled at RCPT), DATA goes upstream now and its 354 comes while the client
+        recipient final at RCPT), DATA goes upstream now and its 354 comes while the client
         sends the message (one round trip less after the final dot). Otherwise, or should
         the end of DATA decide differently after all, DATA waits for the decision."""
         if self.broken or self.upstream is None or not self.recipients:
             return
-        if self.ctx.direction != "outbound":
+        policy = self.ctx.policy
+        if policy.inbound:
             return
-        if self.ctx.mode != "observe" and not all(r.settled for r in self.recipients):
+        if not policy.observe and not all(r.final_at_rcpt for r in self.recipients):
             return
         self.upstream.begin_data()
 
@@ -305,14 +315,22 @@ class Transaction:
         if self.broken or self.upstream is None:
             raise SMTPReply(replies.UPSTREAM_LOST, self.broken or "no upstream transaction")
         headers = self._check(head, headers)
-        stamp = self._stamp_check(headers)
+        policy = self.ctx.policy
+        stamp = policy.check(headers, self.log)
         if stamp.valid:
-            applied = await self._pass_stamped(headers)
+            # Relayed exactly as received (its Received field added); recipients tagged at RCPT
+            # time go back to what the client gave.
+            passed = policy.pass_stamped(headers, [r.address for r in self.recipients], self.log,
+                                         mail_from=self._sender_text())
+            applied = await self._replay(passed)
             message, self._record = self._trace_fields(applied) + head, False
         else:
-            applied = await self._apply(await self._timed("store_ms", self._decide(headers)))
+            decided = await self._timed("store_ms", policy.decide(self.envelope(), headers, self.log,
+                                                                  known_links=self.known_links))
+            applied = await self._apply(decided)
             if stamp.removals:  # a stamp that does not verify leaves; this message gets its own
-                applied = dataclasses.replace(applied, header_edits=applied.header_edits + stamp.removals)
+                rewrite = dataclasses.replace(applied.rewrite, edits=applied.rewrite.edits + stamp.removals)
+                applied = dataclasses.replace(applied, rewrite=rewrite)
             # The trace fields and the edited header block, then the rest of the head as received.
             first, rest = applied.split(head)
             message = self._trace_fields(applied) + self._stamp_field(applied.message_id) + first + head[rest:]
@@ -324,12 +342,9 @@ class Transaction:
 
     async def _apply(self, decision: LinkDecision) -> LinkDecision:
         """The decision as it goes upstream: observed (observe mode), or replayed."""
-        observe = self.ctx.mode == "observe"
-        if decision.inbound is not None:
-            self._log_retagged(decision, observe)
-        if observe:
-            self._log_observed(decision)
-            return decision.without_changes()
+        decision = self.ctx.policy.to_apply(decision, self.log, mail_from=self._sender_text())
+        if self.ctx.policy.observe:
+            return decision
         for rcpt in self.recipients:
             if rcpt.tag_refused:
                 decision = decision.without_tag(rcpt.address)
@@ -356,12 +371,8 @@ class Transaction:
             # Queued, not awaited: the client's 250 does not wait for the record's commit
             # (docs/architecture.md, durability); a drain writes what is queued.
             self.ctx.links.record_soon(applied, [r.relayed for r in self.recipients] + self.shared, log=self.log)
-        self._log_relayed(applied, self.size, upstream_label, verdict,
-                          **({} if self._record else {"already_processed": True}))
-        if applied.added:
-            self.log.info("message.shared", message_id=applied.message_id, mail_from=self._sender_text(),
-                          **applied.share.log_fields(), added=[str(a) for a in self.shared],
-                          refused=[{"recipient": a, "reply": why} for a, why in self.shared_refused])
+        self._log_relayed(applied, upstream_label, verdict, **({} if self._record else {"already_processed": True}))
+        log_shared(self.log, applied, self.shared, self.shared_refused, mail_from=self._sender_text())
         return _client_line(verdict)
 
     async def _refused_data(self, verdict: Verdict) -> NoReturn:
@@ -374,37 +385,12 @@ class Transaction:
         await self.abort()
         raise refusal
 
-    def _stamp_check(self, headers: HeaderBlock) -> StampCheck:
-        """The tenant guard first (before any link is looked up), then the message's stamp."""
-        problem = required_header_problem(headers, self.ctx.required_headers) if self.ctx.required_headers \
-            else None
-        if problem is not None:
-            raise SMTPReply(replies.NOT_ACCEPTED_SENDER_ORGANISATION, f"required_headers: {problem}")
-        if self.ctx.stamp is None:
-            return StampCheck("none")
-        check = self.ctx.stamp.check(headers)
-        if check.status == "invalid":
-            self.log.warning("stamp.invalid", reason=check.reason, header=self.ctx.stamp.header,
-                             message_id=message_id_of(headers.get("Message-ID")), action="removed")
-        return check
-
     def _stamp_field(self, message_id: str) -> bytes:
-        return b"" if self.ctx.stamp is None else self.ctx.stamp.field(message_id)
-
-    async def _pass_stamped(self, headers: HeaderBlock) -> LinkDecision:
-        """A valid stamp: relayed exactly as received (its Received field added), no decision,
-        no rewrite, no record; recipients tagged at RCPT time go back to what the client gave."""
-        message_id = message_id_of(headers.get("Message-ID"))
-        assert message_id is not None  # a valid stamp binds one
-        self.log.info("message.already_processed", message_id=message_id, mail_from=self._sender_text(),
-                      header=self.ctx.stamp.header if self.ctx.stamp else None, mode=self.ctx.mode)
-        if self.ctx.mode == "observe":
-            self.log.info("message.observed", message_id=message_id, mail_from=self._sender_text(),
-                          exempt="valid stamp: relayed untouched, no link decision")
-        return await self._replay(LinkDecision(message_id=message_id, headers=headers, observed=True))
+        stamp = self.ctx.policy.stamp
+        return b"" if stamp is None else stamp.field(message_id)
 
     def _check(self, raw: bytes, headers: HeaderBlock | None = None) -> HeaderBlock:
-        """The refusals before anything is relayed (bare CR/LF or NUL, too many hops, too big); returns the header block."""
+        """The refusals of the data itself (bare CR/LF or NUL, too big); returns the header block."""
         limits = self.ctx.limits
         if len(raw) > limits.max_message_size:
             raise SMTPReply(replies.MESSAGE_TOO_BIG, f"{len(raw)} octets")
@@ -413,9 +399,6 @@ class Transaction:
             if problem is not None:
                 raise SMTPReply(replies.BAD_LINE_ENDINGS, f"{problem.kind} at octet {problem.offset}")
             headers = parse_header_block(raw)
-        hops = len(headers.get_all("Received"))
-        if hops > limits.max_hops:
-            raise SMTPReply(replies.TOO_MANY_HOPS, f"{hops} Received fields")
         return headers
 
     def envelope(self) -> Envelope:
@@ -428,34 +411,16 @@ class Transaction:
             client=self.client,
         )
 
-    async def _decide(self, headers: HeaderBlock) -> LinkDecision:
-        try:
-            if self.ctx.direction == "inbound":
-                return await self.ctx.links.retag(self.envelope(), headers, unknown_tags=self.ctx.unknown_tags,
-                                                  share=self.ctx.share_with_thread)
-            return await self.ctx.links.decide(self.envelope(), headers, observe=self.ctx.mode == "observe",
-                                               log=self.log, known_links=self.known_links)
-        except LinkUnavailable as exc:
-            raise SMTPReply(replies.TEMPORARY_FAILURE, str(exc)) from None
-
-    def _log_relayed(self, decision: LinkDecision, size: int, upstream: str | None, verdict: Verdict,
-                     **extra) -> None:
-        self.log.info(
-            "message.relayed",
-            message_id=decision.message_id,
+    def _log_relayed(self, decision: LinkDecision, upstream: str | None, verdict: Verdict, **extra) -> None:
+        log_relayed(
+            self.log, decision, [(str(r.address), str(r.relayed)) for r in self.recipients],
+            shared=self.shared, started=self.started,
             mail_from=self._sender_text(),
-            recipients=[{"original": str(r.address), "relayed": str(r.relayed)} for r in self.recipients],
             refused=[{"recipient": a, "reply": why} for a, why in self.refused] or None,
-            shared=[str(a) for a in self.shared] or None,
-            source_reference=None if decision.observed else decision.source_reference,
-            source_found_in=None if decision.observed else decision.source_found_in,
-            links_created=[] if decision.observed else list(decision.links_created),
-            links_reused=[] if decision.observed else list(decision.links_reused),
-            size=size,
+            size=self.size,
             upstream=upstream,
             upstream_reply=f"{verdict.code} {verdict.text}",
             upstream_queue_id=queue_id(verdict.text),
-            duration_ms=round((time.monotonic() - self.started) * 1000, 1),
             **self.timings,
             **self.client.log_fields(),
             **extra,
@@ -468,27 +433,6 @@ class Transaction:
             return await work
         finally:
             self.timings[key] = round(self.timings.get(key, 0.0) + (time.monotonic() - started) * 1000, 1)
-
-    def _log_retagged(self, decision: LinkDecision, observe: bool) -> None:
-        """Inbound: which recipients got their tag back (or an unknown tag handled), and from where."""
-        plan = decision.inbound
-        assert plan is not None
-        for address, tag, action in plan.unknown:
-            self.log.warning("inbound.unknown_tag", recipient=str(address), tag=tag,
-                             action="observed" if observe else action, message_id=decision.message_id)
-        if plan.retagged:
-            self.log.info(
-                "message.observed" if observe else "message.retagged",
-                message_id=decision.message_id,
-                mail_from=self._sender_text(),
-                recipients=[{"original": str(o), "relayed": str(n), "thread_message_id": t}
-                            for o, n, t in plan.retagged],
-            )
-
-    def _log_observed(self, decision: LinkDecision) -> None:
-        """Observe mode: what enforce mode would have done with this message."""
-        self.log.info("message.observed", message_id=decision.message_id, mail_from=self._sender_text(),
-                      **decision.observation())
 
     async def _add_shared(self, decision: LinkDecision) -> None:
         """Inbound sharing: RCPT of each added recipient on the transaction as replayed. The
@@ -509,7 +453,8 @@ class Transaction:
         Returns the decision as relayed: a tag the upstream refused is dropped from it.
         """
         assert self.upstream is not None
-        if all(decision.target_of(r.address) == r.relayed for r in self.recipients):
+        plan = envelope_plan(decision)  # one per recipient, as envelope() gave them
+        if all(target == r.relayed for target, r in zip(plan, self.recipients)):
             return decision
         verdict: Verdict | None = None  # RSET's, on the connection that carries on
         if self.upstream.data_begun:
@@ -523,35 +468,27 @@ class Transaction:
         if not verdict.ok:
             self.broken = f"replay MAIL: {verdict.code} {verdict.text}"
             raise SMTPReply(replies.TEMPORARY_FAILURE, self.broken)
-        seen: set[tuple[str, str]] = set()
         kept: list[Recipient] = []
-        for rcpt in self.recipients:
-            target = decision.target_of(rcpt.address)
+        for rcpt, target in zip(self.recipients, plan):
             if target is None:
-                continue  # merged into an earlier spelling of the same mailbox
-            key = envelope_key(target)
-            if key in seen:  # duplicates after rewriting are sent once
-                continue
-            rcpt.relayed = target
-            verdict = await self._upstream_call(upstream.rcpt(str(target), rcpt.upstream_params(upstream.extensions)))
+                continue  # it goes out once, as another recipient
+            verdict = await self._replay_rcpt(upstream, rcpt, target)
             if verdict.code >= 500 and target != rcpt.address:
                 # The upstream refuses the tag (plus addressing off): delivery matters more.
                 self.log.warning("upstream.tag_refused", recipient=str(rcpt.address), tagged=str(target),
                                  reply=f"{verdict.code} {verdict.text}")
                 decision = decision.without_tag(rcpt.address)
-                rcpt.relayed = rcpt.address
-                key = envelope_key(rcpt.address)
-                if key in seen:
-                    continue
-                verdict = await self._upstream_call(
-                    upstream.rcpt(str(rcpt.address), rcpt.upstream_params(upstream.extensions)))
+                verdict = await self._replay_rcpt(upstream, rcpt, rcpt.address)
             if not verdict.ok:
                 self.broken = f"replay RCPT {rcpt.relayed}: {verdict.code} {verdict.text}"
                 raise SMTPReply(replies.TEMPORARY_FAILURE, self.broken)
-            seen.add(key)
             kept.append(rcpt)
         self.recipients = kept
         return decision
+
+    async def _replay_rcpt(self, upstream: UpstreamSession, rcpt: Recipient, address: Address) -> Verdict:
+        rcpt.relayed = address
+        return await self._upstream_call(upstream.rcpt(str(address), rcpt.upstream_params(upstream.extensions)))
 
     async def _upstream_data(self, call) -> Verdict:
         """A step of the message's way upstream; a lost upstream is the client's 451 4.4.2."""
