@@ -314,7 +314,7 @@ async def test_dropped_client_aborts_upstream(relay, sink):
     assert code(await wire.cmd("DATA")) == 354
     await wire.send(b"Subject: half a message\r\n\r\nno end")
     await wire.close()
-    # DATA went upstream with the client's (every recipient settled): only closing ends it.
+    # DATA went upstream with the client's (every recipient final at RCPT): only closing ends it.
     await wait_until(lambda: sink.closed_after_data == 1)
     assert sink.messages == [] and sink.received == []
 

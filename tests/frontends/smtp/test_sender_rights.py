@@ -81,7 +81,7 @@ async def test_from_outside_the_list_refused_at_end_of_data(gate_with_users, sin
     refused = await gate_with_users(JANE, "jane@corp.example", from_="boss@corp.example")
     assert refused.mail[0] == 250
     assert refused.data is not None and refused.data[0] == 550 and refused.data[1].startswith("5.7.1")
-    # The upstream had MAIL, RCPT and (every recipient settled) DATA, but never the dot:
+    # The upstream had MAIL, RCPT and (every recipient final at RCPT) DATA, but never the dot:
     # that transaction was given up with its connection.
     assert sink.received == []
     await sink.wait_for(lambda: sink.closed_after_data == 1, what="the upstream transaction given up")
