@@ -18,10 +18,8 @@ from dataclasses import dataclass, field
 from email.utils import format_datetime, localtime
 from typing import NoReturn
 
-from smtpgate.config import Limits
 from smtpgate.frontends.policy import MessagePolicy, envelope_plan, log_relayed, log_shared
 from smtpgate.linking.decision import ClientInfo, Envelope, EnvelopeRecipient, LinkDecision
-from smtpgate.linking.service import LinkService
 from smtpgate.mail import replies
 from smtpgate.mail.addresses import Address
 from smtpgate.mail.dataguard import scan_data
@@ -55,23 +53,6 @@ class RelayContext:
     pool: UpstreamSource  # the shared pool, or the client's own upstream login (auth_backend: upstream)
     hostname: str
     policy: MessagePolicy
-
-    # The policy's parts the session's upstream side reads as well.
-    @property
-    def links(self) -> LinkService:
-        return self.policy.links
-
-    @property
-    def limits(self) -> Limits:
-        return self.policy.limits
-
-    @property
-    def mode(self) -> str:
-        return self.policy.mode
-
-    @property
-    def direction(self) -> str:
-        return self.policy.direction
 
 
 @dataclass
@@ -125,15 +106,15 @@ class Transaction:
 
     async def open(self, sender: Address | None, params: dict[str, Param]) -> str:
         """MAIL: take an upstream connection and relay MAIL; returns the reply line."""
-        limits = self.ctx.limits
+        limits = self.ctx.policy.limits
         if "SIZE" in params and int(params["SIZE"].value or 0) > limits.max_message_size:
             raise SMTPReply(replies.MESSAGE_TOO_BIG, "declared SIZE over limits.max_message_size")
-        if self.ctx.mode == "enforce" and self.ctx.direction == "outbound" and sender is not None:
+        if self.ctx.policy.mode == "enforce" and self.ctx.policy.direction == "outbound" and sender is not None:
             # RCPT-time tags (_early_tag) start here: the sender's links,
             # read while the upstream connection and its MAIL take their time. Never
             # cancelled (a PostgreSQL statement cancelled midway costs its connection):
             # a transaction that ends first leaves it to finish on its own.
-            self.early_links = asyncio.ensure_future(self.ctx.links.early_links(sender))
+            self.early_links = asyncio.ensure_future(self.ctx.policy.links.early_links(sender))
             self.early_links.add_done_callback(_retrieved)
         try:
             self.upstream = await self.ctx.pool.acquire()
@@ -195,14 +176,14 @@ class Transaction:
     async def _add_recipient(self, address: Address, params: dict[str, Param]) -> str:
         if self.broken or self.upstream is None:
             raise SMTPReply(replies.UPSTREAM_LOST, self.broken or "no upstream transaction")
-        if len(self.recipients) >= self.ctx.limits.max_recipients:
+        if len(self.recipients) >= self.ctx.policy.limits.max_recipients:
             raise SMTPReply(replies.TOO_MANY_RECIPIENTS, "limits.max_recipients reached")
         if not self.upstream.carries(address):
             raise SMTPReply(replies.SMTPUTF8_UNSUPPORTED, "non-ASCII recipient, upstream lacks SMTPUTF8")
         started = time.monotonic()
         tagged = await self._early_tag(address)
         rcpt = Recipient(address=address, params=params, relayed=tagged or address,
-                         final_at_rcpt=tagged is not None or not self.ctx.links.directory.untagged_mailbox(address))
+                         final_at_rcpt=tagged is not None or not self.ctx.policy.links.directory.untagged_mailbox(address))
         # The RCPT's reply comes within upstream.timeouts.command, the tag's wait included.
         left = None
         if self.early_links is not None:
@@ -245,7 +226,7 @@ class Transaction:
 
     async def _early_target(self, early_links: asyncio.Future, mail_from: Address, address: Address,
                             found: dict[tuple[str, str], str]) -> Address | None:
-        return await self.ctx.links.early_target(mail_from, address, found, await early_links)
+        return await self.ctx.policy.links.early_target(mail_from, address, found, await early_links)
 
     def _drop_early_links(self) -> None:
         self.early_links = None  # left to finish (see open)
@@ -370,7 +351,7 @@ class Transaction:
         if self._record:
             # Queued, not awaited: the client's 250 does not wait for the record's commit
             # (docs/architecture.md, durability); a drain writes what is queued.
-            self.ctx.links.record_soon(applied, [r.relayed for r in self.recipients] + self.shared, log=self.log)
+            self.ctx.policy.links.record_soon(applied, [r.relayed for r in self.recipients] + self.shared, log=self.log)
         self._log_relayed(applied, upstream_label, verdict, **({} if self._record else {"already_processed": True}))
         log_shared(self.log, applied, self.shared, self.shared_refused, mail_from=self._sender_text())
         return _client_line(verdict)
@@ -391,7 +372,7 @@ class Transaction:
 
     def _check(self, raw: bytes, headers: HeaderBlock | None = None) -> HeaderBlock:
         """The refusals of the data itself (bare CR/LF or NUL, too big); returns the header block."""
-        limits = self.ctx.limits
+        limits = self.ctx.policy.limits
         if len(raw) > limits.max_message_size:
             raise SMTPReply(replies.MESSAGE_TOO_BIG, f"{len(raw)} octets")
         if headers is None:

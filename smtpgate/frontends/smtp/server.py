@@ -140,7 +140,7 @@ class GateSMTP(GlueSMTP):
 
     async def admit(self, client: str) -> bool:
         """Count this session against its client address; 421 and close when it has too many."""
-        limit = self.settings.relay.limits.max_connections_per_client
+        limit = self.settings.relay.policy.limits.max_connections_per_client
         if self.registry.admit(client, limit):
             self.admitted = client
             return True
@@ -154,7 +154,7 @@ class GateSMTP(GlueSMTP):
             # The client sent its dot and waits for the upstream's verdict; upstream.timeout bounds that.
             self.restart_timer()
             return
-        self.log.info("session.timeout", idle_timeout=self.settings.relay.limits.idle_timeout)
+        self.log.info("session.timeout", idle_timeout=self.settings.relay.policy.limits.idle_timeout)
         self.say_goodbye(replies.TIMEOUT.line())
 
     @property
@@ -236,7 +236,7 @@ class GateSMTP(GlueSMTP):
         if code not in _BAD_COMMAND_CODES:
             return
         self.bad_commands += 1
-        if self.bad_commands >= self.settings.relay.limits.max_bad_commands:
+        if self.bad_commands >= self.settings.relay.policy.limits.max_bad_commands:
             self.log.warning("session.refused", reason="limits.max_bad_commands reached",
                              bad_commands=self.bad_commands)
             self.say_goodbye(replies.TOO_MANY_BAD_COMMANDS.line())
@@ -250,7 +250,7 @@ class GateSMTP(GlueSMTP):
         tx, self.tx = self.tx, None
         if tx is None:
             return None
-        limits = self.settings.relay.limits
+        limits = self.settings.relay.policy.limits
         self.stream = MessageStream(tx, max_header_block=limits.max_header_block, spool_dir=limits.spool_dir,
                                     reject=partial(self.refused, stage="data", tx=tx, rejects_message=True),
                                     check_head=self.check_from, spawn=self.registry.spawn)
@@ -439,7 +439,7 @@ class GateSMTP(GlueSMTP):
         if words and not self.session.extended_smtp:
             raise SMTPReply(replies.BAD_SYNTAX, "parameters need EHLO")
         params = parse_params(words, RCPT_PARAMS)
-        if self.listener.direction == "inbound" and not self.settings.relay.links.directory.is_internal(address):
+        if self.listener.direction == "inbound" and not self.settings.relay.policy.links.directory.is_internal(address):
             # An inbound listener delivers to the mailbox server only; it never relays out.
             raise SMTPReply(replies.RELAY_DENIED, "inbound listener: not an internal domain")
         if not str(address).isascii() and "SMTPUTF8" not in self.tx.mail_params:
@@ -513,7 +513,7 @@ class Handler(PasswordMechanisms):
         that many passwords per delay, and the delay doubles (up to AUTH_DELAY_CAP) as it fails.
         """
         failures = self.registry.auth_failures.fail(server.client_ip)
-        base = server.settings.relay.limits.auth_failure_delay
+        base = server.settings.relay.policy.limits.auth_failure_delay
         delay = min(base * 2 ** min(failures - 1, 32), AUTH_DELAY_CAP)
         server.log.warning("auth.delayed", failures=failures, delay_s=round(delay, 3), mechanism=mechanism)
         if delay > 0:
@@ -588,7 +588,7 @@ def make_factory(listener: Listener, settings: Callable[[], SmtpSettings], regis
             registry,
             listener,
             handler,
-            data_size_limit=current.relay.limits.max_message_size,
+            data_size_limit=current.relay.policy.limits.max_message_size,
             enable_SMTPUTF8=True,
             decode_data=False,
             hostname=current.relay.hostname,
@@ -596,7 +596,7 @@ def make_factory(listener: Listener, settings: Callable[[], SmtpSettings], regis
             tls_context=tls if listener.tls == "starttls" else None,
             implicit_tls=listener.tls == "implicit",
             require_starttls=False,
-            timeout=current.relay.limits.idle_timeout,
+            timeout=current.relay.policy.limits.idle_timeout,
             auth_required=listener.auth == "required",
             auth_require_tls=True,
             # No `authenticator`: aiosmtpd would call it without awaiting; Handler's auth_PLAIN
