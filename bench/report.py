@@ -89,9 +89,9 @@ def render(*, args, started, finished, targets, store_alone, latency, memory, pr
     add("```")
     add("")
     if uvloop:
-        add(f"  smtpgate runs on uvloop {uvloop} (serve's default when installed) except in the row "
-            "marked *asyncio loop*; rows marked [tree] run another source tree (`--baseline`), "
-            "on the loop that tree chooses.")
+        add(f"  smtpgate runs on asyncio's own loop (serve's default) except in the row marked "
+            f"*uvloop* (uvloop {uvloop}); rows marked [tree] run another source tree (`--baseline`), "
+            "on the loop that tree chooses (run H's code and older: uvloop).")
     add("  Before timing, one message per store creates the link the reuse stream uses. For "
         "Postfix the rate is what its clients see (it queues, then delivers); the Postfix row "
         "also gives the rate until the sink had every message. After each Postfix run the "

@@ -141,6 +141,14 @@ def split_reply(code: int, message: str) -> tuple[str | None, str]:
     return None, message
 
 
+def reply_code(line: str) -> int | None:
+    """The code of a reply line, as `Reply.parse` reads it, without reading the rest."""
+    code = line[:3]
+    if len(line) > 3 and line[3] != " ":
+        return None
+    return int(code) if len(code) == 3 and code.isdigit() else None
+
+
 def _is_enhanced(token: str, code: int) -> bool:
     bits = token.split(".")
     return (

@@ -1,8 +1,10 @@
-"""The event loop `smtpgate serve` runs on: uvloop when it is installed
-(`pip install 'smtpgate[uvloop]'`), else asyncio's own.
+"""The event loop `smtpgate serve` runs on: asyncio's own, unless uvloop is asked for.
 
-`SMTPGATE_EVENT_LOOP` chooses: `auto` (the default: uvloop if installed),
-`asyncio`, or `uvloop` (an error when it is not installed).
+`SMTPGATE_EVENT_LOOP` chooses: `auto` (the default) and `asyncio` take asyncio's own
+loop, `uvloop` takes uvloop (`pip install 'smtpgate[uvloop]'`; an error when it is not
+installed). asyncio's own loop is the default because it relays more for less CPU in
+`make bench` (bench/FINDINGS.md, "uvloop"); uvloop stays a choice for operators who
+measure otherwise on their machines.
 """
 
 from __future__ import annotations
@@ -28,15 +30,13 @@ def loop_factory(choice: str | None = None) -> Callable[[], asyncio.AbstractEven
     choice = choice.strip().lower() or "auto"
     if choice not in CHOICES:
         raise LoopChoiceError(f"SMTPGATE_EVENT_LOOP: expected one of {', '.join(CHOICES)}, got {choice!r}")
-    if choice == "asyncio":
+    if choice != "uvloop":
         return None
     try:
         import uvloop
     except ImportError:
-        if choice == "uvloop":
-            raise LoopChoiceError("SMTPGATE_EVENT_LOOP=uvloop, but uvloop is not installed "
-                                  "(pip install 'smtpgate[uvloop]')") from None
-        return None
+        raise LoopChoiceError("SMTPGATE_EVENT_LOOP=uvloop, but uvloop is not installed "
+                              "(pip install 'smtpgate[uvloop]')") from None
     return uvloop.new_event_loop
 
 

@@ -16,15 +16,21 @@ from tests.runtime.test_serve import config_text, write_config
 uvloop = pytest.importorskip("uvloop")
 
 
-def test_auto_and_uvloop_choose_uvloop_and_asyncio_chooses_the_default():
-    for choice in ("auto", "uvloop", "UVLOOP", " ", ""):
+def test_uvloop_only_when_asked_for_and_asyncio_by_default():
+    for choice in ("uvloop", "UVLOOP", " uvloop "):
         factory = loop_factory(choice)
         loop = factory()
         try:
             assert isinstance(loop, uvloop.Loop)
         finally:
             loop.close()
-    assert loop_factory("asyncio") is None
+    for choice in ("auto", "asyncio", "AUTO", " ", ""):
+        assert loop_factory(choice) is None, choice
+
+
+def test_the_default_is_asyncio_even_with_uvloop_installed(monkeypatch):
+    monkeypatch.delenv("SMTPGATE_EVENT_LOOP", raising=False)
+    assert loop_factory() is None
 
 
 def test_an_unknown_choice_is_an_error_naming_the_variable():

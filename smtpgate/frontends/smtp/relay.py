@@ -212,7 +212,13 @@ class Transaction:
         if self.early_links is None or self.mail_from is None:  # started by open() when tagging early
             return None
         found: dict[tuple[str, str], str] = {}
-        look_up = asyncio.ensure_future(self._early_target(self.early_links, self.mail_from, address, found))
+        links = self.early_links
+        if links.done() and not links.cancelled() and links.exception() is None and links.result() is not None:
+            # The common case: the sender's links are in; the answer needs no store (and no wait).
+            tagged = await self.ctx.policy.links.early_target(self.mail_from, address, found, links.result())
+            self.known_links.update(found)
+            return tagged
+        look_up = asyncio.ensure_future(self._early_target(links, self.mail_from, address, found))
         look_up.add_done_callback(_retrieved)
         # asyncio.wait cancels neither on its timeout nor when this RCPT is cancelled (the
         # client gone): the shared look-up always runs to its end (see open).

@@ -40,7 +40,7 @@ from smtpgate.mail import replies
 from smtpgate.mail.addresses import Address, AddressError, parse_address_list, parse_path
 from smtpgate.mail.headers import parse_header_block
 from smtpgate.mail.params import parse_params, split_argument
-from smtpgate.mail.replies import Reply, SMTPReply
+from smtpgate.mail.replies import Reply, SMTPReply, reply_code
 from smtpgate.upstream.session import UpstreamSource
 
 
@@ -189,11 +189,12 @@ class GateSMTP(GlueSMTP):
             await self._say(status, None)
             return
         status = AIOSMTPD_REPLIES.get(status, status)
-        reply = Reply.parse(status)
-        if reply is not None and reply.code >= 400 and self.command is not None:  # None: before the first command
+        code = reply_code(status)
+        if code is not None and code >= 400 and self.command is not None:  # None: before the first command
+            reply = _reply_of(status)
             await self.refuse(SMTPReply(reply, reply.wording))
         else:
-            await self._say(status, reply.code if reply is not None else None)
+            await self._say(status, code)
 
     async def refuse(self, refusal: SMTPReply) -> None:
         """The one way a refusal reaches the client: logged once (`refused`), then said."""
@@ -224,8 +225,7 @@ class GateSMTP(GlueSMTP):
     async def answer(self, status: str) -> None:
         """A reply passed on as it is, logged where it was decided: the upstream's 2xx to MAIL
         or RCPT, the verdict on the final dot (the upstream's, or the stream's refusal)."""
-        reply = Reply.parse(status)
-        await self._say(status, reply.code if reply is not None else None)
+        await self._say(status, reply_code(status))
 
     async def _say(self, status, code: int | None) -> None:
         """Send a reply. One to a command the client should not have sent as it did counts
@@ -348,9 +348,8 @@ class GateSMTP(GlueSMTP):
         except SMTPReply as refusal:
             await self.refuse(refusal)
             return
-        reply = _reply_of(line)
-        if reply.code // 100 != 2:
-            await self.refuse(_passed_on(reply, mail_from=str(sender) if sender else ""))
+        if reply_code(line) // 100 != 2:
+            await self.refuse(_passed_on(_reply_of(line), mail_from=str(sender) if sender else ""))
             return
         self.tx = tx
         self.envelope.mail_from = str(sender) if sender else "<>"
@@ -416,9 +415,8 @@ class GateSMTP(GlueSMTP):
         except SMTPReply as refusal:
             await self.refuse(refusal)
             return
-        reply = _reply_of(line)
-        if reply.code // 100 != 2:
-            await self.refuse(_passed_on(reply, recipient=str(address)))
+        if reply_code(line) // 100 != 2:
+            await self.refuse(_passed_on(_reply_of(line), recipient=str(address)))
             return
         self.envelope.rcpt_tos.append(str(address))
         await self.answer(line)

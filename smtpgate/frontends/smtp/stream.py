@@ -197,7 +197,8 @@ class MessageStream:
         sent, unless not `flush`)."""
         start, self.start = self.start, None
         assert start is not None
-        await asyncio.wait([start])  # never cancelled from here: see _end_upstream
+        if not start.done():
+            await asyncio.wait([start])  # never cancelled from here: see _end_upstream
         try:
             start.result()
         except SMTPReply as exc:  # smtpgate's, or the upstream's refusal of DATA
