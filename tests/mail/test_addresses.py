@@ -132,6 +132,10 @@ INVALID_PATHS = [
     "<" + "x" * 60 + "@" + ".".join(["d" * 60] * 4) + ">",
     "<a@" + "d" * 64 + ".example>",
     "<a@" + ".".join(["d" * 50] * 6) + ">",
+    "a@",
+    "<alice@example.org)<bob@example.com>>",
+    '<"a@evil"@x.example\x01>',
+    '<"a\x7fb"@x.example>',
     *[f"<{t}>" for t in CVE_2023_27043],
     *CVE_2023_27043,
 ]

@@ -331,36 +331,35 @@ async def test_upstream_connection_reused(relay, sink):
     assert sink.connections == 1
 
 
+# One command per reply; the parameter and address checks behind them are unit-tested in
+# tests/mail/test_params.py and tests/mail/test_addresses.py.
 @pytest.mark.parametrize("command,expected", [
-    ("MAIL FROM:<a@corp.example> FOO=bar", 555),
-    ("MAIL FROM:<a@corp.example> NOTIFY=SUCCESS", 555),
-    ("MAIL FROM:<a@corp.example> BODY=9BIT", 501),
-    ("MAIL FROM:<alice@example.org)<bob@example.com>>", 501),
-    ("MAIL FROM:a@", 501),
-    ("MAIL TO:<a@corp.example>", 501),
+    ("MAIL FROM:<a@corp.example> FOO=bar", "555 5.5.4 "),
+    ("MAIL FROM:<a@corp.example> BODY=9BIT", "501 5.5.4 "),
+    ("MAIL FROM:a@", "501 5.1.7 "),
+    ("MAIL TO:<a@corp.example>", "501 5.5.4 Syntax: MAIL FROM:"),
 ])
 async def test_bad_mail_commands(relay, sink, command, expected):
     gate, port = relay
     wire = await session(port)
-    assert code(await wire.cmd(command)) == expected
+    assert (await wire.cmd(command)).startswith(expected)
     assert code(await wire.cmd("MAIL FROM:<a@corp.example>")) == 250
+    assert not any(c.startswith("MAIL") and c != "MAIL FROM:<a@corp.example>" for c in sink.commands)
 
 
 @pytest.mark.parametrize("command,expected", [
-    ("RCPT TO:<b@x.example> RET=FULL", 555),
-    ("RCPT TO:<b@x.example> NOTIFY=SOMETIMES", 501),
-    ("RCPT TO:<>", 501),
-    ("RCPT TO:<@a.example:b@x.example", 501),
-    ("RCPT TO:<\"a@evil\"@x.example\x01>", 501),
-    ("RCPT TO:<\"a\tb\"@x.example>", 501),  # RFC 5321 4.1.2: not even TAB in a quoted string
-    ("RCPT TO:<\"a\x7fb\"@x.example>", 501),
+    ("RCPT TO:<b@x.example> RET=FULL", "555 5.5.4 "),
+    ("RCPT TO:<b@x.example> NOTIFY=SOMETIMES", "501 5.5.4 "),
+    ("RCPT TO:<>", "501 5.1.3 "),
+    ("RCPT TO:<@a.example:b@x.example", "501 5.5.4 Syntax: RCPT TO:"),
 ])
 async def test_bad_rcpt_commands(relay, sink, command, expected):
     gate, port = relay
     wire = await session(port)
     await wire.cmd("MAIL FROM:<a@corp.example>")
-    assert code(await wire.cmd(command)) == expected
+    assert (await wire.cmd(command)).startswith(expected)
     assert code(await wire.cmd("RCPT TO:<b@x.example>")) == 250
+    assert [c for c in sink.commands if c.startswith("RCPT")] == ["RCPT TO:<b@x.example>"]
 
 
 async def test_null_sender_relayed(relay, sink):

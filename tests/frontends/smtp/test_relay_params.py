@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from smtpgate.mail.params import SIZE_MARGIN, upstream_size
+from smtpgate.mail.params import SIZE_MARGIN
 from tests.support.sink import Sink
 from tests.support.wire import Wire, code
 from tests.frontends.smtp.test_relay import MESSAGE, ehlo_keywords, send_data, session
@@ -139,13 +139,10 @@ async def test_a_command_line_too_long_is_refused(relay, sink):
 # ---------------------------------------------------------------- Message-ID
 
 
-@pytest.mark.parametrize("field", [
-    b"Message-ID: <trim@corp.example> (sent from a phone)\r\n",
-    b"Message-ID:\r\n <trim@corp.example>\r\n",
-    b"Message-Id:   <trim@corp.example>   \r\n",
-])
-async def test_message_id_is_logged_and_recorded_as_its_id_only(relay, sink, log_lines, field):
-    """A later In-Reply-To names the bare <id>: that is what the message record must hold."""
+async def test_message_id_is_logged_and_recorded_as_its_id_only(relay, sink, log_lines):
+    """A later In-Reply-To names the bare <id>: that is what the message record must hold
+    (the other ways to write the field: tests/mail/test_msgid.py)."""
+    field = b"Message-ID:\r\n <trim@corp.example> (sent from a phone)\r\n"
     gate, port = relay
     message = (b"From: Team A <uk-payroll+101203-T@corp.example>\r\nTo: client@supplier.example\r\n"
                b"Subject: trimmed\r\n" + field + b"\r\nbody\r\n")
@@ -248,16 +245,7 @@ async def test_auth_on_a_listener_without_auth_is_not_available(relay, sink, log
 
 
 
-@pytest.mark.parametrize("declared,limit,sent", [
-    (100, None, 100 + SIZE_MARGIN),  # room for the Received field and the tags
-    (100, 100 + SIZE_MARGIN + 1, 100 + SIZE_MARGIN),
-    (100, 150, 150),  # the room never takes a message that fits over the upstream's limit
-    (200, 150, 200 + SIZE_MARGIN),  # over it anyway: the upstream's own 552 at MAIL
-])
-def test_upstream_size_leaves_room_for_what_smtpgate_adds(declared, limit, sent):
-    assert upstream_size(declared, limit) == sent
-
-
+# The SIZE arithmetic itself: tests/mail/test_params.py (upstream_size).
 async def test_size_declared_near_the_upstream_limit_is_not_turned_away(config_for, start_gate):
     async with Sink(data_size_limit=1000) as small:
         gate, port = await start_gate(config_for(f"smtp://127.0.0.1:{small.port}"))
