@@ -81,3 +81,13 @@ def test_lf_only_lines_are_located_too() -> None:
     block = parse_header_block(b"To: a@b\n c@d\nSubject: s\n\nbody")
     assert block.get_all("To") == ["a@b c@d"]
     assert block.header_end == len(b"To: a@b\n c@d\nSubject: s\n\n")
+
+
+def test_decode_text_decodes_what_it_can_word_by_word():
+    assert decode_text("Réclamation =?utf-8?q?=5B101203-T=5D?=") == "Réclamation [101203-T]"
+    assert decode_text("=?utf-8?q?M=E4rz_=5B1-T=5D?=") == "M\ufffdrz [1-T]"
+    assert decode_text("=?utf-8*en?q?=5B1-T=5D?=") == "[1-T]"
+    # A character split over two words, another charset after it, a word kept as it is.
+    assert decode_text("é =?utf-8?q?R=C3?= =?utf-8?q?=A9f?= =?iso-8859-1?q?_=E9?=") == "é Réf é"
+    assert decode_text("é =?utf-8?q?a?= =?x-unknown?q?b?= =?utf-8?q?c?= d") == "é a =?x-unknown?q?b?= c d"
+    assert decode_text("=?x-unknown?q?abc?=") == "=?x-unknown?q?abc?="
