@@ -388,16 +388,8 @@ async def closed_session(milter, timeout: float = 10) -> dict:
     return milter.events("milter.session.closed")[0]
 
 
-async def test_violation_no_negotiation(milter):
-    client = await MilterClient.open(milter.port)
-    await client.send(packet(b"C", strings("client.test") + b"4" + struct.pack("!H", 25) + strings("192.0.2.7")))
-    assert await client.read() == ("TEMPFAIL",)
-    assert await client.closed()
-    assert "before option negotiation" in closed_reason(milter)
-    await still_serving(milter)
-
-
 async def test_violation_out_of_order(milter):
+    """Every order the session refuses: tests/frontends/milter/test_milter_session.py."""
     client = await MilterClient.open(milter.port)
     await client.negotiate()
     await client.connect()
@@ -405,16 +397,6 @@ async def test_violation_out_of_order(milter):
     assert await client.read() == ("TEMPFAIL",)
     assert await client.closed()
     assert "RCPT outside a message" in closed_reason(milter)
-    await still_serving(milter)
-
-
-async def test_violation_header_after_end_of_header(milter):
-    client = await MilterClient.open(milter.port)
-    await client.negotiate()
-    await client.connect()
-    await client.send(packet(b"M", strings("<a@corp.example>")) + packet(b"N") + packet(b"L", strings("X", " y")))
-    assert await client.read() == ("TEMPFAIL",)
-    assert await client.closed()
     await still_serving(milter)
 
 
@@ -497,39 +479,6 @@ async def test_observe_mode_changes_nothing(milter_config, start_gate, log_lines
 def test_reply_steps_named_in_the_client_match_the_protocol():
     # The client's constants are the protocol's, so a test cannot pass on a shared mistake.
     assert (NR_HDR, NR_RCPT, HDR_LEADSPC, NO_BODY) == (0x80, 0x8000, 0x100000, 0x10)
-
-
-@pytest.mark.parametrize(
-    ("packets", "reason"),
-    [
-        ([packet(b"O", struct.pack("!III", 6, 0x1FF, 0x1FFFFF))], "a second OPTNEG"),
-        ([packet(b"M", strings("<a@corp.example>"))], "MAIL before CONNECT"),
-        ([packet(b"C", strings("h") + b"U"), packet(b"C", strings("h") + b"U")], "a second CONNECT"),
-        ([packet(b"C", strings("h") + b"U"), packet(b"M", strings("<a@b>")), packet(b"M", strings("<a@b>"))],
-         "MAIL inside a message"),
-        ([packet(b"C", strings("h") + b"U"), packet(b"M", strings("<a@b>")), packet(b"L", strings("X", " y")),
-          packet(b"R", strings("<c@d>"))], "RCPT after the header"),
-        ([packet(b"C", strings("h") + b"U"), packet(b"M", strings("<a@b>")), packet(b"N"), packet(b"N")],
-         "a second end of header"),
-        ([packet(b"C", strings("h") + b"U"), packet(b"E")], "EOM outside a message"),
-    ],
-)
-async def test_violation_commands_out_of_order(milter, packets, reason):
-    client = await MilterClient.open(milter.port)
-    await client.negotiate()
-    await client.send(b"".join(packets))
-    assert await client.read() == ("TEMPFAIL",)
-    assert await client.closed()
-    assert reason in closed_reason(milter)
-    await still_serving(milter)
-
-
-async def test_an_mta_before_protocol_version_2_is_refused(milter):
-    client = await MilterClient.open(milter.port)
-    await client.send(packet(b"O", struct.pack("!III", 1, 0x1FF, 0x7F)))
-    assert await client.read() == ("TEMPFAIL",)
-    assert await client.closed()
-    assert "version 1" in closed_reason(milter)
 
 
 async def test_quit_new_connection_starts_over_on_the_same_socket(milter):
