@@ -1,0 +1,140 @@
+"""The SQL stores' finer points that `make mutate` found untested (docs/mutation.md):
+the owners a store remembers, the bounds of links_of, the rows list_links gives,
+has_link, and an owner that a repeated link fills in."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from smtpgate.store import AllocationContext, LinkTarget, StoreError, open_store
+from smtpgate.store import sql as sql_module
+from smtpgate.store.allocation import LocalAllocator
+from tests.store_helpers import pg_database, store_url  # noqa: F401  (fixtures)
+
+UK = "uk-payroll@corp.example"
+PL = "pl-payroll@corp.example"
+DE = "de-payroll@corp.example"
+CTX = AllocationContext(subject=None, from_=None, message_id="<m1@corp.example>")
+
+
+@pytest.fixture
+async def store(store_url: str, tmp_path: Path):  # noqa: F811
+    s = await open_store(store_url, base_dir=tmp_path, allocator=LocalAllocator(900000))
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+def sqlite_path(tmp_path: Path) -> Path:
+    path = tmp_path / "db" / "smtpgate.db"
+    path.parent.mkdir()
+    return path
+
+
+def set_owner_behind_the_store(path: Path, reference: str, mailbox: str) -> None:
+    """Another process rewriting an owner (which smtpgate itself never does)."""
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE activities SET mailbox = ? WHERE reference = ?", (mailbox, reference))
+
+
+async def owner_in_database(path: Path, reference: str) -> str | None:
+    fresh = await open_store(f"sqlite:{path}", base_dir=path.parent)
+    try:
+        return await fresh.activity_mailbox(reference)
+    finally:
+        await fresh.close()
+
+
+async def test_an_owner_once_read_is_answered_without_reading_again(sqlite_path):
+    store = await open_store(f"sqlite:{sqlite_path}", base_dir=sqlite_path.parent)
+    try:
+        await store.record_activity("1-T", UK)
+        await store.add_link("2-T", "1-T", UK, by="test")  # 2-T is known, without an owner
+        assert await store.activity_mailbox("1-T") == UK
+        assert await store.activity_mailbox("2-T") is None
+        set_owner_behind_the_store(sqlite_path, "1-T", DE)
+        set_owner_behind_the_store(sqlite_path, "2-T", DE)
+        assert await owner_in_database(sqlite_path, "1-T") == DE
+        assert await store.activity_mailbox("1-T") == UK  # remembered
+        assert await store.activity_mailbox("2-T") == DE  # "no owner" is never remembered
+    finally:
+        await store.close()
+
+
+async def test_the_remembered_owners_are_bounded_and_the_least_recently_asked_goes(sqlite_path, monkeypatch):
+    monkeypatch.setattr(sql_module, "_KNOWN_OWNERS", 2)
+    store = await open_store(f"sqlite:{sqlite_path}", base_dir=sqlite_path.parent)
+    try:
+        for reference in ("1-T", "2-T", "3-T"):
+            await store.record_activity(reference, UK)
+        assert await store.activity_mailbox("1-T") == UK
+        assert await store.activity_mailbox("2-T") == UK
+        assert await store.activity_mailbox("1-T") == UK  # asked again: 2-T is now the oldest
+        assert await store.activity_mailbox("3-T") == UK  # a third: 2-T is forgotten
+        for reference in ("1-T", "2-T", "3-T"):
+            set_owner_behind_the_store(sqlite_path, reference, DE)
+        assert await store.activity_mailbox("3-T") == UK
+        assert await store.activity_mailbox("1-T") == UK
+        assert await store.activity_mailbox("2-T") == DE
+    finally:
+        await store.close()
+
+
+async def test_recording_a_known_owner_takes_no_write_lock(sqlite_path):
+    url = f"sqlite:{sqlite_path}"
+    store = await open_store(url, base_dir=sqlite_path.parent, timeout=0.5)
+    other = sqlite3.connect(sqlite_path, isolation_level=None)
+    try:
+        await store.record_activity("1-T", UK)
+        assert await store.activity_mailbox("1-T") == UK
+        other.execute("BEGIN IMMEDIATE")  # another writer holds the file
+        await store.record_activity("1-T", UK)  # returns at once, not after the lock timeout
+        await store.record_activity("1-T", DE)  # the first owner is kept
+        with pytest.raises(StoreError):
+            await store.record_activity("2-T", UK)  # a write: it waits, then fails
+        other.execute("ROLLBACK")
+        assert await owner_in_database(sqlite_path, "1-T") == UK
+    finally:
+        other.close()
+        await store.close()
+
+
+async def test_links_of_answers_up_to_its_limit_and_none_beyond(store):
+    await store.record_link("1-T", UK, "2-T", PL, None)
+    await store.record_link("1-T", UK, "3-T", DE, None)
+    assert await store.links_of("1-T", limit=2) == {PL: "2-T", DE: "3-T"}
+    assert await store.links_of("1-T", limit=1) is None
+    assert await store.links_of("2-T", limit=1) == {UK: "1-T"}
+
+
+async def test_list_links_gives_both_owners_the_time_and_the_message_id(store):
+    await store.record_link("1-T", UK, "2-T", PL, "<m1@corp.example>")
+    await store.add_link("3-T", "4-T", DE, by="test")
+    rows = await store.list_links()
+    assert [(r.source_reference, r.source_mailbox, r.target_reference, r.target_mailbox, r.message_id)
+            for r in rows] == [("1-T", UK, "2-T", PL, "<m1@corp.example>"), ("3-T", None, "4-T", DE, None)]
+    assert all(isinstance(r.created_at, datetime) and r.created_at.tzinfo is not None for r in rows)
+    assert [r.target_reference for r in await store.list_links(mailbox=DE)] == ["4-T"]
+
+
+async def test_has_link_needs_the_link_and_the_owner(store):
+    outcome = await store.get_or_create_link("101203-T", UK, LinkTarget(PL, "Team", "{n}-T", True), CTX)
+    assert outcome is not None and outcome.reference == "900000-T"
+    assert await store.has_link("101203-T", "900000-T", PL)
+    assert await store.has_link("900000-T", "101203-T", UK)  # from either side
+    assert not await store.has_link("101203-T", "900000-T", DE)  # owned by another mailbox
+    assert not await store.has_link("101203-T", "900001-T", PL)  # no such link
+    await store.record_activity("5-T", PL)
+    assert not await store.has_link("101203-T", "5-T", PL)  # owned, but not linked
+
+
+async def test_a_repeated_link_fills_in_the_owner_the_first_one_lacked(store):
+    await store.add_link("1-T", "2-T", PL, by="test")  # 1-T: no owner yet
+    assert await store.activity_mailbox("1-T") is None
+    # The same link, from the other side, now naming 1-T's owner: not new, but the owner is recorded.
+    assert await store.record_link("2-T", PL, "1-T", UK, None) is False
+    assert await store.activity_mailbox("1-T") == UK
