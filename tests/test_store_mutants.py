@@ -1,18 +1,23 @@
-"""The SQL stores' finer points that `make mutate` found untested (docs/mutation.md):
+"""The stores' finer points that `make mutate` found untested (docs/mutation.md):
 the owners a store remembers, the bounds of links_of, the rows list_links gives,
-has_link, and an owner that a repeated link fills in."""
+has_link, an owner that a repeated link fills in, record_message without the
+linger, and the UTC helpers in a zone other than UTC."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import sqlite3
-from datetime import datetime
+import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
-from smtpgate.store import AllocationContext, LinkTarget, StoreError, open_store
+from smtpgate.store import AllocationContext, LinkTarget, MessageRecord, StoreError, open_store
 from smtpgate.store import sql as sql_module
 from smtpgate.store.allocation import LocalAllocator
+from smtpgate.store.base import as_utc, iso_utc, utcnow
 from tests.store_helpers import pg_database, store_url  # noqa: F401  (fixtures)
 
 UK = "uk-payroll@corp.example"
@@ -138,3 +143,40 @@ async def test_a_repeated_link_fills_in_the_owner_the_first_one_lacked(store):
     # The same link, from the other side, now naming 1-T's owner: not new, but the owner is recorded.
     assert await store.record_link("2-T", PL, "1-T", UK, None) is False
     assert await store.activity_mailbox("1-T") == UK
+
+
+async def test_record_message_never_waits_for_the_linger(store_url, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(sql_module, "RECORD_LINGER", 3600.0)  # a record nobody waits for waits an hour
+    store = await open_store(store_url, base_dir=tmp_path, allocator=LocalAllocator(900000))
+    try:
+        record = MessageRecord(message_id="<m1@corp.example>", date=None, from_=None, subject=None,
+                               source_reference="1-T", recipients=["client@supplier.example"],
+                               mapping={PL: "2-T"}, relayed_at=utcnow())
+        queued = store.queue_message(dataclasses.replace(record, message_id="<m0@corp.example>"))
+        await asyncio.wait_for(store.record_message(record), 20)  # the caller waits: no linger
+        assert queued.done()  # queued before it: in the same commit
+        assert [m.message_id for m in (await store.show("1-T")).messages] == ["<m0@corp.example>", "<m1@corp.example>"]
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+def warsaw(monkeypatch):
+    """The process's local time zone is not UTC (UTC+1 in winter, +2 in summer)."""
+    monkeypatch.setenv("TZ", "Europe/Warsaw")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_the_utc_helpers_answer_utc_whatever_the_local_zone(warsaw):
+    assert utcnow().tzinfo is timezone.utc
+    assert abs(utcnow() - datetime.now(timezone.utc)) < timedelta(minutes=1)
+    plus_two = timezone(timedelta(hours=2))
+    assert as_utc(datetime(2026, 6, 1, 12, 0, tzinfo=plus_two)) == datetime(2026, 6, 1, 10, 0, tzinfo=timezone.utc)
+    assert as_utc(datetime(2026, 6, 1, 12, 0, tzinfo=plus_two)).tzinfo is timezone.utc
+    naive = as_utc(datetime(2026, 6, 1, 12, 0))  # naive: taken to be UTC, not local time
+    assert naive.tzinfo is timezone.utc and naive.hour == 12
+    assert iso_utc(datetime(2026, 11, 27, 18, 0, 5, 999, tzinfo=timezone(timedelta(hours=1)))) == "2026-11-27T17:00:05Z"
+    assert iso_utc(datetime(2026, 11, 27, 17, 0)) == "2026-11-27T17:00:00Z"
