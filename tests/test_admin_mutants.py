@@ -1,16 +1,20 @@
-"""The admin pages' and readiness answers' finer points that `make mutate` found untested
-(docs/mutation.md): what each error page and the sign-in form say, what the header's
-search box holds, the teams each page names, the paging links, readiness with two
-problems at once, and the pooled connection readiness hands back. Over real sockets
-against a real smtpgate (tests/support/admin.py)."""
+"""The admin listener's finer points that `make mutate` found untested (docs/mutation.md):
+what each error page and the sign-in form say, what the header's search box holds, the
+teams each page names, the paging links, readiness with two problems at once, the pooled
+connection readiness hands back, tokens that are not UTF-8 or not usable, and what the
+audit line says of a trusted proxy's requests. Over real sockets against a real smtpgate
+(tests/support/admin.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import html as html_lib
 import json
 import re
 import sqlite3
 from urllib.parse import parse_qs, urlsplit
+
+from structlog.testing import capture_logs
 
 from smtpgate.admin.lists import MAX_Q
 from tests.support.admin import SOURCE, TEAM_A, TEAM_B, admin_relay, sign_on_relay  # noqa: F401 - fixtures
@@ -178,3 +182,60 @@ async def test_readyz_hands_its_upstream_connection_back_to_the_pool(admin_relay
     for _ in range(3):
         assert (await get(relay.admin_url + "/readyz"))[0] == 200
     assert relay.sink.connections == before
+
+
+# ---------------------------------------------------------------- tokens and sign-on
+
+
+async def test_a_token_that_is_not_utf8_is_refused_like_any_wrong_token(admin_relay):
+    host, port = admin_relay.admin_url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"GET /api/v1/activities/" + SOURCE.encode() + b" HTTP/1.1\r\nHost: smtpgate\r\n"
+                     b"Authorization: Bearer caf\xe9-\xff\r\nConnection: close\r\n\r\n")
+        answer = await reader.read()
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+
+
+def test_an_unusable_token_file_is_logged_and_the_others_still_count(tmp_path):
+    from smtpgate.admin.auth import Tokens, token_digest
+    from smtpgate.config.admin import Admin, AdminToken
+
+    files = {name: tmp_path / f"{name}.token" for name in ("gone", "empty", "short", "good")}
+    for path in files.values():
+        path.write_text("placeholder\n", encoding="utf-8")  # readable when the config is read
+    admin = Admin(tokens=tuple(AdminToken(team=team, token_file=files[name])
+                               for team, name in (("Team R", "gone"), ("Team E", "empty"), ("Team S", "short"),
+                                                  ("Team G", "good"))))
+    files["gone"].unlink()
+    files["empty"].write_text("  \n", encoding="utf-8")  # changed since
+    files["short"].write_text("sha256:abcd\n", encoding="utf-8")
+    files["good"].write_text("good-token\n", encoding="utf-8")
+    with capture_logs() as logs:
+        tokens = Tokens.load(admin)
+    assert [(e["team"], e["reason"]) for e in logs if e["event"] == "admin.token_unusable"] == [
+        ("Team R", "FileNotFoundError"), ("Team E", "the file is empty"), ("Team S", "sha256: needs 64 hex digits")]
+    grant = tokens.identify("good-token")
+    assert grant is not None and grant.teams == {"Team G"} and grant.token == token_digest("good-token").hex()
+
+
+async def test_the_trusted_proxy_may_send_a_token_without_identity_headers(sign_on_relay, log_lines):
+    relay = sign_on_relay
+    url = f"{relay.admin_url}/api/v1/activities/{SOURCE}"
+    status, _, text, _ = await request(url, source=PROXY, token=relay.tokens[TEAM_A])
+    assert status == 200, text
+    status, _, text, _ = await request(url, token=relay.tokens[TEAM_A])  # from elsewhere: nothing ignored
+    assert status == 200, text
+    event = audit(log_lines)[-1]
+    assert event["team"] == TEAM_A and event["via"] == "token" and event["ignored"] is None
+
+
+async def test_a_refusal_for_groups_given_twice_names_the_person_in_the_audit(sign_on_relay, log_lines):
+    relay = sign_on_relay
+    headers = person("a@corp.example", "pl-payroll-agents") + [("X-Forwarded-Groups", "mail-admins")]
+    status, _, _, _ = await request(f"{relay.admin_url}/api/v1/activities", source=PROXY, headers=headers)
+    assert status == 400
+    event = audit(log_lines)[-1]
+    assert event["person"] == "a@corp.example" and event["denied"] == "X-Forwarded-Groups given 2 times"
