@@ -96,7 +96,8 @@ fuzz: venv
 # Then the I/O layers (tests/support/mutate_io.py): each module alone against the test files that
 # claim it, in mutants-io/<module>/, for at most MUTATE_MODULE_SECONDS each, with its score and
 # survivors.txt. MUTATE_MODULES picks modules (MUTATE_MODULES=smtpgate/metrics.py; the core run
-# is skipped then); MUTATE_MODULES=none runs the core only.
+# is skipped then); MUTATE_MODULES=none runs the core only. docs/mutation.md has the scores per
+# module and why each survivor lives (a test kills it now, or it is equivalent).
 MUTANTS ?=
 MUTATE_SECONDS ?= 1800
 MUTATE_MODULES ?=

@@ -215,8 +215,9 @@ def test_an_unusable_token_file_is_logged_and_the_others_still_count(tmp_path):
     files["good"].write_text("good-token\n", encoding="utf-8")
     with capture_logs() as logs:
         tokens = Tokens.load(admin)
-    assert [(e["team"], e["reason"]) for e in logs if e["event"] == "admin.token_unusable"] == [
-        ("Team R", "FileNotFoundError"), ("Team E", "the file is empty"), ("Team S", "sha256: needs 64 hex digits")]
+    assert [(e["team"], e["file"], e["reason"]) for e in logs if e["event"] == "admin.token_unusable"] == [
+        ("Team R", str(files["gone"]), "FileNotFoundError"), ("Team E", str(files["empty"]), "the file is empty"),
+        ("Team S", str(files["short"]), "sha256: needs 64 hex digits")]
     grant = tokens.identify("good-token")
     assert grant is not None and grant.teams == {"Team G"} and grant.token == token_digest("good-token").hex()
 
