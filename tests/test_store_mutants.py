@@ -180,3 +180,12 @@ def test_the_utc_helpers_answer_utc_whatever_the_local_zone(warsaw):
     assert naive.tzinfo is timezone.utc and naive.hour == 12
     assert iso_utc(datetime(2026, 11, 27, 18, 0, 5, 999, tzinfo=timezone(timedelta(hours=1)))) == "2026-11-27T17:00:05Z"
     assert iso_utc(datetime(2026, 11, 27, 17, 0)) == "2026-11-27T17:00:00Z"
+
+
+async def test_the_export_gives_each_activity_its_creation_time(store):
+    before = utcnow()
+    await store.record_link("1-T", UK, "2-T", PL, None)
+    activities, links = await store.export()
+    assert [(a.reference, a.mailbox) for a in activities] == [("1-T", UK), ("2-T", PL)]
+    assert all(before - timedelta(seconds=1) <= a.created_at <= utcnow() for a in activities)
+    assert [(link.source_reference, link.target_reference) for link in links] == [("1-T", "2-T")]
