@@ -18,8 +18,8 @@ from structlog.testing import capture_logs
 
 from smtpgate.admin.lists import MAX_Q
 from tests.support.admin import SOURCE, TEAM_A, TEAM_B, admin_relay, sign_on_relay  # noqa: F401 - fixtures
-from tests.test_admin import get, sign_in
-from tests.test_admin_signon import PROXY, audit, person, request
+from tests.admin.test_admin import get, sign_in
+from tests.admin.test_admin_signon import PROXY, audit, person, request
 
 UK = "uk-payroll@corp.example"
 PL = "pl-payroll@corp.example"
