@@ -27,7 +27,7 @@ _SMTP = ["tests/frontends/smtp/test_relay.py", "tests/frontends/smtp/test_relay_
          "tests/frontends/smtp/test_relay_params.py", "tests/frontends/smtp/test_smtp_prototype.py", "tests/frontends/smtp/test_abuse_limits.py"]
 _MILTER = ["tests/frontends/milter/test_milter.py", "tests/frontends/milter/test_milter_faults.py"]
 _STORE = ["tests/store/test_store.py", "tests/store/test_store_model.py", "tests/store/test_store_group.py",
-          "tests/store/test_store_schema.py", "tests/store/test_store_operator.py", "tests/store/test_store_mutants.py",
+          "tests/store/test_store_schema.py", "tests/store/test_store_operator.py", "tests/store/test_store_details.py",
           "tests/store/test_record_durability.py"]
 MODULES: dict[str, list[str]] = {
     "smtpgate/metrics.py": ["tests/test_metrics.py", "tests/test_metrics_counters.py"],
@@ -47,7 +47,7 @@ MODULES: dict[str, list[str]] = {
     "smtpgate/upstream/client.py": ["tests/upstream/test_upstream_faults.py", "tests/upstream/test_upstream_pool.py",
                                     "tests/upstream/test_upstream_limits.py", "tests/frontends/smtp/test_early_tag.py"],
     "smtpgate/upstream/mx.py": ["tests/upstream/test_mx.py", "tests/upstream/test_mx_route.py",
-                                "tests/upstream/test_mx_mutants.py"],
+                                "tests/upstream/test_mx_no_route.py"],
     "smtpgate/upstream/oauth2.py": ["tests/upstream/test_upstream_oauth2.py", "tests/upstream/test_upstream_xoauth2.py"],
     "smtpgate/upstream/certificates.py": ["tests/upstream/test_upstream_client_cert.py"],
     "smtpgate/upstream/passthrough.py": ["tests/upstream/test_auth_upstream.py"],
@@ -56,9 +56,9 @@ MODULES: dict[str, list[str]] = {
     "smtpgate/runtime/notify.py": ["tests/runtime/test_serve.py"],
     "smtpgate/runtime/supervisor.py": ["tests/runtime/test_workers.py", "tests/runtime/test_supervisor_timings.py"],
     "smtpgate/admin/app.py": ["tests/admin/test_admin.py", "tests/admin/test_admin_faults.py", "tests/admin/test_admin_list.py",
-                              "tests/admin/test_admin_signon.py", "tests/admin/test_admin_mutants.py", "tests/test_metrics.py"],
+                              "tests/admin/test_admin_signon.py", "tests/admin/test_admin_pages.py", "tests/test_metrics.py"],
     "smtpgate/admin/auth.py": ["tests/admin/test_admin.py", "tests/admin/test_admin_faults.py", "tests/admin/test_admin_list.py",
-                               "tests/admin/test_admin_signon.py", "tests/admin/test_admin_mutants.py"],
+                               "tests/admin/test_admin_signon.py", "tests/admin/test_admin_pages.py"],
     "smtpgate/admin/identity.py": ["tests/admin/test_admin_signon.py", "tests/admin/test_admin.py"],
     "smtpgate/admin/lists.py": ["tests/admin/test_admin_list.py"],
     "smtpgate/store/listing.py": ["tests/admin/test_admin_list.py", "tests/store/test_store_schema.py"],

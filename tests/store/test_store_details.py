@@ -1,4 +1,4 @@
-"""The stores' finer points that `make mutate` found untested (docs/mutation.md):
+"""The stores' finer points:
 the owners a store remembers, the bounds of links_of, the rows list_links gives,
 has_link, an owner that a repeated link fills in, record_message without the
 linger, and the UTC helpers in a zone other than UTC."""

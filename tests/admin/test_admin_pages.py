@@ -1,4 +1,4 @@
-"""The admin listener's finer points that `make mutate` found untested (docs/mutation.md):
+"""The admin listener's finer points:
 what each error page and the sign-in form say, what the header's search box holds, the
 teams each page names, the paging links, readiness with two problems at once, the pooled
 connection readiness hands back, tokens that are not UTF-8 or not usable, and what the

@@ -1,4 +1,4 @@
-"""`mx:` routing's finer points that `make mutate` found untested (docs/mutation.md): the
+"""`mx:` routing's finer points: the
 reason and reply of each way a domain has no route, an address two hosts share, answers
 kept for their TTL, and the resolver's settings. MxRoute asks the test's DNS server on
 loopback (tests/support/dns.py) through dnspython's real resolver."""
