@@ -206,7 +206,9 @@ async def test_a_failed_message_record_is_logged_and_the_client_still_gets_250(s
         blocker.close()
     [error] = events(log_lines, "store.error")
     assert error["stage"] == "record_message" and error["message_id"] == "<faults@corp.example>"
-    assert [e["message_id"] for e in events(log_lines, "message.relayed")] == ["<faults@corp.example>"]
+    [relayed] = events(log_lines, "message.relayed")
+    assert relayed["message_id"] == "<faults@corp.example>"
+    assert error["session"] == relayed["session"]  # logged where the session logs
     assert not events(log_lines, "message.rejected")
     assert await gate.store.find_thread(["<faults@corp.example>"]) is None
     assert len(sink.messages) == 1
