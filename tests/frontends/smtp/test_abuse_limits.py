@@ -98,7 +98,8 @@ async def test_idle_client_gets_421_and_is_closed(sink, config_for, start_gate, 
     assert (await wire.reply()).startswith("421 4.4.2 ")
     assert await wire.reply() == ""
     await wire.close()
-    assert any(e["event"] == "session.timeout" for e in log_lines())
+    [timeout] = [e for e in log_lines() if e["event"] == "session.timeout"]
+    assert timeout["idle_timeout"] == 0.5
 
 
 async def test_idle_timeout_does_not_cut_a_relay_in_flight(sink, config_for, start_gate, log_lines):
