@@ -40,7 +40,7 @@ async def test_duration_ms_is_the_transactions_time_from_mail_to_the_upstreams_a
     assert code(await wire.reply()) == 250
     took_ms = (time.monotonic() - began) * 1000
     [relayed] = events(log_lines, "message.relayed")
-    assert relayed["upstream_ms"] > 1.0
+    assert relayed["upstream_ms"] > 0
     assert relayed["upstream_ms"] <= relayed["duration_ms"] <= took_ms
     assert isinstance(relayed["duration_ms"], float) and relayed["duration_ms"] == round(relayed["duration_ms"], 1)
     await wire.cmd("QUIT")
