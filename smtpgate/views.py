@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 
-from smtpgate.store.base import ActivityView, LinkRow, as_utc, iso_utc
+from smtpgate.store.base import ActivityView, LinkRow, from_iso, iso_utc
 from smtpgate.store.transfer import Backup, export_object
 
 __all__ = ["format_export", "format_list", "format_show", "iso_utc", "parse_since", "show_object"]
@@ -22,10 +22,7 @@ __all__ = ["format_export", "format_list", "format_show", "iso_utc", "parse_sinc
 def parse_since(text: str) -> datetime:
     """`--since DATE`: `YYYY-MM-DD` (midnight UTC) or an ISO 8601 date-time
     (UTC when it has no offset). Raises ValueError for anything else."""
-    text = text.strip()
-    if text.endswith(("Z", "z")):
-        text = text[:-1] + "+00:00"
-    return as_utc(datetime.fromisoformat(text))
+    return from_iso(text)
 
 
 def _team(teams: Mapping[str, str], mailbox: str | None) -> str | None:

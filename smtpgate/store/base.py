@@ -371,6 +371,15 @@ def as_utc(value: datetime) -> datetime:
     return value.astimezone(timezone.utc)
 
 
+def from_iso(text: str) -> datetime:
+    """An ISO 8601 date or date-time in UTC: a final Z is UTC, no offset is taken to be UTC,
+    a date alone is its midnight. Raises ValueError for anything else."""
+    text = text.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    return as_utc(datetime.fromisoformat(text))
+
+
 def iso_utc(value: datetime) -> str:
     """ISO 8601 UTC to the second with a Z, as every view writes a time: `2026-11-27T17:00:00Z`."""
     return as_utc(value).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from smtpgate.store.base import ActivityRow, LinkRow, MessageRecord, as_utc, iso_utc
+from smtpgate.store.base import ActivityRow, LinkRow, MessageRecord, from_iso, iso_utc
 
 __all__ = ["Backup", "BackupError", "ImportCounts", "TransferMixin", "export_object", "read_backup"]
 
@@ -99,7 +99,7 @@ class _Reader:
     def time(self, obj: Any, key: str, where: str) -> datetime:
         text = self.get(obj, key, where, str)
         try:
-            return as_utc(datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text))
+            return from_iso(text)
         except ValueError:
             raise self.fail(f"{where}.{key}", f"expected an ISO 8601 date-time, got {text!r:.60}") from None
 
