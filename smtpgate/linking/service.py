@@ -90,11 +90,10 @@ class LinkService:
 
         ``message_id`` None: the Message-ID field's ``<id>``, else a new one
         (``message_id_added``). ``known_links``: what ``early_target`` found for this
-        transaction, (source reference, mailbox) -> linked reference; each is confirmed against
-        the store (never a remembered answer) and reused while it exists, so the message keeps
-        what its RCPT named upstream; one deleted meanwhile is not used, and that mailbox is
-        decided afresh (the front end replays the envelope). Raises LinkUnavailable when the
-        store fails.
+        transaction, (source reference, mailbox) -> linked reference, read from the store at
+        this transaction's MAIL; each is reused as it was read, so the message keeps what its
+        RCPT named upstream (the message is ordered before a link deleted after its MAIL; one
+        deleted before it was never read). Raises LinkUnavailable when the store fails.
         """
         log = log or _log
         added = False
@@ -202,7 +201,7 @@ class LinkService:
                     found.would_create.append(mb.address)
                 continue
             known = known_links.get((source.reference, mb.address))
-            if known is not None and await self.store.has_link(source.reference, known, mb.address):
+            if known is not None:  # read at this transaction's MAIL: the message keeps what its RCPT named
                 found.references[mb.address] = known
                 found.reused.append(known)
                 continue

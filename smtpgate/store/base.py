@@ -253,11 +253,6 @@ class Store(abc.ABC):
         """The newest activity of ``mailbox`` linked to the source, or None; never writes."""
 
     @abc.abstractmethod
-    async def has_link(self, source_reference: str, reference: str, mailbox: str) -> bool:
-        """The source is linked to ``reference`` and ``mailbox`` owns it, read from the
-        database itself (never a remembered answer); never writes."""
-
-    @abc.abstractmethod
     async def links_of(self, source_reference: str, limit: int = LINKS_OF_LIMIT) -> dict[str, str] | None:
         """Every mailbox's newest activity linked to the source (what find_link answers for
         each mailbox), in one read; None when the source has more than ``limit`` links."""

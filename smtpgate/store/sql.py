@@ -340,16 +340,6 @@ class SqlStore(TransferMixin, Listing, MessageRecords, Store):
         async with self._lookup() as tx:
             return await self._linked_owned_by(tx, source_reference, mailbox)
 
-    async def has_link(self, source_reference: str, reference: str, mailbox: str) -> bool:
-        lo, hi = sorted((source_reference, reference))
-        async with self._lookup() as tx:
-            row = await tx.fetchone(
-                "SELECT 1 FROM links l JOIN activities a ON a.reference = ?"
-                " WHERE l.lo = ? AND l.hi = ? AND a.mailbox = ?",
-                reference, lo, hi, mailbox,
-            )
-        return row is not None
-
     async def get_or_create_link(
         self,
         source_reference: str,

@@ -1,6 +1,6 @@
 """The stores' finer points:
 the owners a store remembers, the bounds of links_of, the rows list_links gives,
-has_link, an owner that a repeated link fills in, record_message without the
+an owner that a repeated link fills in, record_message without the
 linger, and the UTC helpers in a zone other than UTC."""
 
 from __future__ import annotations
@@ -124,17 +124,6 @@ async def test_list_links_gives_both_owners_the_time_and_the_message_id(store):
             for r in rows] == [("1-T", UK, "2-T", PL, "<m1@corp.example>"), ("3-T", None, "4-T", DE, None)]
     assert all(isinstance(r.created_at, datetime) and r.created_at.tzinfo is not None for r in rows)
     assert [r.target_reference for r in await store.list_links(mailbox=DE)] == ["4-T"]
-
-
-async def test_has_link_needs_the_link_and_the_owner(store):
-    outcome = await store.get_or_create_link("101203-T", UK, LinkTarget(PL, "Team", "{n}-T", True), CTX)
-    assert outcome is not None and outcome.reference == "900000-T"
-    assert await store.has_link("101203-T", "900000-T", PL)
-    assert await store.has_link("900000-T", "101203-T", UK)  # from either side
-    assert not await store.has_link("101203-T", "900000-T", DE)  # owned by another mailbox
-    assert not await store.has_link("101203-T", "900001-T", PL)  # no such link
-    await store.record_activity("5-T", PL)
-    assert not await store.has_link("101203-T", "5-T", PL)  # owned, but not linked
 
 
 async def test_a_repeated_link_fills_in_the_owner_the_first_one_lacked(store):

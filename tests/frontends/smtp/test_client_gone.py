@@ -147,9 +147,11 @@ async def test_a_recipient_given_twice_goes_upstream_once(sink, tmp_path, start_
                                       "relayed": "pl-payroll+900777-T@corp.example"}]
 
 
-async def test_a_link_deleted_after_rcpt_is_not_used(sink, tmp_path, start_gate, log_lines):
-    """The RCPT named the link upstream; it is deleted before the final dot: the message
-    does not carry it. The recipient is decided afresh (a new link) and the envelope replayed."""
+async def test_a_link_deleted_after_mail_still_carries_the_message(sink, tmp_path, start_gate, log_lines):
+    """The links are read once, at MAIL: the RCPT named the link upstream, and the message
+    keeps it though the link is deleted before the final dot (the message is ordered before
+    the deletion); no replay. The next message, whose MAIL comes after the deletion, does not
+    carry it: that recipient is decided afresh."""
     gate, port = await start_gate(config(tmp_path, sink))
     store = gate.snapshot.links.store
     assert await store.record_link("101203-T", "uk-payroll@corp.example", "900777-T", "pl-payroll@corp.example",
@@ -160,15 +162,20 @@ async def test_a_link_deleted_after_rcpt_is_not_used(sink, tmp_path, start_gate,
     assert sink.commands[-1].startswith("RCPT TO:<pl-payroll+900777-T@corp.example>")
     assert await store.delete_link("101203-T", "900777-T", by="test")
     assert code(await send_data(wire, MESSAGE)) == 250
+    assert sink.messages[0].rcpt_tos == ["pl-payroll+900777-T@corp.example"]
+    assert not any(c.upper().startswith("RSET") for c in sink.commands)
+    assert code(await wire.cmd(f"MAIL FROM:<{SENDER}>")) == 250
+    assert code(await wire.cmd("RCPT TO:<pl-payroll@corp.example>")) == 250
+    assert code(await send_data(wire, MESSAGE)) == 250
     await wire.cmd("QUIT")
-    [message] = sink.messages
-    [rcpt] = message.rcpt_tos
+    [rcpt] = sink.messages[1].rcpt_tos
     assert rcpt.startswith("pl-payroll+") and rcpt != "pl-payroll+900777-T@corp.example"
-    assert b"900777-T" not in message.data
+    assert b"900777-T" not in sink.messages[1].data
     new = rcpt.split("+")[1].split("@")[0]
     assert await store.find_link("101203-T", "pl-payroll@corp.example") == new
-    [relayed] = [e for e in log_lines() if e["event"] == "message.relayed"]
-    assert relayed["links_created"] == [new]
+    relayed = [e for e in log_lines() if e["event"] == "message.relayed"]
+    assert [e["links_reused"] for e in relayed] == [["900777-T"], []]
+    assert relayed[1]["links_created"] == [new]
 
 
 # ---------------------------------------------------------------- PostgreSQL: a store that waits
@@ -235,11 +242,12 @@ async def test_a_client_gone_while_the_mail_time_look_up_runs_leaves_it_running(
 
 
 @pytest.mark.postgres
-async def test_a_link_deleted_by_hand_within_the_links_memory_window_is_not_used(
+async def test_a_link_deleted_by_hand_is_used_within_the_links_memory_window_only(
         pg_store_url, sink, tmp_path, start_gate, log_lines):
     """A hand-made DELETE notifies nobody: the MAIL-time look-up still answers the deleted link
-    from memory and the RCPT names it upstream, but the decision confirms it against the
-    database, so the message goes out with a new link, replayed."""
+    from memory (for at most LINKS_KEPT_SECONDS, docs/architecture.md) and the message carries
+    it, with no second look at the database. The next change smtpgate makes notifies every
+    look-up connection: the memory is emptied, and the next message is decided afresh."""
     import asyncpg
 
     gate, port = await start_gate(config(tmp_path, sink, store=pg_store_url))
@@ -264,11 +272,21 @@ async def test_a_link_deleted_by_hand_within_the_links_memory_window_is_not_used
     assert code(await wire.cmd("RCPT TO:<pl-payroll@corp.example>")) == 250
     assert sink.commands[-1].startswith("RCPT TO:<pl-payroll+900777-T@corp.example>")  # from memory
     assert code(await send_data(wire, MESSAGE)) == 250
+    assert sink.messages[0].rcpt_tos == ["pl-payroll+900777-T@corp.example"]
+    # A change smtpgate makes (another source's link) notifies: the memory is emptied.
+    assert await store.record_link("101204-T", "uk-payroll@corp.example", "900778-T", "pl-payroll@corp.example",
+                                   None)
+    await store._lookups.fetchval("SELECT 1")
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert "101203-T" not in store._links
+    assert code(await wire.cmd(f"MAIL FROM:<{SENDER}>")) == 250
+    assert code(await wire.cmd("RCPT TO:<pl-payroll@corp.example>")) == 250
+    assert code(await send_data(wire, MESSAGE)) == 250
     await wire.cmd("QUIT")
-    [message] = sink.messages
-    [rcpt] = message.rcpt_tos
+    [rcpt] = sink.messages[1].rcpt_tos
     assert rcpt.startswith("pl-payroll+") and rcpt != "pl-payroll+900777-T@corp.example"
-    assert b"900777-T" not in message.data
+    assert b"900777-T" not in sink.messages[1].data
 
 
 @pytest.mark.postgres
