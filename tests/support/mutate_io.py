@@ -25,7 +25,8 @@ from tests.support.mutation_score import summary
 # Module -> the test files that claim it (a mutant is judged by these only).
 _SMTP = ["tests/frontends/smtp/test_relay.py", "tests/frontends/smtp/test_relay_edges.py", "tests/frontends/smtp/test_relay_faults.py",
          "tests/frontends/smtp/test_relay_params.py", "tests/frontends/smtp/test_smtp_prototype.py", "tests/frontends/smtp/test_abuse_limits.py"]
-_MILTER = ["tests/frontends/milter/test_milter.py", "tests/frontends/milter/test_milter_faults.py"]
+_MILTER = ["tests/frontends/milter/test_milter.py", "tests/frontends/milter/test_milter_faults.py",
+           "tests/frontends/milter/test_milter_session.py"]
 _STORE = ["tests/store/test_store.py", "tests/store/test_store_model.py", "tests/store/test_store_group.py",
           "tests/store/test_store_schema.py", "tests/store/test_store_operator.py", "tests/store/test_store_details.py",
           "tests/store/test_record_durability.py"]

@@ -16,6 +16,7 @@ import pytest
 
 from smtpgate.config import load_config
 from smtpgate.frontends.milter.codec import MAX_PACKET
+from smtpgate.mail.stamp import make_stamp
 from smtpgate.runtime.gate import Gate, StartupError
 from tests.conftest import write_config
 from tests.support.configs import TEAMS_A_B
@@ -275,6 +276,92 @@ async def test_a_missing_message_id_is_added(milter):
     assert event["message_id"] == value.decode().strip()
 
 
+# ----------------------------------------------------------------- what the MTA lets smtpgate do
+
+STAMP_SECRET = "0123456789abcdef0123456789abcdef"
+NO_MSGID = b"From: uk-payroll+101203-T@corp.example\r\nTo: client@supplier.example\r\n\r\nx\r\n"
+
+
+async def test_an_mta_without_addrcpt_par_gets_the_recipient_without_parameters(milter):
+    new, _ = await milter.step1()
+    client = await MilterClient.open(milter.port)
+    await client.negotiate(actions=0x1FF & ~0x80)  # ADDRCPT only
+    await client.connect()
+    actions = await client.message(SENDER, [("pl-payroll@corp.example", "NOTIFY=NEVER")],
+                                   b"From: uk-payroll+101203-T@corp.example\r\nMessage-ID: <np@x>\r\n\r\n")
+    await client.quit()
+    assert actions == [("DELRCPT", "<pl-payroll@corp.example>"), ("ADDRCPT", f"<pl-payroll+{new}@corp.example>"),
+                       ("ACCEPT",)]
+
+
+async def test_an_mta_with_addrcpt_par_only_gets_parameters_even_for_a_shared_recipient(milter_config, start_gate,
+                                                                                        log_lines):
+    gate, port = await start_gate(milter_config(listener=INBOUND_LISTENER,
+                                                extra="inbound:\n  share_with_thread: true\n"))
+    new, _ = await Milter(gate, port, log_lines).step1()
+    client = await MilterClient.open(gate.bound[1][1])
+    await client.negotiate(actions=0x1FF & ~0x04)  # ADDRCPT_PAR only
+    await client.connect()
+    actions = await client.message("client@supplier.example", ["uk-payroll+101203-T@corp.example"],
+                                   b"From: client@supplier.example\r\nTo: uk-payroll+101203-T@corp.example\r\n"
+                                   b"In-Reply-To: <step1.101203@corp.example>\r\n"
+                                   b"Message-ID: <par@supplier.example>\r\n\r\n")
+    await client.quit()
+    # The shared recipient has no ESMTP parameters of its own: ADDRCPT_PAR with none.
+    assert actions == [("CONTINUE",), ("ADDRCPT_PAR", f"<pl-payroll+{new}@corp.example>", ""), ("ACCEPT",)]
+    # Offered both, the plain ADDRCPT.
+    client = await MilterClient.open(gate.bound[1][1])
+    await client.negotiate()
+    await client.connect()
+    both = await client.message("client@supplier.example", ["uk-payroll+101203-T@corp.example"],
+                                b"From: client@supplier.example\r\nTo: uk-payroll+101203-T@corp.example\r\n"
+                                b"In-Reply-To: <step1.101203@corp.example>\r\n"
+                                b"Message-ID: <both@supplier.example>\r\n\r\n")
+    await client.quit()
+    assert both == [("CONTINUE",), ("ADDRCPT", f"<pl-payroll+{new}@corp.example>"), ("ACCEPT",)]
+
+
+async def test_an_mta_that_cannot_add_header_fields_gets_no_message_id(milter_config, start_gate, log_lines,
+                                                                     tmp_path):
+    (tmp_path / "stamp.key").write_text(STAMP_SECRET + "\n")
+    gate, port = await start_gate(milter_config(extra="stamp:\n  secret_file: stamp.key\n"))
+    client = await MilterClient.open(port)
+    await client.negotiate(actions=0x1FF & ~0x01)  # no ADDHDRS
+    await client.connect()
+    actions = await client.message(SENDER, ["client@supplier.example"], NO_MSGID)
+    await client.quit()
+    assert actions == [("ACCEPT",)]
+
+
+async def test_the_stamp_is_added_and_one_that_does_not_verify_is_taken_out(milter_config, start_gate, log_lines,
+                                                                           tmp_path):
+    (tmp_path / "stamp.key").write_text(STAMP_SECRET + "\n")
+    gate, port = await start_gate(milter_config(extra="stamp:\n  header: X-Gate-Done\n  secret_file: stamp.key\n"))
+    m = Milter(gate, port, log_lines)
+    stamp = make_stamp(STAMP_SECRET.encode(), "<st@corp.example>")
+    data = (b"From: uk-payroll+101203-T@corp.example\r\nTo: client@supplier.example\r\n"
+            b"X-Gate-Done: v1:" + b"A" * 43 + b"\r\nMessage-ID: <st@corp.example>\r\n\r\nx\r\n")
+    actions = await m.send(SENDER, ["client@supplier.example"], data)
+    assert actions == [("CHGHEADER", 1, "X-Gate-Done", b""), ("ADDHEADER", "X-Gate-Done", f" {stamp}".encode()),
+                       ("ACCEPT",)]
+    # An MTA without HDR_LEADSPC puts the space after the colon itself.
+    client = await MilterClient.open(port)
+    await client.negotiate(version=2, actions=0x1F, steps=0x7F)
+    await client.connect()
+    old = await client.message(SENDER, ["client@supplier.example"], data)
+    await client.quit()
+    assert [a for a in old if a[0] != "CONTINUE"] == [
+        ("CHGHEADER", 1, "X-Gate-Done", b""), ("ADDHEADER", "X-Gate-Done", stamp.encode()), ("ACCEPT",)]
+    # Stamped as smtpgate stamps it: passed untouched, each recipient logged as it is.
+    stamped = data.replace(b"v1:" + b"A" * 43, stamp.encode())
+    assert await m.send(SENDER, ['"client"@supplier.example'], stamped) == [("ACCEPT",)]
+    [processed] = m.events("message.already_processed")
+    assert processed["message_id"] == "<st@corp.example>" and processed["mail_from"] == SENDER
+    relayed = m.events("message.relayed")[-1]
+    assert relayed["already_processed"] is True
+    assert relayed["recipients"] == [{"original": "client@supplier.example", "relayed": "client@supplier.example"}]
+
+
 async def test_two_spellings_of_one_mailbox_are_sent_once(milter):
     new, _ = await milter.step1()
     data = b"From: uk-payroll+101203-T@corp.example\r\nTo: client@supplier.example\r\nMessage-ID: <2s@x>\r\n\r\n"
@@ -285,6 +372,10 @@ async def test_two_spellings_of_one_mailbox_are_sent_once(milter):
         ("ADDRCPT_PAR", f"<pl-payroll+{new}@corp.example>", "ORCPT=rfc822;pl-payroll@corp.example"),
         ("ACCEPT",),
     ]
+    # The second spelling goes out as the first: relayed as nothing of its own.
+    assert milter.events("message.relayed")[-1]["recipients"] == [
+        {"original": "pl-payroll@corp.example", "relayed": f"pl-payroll+{new}@corp.example"},
+        {"original": "PL-Payroll@Corp.Example", "relayed": None}]
 
 
 async def test_several_messages_on_one_connection(milter):
@@ -366,6 +457,11 @@ async def test_too_many_hops_is_refused(milter):
     actions = await milter.send(SENDER, ["pl-payroll@corp.example"], data)
     assert actions == [("REPLYCODE", "554 5.4.6 Too many hops, mail loop suspected")]
     assert await milter.link("101203-T", "pl-payroll@corp.example") is None
+    [rejected] = milter.events("message.rejected")
+    assert {k: rejected.get(k) for k in ("level", "code", "reason", "queue_id", "mail_from", "client_ip", "helo")} == {
+        "level": "info", "code": 554, "reason": "51 Received fields", "queue_id": "4ABCDE", "mail_from": SENDER,
+        "client_ip": "192.0.2.7", "helo": "client.test"}
+    assert "exception" not in rejected
 
 
 async def still_serving(milter) -> None:
@@ -612,8 +708,10 @@ async def test_inbound_milter_restores_the_tags_a_reply_dropped(milter_config, s
     # Inbound mail creates no link and no thread record.
     assert [link.reference for link in (await gate.store.show("101203-T")).links] == [new]
     assert await gate.store.find_thread(["<reply@supplier.example>"]) is None
-    refused = [e for e in outbound.events("command.refused") if e.get("recipient")]
-    assert refused[0]["recipient"] == "someone@else.example" and refused[0]["code"] == 554
+    [refused] = [e for e in outbound.events("command.refused") if e.get("recipient")]
+    assert {k: refused[k] for k in ("code", "reason", "stage", "recipient", "listener")} == {
+        "code": 554, "reason": "inbound listener: not an internal domain", "stage": "rcpt",
+        "recipient": "someone@else.example", "listener": "inbound"}
 
 
 async def test_inbound_milter_strips_a_guessed_tag_when_told_to(milter_config, start_gate, log_lines):

@@ -55,6 +55,10 @@ async def test_an_internal_error_in_the_decision_is_a_temporary_failure(milter_c
     assert actions == [TEMPFAIL_451]
     [rejected] = m.events("message.rejected")
     assert rejected["code"] == 451 and rejected["reason"] == "internal error"
+    # A fault: logged as an error with its traceback and the message's fields.
+    assert rejected["level"] == "error" and "Traceback" in rejected["exception"]
+    assert (rejected["queue_id"], rejected["mail_from"], rejected["client_ip"]) == (
+        "4ABCDE", "client@supplier.example", "192.0.2.7")
     assert [e["message_id"] for e in m.events("message.relayed")] == ["<step1.101203@corp.example>"]
 
 
