@@ -83,3 +83,19 @@ async def test_a_session_says_which_envelopes_it_carries(tmp_path, upstream):
     await pool.close()
     assert MaildirSession(root=tmp_path).carries("jürgen@x.example")
     assert not UpstreamSession().carries("jürgen@x.example")
+
+
+async def test_a_password_file_gone_after_start_is_an_auth_error_that_names_it(tmp_path, upstream):
+    secret = tmp_path / "upstream.secret"
+    secret.write_text(JANE[1] + "\n")
+    text = config_text(tmp_path, upstream.port, upstream.cafile).replace(
+        "auth_backend: upstream\n", "").replace("    auth: required\n", "").replace(
+        "  ca_file:", f"  username: {JANE[0]}\n  password_file: {secret}\n  ca_file:")
+    pool = UpstreamPool(load_config(write_config(tmp_path, text)).upstream, local_hostname="gate.test")
+    session = await pool.acquire()  # the password as read now
+    await session.release(False)
+    secret.unlink()
+    with pytest.raises(UpstreamAuthError) as refused:
+        await pool.acquire()
+    assert refused.value.reason == f"cannot read {secret}: No such file or directory"
+    await pool.close()
