@@ -83,6 +83,26 @@ async def test_a_reply_to_team_a_only_also_reaches_team_b_envelope_only(thread, 
         assert listed.shared == [B] and listed.recipients == [A, B]
 
 
+async def test_a_recipient_without_a_tag_is_listed_in_the_record_but_maps_to_no_activity(thread, sink):
+    gate, inbound = await thread()
+    await reply(inbound, ["uk-payroll@corp.example", "hr@corp.example"])
+    assert sink.messages[-1].rcpt_tos == [A, "hr@corp.example", B]
+    await gate.store.records.settled()
+    for reference in ("101203-T", NEW):
+        [listed] = [m for m in (await gate.store.show(reference)).messages
+                    if m.message_id == "<reply.1@supplier.example>"]
+        assert listed.recipients == [A, "hr@corp.example", B] and listed.shared == [B]
+
+
+async def test_a_reply_without_message_id_is_shared_but_not_recorded(thread, sink, log_lines):
+    gate, inbound = await thread()
+    await reply(inbound, ["uk-payroll@corp.example"], data=REPLY.replace(b"Message-ID: <reply.1@supplier.example>\r\n", b""))
+    assert sink.messages[-1].rcpt_tos == [A, B]
+    await gate.store.records.settled()
+    for reference in ("101203-T", NEW):
+        assert [m.message_id for m in (await gate.store.show(reference)).messages] == ["<step1.101203@corp.example>"]
+
+
 async def test_a_reply_to_team_b_only_also_reaches_team_a(thread, sink):
     _, inbound = await thread()
     await reply(inbound, [B])

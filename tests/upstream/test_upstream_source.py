@@ -98,4 +98,8 @@ async def test_a_password_file_gone_after_start_is_an_auth_error_that_names_it(t
     with pytest.raises(UpstreamAuthError) as refused:
         await pool.acquire()
     assert refused.value.reason == f"cannot read {secret}: No such file or directory"
+    secret.write_bytes(b"\xff\xfe not UTF-8\n")  # an error without strerror: said as it is
+    with pytest.raises(UpstreamAuthError) as refused:
+        await pool.acquire()
+    assert refused.value.reason.startswith(f"cannot read {secret}: 'utf-8' codec can't decode byte 0xff")
     await pool.close()

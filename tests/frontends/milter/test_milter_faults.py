@@ -10,6 +10,7 @@ import asyncio
 import sqlite3
 import struct
 
+from smtpgate.log import _OUTAGES
 from tests.support.milter import POSTFIX_ACTIONS, MilterClient, packet, strings
 from tests.frontends.milter.test_milter import SENDER, STEP1, STEP1_RCPTS, Milter, milter, milter_config  # noqa: F401 - fixtures
 
@@ -138,3 +139,31 @@ async def test_a_connection_arriving_while_draining_is_closed_unserved(milter):
     [refused] = milter.events("milter.session.refused")
     assert refused["reason"] == "draining"
     assert milter.events("milter.session.opened") == []
+
+
+async def test_a_failed_message_record_is_logged_in_the_session_and_the_message_accepted(milter_config, start_gate,
+                                                                                        log_lines, tmp_path):
+    _OUTAGES.clear()  # the process's outage records: an earlier test's store outage is not this one
+    gate, port = await start_gate(milter_config(store_timeout=0.5))
+    m = Milter(gate, port, log_lines)
+    new, _ = await m.step1()
+    await _recorded(tmp_path / "smtpgate.db")
+    data = (b"From: uk-payroll+101203-T@corp.example\r\nTo: pl-payroll@corp.example\r\n"
+            b"Message-ID: <unrecorded@corp.example>\r\n\r\nx\r\n")
+    # The link exists (read only); another writer holds the store when the record is written.
+    blocker = sqlite3.connect(tmp_path / "smtpgate.db", timeout=10, check_same_thread=False)
+    await asyncio.to_thread(blocker.execute, "BEGIN IMMEDIATE")
+    try:
+        actions = await m.send(SENDER, ["pl-payroll@corp.example"], data)
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert actions[-1] == ("ACCEPT",) and ("ADDRCPT_PAR", f"<pl-payroll+{new}@corp.example>",
+                                            "ORCPT=rfc822;pl-payroll@corp.example") in actions
+    [error] = m.events("store.error")
+    assert error["stage"] == "record_message" and error["message_id"] == "<unrecorded@corp.example>"
+    assert error["reason"].startswith("StoreError: ") and "locked" in error["reason"]
+    [relayed] = [e for e in m.events("message.relayed") if e["message_id"] == "<unrecorded@corp.example>"]
+    assert error["session"] == relayed["session"]  # logged where the session logs
+    [failed] = [e for e in m.events("component.failed") if e["component"] == "store"]
+    assert failed["problem"] == error["reason"].replace("StoreError: ", "store: ", 1)
