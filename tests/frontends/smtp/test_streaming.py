@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from smtpgate.frontends.smtp.stream import SPOOL_MEMORY_OCTETS, BodySpool
 from smtpgate.upstream.maildir import _MaildirStream
 from tests.conftest import write_config
 from tests.support.smtp import send
@@ -285,6 +286,20 @@ async def test_spool_files_are_gone_after_every_outcome(gate, sink, spool, outco
     assert code(reply) == {"relayed": 250, "dot refused": 554, "upstream gone": 451}[outcome], reply
     assert spool_fds(spool) == []
 
+
+
+def test_the_spool_holds_up_to_its_memory_limit_again_after_each_drain(tmp_path):
+    spool = BodySpool(tmp_path)
+    full = b"x" * SPOOL_MEMORY_OCTETS
+    for _ in range(2):
+        spool.add(full)  # exactly the limit: still in memory
+        assert spool.file is None
+        assert b"".join(spool.drain()) == full
+    spool.add(full)
+    spool.add(b"y")  # one octet more: the file
+    assert spool.file is not None
+    assert b"".join(spool.drain()) == full + b"y"
+    assert spool.file is None
 
 async def test_spool_files_are_gone_after_kill_9_and_stale_ones_at_start(tmp_path, sink, spool):
     port = free_port()
