@@ -24,7 +24,7 @@ import threading
 
 import pytest
 from aiosmtpd.smtp import SMTP
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from smtpgate.frontends.smtp.aiosmtpd_glue import DataLimits, GlueSMTP, _MessageData, data_refusal, read_message_data
@@ -574,6 +574,7 @@ def aiosmtpd_refusal(data: bytes, size_limit: int | None, line_limit: int) -> st
 
 @settings(max_examples=500, deadline=None, derandomize=True)
 @given(st.lists(st.integers(0, 30), max_size=12), st.sampled_from([None, 20, 50, 100]))
+@example([8, 8, 13], 20)  # exactly the size limit, then a line that overruns the reader: 500, not 552
 def test_data_refusal_is_aiosmtpd_s_line_by_line_verdict(lengths, size_limit):
     data = b"".join(b"x" * n + b"\r\n" for n in lengths)
     verdict = aiosmtpd_refusal(data, size_limit, 12)
