@@ -25,19 +25,17 @@ import aiosmtplib
 from smtpgate.config import Upstream
 from smtpgate.log import get_logger, outage, plain_words
 from smtpgate.mail import replies
-from smtpgate.mail.dataguard import OFF_LOOP_OCTETS
 from smtpgate.metrics import UPSTREAM_IN_USE
 from smtpgate.upstream.certificates import load_client_certificate
-from smtpgate.upstream.maildir import MaildirSession, write_maildir
+from smtpgate.upstream.maildir import MaildirSession
 from smtpgate.upstream.mx import MxRoute, RouteError, Target
 from smtpgate.upstream.oauth2 import TokenError, TokenSource
 from smtpgate.upstream.session import (UpstreamAuthError, UpstreamConnectError, UpstreamError, UpstreamSession,
                                        UpstreamSource, Verdict)
-from smtpgate.upstream.wire import _stuffed, wire_pieces
+from smtpgate.upstream.wire import stuffed
 
 __all__ = ["FRESH_SECONDS", "IDLE_SECONDS", "MaildirSession", "SmtpSession", "UpstreamAuthError",
-           "UpstreamConnectError", "UpstreamError", "UpstreamPool", "UpstreamSession", "UpstreamSource", "Verdict",
-           "wire_pieces", "write_maildir"]
+           "UpstreamConnectError", "UpstreamError", "UpstreamPool", "UpstreamSession", "UpstreamSource", "Verdict"]
 
 log = get_logger()
 
@@ -182,38 +180,6 @@ class SmtpSession(UpstreamSession):
         # The health check of a pooled connection: a dead one must not eat the MAIL budget.
         return await self._command(b"NOOP", timeout=self.pool.config.timeouts.connect)
 
-    async def data(self, content: bytes, *, head: bytes = b"", start: int = 0, clean: bool = False) -> Verdict:
-        wait = self.pool.config.timeouts.data
-        begun, self._data_reply = self._data_reply, None
-        ready = await (begun if begun is not None else self._command(b"DATA", timeout=wait))
-        if ready.code != 354:
-            return ready
-        try:
-            # The payload is written as pieces, the body straight from the received bytes:
-            # no copy of a large message unless it has lines to dot-stuff.
-            protocol = self.client.protocol
-            transport = protocol.transport if protocol is not None else None
-            if transport is None or transport.is_closing():
-                raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-            if len(content) - start > OFF_LOOP_OCTETS:  # a large body is searched for dots in a thread
-                pieces = await asyncio.to_thread(wire_pieces, head, content, start, clean=clean)
-                if transport.is_closing():
-                    raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-            else:
-                pieces = wire_pieces(head, content, start, clean=clean)
-            # One write call for all the pieces (uvloop: one writev).
-            transport.writelines(pieces)
-            # Nothing runs between the write and read_response marking a reply as awaited.
-            response = await protocol.read_response(timeout=wait)
-        except asyncio.CancelledError:
-            self.desynced = True
-            self.client.close()
-            raise
-        except (aiosmtplib.SMTPException, OSError) as exc:
-            self.desynced = True
-            raise UpstreamError(f"DATA: {_describe(exc, wait)}") from None
-        return Verdict(response.code, response.message)
-
     async def open_data(self, head: bytes) -> Verdict:
         wait = self.pool.config.timeouts.data
         begun, self._data_reply = self._data_reply, None
@@ -222,7 +188,7 @@ class SmtpSession(UpstreamSession):
             return ready
         self._streaming = True
         # Written with what follows (one write for a small message: head, body and dot).
-        self._unsent = [_stuffed(head)] if head else []
+        self._unsent = [stuffed(head)] if head else []
         return ready
 
     async def write_data(self, wire: bytes | memoryview) -> None:

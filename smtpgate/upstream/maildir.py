@@ -18,7 +18,7 @@ from typing import BinaryIO
 
 from smtpgate.upstream.session import UpstreamError, UpstreamSession, Verdict
 
-__all__ = ["MaildirSession", "write_maildir"]
+__all__ = ["MaildirSession"]
 
 
 @dataclass
@@ -61,15 +61,6 @@ class MaildirSession(UpstreamSession):
             "rcpt_tos": self.recipients,
             "rcpt_options": self.rcpt_params,
         }
-
-    async def data(self, content: bytes, *, head: bytes = b"", start: int = 0, clean: bool = False) -> Verdict:
-        if head or start:
-            content = head + content[start:]
-        try:
-            name = await asyncio.to_thread(write_maildir, self.root, content, self._envelope())
-        except OSError as exc:
-            raise UpstreamError(f"maildir write failed: {exc}") from None
-        return Verdict(250, f"2.0.0 Ok: queued as {name}")
 
     async def open_data(self, head: bytes) -> Verdict:
         self._abandon()
@@ -122,18 +113,6 @@ def _new_name(root: Path) -> str:
     for sub in ("tmp", "new", "cur", "envelopes"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     return f"{time.time_ns()}.P{os.getpid()}Q{_counter}.{socket.gethostname()}"
-
-
-def write_maildir(root: Path, content: bytes, envelope: dict) -> str:
-    """Deliver content into root/new the Maildir way (tmp, fsync, rename); return its name."""
-    name = _new_name(root)
-    tmp = root / "tmp" / name
-    with open(tmp, "wb") as fh:
-        fh.write(content)
-        fh.flush()
-        os.fsync(fh.fileno())
-    _deliver(root, name, envelope)
-    return name
 
 
 def _deliver(root: Path, name: str, envelope: dict) -> None:

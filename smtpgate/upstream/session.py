@@ -77,12 +77,6 @@ class UpstreamSession:
         """DATA was sent by begin_data and its reply is not taken yet."""
         return False
 
-    async def data(self, content: bytes, *, head: bytes = b"", start: int = 0, clean: bool = False) -> Verdict:
-        """Send the message ``head + content[start:]`` (head and start spare a copy of a
-        large body when only the header block changed; ``clean``: content is known to have
-        only CRLF line ends)."""
-        raise NotImplementedError
-
     async def open_data(self, head: bytes) -> Verdict:
         """DATA (or begin_data's reply), then ``head``: the start of the message, CRLF line
         ends, ending at a line's end, as it is to be delivered (it may wait to go with what

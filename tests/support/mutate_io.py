@@ -77,7 +77,7 @@ MODULES: dict[str, list[str]] = {
     "smtpgate/upstream/certificates.py": ["tests/upstream/test_upstream_client_cert.py"],
     "smtpgate/upstream/passthrough.py": ["tests/upstream/test_auth_upstream.py"],
     "smtpgate/upstream/session.py": ["tests/upstream/test_upstream_source.py", "tests/upstream/test_upstream_pool.py"],
-    "smtpgate/upstream/wire.py": ["tests/upstream/test_wire_pieces.py", "tests/upstream/test_upstream_pool.py"],
+    "smtpgate/upstream/wire.py": ["tests/upstream/test_upstream_pool.py", "tests/frontends/smtp/test_streaming.py"],
     "smtpgate/upstream/maildir.py": ["tests/upstream/test_upstream_source.py", "tests/frontends/smtp/test_streaming.py"],
     "smtpgate/runtime/gate.py": ["tests/runtime/test_serve.py", "tests/runtime/test_reload.py"],
     "smtpgate/runtime/loop.py": ["tests/runtime/test_event_loop.py"],
