@@ -26,7 +26,8 @@ async def supervise(tmp_path, *, backoff_first=0.05, backoff_max=0.1, stable_aft
     config = write_config(tmp_path, text.replace("shutdown_grace: 20", f"shutdown_grace: {grace}"))
     metrics = tmp_path / "metrics"
     metrics.mkdir()
-    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(metrics), PYTHONPATH=str(ROOT), **environ)
+    path = os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(metrics), PYTHONPATH=path, **environ)
     env.pop("NOTIFY_SOCKET", None)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tests.support.supervised", str(config),

@@ -5,7 +5,9 @@ so each module gets its own folder under mutants-io/ holding a copy of smtpgate/
 and pyproject.toml whose [tool.mutmut] names only that module and its test files. Each
 run is bounded by MUTATE_MODULE_SECONDS; the summary gives the score per module (mutants
 judged so far when the budget ran out) and the file mutants-io/<module>/survivors.txt
-lists the survivors (`mutmut show NAME` in that folder shows one).
+lists the survivors (`mutmut show NAME` in that folder shows one). The plugin
+tests/support/mutate_children.py lets the mutants run in the `smtpgate serve` children
+that tests start, and counts what those children reach.
 
     python -m tests.support.mutate_io [MODULE ...]      # default: every module of MODULES
 """
@@ -109,8 +111,9 @@ def _pyproject(module: str, tests: list[str]) -> str:
     """The project's pyproject.toml with a [tool.mutmut] table for this module alone."""
     text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     table = (f'[tool.mutmut]\nsource_paths = ["smtpgate"]\nonly_mutate = [{json.dumps(module)}]\n'
-             'pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]\n'
-             f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n")
+             'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "tests.support.mutate_children", "-x", "-q"]\n'
+             f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
+             "use_git_change_detection = false\n")  # each run starts afresh; and no git in the worktree meanwhile
     return re.sub(r"\[tool\.mutmut\]\n(?:(?!\n\[).)*", table.rstrip("\n"), text, count=1, flags=re.S)
 
 
