@@ -1,0 +1,105 @@
+"""The SQLite store (smtpgate/store/sqlite.py): a read-only store beside a
+running one, a failed record batch and what follows it, time stamps under a
+local zone other than UTC, and searches shorter than the trigram index."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from smtpgate.store import MessageRecord, StoreError, open_store
+from smtpgate.store.base import ActivityQuery
+
+UK = "uk-payroll@corp.example"
+PL = "pl-payroll@corp.example"
+WHEN = datetime(2026, 1, 15, 9, 30, 5, 123456, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "smtpgate.db"
+
+
+def message(message_id: str, subject: str = "Payroll") -> MessageRecord:
+    return MessageRecord(message_id=message_id, date=None, from_="anna@corp.example", subject=subject,
+                         source_reference="1-T", recipients=["client@supplier.example"], mapping={PL: "2-T"},
+                         relayed_at=WHEN)
+
+
+async def test_a_read_only_store_sees_commits_still_in_the_write_ahead_log(path):
+    service = await open_store(f"sqlite:{path}", base_dir=path.parent)
+    try:
+        await service.record_activity("1-T", UK)
+        await service.record_message(message("<m1@corp.example>"))
+        assert path.with_name(path.name + "-wal").exists()  # the service holds the file open
+        reader = await open_store(f"sqlite:{path}", base_dir=path.parent, read_only=True)
+        try:
+            assert [m.message_id for m in (await reader.show("1-T")).messages] == ["<m1@corp.example>"]
+        finally:
+            await reader.close()
+    finally:
+        await service.close()
+
+
+async def test_a_failed_record_batch_names_the_file_and_the_next_one_commits(path):
+    store = await open_store(f"sqlite:{path}", base_dir=path.parent)
+    try:
+        await store.record_activity("1-T", UK)
+        with sqlite3.connect(path) as conn:  # another program's trigger refuses one subject
+            conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON messages WHEN NEW.subject = 'poison'"
+                         " BEGIN SELECT RAISE(ABORT, 'refused by the trigger'); END")
+        with pytest.raises(StoreError) as failed:
+            await store.record_message(message("<bad@corp.example>", "poison"))
+        assert str(failed.value) == f"sqlite {path}: refused by the trigger"
+        await store.record_message(message("<good@corp.example>"))  # the failed batch was rolled back
+        assert [m.message_id for m in (await store.show("1-T")).messages] == ["<good@corp.example>"]
+    finally:
+        await store.close()
+
+
+async def test_recording_into_a_closed_store_says_it_is_closed(path):
+    store = await open_store(f"sqlite:{path}", base_dir=path.parent)
+    await store.close()
+    with pytest.raises(StoreError, match="closed"):
+        await store.record_message(message("<late@corp.example>"))
+
+
+@pytest.fixture
+def warsaw(monkeypatch):
+    """The process's local time zone is not UTC."""
+    monkeypatch.setenv("TZ", "Europe/Warsaw")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+async def test_time_stamps_are_stored_in_utc_whatever_the_local_zone(path, warsaw):
+    store = await open_store(f"sqlite:{path}", base_dir=path.parent)
+    try:
+        await store.record_activity("1-T", UK)
+        await store.record_message(message("<m1@corp.example>"))
+        assert [m.relayed_at for m in (await store.show("1-T")).messages] == [WHEN]
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT relayed_at FROM messages").fetchall() == [("2026-01-15T09:30:05.123456Z",)]
+
+
+@pytest.mark.parametrize("q", ["7", "Q7", "q7"])
+async def test_a_search_shorter_than_three_characters_finds_substrings(path, q):
+    store = await open_store(f"sqlite:{path}", base_dir=path.parent)
+    try:
+        await store.record_activity("1-T", UK)
+        await store.record_activity("3-T", UK)
+        await store.record_message(message("<m1@corp.example>", "Invoice Q7 2026"))
+        rows, _ = await store.list_activities(ActivityQuery(own=(UK,), q=q))
+        assert [r.reference for r in rows] == ["1-T"]
+        rows, _ = await store.list_activities(ActivityQuery(own=(UK,), q="%"))  # a wildcard is a character
+        assert rows == []
+    finally:
+        await store.close()
