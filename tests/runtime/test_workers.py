@@ -346,6 +346,7 @@ async def test_ready_reload_refused_by_supervisor_and_reload_in_every_worker(tmp
         served.proc.send_signal(signal.SIGHUP)
         rejected = await served.event("config.rejected")
         assert "pid" not in rejected
+        assert rejected["path"] == str(config)
         assert any("upstream_typo: unknown key" in e for e in rejected["errors"])
         assert await notify.receive() == ("RELOADING=1", served.proc.pid)
         assert await notify.receive() == ("READY=1", served.proc.pid)
