@@ -95,7 +95,7 @@ MODULES: dict[str, list[str]] = {
                                   "tests/store/test_sqlite.py", "tests/admin/test_admin_signon.py"],
     "smtpgate/store/base.py": _STORE,
     "smtpgate/store/errors.py": _STORE,
-    "smtpgate/store/transfer.py": ["tests/store/test_links_import.py", "tests/test_cli_operator.py"],
+    "smtpgate/store/transfer.py": ["tests/store/test_transfer.py", "tests/store/test_links_import.py", "tests/test_cli_operator.py"],
     "smtpgate/store/sql.py": _STORE,
     "smtpgate/store/sqlite.py": _STORE + ["tests/store/test_sqlite.py", "tests/store/test_listing.py"],
     "smtpgate/store/postgres.py": _STORE + ["tests/store/test_store_concurrency.py"],
