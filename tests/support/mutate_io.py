@@ -89,7 +89,7 @@ MODULES: dict[str, list[str]] = {
                               "tests/admin/test_admin_signon.py", "tests/admin/test_admin_pages.py", "tests/test_metrics.py"],
     "smtpgate/admin/auth.py": ["tests/admin/test_admin.py", "tests/admin/test_admin_faults.py", "tests/admin/test_admin_list.py",
                                "tests/admin/test_admin_signon.py", "tests/admin/test_admin_pages.py"],
-    "smtpgate/admin/identity.py": ["tests/admin/test_admin_signon.py", "tests/admin/test_admin.py"],
+    "smtpgate/admin/identity.py": ["tests/admin/test_identity.py", "tests/admin/test_admin_signon.py", "tests/admin/test_admin.py"],
     "smtpgate/admin/lists.py": ["tests/admin/test_lists.py", "tests/admin/test_admin_list.py"],
     "smtpgate/store/listing.py": ["tests/admin/test_admin_list.py", "tests/store/test_store_schema.py", "tests/store/test_listing.py",
                                   "tests/store/test_sqlite.py", "tests/admin/test_admin_signon.py"],
