@@ -114,7 +114,7 @@ def _pyproject(module: str, tests: list[str]) -> str:
     table = (f'[tool.mutmut]\nsource_paths = ["smtpgate"]\nonly_mutate = [{json.dumps(module)}]\n'
              'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "tests.support.mutate_children", "-x", "-q"]\n'
              f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
-             'also_copy = ["config"]\n'  # the example configuration some tests serve
+             'also_copy = ["config", "docs"]\n'  # the example configuration and adapter some tests run
              "use_git_change_detection = false\n")  # each run starts afresh; and no git in the worktree meanwhile
     return re.sub(r"\[tool\.mutmut\]\n(?:(?!\n\[).)*", table.rstrip("\n"), text, count=1, flags=re.S)
 
@@ -126,9 +126,9 @@ def _folder(module: str) -> Path:
 def run(module: str, seconds: float, children: int) -> str:
     """Mutate one module for at most ``seconds``; its summary line."""
     folder = _folder(module)
-    for part in ("smtpgate", "tests", "config", "mutants"):  # a fresh copy, judged afresh
+    for part in ("smtpgate", "tests", "config", "docs", "mutants"):  # a fresh copy, judged afresh
         shutil.rmtree(folder / part, ignore_errors=True)
-    for part in ("smtpgate", "tests", "config"):
+    for part in ("smtpgate", "tests", "config", "docs"):
         shutil.copytree(ROOT / part, folder / part, ignore=shutil.ignore_patterns("__pycache__", "corpus"))
     (folder / "pyproject.toml").write_text(_pyproject(module, MODULES[module]), encoding="utf-8")
     mutmut = str(Path(sys.executable).with_name("mutmut"))
