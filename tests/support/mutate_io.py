@@ -140,7 +140,10 @@ def run(module: str, seconds: float, children: int) -> str:
         except subprocess.TimeoutExpired:
             note = f" (stopped after {seconds:g}s)"
     subprocess.run([mutmut, "export-cicd-stats"], cwd=folder, check=True, capture_output=True)
-    stats = json.loads((folder / "mutants" / "mutmut-cicd-stats.json").read_text())
+    exported = folder / "mutants" / "mutmut-cicd-stats.json"
+    if not exported.exists():  # mutmut stopped before judging any mutant (a module with none, or a failed run)
+        return f"{module}: no mutant judged (mutants-io/{folder.name}/mutants.log says why)"
+    stats = json.loads(exported.read_text())
     results = subprocess.run([mutmut, "results"], cwd=folder, capture_output=True, text=True).stdout
     (folder / "survivors.txt").write_text("".join(line + "\n" for line in results.splitlines()
                                                   if line.rstrip().endswith(": survived")))
