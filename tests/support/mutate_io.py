@@ -76,7 +76,7 @@ MODULES: dict[str, list[str]] = {
     "smtpgate/upstream/mx.py": ["tests/upstream/test_mx.py", "tests/upstream/test_mx_route.py",
                                 "tests/upstream/test_mx_no_route.py"],
     "smtpgate/upstream/oauth2.py": ["tests/upstream/test_oauth2.py", "tests/upstream/test_upstream_oauth2.py", "tests/upstream/test_upstream_xoauth2.py"],
-    "smtpgate/upstream/certificates.py": ["tests/upstream/test_upstream_client_cert.py"],
+    "smtpgate/upstream/certificates.py": ["tests/upstream/test_certificates.py", "tests/upstream/test_upstream_client_cert.py"],
     "smtpgate/upstream/passthrough.py": ["tests/upstream/test_auth_upstream.py"],
     "smtpgate/upstream/session.py": ["tests/upstream/test_upstream_source.py", "tests/upstream/test_upstream_pool.py"],
     "smtpgate/upstream/wire.py": ["tests/upstream/test_upstream_pool.py", "tests/frontends/smtp/test_streaming.py"],
