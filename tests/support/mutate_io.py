@@ -81,7 +81,8 @@ MODULES: dict[str, list[str]] = {
     "smtpgate/upstream/session.py": ["tests/upstream/test_upstream_source.py", "tests/upstream/test_upstream_pool.py"],
     "smtpgate/upstream/wire.py": ["tests/upstream/test_upstream_pool.py", "tests/frontends/smtp/test_streaming.py"],
     "smtpgate/upstream/maildir.py": ["tests/upstream/test_upstream_source.py", "tests/frontends/smtp/test_streaming.py"],
-    "smtpgate/runtime/gate.py": ["tests/runtime/test_serve.py", "tests/runtime/test_reload.py"],
+    "smtpgate/runtime/gate.py": ["tests/runtime/test_serve.py", "tests/runtime/test_reload.py", "tests/admin/test_admin.py",
+                                 "tests/admin/test_admin_signon.py", "tests/frontends/milter/test_milter.py"],
     "smtpgate/runtime/loop.py": ["tests/runtime/test_event_loop.py"],
     "smtpgate/runtime/notify.py": ["tests/runtime/test_serve.py"],
     "smtpgate/runtime/supervisor.py": ["tests/runtime/test_workers.py", "tests/runtime/test_supervisor_timings.py"],
@@ -101,7 +102,8 @@ MODULES: dict[str, list[str]] = {
     "smtpgate/store/postgres.py": _STORE + ["tests/store/test_store_concurrency.py"],
     "smtpgate/store/records.py": _STORE + ["tests/store/test_records.py"],
     "smtpgate/store/group.py": ["tests/store/test_store_group.py"],
-    "smtpgate/store/allocation.py": ["tests/store/test_allocator_adapter.py", "tests/store/test_allocator_http.py"],
+    "smtpgate/store/allocation.py": ["tests/store/test_allocator_adapter.py", "tests/store/test_allocator_http.py",
+                                     "tests/store/test_store.py", "tests/store/test_store_model.py"],
     "smtpgate/store/migrations.py": ["tests/store/test_store_schema.py"],
 }
 ROOT = Path(__file__).resolve().parents[2]
