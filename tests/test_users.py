@@ -12,7 +12,9 @@ import sys
 
 import pytest
 
+from smtpgate.frontends.smtp.server import from_refusal
 from smtpgate.mail.addresses import parse_path
+from smtpgate.mail.headers import parse_header_block
 from smtpgate.users import SenderPattern, Users, UsersError, hash_password, parse_senders
 from tests.conftest import write_config
 
@@ -142,3 +144,38 @@ def test_bad_sender_list_in_the_file_names_file_line_and_user(tmp_path):
     with pytest.raises(UsersError) as info:
         Users.load(path)
     assert "hunter2" not in str(info.value)
+
+
+# ---------------------------------------------------------------- every From: field (GateSMTP.check_from)
+
+ALLOWED = {"jane@corp.example", "payroll@corp.example"}
+
+
+def _from_refusal(head: bytes):
+    return from_refusal(parse_header_block(head + b"\r\n"), lambda a: str(a).lower() in ALLOWED)
+
+
+@pytest.mark.parametrize("head", [
+    b"From: jane@corp.example\r\n",
+    b"From: Jane <jane@corp.example>, Payroll <payroll@corp.example>\r\n",
+    b"From: jane@corp.example\r\nFrom: payroll@corp.example\r\n",
+    b"Subject: no From at all\r\n",
+])
+def test_every_from_address_allowed_is_no_refusal(head):
+    assert _from_refusal(head) is None
+
+
+@pytest.mark.parametrize(("head", "named"), [
+    (b"From: ceo@corp.example\r\n", "ceo@corp.example"),
+    (b"From: jane@corp.example, ceo@corp.example\r\n", "ceo@corp.example"),
+    (b"From: jane@corp.example\r\nFrom: ceo@corp.example\r\n", "ceo@corp.example"),  # not only the first field
+])
+def test_any_from_address_not_allowed_is_refused_and_named(head, named):
+    refusal = _from_refusal(head)
+    assert refusal is not None and refusal.reply.code == 550 and refusal.reply.enhanced == "5.7.1"
+    assert refusal.log_fields == {"header_from": named}
+
+
+def test_an_unparseable_from_is_refused():
+    refusal = _from_refusal(b"From: <<<not an address\r\n")
+    assert refusal is not None and refusal.reply.code == 550 and "cannot be parsed" in refusal.reason

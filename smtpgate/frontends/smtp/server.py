@@ -38,7 +38,7 @@ from smtpgate.frontends.smtp.tls import server_context
 from smtpgate.log import get_logger
 from smtpgate.mail import replies
 from smtpgate.mail.addresses import Address, AddressError, parse_address_list, parse_path
-from smtpgate.mail.headers import parse_header_block
+from smtpgate.mail.headers import HeaderBlock, parse_header_block
 from smtpgate.mail.params import parse_params, split_argument
 from smtpgate.mail.replies import Reply, SMTPReply, reply_code
 from smtpgate.upstream.session import UpstreamSource
@@ -316,16 +316,9 @@ class GateSMTP(GlueSMTP):
         user = self.authenticated_user
         if user is None or self.settings.sender_rights is None:
             return
-        for value in parse_header_block(raw).get_all("From"):
-            try:
-                addresses = parse_address_list(value)
-            except AddressError:
-                # Unreadable here may still be shown as someone by a mail client: refused.
-                raise SMTPReply(replies.SENDER_NOT_ALLOWED, "From: field that cannot be parsed") from None
-            for address in addresses:
-                if not self.may_send_as(user, address):
-                    raise SMTPReply(replies.SENDER_NOT_ALLOWED, "From: address not in the user's sender list",
-                                    header_from=str(address))
+        refusal = from_refusal(parse_header_block(raw), lambda address: self.may_send_as(user, address))
+        if refusal is not None:
+            raise refusal
 
     # -------------------------------------------------------- commands
 
@@ -457,6 +450,22 @@ class GateSMTP(GlueSMTP):
 def _refusal(reply: Reply) -> SMTPReply:
     """A refusal whose reason is the reply's own wording."""
     return SMTPReply(reply, reply.wording)
+
+
+def from_refusal(headers: HeaderBlock, may_send_as: Callable[[Address], bool]) -> SMTPReply | None:
+    """The refusal of a message whose From: fields name someone the user may not send as
+    (every field, every address), or one that cannot be parsed; None when all are allowed."""
+    for value in headers.get_all("From"):
+        try:
+            addresses = parse_address_list(value)
+        except AddressError:
+            # Unreadable here may still be shown as someone by a mail client: refused.
+            return SMTPReply(replies.SENDER_NOT_ALLOWED, "From: field that cannot be parsed")
+        for address in addresses:
+            if not may_send_as(address):
+                return SMTPReply(replies.SENDER_NOT_ALLOWED, "From: address not in the user's sender list",
+                                 header_from=str(address))
+    return None
 
 
 def _reply_of(line: str) -> Reply:
