@@ -68,6 +68,8 @@ async def test_good_password_logs_in_upstream_and_carries_the_messages(tmp_path,
     assert first.auth_login == second.auth_login == "jane@corp.example"
     assert first.tls and first.peer == second.peer
     assert [c for c in upstream.commands if c.startswith("AUTH")] == logins_after_auth
+    # Each transaction first checks the kept connection with NOOP before MAIL reuses it.
+    assert [c.split()[0] for c in upstream.commands if c.split()[0] in ("NOOP", "MAIL")] == ["NOOP", "MAIL"] * 2
     text = str(log_lines()) + "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file()
                                       and p.suffix not in (".db",))
     assert JANE[1] not in text
@@ -90,6 +92,22 @@ async def test_bad_password_refused_and_nothing_relayed(tmp_path, upstream, star
     results = [e for e in log_lines() if e["event"] == "auth.result"]
     assert results and all(not e["success"] for e in results)
     assert "535" in results[0]["reason"]
+
+
+async def test_an_upstream_without_auth_refuses_every_login_and_says_why(tmp_path, start_gate, log_lines):
+    context, cafile = make_test_tls(tmp_path / "up")
+    async with Sink(starttls_context=context) as up:  # STARTTLS, no AUTH offered
+        gate, port = await start_gate(load_config(write_config(tmp_path, config_text(tmp_path, up.port, cafile))))
+        tls = client_tls_context(str(tmp_path / "tls" / "test-cert.pem"))
+        with pytest.raises(aiosmtplib.SMTPAuthenticationError) as info:
+            await send("127.0.0.1", port, mail_from="jane@corp.example", rcpt_tos=["b@x.example"], data=message(0),
+                       starttls=True, tls_context=tls, login=JANE)
+        assert info.value.code == 535
+        assert up.messages == []
+    results = [e for e in log_lines() if e["event"] == "auth.result"]  # one per mechanism the client tried
+    assert results and all(not e["success"] and "temporary" not in e for e in results)
+    assert {e["reason"] for e in results} == {
+        f"smtp+starttls://localhost:{up.port} does not offer AUTH (auth_backend is upstream)"}
 
 
 async def send_after_failed_login(port: int, tls) -> str:
