@@ -13,6 +13,7 @@ from tests.conftest import write_config
 from tests.support.sink import Sink, client_tls_context, make_test_cert, make_test_tls
 from tests.support.smtp import send
 from tests.support.wire import Wire, code
+from tests.frontends.smtp.test_relay import wait_until
 
 JANE = ("jane@corp.example", "jane's own password")
 
@@ -169,3 +170,20 @@ async def test_dropped_user_connection_logs_in_again_for_the_next_message(tmp_pa
     assert delivered.auth_login == "jane@corp.example"
     assert len([c for c in upstream.commands if c.startswith("AUTH")]) == 2
     assert JANE[1] not in str(log_lines())
+
+
+async def test_a_client_gone_in_a_transaction_closes_its_upstream_login(tmp_path, upstream, start_gate, log_lines):
+    """The session's end closes the client's upstream login; the transaction's connection,
+    given back after its RSET (answered 250), is closed too, not kept for a session that is gone."""
+    gate, port = await start_gate(load_config(write_config(tmp_path, config_text(tmp_path, upstream.port, upstream.cafile))))
+    tls = client_tls_context(str(tmp_path / "tls" / "test-cert.pem"))
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, tls_context=tls)
+    await client.connect()
+    await client.starttls()
+    await client.login(*JANE)
+    assert (await client.mail("jane@corp.example")).code == 250
+    assert (await client.rcpt("b@x.example")).code == 250
+    client.close()  # gone without QUIT, the transaction open
+    # The login's connection: RSET (the abort), then QUIT (closed); nothing after it.
+    await wait_until(lambda: upstream.commands[-2:] == ["RSET", "QUIT"], timeout=5)
+    assert upstream.commands[-5:] == ["NOOP", "MAIL FROM:<jane@corp.example>", "RCPT TO:<b@x.example>", "RSET", "QUIT"]
