@@ -167,3 +167,22 @@ async def test_a_failed_message_record_is_logged_in_the_session_and_the_message_
     assert error["session"] == relayed["session"]  # logged where the session logs
     [failed] = [e for e in m.events("component.failed") if e["component"] == "store"]
     assert failed["problem"] == error["reason"].replace("StoreError: ", "store: ", 1)
+
+
+async def test_a_connections_lines_name_its_peer_its_session_and_a_protocol_violation(milter):
+    """milter.session.opened names the MTA's address; a violation inside a message is
+    milter.protocol_error with its reason and in_message, then TEMPFAIL and the close; every
+    line of one connection carries the same session id."""
+    client = await milter.client()
+    await client.send(packet(b"M", strings(f"<{SENDER}>")) + packet(b"M", strings(f"<{SENDER}>")))
+    assert await client.read() == ("TEMPFAIL",)
+    assert await client.closed()
+    [opened] = milter.events("milter.session.opened")
+    [error] = milter.events("milter.protocol_error")
+    [closed] = milter.events("milter.session.closed")
+    host, port = client.writer.get_extra_info("sockname")[:2]
+    assert opened["peer"] == f"{host}:{port}"
+    assert error["reason"] == "MAIL inside a message (no ABORT after the last)" and error["in_message"] is True
+    assert closed["reason"] == f"protocol violation: {error['reason']}"
+    assert len(opened["session"]) == 16 and int(opened["session"], 16) >= 0
+    assert opened["session"] == error["session"] == closed["session"]
