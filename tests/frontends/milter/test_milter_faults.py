@@ -7,10 +7,12 @@ code, a closed connection) and the event smtpgate logs, over loopback.
 from __future__ import annotations
 
 import asyncio
+import socket
 import sqlite3
 import struct
 
 from smtpgate.log import _OUTAGES
+from tests.frontends.smtp.test_relay import wait_until
 from tests.support.milter import POSTFIX_ACTIONS, MilterClient, packet, strings
 from tests.frontends.milter.test_milter import SENDER, STEP1, STEP1_RCPTS, Milter, milter, milter_config  # noqa: F401 - fixtures
 
@@ -186,3 +188,13 @@ async def test_a_connections_lines_name_its_peer_its_session_and_a_protocol_viol
     assert closed["reason"] == f"protocol violation: {error['reason']}"
     assert len(opened["session"]) == 16 and int(opened["session"], 16) >= 0
     assert opened["session"] == error["session"] == closed["session"]
+
+
+async def test_an_mta_that_resets_the_connection_is_a_lost_connection(milter):
+    client = await milter.client()
+    sock = client.writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.writer.transport.abort()  # a TCP reset, as an MTA that crashed
+    await wait_until(lambda: milter.events("milter.session.closed"))
+    [closed] = milter.events("milter.session.closed")
+    assert closed["reason"] == "connection lost: ConnectionResetError"
