@@ -8,6 +8,7 @@ abandoned before its final dot leaves nothing behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -156,11 +157,18 @@ class _MaildirStream:
             self.write(self._cr)
         file, self.file = self.file, None
         try:
-            file.flush()
-            os.fsync(file.fileno())
-        finally:
-            file.close()
-        _deliver(self.root, self.name, envelope)
+            try:
+                file.flush()
+                os.fsync(file.fileno())
+            finally:
+                file.close()
+            _deliver(self.root, self.name, envelope)
+        except OSError:
+            # Not delivered: nothing of it stays behind (the message in tmp/, its envelope).
+            for leftover in (self.root / "tmp" / self.name, self.root / "envelopes" / f"{self.name}.json"):
+                with contextlib.suppress(OSError):
+                    os.unlink(leftover)
+            raise
         return self.name
 
     def discard(self) -> None:

@@ -56,3 +56,4 @@ async def test_an_envelope_that_cannot_be_written_leaves_no_message(tmp_path):
         await session.end_data(b"body\r\n")
     assert info.value.reason.startswith("maildir write failed: [Errno ")
     assert list((tmp_path / "new").iterdir()) == []
+    assert list((tmp_path / "tmp").iterdir()) == []  # nothing of it left behind
