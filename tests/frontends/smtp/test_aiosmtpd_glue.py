@@ -6,3 +6,16 @@ from smtpgate.frontends.smtp.aiosmtpd_glue import check_internals
 
 def test_the_aiosmtpd_internals_smtpgate_uses_are_there():
     assert check_internals() == []
+
+
+def test_a_changed_aiosmtpd_is_named_member_by_member(monkeypatch):
+    from aiosmtpd.smtp import SMTP
+
+    monkeypatch.delattr(SMTP, "_reset_timeout")
+    monkeypatch.setattr(SMTP, "check_helo_needed", lambda self, helo: None)  # no longer a coroutine
+    monkeypatch.setattr(SMTP, "_set_rset_state", "not a function")
+    assert check_internals() == [
+        "aiosmtpd.smtp.SMTP._set_rset_state is no longer callable",
+        "aiosmtpd.smtp.SMTP._reset_timeout is gone",
+        "aiosmtpd.smtp.SMTP.check_helo_needed is no longer a coroutine function",
+    ]
