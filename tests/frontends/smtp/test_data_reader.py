@@ -454,6 +454,7 @@ def test_glue_reads_data_as_aiosmtpd_does(pairs, session_):
     b"x" * 15, b"x" * 16, b"x" * 17, b"x" * 18, b"x" * 19, b".x" * 9, b"\r" * 40, b"\n" * 40, b".\r" * 20,
     b"x" * 60 + b"\r\n" + b"y" * 19, b"x" * 70 + b"\r\n" + b"y" * 10, b"a\r\n" * 26, b"a\r\n" * 27,
     b"a\r\n" * 26 + b"b" * 17, b"a\r\n" * 20 + b"b" * 17, b"a\r\n" * 20 + b"b" * 16 + b"\r\n" + b"c" * 20,
+    b"caf\xc3\xa9 \xff\xfe",  # not UTF-8: "ascii" refuses it, "utf8" keeps the octets as surrogates
 ])
 @pytest.mark.parametrize("split", ["whole", "octets"])
 def test_glue_reads_these_as_aiosmtpd_does(pairs, data, split):
@@ -501,6 +502,17 @@ def test_a_handler_without_a_data_hook_is_answered_as_aiosmtpd_answers(handler):
         assert seen[0] == seen[1]
         assert seen[0][0][-2] == ("250 Processed" if handler in (OldStyle, OldStyleAsync) else "250 OK")
         assert seen[0][1] in (None, [("a@b", ["d@e"], b".a\r\nb\r\n")])
+    finally:
+        servers.stop()
+
+
+def test_process_message_is_deprecated_as_aiosmtpd_says():
+    servers = Servers()
+    try:
+        port = servers.start(SmallGlue, OldStyle())
+        with pytest.warns(DeprecationWarning) as caught:
+            converse(port, [b"a\r\n.\r\nNOOP\r\n"], 2)
+        assert [str(w.message) for w in caught] == ["Use handler.handle_DATA() instead of .process_message()"]
     finally:
         servers.stop()
 
