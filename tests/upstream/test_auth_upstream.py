@@ -91,8 +91,10 @@ async def test_bad_password_refused_and_nothing_relayed(tmp_path, upstream, star
     assert upstream.messages == [] and upstream.received == []
     assert "guess" not in str(log_lines())
     results = [e for e in log_lines() if e["event"] == "auth.result"]
-    assert results and all(not e["success"] for e in results)
+    assert results and all(e["success"] is False for e in results)
     assert "535" in results[0]["reason"]
+    assert results[0]["user"] == JANE[0] and results[0]["backend"] == "upstream" and results[0]["mechanism"]
+    assert results[0]["session"]  # the session's own logger
 
 
 async def test_an_upstream_without_auth_refuses_every_login_and_says_why(tmp_path, start_gate, log_lines):

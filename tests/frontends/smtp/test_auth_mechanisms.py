@@ -72,3 +72,20 @@ async def test_refused_credentials_leave_the_session_unauthenticated(tls_session
         assert code(await wire.cmd(line)) == 334
     assert (await wire.cmd(exchange[-1])).startswith(reply)
     assert not await authenticated(wire)
+
+
+@pytest.mark.parametrize("exchange,mechanism,user,reason", [
+    (["AUTH LOGIN", base64.b64encode(b"j\xffane").decode(), "*"], "LOGIN", "j\ufffdane",
+     "the client ended the exchange"),
+    (["AUTH PLAIN !!!"], "PLAIN", None, "initial response is not base64"),
+], ids=["login-not-utf8-then-abort", "plain-bad-base64"])
+async def test_an_abandoned_exchange_is_logged_on_the_session(tls_session, log_lines, exchange, mechanism, user,
+                                                              reason):
+    wire = await tls_session()
+    for line in exchange[:-1]:
+        assert code(await wire.cmd(line)) == 334
+    assert code(await wire.cmd(exchange[-1])) == 501
+    [result] = [e for e in log_lines() if e["event"] == "auth.result"]
+    assert {k: result.get(k) for k in ("user", "success", "mechanism", "reason", "level")} == {
+        "user": user, "success": False, "mechanism": mechanism, "reason": reason, "level": "warning"}
+    assert result["session"] and result["listener"]  # the session's own logger
