@@ -31,7 +31,7 @@ def test_admit_counts_up_to_the_limit_per_address_and_release_forgets_the_addres
 
 def test_sessions_length_and_busy():
     registry = SessionRegistry()
-    assert len(registry) == 0 and not registry.busy and not registry.draining
+    assert len(registry) == 0 and not registry.busy and registry.draining is False
     idle, working = _Session(False), _Session(True)
     registry.add(idle)
     assert len(registry) == 1 and not registry.busy
