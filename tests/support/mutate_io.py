@@ -60,8 +60,7 @@ MODULES: dict[str, list[str]] = {
     "smtpgate/frontends/smtp/tls.py": ["tests/frontends/smtp/test_server_context.py", "tests/frontends/smtp/test_tls_auth.py", "tests/frontends/smtp/test_tls_grade.py",
                                        "tests/frontends/smtp/test_submission_listeners.py",
                                        "tests/frontends/smtp/test_peer_certificate.py"],
-    # test_connector.py (the listener's use of it) is left out: its stats run takes more than the budget.
-    "smtpgate/frontends/smtp/peercert.py": ["tests/frontends/smtp/test_peer_certificate.py"],
+    "smtpgate/frontends/smtp/peercert.py": ["tests/frontends/smtp/test_peer_certificate.py", "tests/frontends/smtp/test_connector.py"],
     "smtpgate/frontends/smtp/aiosmtpd_glue.py": ["tests/frontends/smtp/test_aiosmtpd_glue.py", "tests/frontends/smtp/test_data_reader.py",
                                                  "tests/frontends/smtp/test_smtp_prototype.py",
                                                  "tests/frontends/smtp/test_smtp_state_machine.py",

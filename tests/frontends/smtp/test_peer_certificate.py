@@ -133,7 +133,7 @@ async def test_every_short_attribute_name_a_multi_valued_rdn_and_a_long_name(ca)
     ("hash", "#hash", "\\#hash"),
     ("trail", "trail ", "trail\\ "),
     ("space", " ", "\\ "),  # one space: escaped once, as the leading one
-    ("inside", "in side", "in side"),
+    ("inside", "In Side X", "In Side X"),
 ])
 async def test_rfc4514_escapes(ca, stem, value, written):
     cert = await handshake(ca, ca.issue(stem, x509.Name([A(NameOID.ORGANIZATION_NAME, value),
