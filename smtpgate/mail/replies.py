@@ -32,13 +32,14 @@ class Reply:
     def parse(cls, line: str) -> Reply | None:
         """A one-line reply someone else worded (the upstream's, aiosmtpd's own), read once
         where it enters: its line() is `line` again. None when it does not start with a code."""
-        code, _, rest = line.partition(" ")
-        if len(code) != 3 or not code.isdigit():
+        code = reply_code(line)
+        if code is None:
             return None
+        rest = line[4:]
         enhanced, _, text = rest.partition(" ")
-        reply = cls(int(code), enhanced, text)
-        if not (enhanced and _is_enhanced(enhanced, int(code))) or reply.line() != line:
-            reply = cls(int(code), "", rest)
+        reply = cls(code, enhanced, text)
+        if not (enhanced and _is_enhanced(enhanced, code)) or reply.line() != line:
+            reply = cls(code, "", rest)
         return reply
 
 
