@@ -5,7 +5,10 @@ so each module gets its own folder under mutants-io/ holding a copy of smtpgate/
 and pyproject.toml whose [tool.mutmut] names only that module and its test files. Each
 run is bounded by MUTATE_MODULE_SECONDS; the summary gives the score per module (mutants
 judged so far when the budget ran out) and the file mutants-io/<module>/survivors.txt
-lists the survivors (`mutmut show NAME` in that folder shows one). The plugin
+lists the survivors (`mutmut show NAME` in that folder shows one). With MUTATE_SAMPLE=N
+only a uniform random sample of N mutants of each module is judged (the seed is the
+module's name and MUTATE_SEED), which estimates the score of a module too large to judge
+whole in the budget: the summary gives the sample's score with its 95 % interval. The plugin
 tests/support/mutate_children.py lets the mutants run in the `smtpgate serve` children
 that tests start, and counts what those children reach.
 
@@ -16,13 +19,15 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from tests.support.mutation_score import summary
+from tests.support.mutation_score import sample_summary, summary
 
 # Module -> the test files that claim it (a mutant is judged by these only).
 _SMTP = ["tests/frontends/smtp/test_relay.py", "tests/frontends/smtp/test_relay_edges.py", "tests/frontends/smtp/test_relay_faults.py",
@@ -137,31 +142,59 @@ def _folder(module: str) -> Path:
     return WORK / module.removeprefix("smtpgate/").removesuffix(".py").replace("/", ".")
 
 
-def run(module: str, seconds: float, children: int) -> str:
-    """Mutate one module for at most ``seconds``; its summary line."""
+def _mutmut(folder: Path, args: list[str], deadline: float, log: str) -> bool:
+    """Run mutmut in ``folder`` until ``deadline``; False when the deadline stopped it."""
+    mutmut = str(Path(sys.executable).with_name("mutmut"))
+    with open(folder / log, "w", encoding="utf-8") as out:
+        try:
+            subprocess.run([mutmut, *args], cwd=folder, stdout=out, stderr=subprocess.STDOUT,
+                           timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            return False
+    return True
+
+
+def _statuses(folder: Path) -> dict[str, str]:
+    """Every mutant of the folder's module and mutmut's word for it ("killed", "not checked", ...)."""
+    mutmut = str(Path(sys.executable).with_name("mutmut"))
+    out = subprocess.run([mutmut, "results", "--all", "true"], cwd=folder, capture_output=True, text=True).stdout
+    return dict(line.strip().rsplit(": ", 1) for line in out.splitlines() if ": " in line)
+
+
+def sampled(names: list[str], size: int, seed: str) -> list[str]:
+    """A uniform random choice of ``size`` names (all of them when there are fewer), the same for the same seed."""
+    return sorted(random.Random(seed).sample(sorted(names), min(size, len(names))))
+
+
+def run(module: str, seconds: float, children: int, sample: int = 0) -> str:
+    """Mutate one module for at most ``seconds`` (a random ``sample`` of its mutants if given); its summary line."""
     folder = _folder(module)
     for part in ("smtpgate", "tests", "config", "docs", "mutants"):  # a fresh copy, judged afresh
         shutil.rmtree(folder / part, ignore_errors=True)
     for part in ("smtpgate", "tests", "config", "docs"):
         shutil.copytree(ROOT / part, folder / part, ignore=shutil.ignore_patterns("__pycache__", "corpus"))
     (folder / "pyproject.toml").write_text(_pyproject(module, MODULES[module]), encoding="utf-8")
-    mutmut = str(Path(sys.executable).with_name("mutmut"))
-    with open(folder / "mutants.log", "w", encoding="utf-8") as out:
-        try:
-            subprocess.run([mutmut, "run", "--max-children", str(children)], cwd=folder, stdout=out,
-                           stderr=subprocess.STDOUT, timeout=seconds)
-            note = ""
-        except subprocess.TimeoutExpired:
-            note = f" (stopped after {seconds:g}s)"
-    subprocess.run([mutmut, "export-cicd-stats"], cwd=folder, check=True, capture_output=True)
+    deadline = time.monotonic() + seconds
+    chosen: list[str] = []
+    if sample:
+        # mutmut makes the mutants and runs its stats, then finds no mutant of this name and stops.
+        _mutmut(folder, ["run", "--max-children", str(children), "smtpgate.no-such-mutant"], deadline, "mutants-stats.log")
+        chosen = sampled(list(_statuses(folder)), sample, seed=f"{module}:{os.environ.get('MUTATE_SEED', '')}")
+        if not chosen:
+            return f"{module}: no mutant made (mutants-io/{folder.name}/mutants-stats.log says why)"
+    finished = _mutmut(folder, ["run", "--max-children", str(children), *chosen], deadline, "mutants.log")
+    note = "" if finished else f" (stopped after {seconds:g}s)"
+    statuses = _statuses(folder)
+    (folder / "survivors.txt").write_text("".join(f"{name}: {status}\n" for name, status in statuses.items()
+                                                  if status in ("survived", "suspicious", "no tests")))
+    if chosen:
+        return f"{module}: {sample_summary([statuses[name] for name in chosen], len(statuses))}{note}"
+    subprocess.run([str(Path(sys.executable).with_name("mutmut")), "export-cicd-stats"], cwd=folder, check=True,
+                   capture_output=True)
     exported = folder / "mutants" / "mutmut-cicd-stats.json"
     if not exported.exists():  # mutmut stopped before judging any mutant (a module with none, or a failed run)
         return f"{module}: no mutant judged (mutants-io/{folder.name}/mutants.log says why)"
-    stats = json.loads(exported.read_text())
-    results = subprocess.run([mutmut, "results"], cwd=folder, capture_output=True, text=True).stdout
-    (folder / "survivors.txt").write_text("".join(line + "\n" for line in results.splitlines()
-                                                  if line.rstrip().endswith(": survived")))
-    return f"{module}: {summary(stats)}{note}"
+    return f"{module}: {summary(json.loads(exported.read_text()))}{note}"
 
 
 def main(argv: list[str]) -> int:
@@ -172,8 +205,9 @@ def main(argv: list[str]) -> int:
         return 2
     seconds = float(os.environ.get("MUTATE_MODULE_SECONDS", "600"))
     children = int(os.environ.get("MUTATE_CHILDREN", "2"))
+    sample = int(os.environ.get("MUTATE_SAMPLE", "0"))
     for module in modules:
-        print(run(module, seconds, children), flush=True)
+        print(run(module, seconds, children, sample), flush=True)
     return 0
 
 
