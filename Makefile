@@ -96,12 +96,15 @@ fuzz: venv
 # Then the I/O layers (tests/support/mutate_io.py): each module alone against the test files that
 # claim it, in mutants-io/<module>/, for at most MUTATE_MODULE_SECONDS each, with its score and
 # survivors.txt. MUTATE_MODULES picks modules (MUTATE_MODULES=smtpgate/metrics.py; the core run
-# is skipped then); MUTATE_MODULES=none runs the core only. docs/mutation.md has the scores per
-# module and why each survivor lives (a test kills it now, or it is equivalent).
+# is skipped then); MUTATE_MODULES=none runs the core only. MUTATE_SAMPLE=N judges a random sample
+# of N mutants per module (for modules too large for the budget; the score comes with its 95 %
+# interval). docs/mutation.md has the scores per module and why each survivor lives (a test kills
+# it now, or it is equivalent).
 MUTANTS ?=
 MUTATE_SECONDS ?= 1800
 MUTATE_MODULES ?=
 MUTATE_MODULE_SECONDS ?= 600
+MUTATE_SAMPLE ?= 0
 mutate: venv
 	$(BIN)/pip install -q -e '.[mutate]'
 	@if [ -z "$(MUTATE_MODULES)" ] || [ "$(MUTATE_MODULES)" = none ]; then \
@@ -112,7 +115,8 @@ mutate: venv
 		$(BIN)/python -m tests.support.mutation_score; \
 	fi
 	@if [ "$(MUTATE_MODULES)" != none ]; then \
-		MUTATE_MODULE_SECONDS=$(MUTATE_MODULE_SECONDS) $(BIN)/python -m tests.support.mutate_io $(MUTATE_MODULES); \
+		MUTATE_MODULE_SECONDS=$(MUTATE_MODULE_SECONDS) MUTATE_SAMPLE=$(MUTATE_SAMPLE) \
+			$(BIN)/python -m tests.support.mutate_io $(MUTATE_MODULES); \
 	fi
 
 clean:
