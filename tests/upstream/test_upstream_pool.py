@@ -6,6 +6,7 @@ is a real smtpgate on loopback.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 
 import pytest
@@ -113,3 +114,53 @@ async def test_a_ca_file_gone_after_start_is_an_upstream_error(tmp_path, start_g
         assert str(ca) in error["reason"]
         assert not events(log_lines, "session.error")
         assert len(up.messages) == 1
+
+
+async def refused_mail(port: int) -> str:
+    wire = await session(port)
+    reply = await wire.cmd("MAIL FROM:<jane@corp.example>")
+    await wire.cmd("QUIT")
+    return reply
+
+
+@pytest.mark.parametrize("timeout", [0.5])
+async def test_a_connection_made_again_for_mail_that_gets_no_greeting_is_unreachable_within_upstream_timeout(
+        tmp_path, start_gate, log_lines, timeout):
+    """The pooled connection was dropped and the new one MAIL opens never greets: the
+    client's MAIL is answered 451 4.4.1 once upstream.timeout is spent (the one host's
+    connect wait, as long, would come later), and the event says which budget ran out."""
+    async with Sink() as up:
+        gate, port = await start_gate(await upstream_config(tmp_path, f"smtp://127.0.0.1:{up.port}",
+                                                            f"  timeout: {timeout}\n"))
+        assert gate.snapshot.pool.config.timeouts.connect == timeout
+        assert (await relay_message(port)).startswith("250")
+        assert await up.drop_connections() == 1
+        up.stall = {"greeting"}
+        reply = await refused_mail(port)
+        assert reply.startswith("451 4.4.1 "), reply
+        assert up.connections == 2 and up.stalled == ["greeting"]
+        [error] = events(log_lines, "upstream.error")
+        assert (error["stage"], error["reason"]) == (
+            "connect", f"no upstream connection within upstream.timeout ({timeout:g}s)")
+
+
+@pytest.mark.parametrize("timeout", [2.0])
+async def test_a_connection_made_again_for_mail_has_only_what_is_left_of_the_mail_budget(
+        tmp_path, start_gate, log_lines, timeout):
+    """The upstream takes the MAIL on the pooled connection and closes it once idle for
+    three quarters of upstream.timeout; the new connection never greets. MAIL's budget
+    runs out a quarter later, long before the new connection could fail on its own
+    (the upstream closes it as idle only after another three quarters)."""
+    idle = timeout * 0.75
+    async with Sink(timeout=idle) as up:
+        gate, port = await start_gate(await upstream_config(tmp_path, f"smtp://127.0.0.1:{up.port}",
+                                                            f"  timeout: {timeout}\n"))
+        assert (await relay_message(port)).startswith("250")
+        up.hold = {"MAIL": asyncio.Event()}  # never answered: closed as idle
+        up.stall = {"greeting"}
+        reply = await refused_mail(port)
+        assert reply.startswith("451 4.4.1 "), reply
+        assert up.connections == 2 and up.held == ["MAIL"] and up.stalled == ["greeting"]
+        [error] = events(log_lines, "upstream.error")
+        assert (error["stage"], error["reason"]) == (
+            "connect", f"no upstream connection within upstream.timeout ({timeout:g}s)")
