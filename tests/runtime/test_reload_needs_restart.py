@@ -1,10 +1,15 @@
 """What a reload cannot change (smtpgate/runtime/gate.py `Gate.reload`): the
 config.reloaded line names the file and each setting that waits for a restart,
-compared with what is serving."""
+compared with what is serving; and what it keeps: the pool of an upstream it leaves unchanged."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from smtpgate.config import load_config
+from tests.conftest import BASE_CONFIG, write_config
+from tests.frontends.smtp.test_tls_auth import relay_one
+from tests.support.sink import make_test_cert
 
 
 def reloaded(log_lines) -> dict:
@@ -24,3 +29,33 @@ async def test_needs_restart_names_each_setting_a_reload_cannot_change(sink, con
     assert reloaded(log_lines)["needs_restart"] == ["store", "workers", "admin.listen"]
     gate.reload(config_for(upstream))  # reverted before a restart: nothing waits
     assert reloaded(log_lines)["needs_restart"] is None
+
+
+async def test_needs_restart_names_a_listener_address_and_the_admin_certificate(sink, config_for, start_gate,
+                                                                                log_lines, tmp_path: Path):
+    upstream = f"smtp://127.0.0.1:{sink.port}"
+    gate, _ = await start_gate(config_for(upstream))
+    cert, key = make_test_cert(tmp_path / "admin")
+    text = BASE_CONFIG.format(upstream=upstream, store=f"sqlite:{tmp_path}/smtpgate.db")
+    moved = text.replace("address: 127.0.0.1:0", "address: 127.0.0.1:2587")
+    assert moved != text
+    changed = load_config(write_config(tmp_path, moved + f"admin:\n  tls_cert: {cert}\n  tls_key: {key}\n",
+                                       name="changed.yaml"))
+    gate.reload(changed)
+    assert reloaded(log_lines)["needs_restart"] == ["listeners", "admin.tls_cert"]
+    gate.reload(config_for(upstream, "mode: observe\n"))  # mode applies to new sessions
+    assert reloaded(log_lines)["needs_restart"] is None
+
+
+async def test_a_reload_that_keeps_the_upstream_keeps_its_pooled_connection(sink, config_for, start_gate, log_lines):
+    """Only a changed upstream gets a new pool: with the same one, the connection pooled
+    before the reload carries the next message, and nothing says goodbye to it."""
+    upstream = f"smtp://127.0.0.1:{sink.port}"
+    gate, port = await start_gate(config_for(upstream))
+    assert (await relay_one(port))[0] == 250
+    assert sink.connections == 1
+    gate.reload(config_for(upstream, "mode: observe\n"))
+    assert reloaded(log_lines)["needs_restart"] is None
+    assert (await relay_one(port))[0] == 250
+    assert len(sink.messages) == 2 and sink.connections == 1
+    assert "QUIT" not in sink.commands
