@@ -20,17 +20,28 @@ TARGET = LinkTarget(PL, "Team B (Poland)", "{n}-T", True)
 CTX = AllocationContext(subject="Payroll 101203-T", from_="anna@corp.example", message_id="<m1@corp.example>")
 
 
+def accepts_json(accept: str) -> bool:
+    """Whether an Accept header names JSON itself (media types ignore case; `*/*` gets the page)."""
+    return any(part.split(";")[0].strip().lower() == "application/json" for part in accept.split(","))
+
+
 class Allocation:
-    """A loopback HTTP allocator whose answer each test chooses."""
+    """A loopback HTTP allocator whose answer each test chooses.
+
+    `negotiating`: as a service for people and programs alike, it answers its HTML page
+    unless the request's Accept names JSON."""
 
     def __init__(self) -> None:
         self.answer: web.Response | None = None
         self.requests: list[tuple[dict, str | None]] = []
         self.release = asyncio.Event()  # a hanging answer waits for this
         self.url = ""
+        self.negotiating = False
 
     async def handle(self, request: web.Request) -> web.Response:
         self.requests.append((await request.json(), request.headers.get("Authorization")))
+        if self.negotiating and not accepts_json(request.headers.get("Accept", "")):
+            return web.Response(text="<html><body>Linked activities</body></html>", content_type="text/html")
         if self.answer is None:
             await self.release.wait()
             return web.json_response({"reference": "1-T"})
@@ -84,6 +95,13 @@ async def test_a_good_answer_creates_the_link(store, service):
     # Reused afterwards without asking again.
     assert await store.get_or_create_link("101203-T", UK, TARGET, CTX) == LinkOutcome("5512-C", False)
     assert len(service.requests) == 1
+
+
+async def test_the_allocator_asks_for_json(store, service):
+    """A service that answers people with a page and programs with JSON: smtpgate gets JSON."""
+    service.negotiating = True
+    service.answer = web.json_response({"reference": "5512-C"}, status=201)
+    assert await store.get_or_create_link("101203-T", UK, TARGET, CTX) == LinkOutcome("5512-C", created=True)
 
 
 @pytest.mark.parametrize(

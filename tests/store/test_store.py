@@ -156,10 +156,22 @@ async def test_the_local_allocator_skips_references_the_store_knows(store):
 
 
 async def test_a_broken_template_fails_without_writing(store):
-    with pytest.raises(AllocationError):
+    with pytest.raises(AllocationError) as caught:
         await store.get_or_create_link("101203-T", UK, target(template="{number}-T"), CTX)
+    assert str(caught.value) == (f"new_reference template '{{number}}-T' of {PL} cannot be formatted: "
+                                 "KeyError('number')")
     assert await store.show("101203-T") is None
     assert (await store.get_or_create_link("101203-T", UK, target(), CTX)).reference == "900000-T"
+
+
+async def test_a_template_that_gives_only_known_references_fails_without_writing(store):
+    """A template without {n} gives one reference whatever the number: once the store knows
+    it, the allocator gives up rather than spin through the sequence."""
+    await store.record_activity("5512-C", DE)
+    with pytest.raises(AllocationError) as caught:
+        await store.get_or_create_link("101203-T", UK, target(template="5512-C"), CTX)
+    assert str(caught.value) == "new_reference template '5512-C' gave only known references"
+    assert await store.show("101203-T") is None
 
 
 async def test_no_allocator_means_no_new_links(store_url, tmp_path):  # noqa: F811

@@ -120,7 +120,8 @@ MODULES: dict[str, list[str]] = {
     "smtpgate/store/records.py": _STORE + ["tests/store/test_records.py"],
     "smtpgate/store/group.py": ["tests/store/test_store_group.py"],
     "smtpgate/store/allocation.py": ["tests/store/test_allocator_adapter.py", "tests/store/test_allocator_http.py",
-                                     "tests/store/test_store.py", "tests/store/test_store_model.py"],
+                                     "tests/store/test_store.py", "tests/store/test_store_model.py",
+                                     "tests/runtime/test_outages.py"],
     "smtpgate/store/migrations.py": ["tests/store/test_store_schema.py"],
 }
 ROOT = Path(__file__).resolve().parents[2]
