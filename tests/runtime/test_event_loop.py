@@ -13,10 +13,14 @@ from smtpgate.runtime.loop import LoopChoiceError, loop_factory
 from tests.support.wire import Wire, code, free_port
 from tests.runtime.test_serve import config_text, write_config
 
-uvloop = pytest.importorskip("uvloop")
+
+def installed_uvloop():
+    """uvloop, for the tests that run it (they skip where it is not installed)."""
+    return pytest.importorskip("uvloop")
 
 
 def test_uvloop_only_when_asked_for_and_asyncio_by_default():
+    uvloop = installed_uvloop()
     for choice in ("uvloop", "UVLOOP", " uvloop "):
         factory = loop_factory(choice)
         loop = factory()
@@ -29,8 +33,17 @@ def test_uvloop_only_when_asked_for_and_asyncio_by_default():
 
 
 def test_the_default_is_asyncio_even_with_uvloop_installed(monkeypatch):
+    installed_uvloop()
     monkeypatch.delenv("SMTPGATE_EVENT_LOOP", raising=False)
     assert loop_factory() is None
+
+
+def test_uvloop_asked_for_where_it_is_not_installed_is_an_error_saying_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # `import uvloop` fails, as where it is not installed
+    with pytest.raises(LoopChoiceError) as caught:
+        loop_factory("uvloop")
+    assert str(caught.value) == ("SMTPGATE_EVENT_LOOP=uvloop, but uvloop is not installed "
+                                 "(pip install 'smtpgate[uvloop]')")
 
 
 def test_an_unknown_choice_is_an_error_naming_the_variable():
@@ -58,6 +71,8 @@ async def test_serve_refuses_an_unknown_loop(tmp_path):
 
 @pytest.mark.parametrize("choice", ["asyncio", "uvloop"])
 async def test_serve_relays_on_either_loop(tmp_path, choice):
+    if choice == "uvloop":
+        installed_uvloop()
     proc, port = await serve(tmp_path, choice)
     try:
         async with asyncio.timeout(30):
@@ -90,6 +105,8 @@ def workers_of(pid: int) -> list[int]:
 
 @pytest.mark.parametrize("choice", ["asyncio", "uvloop"])
 async def test_workers_run_on_the_chosen_loop_too(tmp_path, choice):
+    if choice == "uvloop":
+        installed_uvloop()
     port = free_port()
     config = write_config(tmp_path, config_text(port, "workers: 2\n"))
     env = dict(os.environ, SMTPGATE_EVENT_LOOP=choice)
