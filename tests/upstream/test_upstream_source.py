@@ -50,8 +50,12 @@ async def test_a_users_login_is_a_source_its_sessions_go_back_to(tmp_path, upstr
     await session.release(False)
     assert user.session is None and pool.open_connections == 0
     await user.close()
-    with pytest.raises(UpstreamConnectError):
+    connections = upstream.connections
+    # The client's session has ended: nothing logs in for it any more.
+    with pytest.raises(UpstreamConnectError) as ended:
         await user.acquire()
+    assert ended.value.reason == "the client's session has ended"
+    assert upstream.connections == connections and pool.open_connections == 0
     await pool.close()
 
 
