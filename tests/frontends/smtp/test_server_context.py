@@ -7,7 +7,7 @@ import ssl
 
 import pytest
 
-from smtpgate.frontends.smtp.tls import TlsSetupError, server_context
+from smtpgate.frontends.smtp.tls import TlsSetupError, _set_groups_list, server_context
 from tests.support.sink import make_test_cert
 
 
@@ -38,3 +38,12 @@ def test_each_setting_that_cannot_be_applied_is_named(pair, tmp_path):
     with pytest.raises(TlsSetupError) as bad_ca:
         server_context(*pair, client_ca=missing)
     assert str(bad_ca.value).startswith(f"tls_client_ca {missing}: ")
+
+
+@pytest.mark.skipif(hasattr(ssl.SSLContext, "set_groups"), reason="Python sets the groups itself")
+def test_the_groups_list_reaches_this_python_s_libssl():
+    # Before Python 3.15 the list goes to the context's SSL_CTX through ctypes: on this
+    # CPython that works (True), and a list OpenSSL does not know is refused (False).
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    assert _set_groups_list(context, "X25519:prime256v1") is True
+    assert _set_groups_list(context, "no-such-group") is False
