@@ -72,6 +72,19 @@ async def test_smtputf8_refused_when_the_upstream_lacks_it(config_for, start_gat
         await wire.cmd("QUIT")
 
 
+async def test_the_connection_a_non_ascii_sender_was_refused_on_carries_the_next_mail(config_for, start_gate):
+    """The refusal is smtpgate's, before anything went upstream: the connection goes back to the pool."""
+    async with Sink(smtputf8=False) as plain:
+        gate, port = await start_gate(config_for(f"smtp://127.0.0.1:{plain.port}"))
+        wire = await session(port)
+        assert (await wire.cmd("MAIL FROM:<jöe@corp.example> SMTPUTF8")).startswith("553 5.6.7 ")
+        assert code(await wire.cmd("MAIL FROM:<jane@corp.example>")) == 250
+        assert code(await wire.cmd("RCPT TO:<b@x.example>")) == 250
+        assert code(await send_data(wire, MESSAGE)) == 250
+        assert plain.connections == 1 and upstream_saw(plain, "MAIL") == ["MAIL FROM:<jane@corp.example>"]
+        await wire.cmd("QUIT")
+
+
 @pytest.mark.parametrize("smtputf8,eightbitmime", [(False, True), (True, False), (False, False)])
 async def test_ehlo_hides_what_the_upstream_lacks(config_for, start_gate, log_lines, smtputf8, eightbitmime):
     """smtpgate offers SMTPUTF8 and 8BITMIME only when the upstream it relays to has them."""
