@@ -120,6 +120,15 @@ async def test_upstream_552_to_rcpt_becomes_452(relay, sink):
     assert (await wire.cmd("RCPT TO:<many@supplier.example>")).startswith("452 4.5.3")
 
 
+async def test_a_multi_line_552_to_rcpt_becomes_452_with_the_upstreams_first_line(relay, sink):
+    gate, port = relay
+    sink.raw_replies["RCPT"] = b"552-5.5.3 Too many recipients for one message\r\n552 5.5.3 Send the rest later\r\n"
+    wire = await session(port)
+    await wire.cmd("MAIL FROM:<jane@corp.example>")
+    assert await wire.cmd("RCPT TO:<many@supplier.example>") == "452 4.5.3 Too many recipients for one message"
+    await wire.cmd("QUIT")
+
+
 TAGGED = (
     b"From: Team A <uk-payroll+101203-T@corp.example>\r\n"
     b"To: client@supplier.example\r\n"
