@@ -46,6 +46,28 @@ async def test_an_upstream_refusing_smtpgates_login_is_logged_at_stage_connect(t
         await wire.cmd("QUIT")
 
 
+async def test_an_upstream_lost_at_rcpt_is_logged_at_stage_transaction_and_refuses_the_message_with_its_reason(
+        relay, sink, log_lines):
+    _, port = relay
+    wire = await session(port)
+    assert code(await wire.cmd("MAIL FROM:<jane@corp.example>")) == 250
+    assert code(await wire.cmd("RCPT TO:<client@supplier.example>")) == 250
+    await sink.drop_connections()
+    assert await wire.cmd("RCPT TO:<other@supplier.example>") == (
+        "451 4.4.2 Connection to the upstream mail server lost, try again later")
+    [error] = events(log_lines, "upstream.error")
+    assert (error["stage"], error["upstream"]) == ("transaction", f"smtp://127.0.0.1:{sink.port}")
+    assert error["reason"].startswith("RCPT: ")
+    [refused] = events(log_lines, "command.refused")
+    assert (refused["code"], refused["stage"], refused["reason"]) == (451, "rcpt", error["reason"])
+    # The client goes on with the recipient it has: the message meets the lost transaction.
+    assert await send_data(wire, MESSAGE) == "451 4.4.2 Connection to the upstream mail server lost, try again later"
+    [rejected] = events(log_lines, "message.rejected")
+    assert (rejected["code"], rejected["stage"], rejected["reason"]) == (451, "data", error["reason"])
+    assert sink.received == [] and not events(log_lines, "message.relayed")
+    await wire.cmd("QUIT")
+
+
 async def test_message_relayed_names_the_sender_the_refused_the_size_and_the_upstreams_reply(relay, sink, log_lines):
     gate, port = relay
     sink.rcpt_replies["nobody@supplier.example"] = "550 5.1.1 No such user"
