@@ -148,6 +148,22 @@ async def test_message_relayed_holds_its_fields_and_no_other(relay, sink, log_li
     await wire.cmd("QUIT")
 
 
+async def test_upstream_ms_and_store_ms_are_milliseconds_to_a_tenth(relay, sink, log_lines):
+    """As duration_ms: a tenth of a millisecond, whatever the clock read (three messages, so a
+    finer rounding cannot hide behind a value that happens to end in zero)."""
+    _, port = relay
+    wire = await session(port)
+    for _ in range(3):
+        await wire.cmd("MAIL FROM:<jane@corp.example>")
+        await wire.cmd("RCPT TO:<client@supplier.example>")
+        assert code(await send_data(wire, MESSAGE)) == 250
+    relayed = events(log_lines, "message.relayed")
+    assert len(relayed) == 3
+    for timing in [e[key] for e in relayed for key in ("upstream_ms", "store_ms")]:
+        assert isinstance(timing, float) and timing == round(timing, 1), timing
+    await wire.cmd("QUIT")
+
+
 async def test_observe_mode_names_the_sender_in_message_observed(tmp_path, sink, start_gate, log_lines):
     from tests.test_observe import TWO_LISTENERS
     from tests.test_mission import STEP1
