@@ -52,8 +52,10 @@ async def test_a_tag_refused_at_rcpt_is_relayed_untagged_everywhere(mission):  #
     msg = mission.sink.messages[-1]
     assert msg.rcpt_tos == ["client@supplier.example", "pl-payroll@corp.example"]
     assert f"+{new}@".encode() not in msg.data  # untagged in Cc too: a reply-all must not bounce
-    refused = [e for e in mission.log_lines() if e["event"] == "upstream.tag_refused"]
-    assert refused[-1]["tagged"] == f"pl-payroll+{new}@corp.example"
+    [refused] = [e for e in mission.log_lines() if e["event"] == "upstream.tag_refused"]
+    tagged = f"pl-payroll+{new}@corp.example"
+    assert (refused["recipient"], refused["tagged"], refused["reply"]) == (
+        "pl-payroll@corp.example", tagged, f"550 5.1.1 <{tagged}>: Recipient address rejected: User unknown")
 
 
 async def test_the_link_named_at_rcpt_is_the_one_relayed(mission):  # noqa: F811
