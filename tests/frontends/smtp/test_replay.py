@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tests.support.wire import code
 from tests.frontends.smtp.test_early_tag import SENDER, tagged_transaction
-from tests.frontends.smtp.test_relay import dot_stuff
+from tests.frontends.smtp.test_relay import dot_stuff, send_data
 from tests.test_mission import STEP1, mission, mission_config  # noqa: F401 - fixtures
 
 TWO_SPELLINGS = ["pl-payroll@corp.example", "PL-Payroll@corp.example"]
@@ -72,4 +72,25 @@ async def test_a_tag_refused_at_rcpt_is_not_tried_again_at_the_end_of_data(missi
     assert len(tagged) == 1
     [refused] = events(mission, "upstream.tag_refused")
     assert refused["tagged"] == f"pl-payroll+{new}@corp.example"
+    await wire.cmd("QUIT")
+
+
+
+async def test_a_tag_refused_at_the_end_of_data_replay_is_relayed_untagged(mission):  # noqa: F811
+    """The link is made at the end of DATA (none at RCPT): the replay asks for the tagged form,
+    the upstream refuses it, and the recipient goes as the client gave it, on the same replay."""
+    mission.sink.refuse_plus = True
+    wire = await tagged_transaction(mission, ["client@supplier.example", "pl-payroll@corp.example"])
+    assert code(await send_data(wire, STEP1)) == 250
+    [created] = events(mission, "link.created")
+    tagged = f"pl-payroll+{created['reference']}@corp.example"
+    [refused] = events(mission, "upstream.tag_refused")
+    assert (refused["recipient"], refused["tagged"], refused["reply"]) == (
+        "pl-payroll@corp.example", tagged, f"550 5.1.1 <{tagged}>: Recipient address rejected: User unknown")
+    [message] = mission.sink.messages
+    assert message.rcpt_tos == ["client@supplier.example", "pl-payroll@corp.example"]
+    assert tagged.encode() not in message.data
+    replayed = [c.split(" ")[1] for c in mission.sink.commands[mission.sink.commands.index("RSET"):]
+                if c.startswith("RCPT")]
+    assert replayed == ["TO:<client@supplier.example>", f"TO:<{tagged}>", "TO:<pl-payroll@corp.example>"]
     await wire.cmd("QUIT")
