@@ -12,11 +12,13 @@ import sqlite3
 import aiosmtplib
 import pytest
 
+from smtpgate.config import load_config
 from smtpgate.runtime.gate import Gate, Snapshot
 from smtpgate.store import StoreError
 from smtpgate.store.allocation import LocalAllocator
 from smtpgate.store.sqlite import SqliteStore
 from smtpgate.users import Users
+from tests.conftest import BASE_CONFIG, write_config
 from tests.support.sink import client_tls_context
 from tests.frontends.smtp.test_relay import MESSAGE, dot_stuff, send_data, session
 from tests.store.test_store import eventually
@@ -140,6 +142,48 @@ async def test_a_store_failing_at_mail_is_not_asked_again_at_rcpt(sink, config_f
         assert "RSET" in sink.commands
         assert sink.messages[0].rcpt_tos == ["pl-payroll+5512-C@corp.example"]
     finally:
+        await gate.drain(0)
+
+
+class LinksOfHeld(SqliteStore):
+    """A real SQLite store whose one-read look-up of a sender's links answers only once the
+    test lets it, as a store busy with other work would."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.answer = asyncio.Event()
+
+    async def links_of(self, source_reference: str, limit: int = 100):
+        await self.answer.wait()
+        return await super().links_of(source_reference, limit)
+
+
+async def test_a_tag_late_at_rcpt_is_logged_with_the_wait_and_the_end_of_data_tags(sink, log_lines, tmp_path):
+    """The look-up at MAIL is not back: the RCPT waits a quarter of upstream.timeouts.command,
+    goes upstream untagged, and the end of DATA decides (a replay, and the tag)."""
+    text = BASE_CONFIG.format(upstream=f"smtp://127.0.0.1:{sink.port}", store=f"sqlite:{tmp_path}/smtpgate.db")
+    config = load_config(write_config(tmp_path, text.replace("  timeout: 10\n",
+                                                               "  timeout: 10\n  timeouts:\n    command: 1\n")))
+    store = LinksOfHeld(tmp_path / "held.db", LocalAllocator(config.allocator.first_number))
+    await store.connect()
+    await store.upgrade()
+    assert await store.record_link("101203-T", "uk-payroll@corp.example", "5512-C", "pl-payroll@corp.example", None)
+    gate = Gate(config, store=store)
+    await gate.start()
+    try:
+        wire = await session(gate.bound[0][1])
+        assert code_of(await wire.cmd("MAIL FROM:<uk-payroll+101203-T@corp.example>")) == 250
+        assert code_of(await wire.cmd("RCPT TO:<pl-payroll@corp.example>")) == 250
+        [late] = events(log_lines, "rcpt.tag_late")
+        assert (late["recipient"], late["waited_s"]) == ("pl-payroll@corp.example", 0.25)
+        assert "RCPT TO:<pl-payroll@corp.example>" in sink.commands  # untagged at RCPT
+        store.answer.set()
+        assert code_of(await send_data(wire, TAGGED)) == 250
+        await wire.cmd("QUIT")
+        assert "RSET" in sink.commands
+        assert sink.messages[0].rcpt_tos == ["pl-payroll+5512-C@corp.example"]
+    finally:
+        store.answer.set()
         await gate.drain(0)
 
 
