@@ -19,3 +19,10 @@ def test_a_changed_aiosmtpd_is_named_member_by_member(monkeypatch):
         "aiosmtpd.smtp.SMTP._reset_timeout is gone",
         "aiosmtpd.smtp.SMTP.check_helo_needed is no longer a coroutine function",
     ]
+
+
+def test_an_auth_mechanism_record_that_is_no_longer_a_named_tuple_is_named(monkeypatch):
+    from aiosmtpd.smtp import _AuthMechAttr
+
+    monkeypatch.delattr(_AuthMechAttr, "_fields")
+    assert check_internals() == ["aiosmtpd.smtp._AuthMechAttr no longer has a method field"]

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import logging
 import socket
 import struct
 
@@ -125,6 +127,30 @@ async def test_a_client_gone_while_rcpt_waits_gives_the_upstream_connection_back
     await go_away(wire, how)
     await all_given_back(gate, before)
     held.set()
+
+
+async def test_a_refusal_of_data_after_the_client_left_is_no_error(sink, tmp_path, start_gate, log_lines, caplog):
+    """The client goes while the decision waits for the upstream's answer to DATA; the
+    upstream then refuses DATA. The refusal has nobody to go to: the upstream transaction is
+    reset, nothing is delivered, and no error is logged (an unretrieved exception would be)."""
+    gate, port = await start_gate(config(tmp_path, sink))
+    sink.data_command_reply = "554 5.7.1 Not now"
+    sink.hold["DATA"] = held = asyncio.Event()
+    wire = await session(port)
+    assert code(await wire.cmd(f"MAIL FROM:<{SENDER}>")) == 250
+    assert code(await wire.cmd("RCPT TO:<pl-payroll@corp.example>")) == 250
+    assert code(await wire.cmd("DATA")) == 354
+    # Over 64 KB without the final dot: the header block is read and decided meanwhile.
+    await wire.send(MESSAGE + b"".join(b"%078d\r\n" % n for n in range(2000)))
+    await sink.wait_for(lambda: sink.held == ["DATA"], what="DATA held upstream")
+    wire.reset()
+    await wait_until(lambda: len(gate.registry) == 0, timeout=5)
+    held.set()
+    await sink.wait_for(lambda: sink.commands[-1] == "RSET", what="the upstream transaction reset")
+    await wait_until(lambda: not gate.registry.tasks, timeout=5)
+    gc.collect()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert sink.received == []
 
 
 async def test_a_recipient_given_twice_goes_upstream_once(sink, tmp_path, start_gate, log_lines):

@@ -3,7 +3,7 @@ own refusals with their wording, and the upstream's passed on with the address t
 
 from __future__ import annotations
 
-from tests.support.wire import code
+from tests.support.wire import Wire, code
 from tests.frontends.smtp.test_relay import session
 
 
@@ -37,3 +37,42 @@ async def test_the_upstreams_refusal_of_mail_and_rcpt_is_logged_with_the_address
     assert (rcpt["stage"], rcpt["reason"], rcpt["recipient"]) == ("rcpt", "upstream: 5.1.1 No such user",
                                                                  "nobody@supplier.example")
     await wire.cmd("QUIT")
+
+
+async def test_an_unknown_verb_is_refused_as_not_recognized_and_logged_as_unknown(relay, log_lines):
+    _, port = relay
+    wire = await session(port)
+    reply = await wire.cmd("FOO bar")
+    assert reply == '500 5.5.2 Error: command "FOO" not recognized'
+    [refused] = refusals(log_lines)
+    assert (refused["code"], refused["stage"], refused["reason"]) == (500, "unknown", reply[4:])
+    assert code(await wire.cmd("NOOP")) == 250  # the session goes on
+    await wire.cmd("QUIT")
+
+
+async def test_a_line_refused_before_its_verb_is_read_is_logged_as_an_unknown_command(relay, log_lines):
+    """An empty line or a line over the command limit is refused before any verb is looked
+    up: logged as no known command, not as the command answered before it (a one-line
+    reply or a multi-line one)."""
+    _, port = relay
+    wire = await session(port)  # EHLO: a multi-line reply
+    assert await wire.cmd("NOOP " + "y" * 1100) == "500 5.5.6 Command line too long"
+    assert code(await wire.cmd("NOOP")) == 250
+    assert await wire.cmd("") == "500 5.5.2 Error: bad syntax"
+    assert [(e["code"], e["stage"], e["reason"]) for e in refusals(log_lines)] == [
+        (500, "unknown", "5.5.6 Command line too long"), (500, "unknown", "5.5.2 Error: bad syntax")]
+    await wire.cmd("QUIT")
+
+
+async def test_a_connection_refused_before_its_first_command_is_no_command_refusal(sink, config_for, start_gate,
+                                                                                  log_lines):
+    _, port = await start_gate(config_for(f"smtp://127.0.0.1:{sink.port}",
+                                          "limits:\n  max_connections_per_client: 1\n"))
+    first = await session(port)
+    second, greeting = await Wire.open(port)
+    assert greeting.startswith("421 4.7.0 ")
+    await second.close()
+    assert [e["reason"] for e in log_lines() if e["event"] == "session.refused"] == [
+        "limits.max_connections_per_client reached"]
+    assert refusals(log_lines) == []
+    await first.cmd("QUIT")

@@ -197,7 +197,7 @@ async def test_one_octet_over_the_size_limit_is_refused_after_the_final_dot(smal
     await wire.send(b".\r\n")
     assert await wire.reply() == replies.MESSAGE_TOO_BIG.line()
     rejected = [e for e in log_lines() if e["event"] == "message.rejected"]
-    assert [(e["code"], e["reason"]) for e in rejected] == [(552, "data over limits.max_message_size")]
+    assert [(e["code"], e["reason"], e["stage"]) for e in rejected] == [(552, "data over limits.max_message_size", "data")]
     assert code(await wire.cmd("NOOP")) == 250
     assert sink.messages == []
 
@@ -230,7 +230,7 @@ async def test_a_line_over_the_line_limit_is_refused_after_the_final_dot(relay, 
     await wire.send(b".\r\n")
     assert await wire.reply() == replies.LINE_TOO_LONG.line()
     rejected = [e for e in log_lines() if e["event"] == "message.rejected"]
-    assert [(e["code"], e["reason"]) for e in rejected] == [(500, "line over 1000 octets")]
+    assert [(e["code"], e["reason"], e["stage"]) for e in rejected] == [(500, "line over 1000 octets", "data")]
     assert code(await wire.cmd("NOOP")) == 250
     assert sink.messages == []
 
@@ -454,6 +454,7 @@ def test_glue_reads_data_as_aiosmtpd_does(pairs, session_):
     b"x" * 15, b"x" * 16, b"x" * 17, b"x" * 18, b"x" * 19, b".x" * 9, b"\r" * 40, b"\n" * 40, b".\r" * 20,
     b"x" * 60 + b"\r\n" + b"y" * 19, b"x" * 70 + b"\r\n" + b"y" * 10, b"a\r\n" * 26, b"a\r\n" * 27,
     b"a\r\n" * 26 + b"b" * 17, b"a\r\n" * 20 + b"b" * 17, b"a\r\n" * 20 + b"b" * 16 + b"\r\n" + b"c" * 20,
+    b"x\r\n..y",  # a dot-stuffed line right after a first line of one octet
     b"caf\xc3\xa9 \xff\xfe",  # not UTF-8: "ascii" refuses it, "utf8" keeps the octets as surrogates
 ])
 @pytest.mark.parametrize("split", ["whole", "octets"])
@@ -518,8 +519,9 @@ def test_process_message_is_deprecated_as_aiosmtpd_says():
 
 
 @pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
-def test_auth_required_before_data_is_aiosmtpd_s():
+def test_auth_required_before_data_is_aiosmtpd_s(caplog):
     servers = Servers()
+    caplog.set_level(logging.INFO, logger="mail.log")
     try:
         said = []
         for cls in (StockSMTP, SmallGlue):
@@ -533,6 +535,9 @@ def test_auth_required_before_data_is_aiosmtpd_s():
                 said.append(replies_)
         assert said[0] == said[1]
         assert said[0][2].startswith("530")
+        # aiosmtpd's log names the refused command, for the glue's DATA as for its own.
+        logged = [r.getMessage() for r in caplog.records if r.name == "mail.log"]
+        assert logged.count("DATA: Authentication required") == 2
     finally:
         servers.stop()
 

@@ -17,6 +17,9 @@ from smtpgate.runtime.gate import Gate, Snapshot
 from smtpgate.store import StoreError
 from smtpgate.store.allocation import LocalAllocator
 from smtpgate.store.sqlite import SqliteStore
+from smtpgate.upstream.client import UpstreamPool
+from smtpgate.upstream.maildir import MaildirSession
+from smtpgate.upstream.session import Verdict
 from smtpgate.users import Users
 from tests.conftest import BASE_CONFIG, write_config
 from tests.support.sink import client_tls_context
@@ -111,6 +114,86 @@ async def test_an_internal_error_at_the_dot_is_451_logged_and_resets_the_upstrea
         await wire.cmd("QUIT")
     finally:
         await gate.drain(0)
+
+
+class FaultyStoreTelling(FaultyStore):
+    """FaultyStore that says when it is asked (and about to raise)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.asked = asyncio.Event()
+
+    async def get_or_create_link(self, *args, **kwargs):
+        self.asked.set()
+        return await super().get_or_create_link(*args, **kwargs)
+
+
+async def test_an_internal_error_while_the_body_arrives_is_logged_once_with_its_traceback(sink, config_for,
+                                                                                        log_lines, tmp_path):
+    """The header block is decided while the body still arrives (over 64 KB of it, no dot yet);
+    the decision's fault is logged when it happens, with its traceback, and the client hears
+    451 4.3.0 once its final dot is in."""
+    config = config_for(f"smtp://127.0.0.1:{sink.port}")
+    store = FaultyStoreTelling(tmp_path / "faulty.db", LocalAllocator(config.allocator.first_number))
+    await store.connect()
+    await store.upgrade()
+    gate = Gate(config, store=store)
+    await gate.start()
+    try:
+        wire = await session(gate.bound[0][1])
+        assert code_of(await wire.cmd("MAIL FROM:<uk-payroll+101203-T@corp.example>")) == 250
+        assert code_of(await wire.cmd("RCPT TO:<pl-payroll@corp.example>")) == 250
+        assert code_of(await wire.cmd("DATA")) == 354
+        await wire.send(dot_stuff(TAGGED + b"".join(b"%078d\r\n" % n for n in range(2000))))
+        async with asyncio.timeout(10):
+            await store.asked.wait()
+        await wire.send(b".\r\n")
+        assert await wire.reply() == "451 4.3.0 Temporary failure, try again later"
+        [rejected] = events(log_lines, "message.rejected")
+        assert (rejected["code"], rejected["reason"], rejected["stage"]) == (451, "internal error", "data")
+        assert "KeyError: 'a bug in the store'" in rejected["exception"]
+        assert "mail_from" not in rejected  # a fault: the client's details, not the message's
+        assert "DATA" not in sink.commands and sink.received == []
+        assert code_of(await wire.cmd("NOOP")) == 250
+        await wire.cmd("QUIT")
+    finally:
+        await gate.drain(0)
+
+
+class DotBug(MaildirSession):
+    """A Maildir upstream session with a bug: the final dot raises what no session may raise."""
+
+    async def end_data(self, last: bytes = b"") -> Verdict:
+        raise RuntimeError("a bug in the upstream session")
+
+
+class DotBugPool(UpstreamPool):
+    async def acquire(self, *, check: bool = False):
+        plain = await super().acquire(check=check)
+        return DotBug(root=plain.root, label=plain.label)
+
+
+async def test_an_internal_error_at_the_final_dot_is_451_logged_and_nothing_is_delivered(config_for, start_gate,
+                                                                                      log_lines, tmp_path):
+    outbox = tmp_path / "outbox"
+    gate, port = await start_gate(config_for(f"maildir:{outbox}"))
+    # New connections take the current snapshot: one whose upstream sessions have the bug.
+    now = gate.snapshot
+    gate.snapshot = Snapshot(now.config, DotBugPool(now.config.upstream, local_hostname=now.config.hostname),
+                             now.links, now.users)
+    wire = await session(port)
+    assert code_of(await wire.cmd("MAIL FROM:<jane@corp.example>")) == 250
+    assert code_of(await wire.cmd("RCPT TO:<client@supplier.example>")) == 250
+    assert await send_data(wire, MESSAGE) == "451 4.3.0 Temporary failure, try again later"
+    [rejected] = events(log_lines, "message.rejected")
+    assert (rejected["code"], rejected["reason"], rejected["stage"]) == (451, "internal error", "data")
+    assert "RuntimeError: a bug in the upstream session" in rejected["exception"]
+    assert "mail_from" not in rejected
+    assert not events(log_lines, "message.relayed")
+    # The message being written was given up: nothing delivered, nothing left in tmp/.
+    assert list((outbox / "new").iterdir()) == [] and list((outbox / "tmp").iterdir()) == []
+    assert code_of(await wire.cmd("NOOP")) == 250
+    await wire.cmd("QUIT")
 
 
 class LinksOfFails(SqliteStore):

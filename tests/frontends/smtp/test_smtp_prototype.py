@@ -90,3 +90,26 @@ async def test_one_client_authenticating_leaves_the_others_unauthenticated(tmp_p
     finally:
         await waiting.close()
     assert len(sink.messages) == 1
+
+
+async def test_aiosmtpd_sets_up_one_prototype_per_handler_and_settings(monkeypatch):
+    """SMTP.__init__ runs once for connections with one handler and the same settings, again
+    for new settings; a setting that cannot be a key is set up the stock way, every time."""
+    made = []
+    stock_init = SMTP.__init__
+
+    def counted(self, *args, **kwargs):
+        made.append(kwargs.get("hostname"))
+        stock_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(SMTP, "__init__", counted)
+    handler = Hooks()
+    for _ in range(3):
+        Probe(handler, hostname="one.test.example")
+    assert made == ["one.test.example"]
+    for _ in range(2):
+        Probe(handler, hostname="two.test.example")
+    assert made == ["one.test.example", "two.test.example"]
+    for _ in range(2):
+        Probe(handler, hostname="three.test.example", auth_exclude_mechanism=["CUSTOM"])
+    assert made == ["one.test.example", "two.test.example", "three.test.example", "three.test.example"]

@@ -369,3 +369,85 @@ def test_the_maildir_file_gets_the_wire_data_unstuffed_however_it_is_cut(tmp_pat
         stream.write_wire(wire[a:b])
     name = stream.deliver({})
     assert (stream.root / "new" / name).read_bytes() == message
+
+
+# HEAD with lines that begin with a period: the first line, and one further down.
+STUFFED_HEAD = b".X-Scanner: page 1 of 2\r\n" + HEAD.replace(b"Subject:", b".X-Scanner-Job: 4411\r\nSubject:")
+
+
+def tagged(message: bytes, log_lines) -> bytes:
+    """message as the decision relays it: the Cc's team mailbox tagged with the link it made."""
+    [created] = [e for e in log_lines() if e["event"] == "link.created"]
+    return message.replace(b"pl-payroll@", f"pl-payroll+{created['reference']}@".encode())
+
+
+async def test_a_header_block_with_dot_stuffed_lines_is_decided_whole_and_relayed_unstuffed(gate, sink, log_lines):
+    """The first line arrives on its own (the reader reads a line that starts with a period
+    alone): the header block is decided once its empty line is in, every line without its
+    stuffing period. The message has its Message-ID, so only the Received field is added."""
+    _, port = gate
+    message = STUFFED_HEAD + b"..a body line with periods\r\nend\r\n"
+    wire = await open_transaction(port)
+    await wire.send(dot_stuff(message) + b".\r\n")
+    assert code(await wire.reply()) == 250
+    [msg] = sink.messages
+    added, relayed = strip_trace(msg.data)
+    assert [a.split(b":")[0] for a in added] == [b"Received"]
+    assert relayed == tagged(message, log_lines)
+
+
+async def test_a_message_that_is_all_header_block_is_relayed(gate, sink, log_lines):
+    """No empty line and no body: the whole data is the header block, decided at the final dot."""
+    _, port = gate
+    message = HEAD[:-2]  # the header fields without the empty line that would end them
+    wire = await open_transaction(port)
+    await wire.send(dot_stuff(message) + b".\r\n")
+    assert code(await wire.reply()) == 250
+    [msg] = sink.messages
+    added, relayed = strip_trace(msg.data)
+    assert [a.split(b":")[0] for a in added] == [b"Received"]
+    assert relayed == tagged(message, log_lines)
+
+
+async def test_the_upstream_gone_between_two_parts_of_the_body_gives_451_at_the_dot(gate, sink, log_lines):
+    """The body's first part went upstream, then the upstream went away: the next part finds
+    it gone. The client hears 451 4.4.2 once its final dot is in, the refusal is logged once,
+    and the session goes on."""
+    _, port = gate
+    sink.drop_mid_data = 20_000
+    wire = await open_transaction(port)
+    await wire.send(dot_stuff(HEAD + body(100_000)))
+    await sink.wait_for(lambda: sink.closed_after_data == 1, what="the upstream gone mid-body")
+    await wire.send(dot_stuff(body(200_000)) + b".\r\n")
+    reply = await wire.reply()
+    assert reply.startswith("451 4.4.2"), reply
+    [rejected] = [e for e in log_lines() if e["event"] == "message.rejected"]
+    assert (rejected["code"], rejected["stage"]) == (451, "data")
+    assert [e["stage"] for e in log_lines() if e["event"] == "upstream.error"] == ["data"]
+    assert sink.received == []
+    sink.drop_mid_data = None
+    assert code(await wire.cmd("MAIL FROM:<a@corp.example>")) == 250
+    assert code(await wire.cmd("RCPT TO:<client@supplier.example>")) == 250
+    assert code(await send_data(wire, HEAD + b"fine\r\n")) == 250
+
+
+async def test_stale_spool_files_are_removed_at_start_and_counted(spool, sink, config_for, start_gate, log_lines):
+    for n in range(3):
+        (spool / f"smtpgate-spool-stale{n}").write_bytes(b"left by a process killed mid-create")
+    (spool / "not-a-spool-file").write_bytes(b"kept")
+    await start_gate(config_for(f"smtp://127.0.0.1:{sink.port}", f"limits:\n  spool_dir: {spool}\n"))
+    [cleaned] = [e for e in log_lines() if e["event"] == "spool.cleaned"]
+    assert (cleaned["removed"], cleaned["spool_dir"]) == (3, str(spool))
+    assert os.listdir(spool) == ["not-a-spool-file"]
+
+
+def test_a_closed_spool_is_empty_and_holds_its_memory_limit_again(tmp_path):
+    spool = BodySpool(tmp_path)
+    spool.add(b"x" * SPOOL_MEMORY_OCTETS)
+    spool.add(b"y")  # into the file
+    spool.close()
+    assert (spool.chunks, spool.memory, spool.file) == ([], 0, None)
+    full = b"z" * SPOOL_MEMORY_OCTETS
+    spool.add(full)  # exactly the limit: in memory again
+    assert spool.file is None
+    assert b"".join(spool.drain()) == full
