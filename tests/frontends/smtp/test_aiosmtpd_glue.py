@@ -26,3 +26,19 @@ def test_an_auth_mechanism_record_that_is_no_longer_a_named_tuple_is_named(monke
 
     monkeypatch.delattr(_AuthMechAttr, "_fields")
     assert check_internals() == ["aiosmtpd.smtp._AuthMechAttr no longer has a method field"]
+
+
+def test_a_stream_reader_that_keeps_the_limit_it_was_made_with_is_named(monkeypatch):
+    import asyncio
+
+    class FixedLimit(asyncio.StreamReader):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.made_with = self._limit
+
+        async def readuntil(self, separator=b"\n"):
+            self._limit = self.made_with
+            return await super().readuntil(separator)
+
+    monkeypatch.setattr(asyncio, "StreamReader", FixedLimit)
+    assert check_internals() == ["asyncio.StreamReader.readuntil no longer obeys a changed _limit"]
