@@ -8,6 +8,7 @@ import pytest
 
 from tests.support.sink import client_tls_context
 from tests.support.wire import Wire, code
+from tests.frontends.smtp.test_relay import wait_until
 from tests.frontends.smtp.test_tls_auth import config_with_listener
 
 
@@ -78,7 +79,11 @@ async def test_refused_credentials_leave_the_session_unauthenticated(tls_session
     (["AUTH LOGIN", base64.b64encode(b"j\xffane").decode(), "*"], "LOGIN", "j\ufffdane",
      "the client ended the exchange"),
     (["AUTH PLAIN !!!"], "PLAIN", None, "initial response is not base64"),
-], ids=["login-not-utf8-then-abort", "plain-bad-base64"])
+    (["AUTH PLAIN", "*"], "PLAIN", None, "the client ended the exchange"),
+    (["AUTH LOGIN", "*"], "LOGIN", None, "the client ended the exchange"),
+    (["AUTH LOGIN !!!"], "LOGIN", None, "initial response is not base64"),
+], ids=["login-not-utf8-then-abort", "plain-bad-base64", "plain-abort", "login-abort-username",
+        "login-bad-base64"])
 async def test_an_abandoned_exchange_is_logged_on_the_session(tls_session, log_lines, exchange, mechanism, user,
                                                               reason):
     wire = await tls_session()
@@ -88,4 +93,29 @@ async def test_an_abandoned_exchange_is_logged_on_the_session(tls_session, log_l
     [result] = [e for e in log_lines() if e["event"] == "auth.result"]
     assert {k: result.get(k) for k in ("user", "success", "mechanism", "reason", "level")} == {
         "user": user, "success": False, "mechanism": mechanism, "reason": reason, "level": "warning"}
+    assert result["session"] and result["listener"]  # the session's own logger
+
+
+async def test_plain_without_initial_response_gets_an_empty_challenge(tls_session):
+    """RFC 4954 4: the server's challenge for PLAIN is empty, "334 " with its space and nothing more."""
+    wire = await tls_session()
+    assert await wire.cmd("AUTH PLAIN") == "334 "
+    assert (await wire.cmd(b64("\0jane\0s3cret pass"))).startswith("235 2.7.0")
+
+
+@pytest.mark.parametrize("exchange,mechanism,user", [
+    (["AUTH PLAIN"], "PLAIN", None),
+    (["AUTH LOGIN"], "LOGIN", None),
+    (["AUTH LOGIN", b64("jane")], "LOGIN", "jane"),
+], ids=["plain-challenge", "login-username", "login-password"])
+async def test_a_client_gone_mid_exchange_is_logged_on_the_session(tls_session, log_lines, exchange, mechanism, user):
+    wire = await tls_session()
+    for line in exchange:
+        assert code(await wire.cmd(line)) == 334
+    await wire.close()  # gone while smtpgate waits for its answer
+    await wait_until(lambda: any(e["event"] == "auth.result" for e in log_lines()), timeout=5)
+    [result] = [e for e in log_lines() if e["event"] == "auth.result"]
+    assert {k: result.get(k) for k in ("user", "success", "mechanism", "reason", "level")} == {
+        "user": user, "success": False, "mechanism": mechanism, "reason": "connection lost during the exchange",
+        "level": "warning"}
     assert result["session"] and result["listener"]  # the session's own logger
