@@ -62,7 +62,7 @@ MODULES: dict[str, list[str]] = {
                                                  "tests/frontends/test_policy_events.py", "tests/test_inbound_share.py"],
     "smtpgate/frontends/smtp/auth.py": ["tests/frontends/smtp/test_auth_mechanisms.py", "tests/frontends/smtp/test_auth_slowdown.py",
                                         "tests/frontends/smtp/test_auth_burst.py", "tests/frontends/smtp/test_sender_rights.py",
-                                        "tests/upstream/test_auth_upstream.py"],
+                                        "tests/upstream/test_auth_upstream.py", "tests/frontends/smtp/test_auth_upstream_outcomes.py"],
     "smtpgate/frontends/smtp/tls.py": ["tests/frontends/smtp/test_server_context.py", "tests/frontends/smtp/test_tls_auth.py", "tests/frontends/smtp/test_tls_grade.py",
                                        "tests/frontends/smtp/test_submission_listeners.py",
                                        "tests/frontends/smtp/test_peer_certificate.py"],
