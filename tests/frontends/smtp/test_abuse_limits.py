@@ -146,3 +146,25 @@ async def test_bad_command_cap_closes_with_421(sink, config_for, start_gate, log
     await fresh.close()
     [refused] = [e for e in log_lines() if e["event"] == "session.refused"]
     assert refused["reason"] == "limits.max_bad_commands reached" and refused["bad_commands"] == 20
+
+
+async def test_connection_over_max_connections_refused_and_every_session_names_its_listener(
+        sink, config_for, start_gate, log_lines):
+    gate, port = await start_gate(config_for(f"smtp://127.0.0.1:{sink.port}", "limits:\n  max_connections: 1\n"))
+    first, greeting = await Wire.open(port)
+    assert code(greeting) == 220
+    # From another address: the per-client limit is not what refuses it.
+    second, greeting = await Wire.open(port, source="127.0.0.2")
+    assert greeting.startswith("421 4.7.0 ")
+    assert await second.reply() == ""  # and closed
+    clients = {wire.writer.get_extra_info("sockname") for wire in (first, second)}  # (address, port)
+    for wire in (first, second):
+        await wire.close()
+    await until(lambda: len([e for e in log_lines() if e["event"] == "session.closed"]) == 2)
+    events = log_lines()
+    opened = [e for e in events if e["event"] == "session.opened"]
+    assert {(e["peer"], e["port"]) for e in opened} == clients
+    [refused] = [e for e in events if e["event"] == "session.refused"]
+    assert (refused["reason"], refused["client_ip"]) == ("limits.max_connections reached", "127.0.0.2")
+    sessions = [e for e in events if e["event"].startswith("session.")]
+    assert len(sessions) == 5 and {e["listener"] for e in sessions} == {"submission"}
