@@ -3,6 +3,8 @@ own refusals with their wording, and the upstream's passed on with the address t
 
 from __future__ import annotations
 
+from smtpgate.config import load_config
+from tests.conftest import BASE_CONFIG, write_config
 from tests.support.wire import Wire, code
 from tests.frontends.smtp.test_relay import session
 
@@ -76,3 +78,32 @@ async def test_a_connection_refused_before_its_first_command_is_no_command_refus
         "limits.max_connections_per_client reached"]
     assert refusals(log_lines) == []
     await first.cmd("QUIT")
+
+
+async def test_a_sender_or_recipient_path_refused_is_logged_with_what_is_wrong_with_it(relay, log_lines):
+    _, port = relay
+    wire = await session(port)
+    assert await wire.cmd("MAIL FROM:<jan\u00e9@corp.example>") == "501 5.1.7 Bad sender address syntax"
+    assert code(await wire.cmd("MAIL FROM:<jane@corp.example>")) == 250
+    assert await wire.cmd("RCPT TO:<>") == "501 5.1.3 Bad recipient address syntax"
+    assert [(e["code"], e["stage"], e["reason"]) for e in refusals(log_lines)] == [
+        (501, "mail", "non-ASCII sender without SMTPUTF8"), (501, "rcpt", "the null path is not a recipient")]
+    await wire.cmd("QUIT")
+
+
+async def test_an_inbound_listener_refuses_a_recipient_outside_the_internal_domains(tmp_path, sink, start_gate,
+                                                                                   log_lines):
+    text = BASE_CONFIG.replace("  - name: submission\n", "  - name: inbound\n").replace(
+        "    relay_networks: [127.0.0.1/32]\n", "    direction: inbound\n")
+    _, port = await start_gate(load_config(write_config(tmp_path, text.format(
+        upstream=f"smtp://127.0.0.1:{sink.port}", store=f"sqlite:{tmp_path}/smtpgate.db"))))
+    wire = await session(port)
+    assert code(await wire.cmd("MAIL FROM:<client@supplier.example>")) == 250
+    assert await wire.cmd("RCPT TO:<someone@elsewhere.example>") == "554 5.7.1 Relay access denied"
+    assert code(await wire.cmd("RCPT TO:<uk-payroll@corp.example>")) == 250
+    [refused] = refusals(log_lines)
+    assert (refused["code"], refused["stage"], refused["reason"], refused["listener"]) == (
+        554, "rcpt", "inbound listener: not an internal domain", "inbound")
+    rcpts = [c for c in sink.commands if c.upper().startswith("RCPT TO:")]
+    assert rcpts == ["RCPT TO:<uk-payroll@corp.example>"]  # the other one never asked upstream
+    await wire.cmd("QUIT")
