@@ -7,6 +7,7 @@ from tests.conftest import write_config
 from tests.support.configs import tls_auth_yaml
 from tests.support.sink import client_tls_context
 from tests.support.smtp import send
+from tests.support.wire import Wire, code
 
 BODY = b"Subject: debug\r\nMessage-ID: <debug@corp.example>\r\n\r\nbody\r\n"
 
@@ -50,3 +51,15 @@ async def test_debug_peers_turn_debug_on_for_chosen_clients_only(tmp_path, sink,
         assert all(e["level"] == "debug" and e["debug_peer"] and e["client_ip"] == "127.0.0.1" for e in commands)
     finally:
         setup_logging("json", "debug")
+
+
+async def test_debug_log_keeps_the_first_512_characters_of_a_long_argument(tmp_path, sink, start_gate, log_lines):
+    gate, port = await start_gate(config(tmp_path, sink, "logging:\n  level: debug\n"))
+    wire, _ = await Wire.open(port)
+    assert code(await wire.cmd("EHLO client.test")) == 250
+    # After EHLO a MAIL line may be longer than 512 octets (room for SIZE and SMTPUTF8).
+    arg = "FROM:<" + "j" * 520 + "@corp.example>"
+    assert code(await wire.cmd("MAIL " + arg)) != 500  # read as a command, not refused as too long
+    await wire.cmd("QUIT")
+    [mail] = [e for e in log_lines() if e["event"] == "smtp.command" and e["verb"] == "MAIL"]
+    assert mail["arg"] == arg[:512]
