@@ -34,7 +34,9 @@ async def ready_for_auth(port: int, tls, source: str) -> Wire:
     return wire
 
 
-async def test_failed_auth_slowed_down_per_client_address(tmp_path, sink, start_gate, log_lines):
+async def start_submission(tmp_path, sink, start_gate, base: float) -> tuple[int, str]:
+    """A STARTTLS listener with auth: required for jane and limits.auth_failure_delay: base;
+    (its port, its certificate)."""
     cert, key = make_test_cert(tmp_path / "tls")
     add_user(tmp_path / "users", "jane", PASSWORD)
     gate, port = await start_gate(load_config(write_config(tmp_path, f"""\
@@ -52,8 +54,13 @@ store:
   url: sqlite:smtpgate.db
   auto_upgrade: true
 limits:
-  auth_failure_delay: {BASE}
+  auth_failure_delay: {base}
 """)))
+    return port, cert
+
+
+async def test_failed_auth_slowed_down_per_client_address(tmp_path, sink, start_gate, log_lines):
+    port, cert = await start_submission(tmp_path, sink, start_gate, BASE)
     tls = client_tls_context(cert)
     guesser = await ready_for_auth(port, tls, "127.0.0.1")
     for i in range(4):
@@ -88,3 +95,12 @@ limits:
     assert PASSWORD not in text and "guess 4" not in text and "typo" not in text
     results = [e for e in log_lines() if e["event"] == "auth.result"]
     assert [e["success"] for e in results] == [False] * 6 + [True] and {e["user"] for e in results} == {"jane"}
+
+
+async def test_the_logged_delay_is_rounded_to_milliseconds(tmp_path, sink, start_gate, log_lines):
+    port, cert = await start_submission(tmp_path, sink, start_gate, 0.0012)
+    wire = await ready_for_auth(port, client_tls_context(cert), "127.0.0.1")
+    for i in range(2):
+        assert code(await wire.cmd(plain("jane", f"guess {i}"))) == 535
+    await wire.close()
+    assert [e["delay_s"] for e in log_lines() if e["event"] == "auth.delayed"] == [0.001, 0.002]  # 1.2 ms, 2.4 ms
