@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+
 import aiosmtplib
 import pytest
 
+from smtpgate.frontends.smtp.server import make_factory, tls_context
 from smtpgate.users import Users, add_user
 from tests.support.configs import tls_auth_yaml
+from tests.support.pki import TestCA
 from tests.support.sink import Sink, client_tls_context, make_test_tls
 from tests.support.smtp import send
 from tests.support.wire import Wire, code
@@ -55,6 +60,61 @@ async def test_auth_not_offered_without_tls(tmp_path, sink, start_gate, log_line
     assert not any(e["event"] == "auth.result" for e in log_lines())  # the password was not even checked
     # relay_networks still lets loopback relay without AUTH on an optional listener.
     assert code(await wire.cmd("MAIL FROM:<a@corp.example>")) == 250
+
+
+async def starttls_session(port: int, cafile) -> tuple[Wire, str]:
+    """A session after EHLO, STARTTLS and EHLO again, and the reply to that last EHLO."""
+    wire, _ = await Wire.open(port)
+    await wire.cmd("EHLO client.test")
+    assert code(await wire.cmd("STARTTLS")) == 220
+    await wire.writer.start_tls(client_tls_context(str(cafile)), server_hostname="localhost")
+    return wire, await wire.cmd("EHLO client.test")
+
+
+async def test_auth_none_listener_offers_no_auth_even_over_tls(tmp_path, sink, start_gate, log_lines):
+    gate, port = await start_gate(config_with_listener(tmp_path, sink.port, "none"))
+    wire, ehlo = await starttls_session(port, tmp_path / "tls" / "test-cert.pem")
+    assert code(ehlo) == 250 and "AUTH" not in ehlo
+    assert await wire.cmd("AUTH PLAIN AGphbmUAczNjcmV0IHBhc3M=") == "502 5.5.1 AUTH not available on this listener"
+    assert code(await wire.cmd("MAIL FROM:<a@corp.example>")) == 250  # relay_networks: loopback relays
+    await wire.close()
+
+
+async def test_a_listener_without_a_password_backend_refuses_auth_with_535(tmp_path, sink, start_gate, log_lines):
+    """Settings without an authenticator: the client is told its login failed, not left waiting."""
+    config = config_with_listener(tmp_path, sink.port, "optional")
+    gate, _ = await start_gate(config)
+    [listener] = config.listeners
+    settings = dataclasses.replace(gate.snapshot.smtp(listener), authenticator=None)
+    factory, _ = make_factory(listener, lambda: settings, gate.registry, tls_context(listener))
+    server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+    try:
+        wire, ehlo = await starttls_session(server.sockets[0].getsockname()[1], tmp_path / "tls" / "test-cert.pem")
+        assert "250-AUTH LOGIN PLAIN" in ehlo
+        await wire.send("AUTH PLAIN AGphbmUAczNjcmV0IHBhc3M=\r\n")  # jane's right password
+        assert await wire.reply(timeout=5) == "535 5.7.8 Authentication credentials invalid"
+        assert code(await wire.cmd("NOOP")) == 250
+        await wire.close()
+    finally:
+        server.close()
+    assert not any(e["event"] in ("auth.result", "auth.delayed") for e in log_lines())
+
+
+async def test_a_verified_client_certificate_is_named_on_the_relayed_message(tmp_path, sink, start_gate, log_lines):
+    ca = TestCA(tmp_path / "pki")
+    from smtpgate.config import load_config
+    from tests.conftest import write_config
+
+    text = tls_auth_yaml(tmp_path, sink.port, "optional").replace(
+        "    auth: optional\n", f"    auth: optional\n    tls_client_ca: {ca.cert}\n")
+    gate, port = await start_gate(load_config(write_config(tmp_path, text)))
+    tls = client_tls_context(str(tmp_path / "tls" / "test-cert.pem"))
+    tls.load_cert_chain(*ca.client("mail.peer.test"))
+    result = await send("127.0.0.1", port, mail_from="a@corp.example", rcpt_tos=["b@x.example"], data=BODY,
+                        starttls=True, tls_context=tls)
+    assert result.data[0] == 250
+    [relayed] = [e for e in log_lines() if e["event"] == "message.relayed"]
+    assert (relayed["client_cert"], relayed["client_cert_issuer"]) == ("CN=mail.peer.test", "CN=smtpgate test CA")
 
 
 def test_users_file_roundtrip(tmp_path):
