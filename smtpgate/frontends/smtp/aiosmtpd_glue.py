@@ -43,6 +43,7 @@ gets a fresh stream reader, exactly as `__init__` would have left it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import logging
 import types
@@ -354,6 +355,7 @@ class PrototypeSMTP(SMTP):
             prototype = prototypes.get(key)
         except TypeError:  # a setting that cannot be a key: the stock way
             super().__init__(handler, **kwargs)
+            self._own_command_limits()
             return
         if prototype is None:
             instance = object.__new__(type(self))
@@ -362,6 +364,17 @@ class PrototypeSMTP(SMTP):
                 del prototypes[next(iter(prototypes))]
             prototype = prototypes[key] = _Prototype(instance)
         self._adopt(prototype)
+
+    def _own_command_limits(self) -> None:
+        """Command line limits of this session alone.
+
+        aiosmtpd keeps them in one class-wide dict that each new connection empties and
+        each EHLO raises (MAIL by 26 octets for SIZE, 10 for SMTPUTF8): a connection
+        arriving would shrink the MAIL limit of every session already past EHLO, and
+        repeated EHLOs would raise it without end (smtp_EHLO starts MAIL's afresh).
+        """
+        base = self.command_size_limit
+        self.command_size_limits = collections.defaultdict(lambda: base)
 
     def _adopt(self, prototype: _Prototype) -> None:
         mine = self.__dict__
@@ -372,8 +385,7 @@ class PrototypeSMTP(SMTP):
         for name, value in prototype.own:
             if name not in mine:
                 mine[name] = _rebound(value, old, self)
-        # SMTP.__init__ empties the (class-wide) command size limits each time.
-        self.command_size_limits.clear()
+        self._own_command_limits()
         # A fresh stream reader and protocol state, as StreamReaderProtocol.__init__ makes them.
         asyncio.StreamReaderProtocol.__init__(
             self,
@@ -468,6 +480,16 @@ class GlueSMTP(PrototypeSMTP):
             # The command is answered: a refusal before the next verb is read (a line too
             # long, an empty line) refuses a line that is no known command.
             self._smtp_methods.verb = "UNKNOWN"
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        self.command_size_limits.pop("MAIL", None)  # no SIZE or SMTPUTF8 after HELO
+        await super().smtp_HELO(hostname)
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self.command_size_limits.pop("MAIL", None)  # aiosmtpd adds SIZE's and SMTPUTF8's room to it
+        await super().smtp_EHLO(hostname)
 
     @syntax("HELP [command]")
     async def smtp_HELP(self, arg: str) -> None:

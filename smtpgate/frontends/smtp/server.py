@@ -68,7 +68,6 @@ class GateSMTP(GlueSMTP):
         self.session_id = os.urandom(8).hex()
         self.log = get_logger(session=self.session_id, listener=listener.name)
         self.tx: Transaction | None = None
-        self.finishing = False  # between the client's final dot and smtpgate's reply
         self.stream: MessageStream | None = None  # the message being relayed as it arrives (DATA)
         self.counted = False
         self.admitted: str | None = None  # the address counted against max_connections_per_client
@@ -150,7 +149,7 @@ class GateSMTP(GlueSMTP):
         return False
 
     def timed_out(self) -> None:
-        if self.finishing or (self.stream is not None and self.stream.finishing):
+        if self.stream is not None and self.stream.finishing:
             # The client sent its dot and waits for the upstream's verdict; upstream.timeout bounds that.
             self.restart_timer()
             return
@@ -160,7 +159,7 @@ class GateSMTP(GlueSMTP):
     @property
     def busy(self) -> bool:
         """A transaction is in flight: a drain waits for it."""
-        return self.tx is not None or self.finishing or self.stream is not None
+        return self.tx is not None or self.stream is not None
 
     def say_goodbye(self, line: str) -> None:
         """Shutdown: tell the client and close, whatever state the session is in."""

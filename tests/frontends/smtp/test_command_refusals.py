@@ -107,3 +107,32 @@ async def test_an_inbound_listener_refuses_a_recipient_outside_the_internal_doma
     rcpts = [c for c in sink.commands if c.upper().startswith("RCPT TO:")]
     assert rcpts == ["RCPT TO:<uk-payroll@corp.example>"]  # the other one never asked upstream
     await wire.cmd("QUIT")
+
+
+def mail_line(octets: int) -> str:
+    """A MAIL command of ``octets`` octets before its CRLF (the address is refused later; its length is what counts)."""
+    head, tail = "MAIL FROM:<", "@corp.example>"
+    return head + "j" * (octets - len(head) - len(tail)) + tail
+
+
+async def test_repeated_ehlo_does_not_raise_the_mail_line_limit(relay):
+    """After EHLO a MAIL line may be 548 octets (512, and room for SIZE and SMTPUTF8); saying
+    EHLO again does not add that room again."""
+    _, port = relay
+    wire = await session(port)
+    for _ in range(3):
+        assert code(await wire.cmd("EHLO client.test")) == 250
+    assert code(await wire.cmd(mail_line(600))) == 500
+    assert code(await wire.cmd(mail_line(548))) != 500  # read as a command
+    await wire.cmd("QUIT")
+
+
+async def test_a_new_connection_leaves_the_mail_line_limit_of_a_session_past_ehlo(relay):
+    _, port = relay
+    first = await session(port)
+    second, greeting = await Wire.open(port)
+    assert code(greeting) == 220
+    assert code(await first.cmd(mail_line(548))) != 500  # still the limit its EHLO gave it
+    assert code(await first.cmd(mail_line(549))) == 500
+    for wire in (first, second):
+        await wire.cmd("QUIT")

@@ -54,7 +54,11 @@ async def test_a_connection_is_set_up_as_aiosmtpd_sets_it_up():
     stock = SMTP(handler, **settings)
     first, second = Probe(handler, **settings), Probe(handler, **settings)
     for me, other in ((first, second), (second, first)):
-        assert me.__dict__.keys() == stock.__dict__.keys()
+        # One difference: each session has command line limits of its own (aiosmtpd's are class-wide).
+        assert me.__dict__.keys() - {"command_size_limits"} == stock.__dict__.keys()
+        assert me.command_size_limits is not other.command_size_limits
+        assert me.command_size_limits is not SMTP.command_size_limits
+        assert me.command_size_limits["MAIL"] == SMTP.command_size_limit
         for name, value in stock.__dict__.items():
             same_shape(me.__dict__[name], value, me, stock, handler)
         # Each has its own stream reader and protocol state.
