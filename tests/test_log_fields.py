@@ -75,6 +75,26 @@ async def test_a_proxied_client_is_named_by_its_real_address(sink, config_for, s
     assert refused["proxy"] == "127.0.0.1"
 
 
+async def test_a_proxy_header_without_addresses_leaves_the_peer_as_the_client(sink, config_for, start_gate,
+                                                                                log_lines):
+    config = config_for(f"smtp://127.0.0.1:{sink.port}")
+    listener = config.listeners[0].model_copy(update={"proxy_protocol": True})
+    _, port = await start_gate(config.model_copy(update={"listeners": (listener,)}))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"PROXY UNKNOWN\r\n")  # a proxy's health check, or a client it cannot describe
+    wire = Wire(reader, writer)
+    assert code(await wire.reply()) == 220
+    await wire.cmd("EHLO unknown.test")
+    assert code(await wire.cmd("MAIL FROM:<a@corp.example>")) == 250  # 127.0.0.1 is a relay network
+    assert code(await wire.cmd("RCPT TO:<b@x.example>")) == 250
+    assert code(await wire.cmd("DATA")) == 354
+    assert code(await wire.cmd("Subject: hi\r\n\r\nbody\r\n.")) == 250
+    await wire.cmd("QUIT")
+    assert events(log_lines, "session.proxied") == []
+    [relayed] = events(log_lines, "message.relayed")
+    assert relayed["client_ip"] == "127.0.0.1" and "proxy" not in relayed
+
+
 async def test_every_recipient_refused_upstream_is_one_message_rejected(relay, sink, log_lines):
     _, port = relay
     sink.rcpt_replies["gone@x.example"] = "550 5.1.1 no such user"
