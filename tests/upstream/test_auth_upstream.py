@@ -5,10 +5,15 @@ The upstream is a sink that requires AUTH over STARTTLS and knows one user.
 
 from __future__ import annotations
 
+import base64
+
 import aiosmtplib
 import pytest
+from aiosmtpd.smtp import AuthResult
 
 from smtpgate.config import ConfigError, load_config
+from smtpgate.frontends.smtp.auth import upstream_authenticator
+from smtpgate.upstream.client import UpstreamPool
 from tests.conftest import write_config
 from tests.support.sink import Sink, client_tls_context, make_test_cert, make_test_tls
 from tests.support.smtp import send
@@ -135,8 +140,6 @@ async def test_unreachable_upstream_is_a_temporary_auth_failure(tmp_path, start_
     await wire.cmd("STARTTLS")
     await wire.writer.start_tls(tls, server_hostname="localhost")
     await wire.cmd("EHLO client.test")
-    import base64
-
     reply = await wire.cmd("AUTH PLAIN " + base64.b64encode(f"\0{JANE[0]}\0{JANE[1]}".encode()).decode())
     assert reply.startswith("454 4.7.0")
     await wire.close()
@@ -189,3 +192,41 @@ async def test_a_client_gone_in_a_transaction_closes_its_upstream_login(tmp_path
     # The login's connection: RSET (the abort), then QUIT (closed); nothing after it.
     await wait_until(lambda: upstream.commands[-2:] == ["RSET", "QUIT"], timeout=5)
     assert upstream.commands[-5:] == ["NOOP", "MAIL FROM:<jane@corp.example>", "RCPT TO:<b@x.example>", "RSET", "QUIT"]
+
+
+async def test_a_login_and_password_that_are_not_utf8_reach_the_upstream_with_replacement_characters(
+        tmp_path, start_gate, log_lines):
+    """Each byte that is not UTF-8 goes upstream as U+FFFD: the upstream decides on that login."""
+    context, cafile = make_test_tls(tmp_path / "up")
+    async with Sink(starttls_context=context, auth={"j\ufffdne@corp.example": "caf\ufffd \ufffd"},
+                    require_auth=True) as up:
+        gate, port = await start_gate(load_config(write_config(tmp_path, config_text(tmp_path, up.port, cafile))))
+        tls = client_tls_context(str(tmp_path / "tls" / "test-cert.pem"))
+        wire, _ = await Wire.open(port)
+        await wire.cmd("EHLO client.test")
+        await wire.cmd("STARTTLS")
+        await wire.writer.start_tls(tls, server_hostname="localhost")
+        await wire.cmd("EHLO client.test")
+        plain = base64.b64encode(b"\0j\xe9ne@corp.example\0caf\xe9 \xff").decode()  # Latin-1, not UTF-8
+        assert code(await wire.cmd("AUTH PLAIN " + plain)) == 235
+        assert code(await wire.cmd("MAIL FROM:<jane@corp.example>")) == 250
+        assert code(await wire.cmd("RCPT TO:<b@x.example>")) == 250
+        assert code(await wire.cmd("DATA")) == 354
+        assert code(await wire.cmd(message(0).decode() + ".")) == 250
+        await wire.cmd("QUIT")
+        await wire.close()
+        [delivered] = await up.wait_for_messages(1)
+    assert delivered.auth_login == "j\ufffdne@corp.example"
+    [result] = [e for e in log_lines() if e["event"] == "auth.result"]
+    assert (result["success"], result["user"]) == (True, "j\ufffdne@corp.example")
+
+
+async def test_credentials_other_than_a_login_and_password_are_refused_without_asking_the_upstream(
+        tmp_path, upstream):
+    config = load_config(write_config(tmp_path, config_text(tmp_path, upstream.port, upstream.cafile)))
+    pool = UpstreamPool(config.upstream, local_hostname="gate.test")
+    authenticate = upstream_authenticator(pool)
+    result = await authenticate(None, None, None, "XOAUTH2", b"user=jane\x01auth=Bearer token\x01\x01")
+    assert result == AuthResult(success=False, handled=False)  # unhandled: answered as a wrong password
+    await pool.close()
+    assert upstream.commands == []
