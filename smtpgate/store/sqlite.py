@@ -26,7 +26,7 @@ import sqlite3
 import urllib.parse
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -184,11 +184,17 @@ class SqliteStore(SqlStore):
     async def _open(self) -> aiosqlite.Connection:
         # isolation_level=None: no implicit transactions; this module says BEGIN.
         conn = await aiosqlite.connect(self.path, isolation_level=None)
-        # busy_timeout first: the other pragmas may already need the lock.
-        await conn.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
-        # A committed link must survive a power cut: the tagged mail is already relayed.
-        await conn.execute("PRAGMA synchronous = FULL")
-        await conn.execute("PRAGMA foreign_keys = ON")
+        try:
+            # busy_timeout first: the other pragmas may already need the lock.
+            await conn.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+            # A committed link must survive a power cut: the tagged mail is already relayed.
+            await conn.execute("PRAGMA synchronous = FULL")
+            await conn.execute("PRAGMA foreign_keys = ON")
+        except BaseException:
+            # Closed here, as nobody else holds it: its thread would keep the process from exiting.
+            with suppress(sqlite3.Error):
+                await conn.close()
+            raise
         return conn
 
     def _open_records(self) -> sqlite3.Connection:

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -111,6 +112,23 @@ async def test_ready_reload_and_drain(tmp_path):
         assert envelope["mail_from"] == "a@corp.example" and envelope["rcpt_tos"] == ["b@x.example"]
     finally:
         notify.close()
+        if served.proc.returncode is None:
+            served.proc.kill()
+            await served.proc.wait()
+
+
+async def test_a_store_locked_past_its_timeout_fails_the_start_and_the_process_exits(tmp_path):
+    config = write_config(tmp_path, config_text(free_port()).replace("  auto_upgrade: true\n",
+                                                                     "  auto_upgrade: true\n  timeout: 0.5\n"))
+    blocker = sqlite3.connect(tmp_path / "smtpgate.db", isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")  # say, an operator's sqlite3 shell in the middle of a change
+    served = await start_serve(config)
+    try:
+        failed = await served.wait_event("startup.failed")
+        assert failed["reason"] == f"sqlite {tmp_path / 'smtpgate.db'}: database is locked"
+        assert await asyncio.wait_for(served.proc.wait(), 20) == 1
+    finally:
+        blocker.close()
         if served.proc.returncode is None:
             served.proc.kill()
             await served.proc.wait()

@@ -4,7 +4,9 @@ local zone other than UTC, and searches shorter than the trigram index."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,6 +45,23 @@ async def test_a_read_only_store_sees_commits_still_in_the_write_ahead_log(path)
             await reader.close()
     finally:
         await service.close()
+
+
+async def test_a_store_file_locked_past_the_timeout_is_a_store_error_and_leaves_no_thread_running(path):
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")  # say, an operator's sqlite3 shell in the middle of a change
+    before = set(threading.enumerate())
+    try:
+        with pytest.raises(StoreError) as info:
+            await open_store(f"sqlite:{path}", base_dir=path.parent, auto_upgrade=True, timeout=0.3)
+        assert str(info.value) == f"sqlite {path}: database is locked"
+    finally:
+        blocker.close()
+    # A connection's thread left running would keep the process from exiting after the failed start.
+    started = [thread for thread in threading.enumerate() if thread not in before]
+    for thread in started:
+        await asyncio.to_thread(thread.join, 10)
+    assert [thread.name for thread in started if thread.is_alive()] == []
 
 
 async def test_a_failed_record_batch_names_the_file_and_the_next_one_commits(path):
