@@ -47,6 +47,25 @@ async def test_a_read_only_store_sees_commits_still_in_the_write_ahead_log(path)
         await service.close()
 
 
+async def test_a_read_only_store_on_a_file_that_is_no_database_names_the_file_and_why(path):
+    path.write_bytes(b"not an SQLite file\n" * 100)
+    with pytest.raises(StoreError) as info:
+        await open_store(f"sqlite:{path}", base_dir=path.parent, read_only=True)
+    assert str(info.value) == f"sqlite {path}: file is not a database"
+
+
+async def test_a_read_only_store_sqlite_cannot_open_names_the_file_and_why(tmp_path):
+    # Longer than SQLite's 512-byte limit on a file name, well within the system's.
+    deep = tmp_path / ("d" * 200) / ("e" * 200) / ("f" * 200)
+    deep.mkdir(parents=True)
+    service = await open_store(f"sqlite:{tmp_path / 'smtpgate.db'}", base_dir=tmp_path, auto_upgrade=True)
+    await service.close()
+    (deep / "smtpgate.db").write_bytes((tmp_path / "smtpgate.db").read_bytes())
+    with pytest.raises(StoreError) as info:
+        await open_store(f"sqlite:{deep / 'smtpgate.db'}", base_dir=tmp_path, read_only=True)
+    assert str(info.value) == f"sqlite {deep / 'smtpgate.db'}: unable to open database file"
+
+
 async def test_a_store_file_locked_past_the_timeout_is_a_store_error_and_leaves_no_thread_running(path):
     blocker = sqlite3.connect(path, isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")  # say, an operator's sqlite3 shell in the middle of a change
@@ -62,6 +81,21 @@ async def test_a_store_file_locked_past_the_timeout_is_a_store_error_and_leaves_
     for thread in started:
         await asyncio.to_thread(thread.join, 10)
     assert [thread.name for thread in started if thread.is_alive()] == []
+
+
+async def test_a_store_file_another_program_reads_past_the_timeout_cannot_switch_to_wal(path):
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("CREATE TABLE kept (x)")
+    blocker.execute("BEGIN")
+    blocker.execute("SELECT count(*) FROM kept").fetchall()  # a read in progress: WAL mode must wait for it
+    try:
+        with pytest.raises(StoreError) as info:
+            await open_store(f"sqlite:{path}", base_dir=path.parent, auto_upgrade=True, timeout=0.3)
+        assert str(info.value) == f"sqlite {path}: database is locked"
+    finally:
+        blocker.close()
+    store = await open_store(f"sqlite:{path}", base_dir=path.parent, auto_upgrade=True, timeout=0.3)
+    await store.close()
 
 
 async def test_a_failed_record_batch_names_the_file_and_the_next_one_commits(path):
