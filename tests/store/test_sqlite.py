@@ -32,6 +32,14 @@ def message(message_id: str, subject: str = "Payroll") -> MessageRecord:
                          relayed_at=WHEN)
 
 
+async def still_running(before: set[threading.Thread]) -> list[str]:
+    """The threads started since `before` that have not ended after 10 s each."""
+    started = [thread for thread in threading.enumerate() if thread not in before]
+    for thread in started:
+        await asyncio.to_thread(thread.join, 10)
+    return [thread.name for thread in started if thread.is_alive()]
+
+
 async def test_a_read_only_store_sees_commits_still_in_the_write_ahead_log(path):
     service = await open_store(f"sqlite:{path}", base_dir=path.parent)
     try:
@@ -49,9 +57,11 @@ async def test_a_read_only_store_sees_commits_still_in_the_write_ahead_log(path)
 
 async def test_a_read_only_store_on_a_file_that_is_no_database_names_the_file_and_why(path):
     path.write_bytes(b"not an SQLite file\n" * 100)
+    before = set(threading.enumerate())
     with pytest.raises(StoreError) as info:
         await open_store(f"sqlite:{path}", base_dir=path.parent, read_only=True)
     assert str(info.value) == f"sqlite {path}: file is not a database"
+    assert await still_running(before) == []
 
 
 async def test_a_read_only_store_sqlite_cannot_open_names_the_file_and_why(tmp_path):
@@ -61,9 +71,11 @@ async def test_a_read_only_store_sqlite_cannot_open_names_the_file_and_why(tmp_p
     service = await open_store(f"sqlite:{tmp_path / 'smtpgate.db'}", base_dir=tmp_path, auto_upgrade=True)
     await service.close()
     (deep / "smtpgate.db").write_bytes((tmp_path / "smtpgate.db").read_bytes())
+    before = set(threading.enumerate())
     with pytest.raises(StoreError) as info:
         await open_store(f"sqlite:{deep / 'smtpgate.db'}", base_dir=tmp_path, read_only=True)
     assert str(info.value) == f"sqlite {deep / 'smtpgate.db'}: unable to open database file"
+    assert await still_running(before) == []
 
 
 async def test_a_store_file_locked_past_the_timeout_is_a_store_error_and_leaves_no_thread_running(path):
@@ -77,10 +89,7 @@ async def test_a_store_file_locked_past_the_timeout_is_a_store_error_and_leaves_
     finally:
         blocker.close()
     # A connection's thread left running would keep the process from exiting after the failed start.
-    started = [thread for thread in threading.enumerate() if thread not in before]
-    for thread in started:
-        await asyncio.to_thread(thread.join, 10)
-    assert [thread.name for thread in started if thread.is_alive()] == []
+    assert await still_running(before) == []
 
 
 async def test_a_store_file_another_program_reads_past_the_timeout_cannot_switch_to_wal(path):
