@@ -12,8 +12,9 @@ import sqlite3
 import struct
 
 from smtpgate.log import _OUTAGES
+from smtpgate.runtime.gate import Gate
 from tests.frontends.smtp.test_relay import wait_until
-from tests.support.milter import POSTFIX_ACTIONS, MilterClient, packet, strings
+from tests.support.milter import NR_HELO, POSTFIX_ACTIONS, POSTFIX_STEPS, MilterClient, packet, strings
 from tests.frontends.milter.test_milter import SENDER, STEP1, STEP1_RCPTS, Milter, milter, milter_config  # noqa: F401 - fixtures
 
 TEMPFAIL_451 = ("REPLYCODE", "451 4.3.0 Temporary failure, try again later")
@@ -198,3 +199,31 @@ async def test_an_mta_that_resets_the_connection_is_a_lost_connection(milter):
     await wait_until(lambda: milter.events("milter.session.closed"))
     [closed] = milter.events("milter.session.closed")
     assert closed["reason"] == "connection lost: ConnectionResetError"
+
+
+async def test_an_mta_gone_after_the_drain_closed_its_connection_is_closed_for_the_shutdown(milter_config, log_lines,
+                                                                                            tmp_path):
+    """The drain closes a connection whose answers the MTA has not read yet; the MTA then goes
+    away without reading them, so smtpgate's write of them fails. That end is the shutdown's,
+    not a lost connection."""
+    path = tmp_path / "milter.sock"
+    gate = Gate(milter_config(address=str(path)))
+    await gate.start()
+    try:
+        client = await MilterClient.open(path=str(path))
+        await client.negotiate(steps=POSTFIX_STEPS & ~NR_HELO)
+        await client.connect()
+        client.writer.transport.pause_reading()  # from now on this MTA reads nothing
+        # HELO again and again (an SMTP client saying EHLO over and over): each answered CONTINUE,
+        # unread, until smtpgate holds answers the socket would not take.
+        await client.send(packet(b"H", strings("again.test")) * 10_000)
+        [connection] = gate.registry.sessions
+        await wait_until(lambda: connection.writer.transport.get_write_buffer_size() > 0)
+        await gate.drain(0)
+    except BaseException:
+        await gate.drain(0)
+        raise
+    client.writer.transport.abort()  # gone, the answers unread
+    await wait_until(lambda: [e for e in log_lines() if e["event"] == "milter.session.closed"])
+    [closed] = [e for e in log_lines() if e["event"] == "milter.session.closed"]
+    assert closed["reason"] == "shutting down"
