@@ -5,6 +5,8 @@ envelopes/ under the same name, and the replies an SMTP upstream would give
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -57,3 +59,36 @@ async def test_an_envelope_that_cannot_be_written_leaves_no_message(tmp_path):
     assert info.value.reason.startswith("maildir write failed: [Errno ")
     assert list((tmp_path / "new").iterdir()) == []
     assert list((tmp_path / "tmp").iterdir()) == []  # nothing of it left behind
+
+
+# A process whose files may not grow past 64 KiB (RLIMIT_FSIZE), as on a disk that fills up
+# under a message: the write fails with EFBIG rather than the signal that would end the process.
+FULL_DISK = """\
+import asyncio, resource, signal, sys
+from pathlib import Path
+from smtpgate.upstream.maildir import MaildirSession
+from smtpgate.upstream.session import UpstreamError
+
+async def main(root):
+    session = MaildirSession(root=root)
+    await session.mail("a@corp.example", [])
+    await session.rcpt("b@x.example", [])
+    await session.open_data(b"Subject: big\\r\\n\\r\\n")
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (65536, resource.RLIM_INFINITY))
+    try:
+        await session.write_data((b"x" * 998 + b"\\r\\n") * 1000)
+    except UpstreamError as exc:
+        print(exc.reason)
+
+asyncio.run(main(Path(sys.argv[1])))
+"""
+
+
+def test_a_body_write_that_fails_is_an_upstream_error_that_says_why_and_leaves_no_file(tmp_path):
+    done = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path / "outbox")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout == "maildir write failed: [Errno 27] File too large\n"
+    assert list((tmp_path / "outbox" / "tmp").iterdir()) == []
+    assert list((tmp_path / "outbox" / "new").iterdir()) == []
