@@ -629,3 +629,18 @@ def test_data_limits_on_pieces_give_data_refusal_s_verdict(lengths, size_limit, 
             assert early == whole  # decided early only when the whole data says the same
     assert limits.finish() == whole
     assert limits.size == len(data)
+
+
+def test_a_long_line_that_ends_within_the_size_limit_is_refused_as_too_long_whatever_follows():
+    """aiosmtpd counts a line, then measures it: a line over the line limit that ends before the
+    size limit is refused as too long, even when the lines after it (read in the same chunk)
+    pass the size limit; one that itself passes the size limit is too much data."""
+    from smtpgate.frontends.smtp.data_verdict import LINE_TOO_LONG, TOO_MUCH_DATA, DataLimits, data_refusal
+
+    data = b"x" * 1500 + b"\r\n" + b"y" * 98 + b"\r\n" + b"z" * 300 + b"\r\n"
+    limits = dict(size_limit=1600, line_limit=1001, read_limit=4096)
+    assert data_refusal(data, **limits) == LINE_TOO_LONG
+    assert data_refusal(b"x" * 1700 + b"\r\n" + b"y" * 10 + b"\r\n", **limits) == TOO_MUCH_DATA
+    pieces = DataLimits(**limits)
+    pieces.add(data)
+    assert pieces.refusal == LINE_TOO_LONG
