@@ -143,6 +143,9 @@ class SqliteStore(SqlStore):
         except (sqlite3.Error, OSError) as exc:
             await self.close()
             raise StoreError(f"sqlite {self.path}: {exc}") from exc
+        except StoreError:  # _use_wal's refusal: what was opened is closed all the same
+            await self.close()
+            raise
 
     async def _connect_read_only(self) -> None:
         if not self.path.is_file():

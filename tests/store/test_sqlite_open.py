@@ -12,6 +12,7 @@ import fcntl
 import os
 import sqlite3
 import struct
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import pytest
 
 from smtpgate.store import MessageRecord, StoreError, open_store
 from smtpgate.store.sqlite import SqliteStore
+from tests.store.test_sqlite import still_running
 
 UK = "uk-payroll@corp.example"
 PL = "pl-payroll@corp.example"
@@ -77,14 +79,14 @@ async def test_a_new_file_another_program_locks_for_a_moment_is_switched_to_wal_
     assert journal_mode(path) == "wal"
 
 
-async def test_a_database_sqlite_keeps_out_of_wal_mode_is_refused():
+async def test_a_database_sqlite_keeps_out_of_wal_mode_is_refused_and_left_closed():
     store = SqliteStore(Path(":memory:"), None)  # an in-memory database has no WAL mode
-    try:
-        with pytest.raises(StoreError) as refused:
-            await store.connect()
-        assert str(refused.value) == "sqlite :memory:: cannot switch to WAL mode"
-    finally:
-        await store.close()
+    before = set(threading.enumerate())
+    with pytest.raises(StoreError) as refused:
+        await store.connect()
+    assert str(refused.value) == "sqlite :memory:: cannot switch to WAL mode"
+    # The connection opened before the refusal is closed: its thread would keep a failed start from exiting.
+    assert await still_running(before) == []
 
 
 async def test_the_look_up_connection_refuses_to_write(path):
