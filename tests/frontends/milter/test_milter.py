@@ -20,7 +20,11 @@ from smtpgate.mail.stamp import make_stamp
 from smtpgate.runtime.gate import Gate, StartupError
 from tests.conftest import write_config
 from tests.support.configs import TEAMS_A_B
-from tests.support.milter import HDR_LEADSPC, NO_BODY, NO_MAIL, NR_HDR, NR_MAIL, NR_RCPT, MilterClient, packet, strings
+from smtpgate.runtime.supervisor import bind_listener
+from tests.frontends.smtp.test_relay import wait_until
+from tests.support.milter import (HDR_LEADSPC, NO_BODY, NO_CONNECT, NO_HELO, NO_MAIL, NR_CONN, NR_HDR, NR_HELO,
+                                  NR_MAIL, NR_RCPT, MilterClient, packet, strings)
+from tests.support.wire import free_port
 
 MILTER_CONFIG = """\
 hostname: relay.test.example
@@ -117,6 +121,21 @@ async def test_negotiation_asks_only_for_what_smtpgate_uses(milter):
     assert macro_lists == (struct.pack("!I", 0) + b"{client_addr}\0" + struct.pack("!I", 1) + b"{tls_version} {cipher}\0"
                            + struct.pack("!I", 2) + b"i {auth_authen}\0" + struct.pack("!I", 5) + b"i\0")
     await client.close()
+
+
+async def test_the_negotiation_is_logged_with_the_version_both_sides_speak(milter):
+    """milter.negotiated (debug): the lower of the MTA's version and smtpgate's 6, and what was agreed."""
+    client = await MilterClient.open(milter.port)
+    await client.negotiate()
+    await client.close()
+    older = await MilterClient.open(milter.port)
+    await older.negotiate(version=2, actions=0x1F, steps=0x7F)
+    await older.close()
+    await wait_until(lambda: len(milter.events("milter.negotiated")) == 2)
+    negotiated = milter.events("milter.negotiated")
+    assert [{k: e[k] for k in ("level", "version", "actions", "steps")} for e in negotiated] == [
+        {"level": "debug", "version": 6, "actions": "0x19d", "steps": "0x14f390"},
+        {"level": "debug", "version": 2, "actions": "0x1d", "steps": "0x10"}]
 
 
 async def test_an_older_mta_without_reply_skipping_gets_a_continue_per_event(milter):
@@ -390,7 +409,7 @@ async def test_several_messages_on_one_connection(milter):
     assert first == second and first[-1] == ("ACCEPT",)
     assert [e["queue_id"] for e in milter.events("message.relayed")] == ["4ABCDE", "5FGHIJ"]
     [closed] = milter.events("milter.session.closed")
-    assert closed["messages"] == 2
+    assert closed["messages"] == 2 and closed["reason"] == "quit"
 
 
 async def test_client_macros_reach_the_envelope(milter, milter_config):
@@ -409,6 +428,24 @@ async def test_client_macros_reach_the_envelope(milter, milter_config):
     assert event["tls"] == "TLSv1.3 TLS_AES_256_GCM_SHA384"
     assert event["mail_from"] == SENDER and event["source_reference"] == "101203-T"
     assert milter.events("milter.session.closed")[-1]["client_ip"] == "198.51.100.9"
+
+
+async def test_without_the_client_addr_macro_the_connect_address_names_the_client(milter):
+    """An MTA that sends no {client_addr} macro: CONNECT's own address is the client's for an
+    IPv4 or IPv6 client; a local (unix socket) client has none."""
+    for family, address in ((b"4", "192.0.2.33"), (b"6", "2001:db8::7"), (b"L", "/var/run/local.sock")):
+        client = await MilterClient.open(milter.port)
+        await client.negotiate()
+        assert await client.event(b"C", strings("client.test") + family + struct.pack("!H", 40000) + strings(address),
+                                  skip=NO_CONNECT, no_reply=NR_CONN) == []
+        assert await client.event(b"H", strings("client.test"), skip=NO_HELO, no_reply=NR_HELO) == []
+        actions = await client.message("jane@corp.example", ["client@supplier.example"],
+                                       b"From: jane@corp.example\r\nMessage-ID: <addr@x>\r\n\r\n")
+        await client.quit()
+        assert actions == [("ACCEPT",)]
+    assert [e["client_ip"] for e in milter.events("message.relayed")] == ["192.0.2.33", "2001:db8::7", "?"]
+    await wait_until(lambda: len(milter.events("milter.session.closed")) == 3)
+    assert [e["client_ip"] for e in milter.events("milter.session.closed")] == ["192.0.2.33", "2001:db8::7", "?"]
 
 
 # ----------------------------------------------------------------- failures
@@ -520,7 +557,7 @@ async def test_connection_dropped_mid_message(milter):
                       + packet(b"L", strings("From", f" {SENDER}")))
     await client.close()
     dropped = await closed_session(milter)
-    assert "in the middle of a message" in dropped["reason"] and dropped["messages"] == 0
+    assert dropped["reason"] == "closed by the MTA (in the middle of a message)" and dropped["messages"] == 0
     assert await milter.link("101203-T", "pl-payroll@corp.example") is None
     assert milter.events("message.relayed") == []
     await still_serving(milter)
@@ -545,6 +582,9 @@ async def test_unix_socket_listener(milter_config, start_gate, log_lines, tmp_pa
                                    b"From: uk-payroll+101203-T@corp.example\r\nMessage-ID: <u@x>\r\n\r\n")
     assert actions == [("ACCEPT",)]
     await client.quit()
+    # An MTA on the unix socket has no address of its own: the peer is named "unix".
+    [opened] = [e for e in log_lines() if e["event"] == "milter.session.opened"]
+    assert opened["peer"] == "unix" and opened["listener"] == "milter"
 
 
 async def test_observe_mode_changes_nothing(milter_config, start_gate, log_lines):
@@ -607,6 +647,19 @@ async def test_a_header_over_the_message_size_limit_is_refused(milter_config, st
     assert await m.link("101203-T", "pl-payroll@corp.example") is None
 
 
+async def test_a_header_of_exactly_the_message_size_limit_is_taken_whole(milter_config, start_gate, log_lines):
+    gate, port = await start_gate(milter_config(extra="limits:\n  max_message_size: 100\n"))
+    m = Milter(gate, port, log_lines)
+    message_id = "<edge" + "x" * 27 + "@corp.example>"
+    data = f"From: uk-payroll+101203-T@corp.example\r\nMessage-ID: {message_id}\r\n\r\n".encode()
+    assert len(data) - 2 == 100  # the two fields, each with its CRLF; the empty line ends the header
+    actions = await m.send(SENDER, ["client@supplier.example"], data)
+    # Accepted, and its last field read: the message keeps its own Message-ID.
+    assert actions == [("ACCEPT",)]
+    [relayed] = m.events("message.relayed")
+    assert relayed["message_id"] == message_id
+
+
 async def test_a_socket_left_by_an_earlier_run_is_replaced(milter_config, start_gate, log_lines, tmp_path):
     import socket
 
@@ -619,17 +672,52 @@ async def test_a_socket_left_by_an_earlier_run_is_replaced(milter_config, start_
     await client.close()
 
 
+async def test_a_listener_on_a_fixed_port_listens_on_that_port(milter_config, start_gate, log_lines):
+    port = free_port()
+    gate, bound = await start_gate(milter_config(address=f"127.0.0.1:{port}"))
+    assert gate.bound == [("127.0.0.1", port)] and bound == port
+    m = Milter(gate, port, log_lines)
+    assert await m.send("jane@corp.example", ["client@supplier.example"],
+                        b"From: jane@corp.example\r\nMessage-ID: <fixed@x>\r\n\r\n") == [("ACCEPT",)]
+
+
+async def test_a_listening_socket_bound_before_start_is_served(milter_config, log_lines):
+    """The worker supervisor binds the listeners' sockets and hands them to each Gate."""
+    config = milter_config()
+    [listener] = config.listeners
+    sockets = bind_listener(listener)
+    port = sockets[0].getsockname()[1]
+    gate = Gate(config)
+    await gate.start([(listener, sockets)])
+    try:
+        assert gate.bound == [("127.0.0.1", port)]
+        m = Milter(gate, port, log_lines)
+        actions = await m.send("jane@corp.example", ["client@supplier.example"],
+                               b"From: jane@corp.example\r\nMessage-ID: <inherited@x>\r\n\r\n")
+        assert actions == [("ACCEPT",)]
+    finally:
+        await gate.drain(0)
+    [relayed] = m.events("message.relayed")
+    assert relayed["message_id"] == "<inherited@x>" and relayed["listener"] == "milter"
+
+
 async def test_connections_over_the_limit_are_closed(milter_config, start_gate, log_lines):
     gate, port = await start_gate(milter_config(extra="limits:\n  max_connections: 1\n"))
     m = Milter(gate, port, log_lines)
     first = await m.client()
     second = await MilterClient.open(port)
     assert await second.closed()  # Postfix then applies milter_default_action (tempfail)
-    assert m.events("milter.session.refused")[0]["reason"] == "limits.max_connections reached"
+    [refused] = m.events("milter.session.refused")
+    assert (refused["reason"], refused["listener"]) == ("limits.max_connections reached", "milter")
     actions = await first.message("jane@corp.example", ["client@supplier.example"],
                                   b"From: jane@corp.example\r\nMessage-ID: <l@x>\r\n\r\n")
     assert actions == [("ACCEPT",)]
     await first.quit()
+    # The finished connection no longer counts: the next one is served.
+    await wait_until(lambda: not gate.registry.sessions)
+    assert await m.send("jane@corp.example", ["client@supplier.example"],
+                        b"From: jane@corp.example\r\nMessage-ID: <l2@x>\r\n\r\n") == [("ACCEPT",)]
+    assert len(m.events("milter.session.refused")) == 1
 
 
 async def test_a_drain_waits_for_no_one_after_its_grace_and_closes_a_message_in_flight(milter_config, log_lines):
