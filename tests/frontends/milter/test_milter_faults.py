@@ -11,11 +11,20 @@ import socket
 import sqlite3
 import struct
 
+from smtpgate.config.sections import Limits
+from smtpgate.frontends.milter.server import start_milter_listener
+from smtpgate.frontends.milter.session import MilterSettings
+from smtpgate.frontends.policy import MessagePolicy
+from smtpgate.frontends.registry import SessionRegistry
+from smtpgate.linking.plan import CoreSettings, Directory
+from smtpgate.linking.service import LinkService
 from smtpgate.log import _OUTAGES
 from smtpgate.runtime.gate import Gate
+from smtpgate.store import open_store
 from tests.frontends.smtp.test_relay import wait_until
 from tests.support.milter import NR_HELO, POSTFIX_ACTIONS, POSTFIX_STEPS, MilterClient, packet, strings
-from tests.frontends.milter.test_milter import SENDER, STEP1, STEP1_RCPTS, Milter, milter, milter_config  # noqa: F401 - fixtures
+from tests.frontends.milter.test_milter import (  # noqa: F401 - fixtures
+    SENDER, STEP1, STEP1_RCPTS, Milter, closed_session, milter, milter_config)
 
 TEMPFAIL_451 = ("REPLYCODE", "451 4.3.0 Temporary failure, try again later")
 WATCH_LISTENER = """\
@@ -227,3 +236,42 @@ async def test_an_mta_gone_after_the_drain_closed_its_connection_is_closed_for_t
     await wait_until(lambda: [e for e in log_lines() if e["event"] == "milter.session.closed"])
     [closed] = [e for e in log_lines() if e["event"] == "milter.session.closed"]
     assert closed["reason"] == "shutting down"
+
+
+class _RecordFault(LinkService):
+    """A link service whose record fails in a way it promises never to (a fault in smtpgate's
+    own code after the decision): no input from the MTA can make the real one raise."""
+
+    async def record(self, decision, delivered, *, log=None) -> None:
+        raise RuntimeError("record broke")
+
+
+async def test_an_internal_fault_tempfails_the_connection_and_the_listener_serves_on(milter_config, log_lines,
+                                                                                   tmp_path):
+    store = await open_store(f"sqlite:{tmp_path}/fault.db", base_dir=tmp_path)
+    links = _RecordFault(store, Directory(CoreSettings(internal_domains=("corp.example",))), hostname="relay.test")
+    settings = MilterSettings(policy=MessagePolicy(links=links, limits=Limits()), listener="milter")
+    [listener] = milter_config().listeners
+    server = await start_milter_listener(listener, lambda: settings, SessionRegistry())
+    try:
+        port = server.sockets[0].getsockname()[1]
+        m = Milter(None, port, log_lines)
+        client = await m.client()
+        actions = await client.message("jane@corp.example", ["client@supplier.example"],
+                                       b"From: jane@corp.example\r\nMessage-ID: <fault@x>\r\n\r\n")
+        assert actions == [("TEMPFAIL",)]  # never an ACCEPT
+        assert await client.closed()
+        closed = await closed_session(m)
+        [error] = m.events("milter.session.error")
+        assert error["level"] == "error" and "RuntimeError: record broke" in error["exception"]
+        assert error["session"] == closed["session"] and error["client_ip"] == "192.0.2.7"
+        assert (closed["reason"], closed["messages"], closed["listener"]) == ("internal error", 1, "milter")
+        await client.close()
+        # One connection's fault: the next MTA connection is served.
+        again = await MilterClient.open(port)
+        assert (await again.negotiate())[1] == 6
+        await again.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+        await store.close()
