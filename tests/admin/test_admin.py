@@ -11,10 +11,12 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from http.cookies import SimpleCookie
 
 import aiohttp
 import pytest
+from aiohttp import http_parser
 
 from tests.support.admin import SOURCE, TEAM_A, TEAM_B, admin_relay  # noqa: F401 - fixture
 from tests.support.sink import Sink
@@ -165,6 +167,28 @@ async def test_api_with_a_wrong_token_is_401_and_the_token_is_not_logged(admin_r
     assert wrong not in logged
 
 
+async def test_the_request_log_gives_what_was_asked_and_the_time_taken(admin_relay, log_lines):
+    """admin.request: the query string as sent (its first 300 characters), null without one, and
+    duration_ms in milliseconds to a tenth, within the time the client waited."""
+    relay = admin_relay
+    url = f"{relay.admin_url}/api/v1/activities"
+    token = relay.tokens[TEAM_A]
+    took_ms = []
+    for params in ({"q": "invoice 4411", "limit": "5"}, None, {"q": "y" * 400}):
+        began = time.monotonic()
+        status, _, _ = await get(url, token=token, params=params)
+        took_ms.append((time.monotonic() - began) * 1000)
+        assert status == 200
+    events = [e for e in log_lines() if e["event"] == "admin.request"][-3:]
+    assert [(e["path"], e["query"]) for e in events] == [
+        ("/api/v1/activities", "q=invoice 4411&limit=5"), ("/api/v1/activities", None),
+        ("/api/v1/activities", "q=" + "y" * 298)]
+    for event, took in zip(events, took_ms):
+        duration = event["duration_ms"]
+        assert isinstance(duration, float) and duration == round(duration, 1)
+        assert 0 < duration <= took, (duration, took)
+
+
 async def test_api_unknown_reference_is_404_after_authentication(admin_relay):
     relay = admin_relay
     status, _, text = await get(f"{relay.admin_url}/api/v1/activities/4-A", token=relay.tokens[TEAM_A])
@@ -202,6 +226,33 @@ async def test_tokens_are_read_again_on_reload(admin_relay, tmp_path):
     relay.gate.reload(load_config(relay.gate.config.path))
     assert (await get(url, token=old))[0] == 401
     assert (await get(url, token="rotated-team-a-token"))[0] == 200
+
+
+async def test_a_search_text_in_a_request_target_up_to_64_kib_gets_smtpgates_answer(admin_relay):
+    """A long `q` is refused by smtpgate naming it; only a request line past 64 KiB
+    (65536 octets of target for aiohttp's C parser, of the whole line for its Python one)
+    is refused by the HTTP parser itself."""
+    relay = admin_relay
+    host, port = relay.gate.admin.bound[0]
+    counted = 0 if http_parser.HttpRequestParser is not http_parser.HttpRequestParserPy else len("GET  HTTP/1.1")
+
+    async def raw_get(target: str) -> tuple[int, bytes]:
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {relay.tokens[TEAM_A]}\r\n"
+                     f"Connection: close\r\n\r\n".encode("ascii"))
+        async with asyncio.timeout(10):
+            answer = await reader.read()
+        writer.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        return int(head.split()[1]), body
+
+    prefix = "/api/v1/activities?q="
+    longest = prefix + "x" * (65536 - counted - len(prefix))
+    status, body = await raw_get(longest)
+    q_length = 65536 - counted - len(prefix)
+    assert (status, json.loads(body)) == (400, {"error": f"q: at most 1000 characters (got {q_length})"})
+    status, body = await raw_get(longest + "x")
+    assert status == 400 and b"q: at most" not in body
 
 
 # ---------------------------------------------------------------- pages

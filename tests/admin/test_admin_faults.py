@@ -11,8 +11,14 @@ import sqlite3
 from datetime import datetime, timedelta, timezone
 
 import aiohttp
+import pytest
 
-from tests.support.admin import SOURCE, TEAM_A, TEAM_B, admin_relay  # noqa: F401 - fixture
+from smtpgate.admin import AdminServer, Sources
+from smtpgate.store import open_store
+from smtpgate.upstream.client import UpstreamPool
+from tests.store_helpers import pg_database, pg_store_url  # noqa: F401 - fixtures
+from tests.support.admin import (ADMIN_YAML, SOURCE, TEAM_A, TEAM_B, admin_relay,  # noqa: F401 - fixture
+                                 start_admin_relay, write_tokens)
 from tests.admin.test_admin import get
 
 ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
@@ -81,6 +87,72 @@ async def test_a_store_that_fails_is_a_503_for_the_api_and_the_page(admin_relay,
     status, headers, text = await get(f"{relay.admin_url}/activities/{SOURCE}", token=relay.tokens[TEAM_A])
     assert status == 503 and headers["Content-Type"].startswith("text/html")
     assert all(headers[name] == value for name, value in SECURITY.items())
+
+
+async def test_a_store_failure_names_the_store_in_utf_8_not_escapes(sink, config_for, start_gate, log_lines,
+                                                                     tmp_path):
+    path = tmp_path / "składnica łączy.db"
+    relay = await start_admin_relay(sink, config_for, start_gate, tmp_path, store=f"sqlite:{path}")
+    with sqlite3.connect(path) as conn:
+        conn.execute("ALTER TABLE links RENAME TO links_away")
+    status, headers, text = await get(f"{relay.admin_url}/api/v1/activities/{SOURCE}", token=relay.tokens[TEAM_A])
+    assert status == 503 and headers["Content-Type"] == "application/json; charset=utf-8"
+    assert json.loads(text) == {"error": f"store: sqlite {path}: no such table: links"}
+    assert f"sqlite {path}:" in text  # as written, not \\u escapes
+
+
+async def serve_admin(sources: Sources, ready_timeout: float) -> tuple[AdminServer, str]:
+    """An admin listener on a free loopback port reading these sources."""
+    server = AdminServer(lambda: sources, ready_timeout=ready_timeout)
+    await server.start("127.0.0.1", 0)
+    host, port = server.bound[0]
+    return server, f"http://{host}:{port}"
+
+
+async def test_readiness_and_the_list_say_so_when_no_store_is_open(sink, config_for, tmp_path):
+    tokens = write_tokens(tmp_path)
+    config = config_for(f"smtp://127.0.0.1:{sink.port}", ADMIN_YAML)
+    pool = UpstreamPool(config.upstream, local_hostname=config.hostname)
+    server, url = await serve_admin(Sources(config, None, pool), ready_timeout=5)
+    try:
+        status, _, text = await get(url + "/readyz")
+        assert (status, json.loads(text)) == (503, {"ready": False, "store": "not open", "upstream": "ok",
+                                                   "reason": "store: not open"})
+        status, _, text = await get(url + "/api/v1/activities", token=tokens[TEAM_A])
+        assert (status, json.loads(text)) == (503, {"error": "store: the store is not open"})
+    finally:
+        await server.close()
+        await pool.close()
+
+
+@pytest.mark.postgres
+async def test_readiness_gives_up_on_a_store_that_does_not_answer_within_its_timeout(
+        pg_store_url, sink, config_for, tmp_path):
+    """The schema table locked by another connection: the store's check waits; readiness
+    answers 503 after the ready timeout, not when the store finally answers."""
+    import asyncpg
+
+    config = config_for(f"smtp://127.0.0.1:{sink.port}", store=pg_store_url)
+    store = await open_store(pg_store_url, base_dir=tmp_path)
+    pool = UpstreamPool(config.upstream, local_hostname=config.hostname)
+    server, url = await serve_admin(Sources(config, store, pool), ready_timeout=0.2)
+    locker = await asyncpg.connect(pg_store_url)
+    try:
+        status, _, text = await get(url + "/readyz")
+        assert (status, json.loads(text)) == (200, {"ready": True, "store": "ok", "upstream": "ok"})
+        async with locker.transaction():
+            await locker.execute("LOCK TABLE smtpgate_schema IN ACCESS EXCLUSIVE MODE")
+            status, _, text = await get(url + "/readyz", timeout=aiohttp.ClientTimeout(total=5))
+        assert (status, json.loads(text)) == (503, {
+            "ready": False, "store": "no answer within 0.2 s", "upstream": "ok",
+            "reason": "store: no answer within 0.2 s"})
+        status, _, text = await get(url + "/readyz")
+        assert status == 200, text
+    finally:
+        await locker.close()
+        await server.close()
+        await pool.close()
+        await store.close()
 
 
 async def login(relay, next_path: str) -> tuple[int, str]:

@@ -42,6 +42,15 @@ def test_a_cursor_of_400_characters_is_read_and_a_longer_one_refused():
         decode_cursor(encode_cursor((AT, reference + "xx")))
 
 
+def test_a_text_over_400_characters_is_refused_even_when_base64_would_read_it():
+    text = encode_cursor((AT, "Ż" * 134))  # 400 characters
+    for longer in (text + "=", text + "."):  # surplus padding and a character outside the alphabet
+        assert len(longer) == 401
+        assert base64.urlsafe_b64decode(longer + "===") == base64.urlsafe_b64decode(text)
+        with pytest.raises(BadQuery, match="^after: not a cursor this server gave"):
+            decode_cursor(longer)
+
+
 @pytest.mark.parametrize("value", [
     ["2026-01-15T09:30:05", "1-T"],  # no time zone
     ["2026-01-15T09:30:05+00:00", ""],
@@ -72,3 +81,14 @@ def test_a_row_seen_in_full_gives_its_last_message_time_or_none():
     assert "last_message_at" in empty and empty["last_message_at"] is None and empty["team"] is None
     assert "last_message_at" not in row_object(ListedActivity(reference="3-T", mailbox=None, created_at=AT,
                                                               links=[], full=False), teams)
+
+
+@pytest.mark.parametrize("text", ["1", "200", " 200 ", "050"])
+def test_limit_is_accepted_from_1_to_200(text):
+    assert parse_list_query(MultiDict(limit=text), None).limit == int(text)
+
+
+@pytest.mark.parametrize("text", ["0", "201", "0200", "0001", "2OO", "+20", "２００"])
+def test_limit_is_refused_outside_1_to_200_and_beyond_three_digits(text):
+    with pytest.raises(BadQuery, match="^limit: a whole number from 1 to 200$"):
+        parse_list_query(MultiDict(limit=text), None)

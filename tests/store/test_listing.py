@@ -42,3 +42,9 @@ async def test_quotes_percent_signs_and_underscores_match_themselves(store, q):
     await with_subjects(store, 'Re: "Q7" payroll', "Raise of 50% in Q7", "Code 5_A", "Q7 and 507 and 5A")
     expected = {"0%": ["2-T"], "5_": ["3-T"], '"Q7"': ["1-T"], 'Re: "Q7': ["1-T"]}[q]
     assert await found(store, q) == expected
+
+
+async def test_a_search_ignores_the_case_of_letters_beyond_ascii(store):
+    await with_subjects(store, "ŻÓŁW i Ärger", "Zolw und Arger")
+    assert await found(store, "żółw") == ["1-T"]
+    assert await found(store, "ÄRGER") == ["1-T"]
