@@ -66,8 +66,6 @@ class Envelope:
     mail_from: Address | None
     recipients: tuple[EnvelopeRecipient, ...]
     mail_params: tuple[str, ...] = ()
-    client: ClientInfo = field(default_factory=ClientInfo)
-    direction: str = "outbound"  # "outbound" | "inbound"
 
     @property
     def addresses(self) -> list[Address]:

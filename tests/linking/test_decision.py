@@ -72,7 +72,7 @@ def test_an_envelope_lists_its_addresses():
     from smtpgate.linking.decision import Envelope, EnvelopeRecipient
 
     envelope = Envelope(None, (EnvelopeRecipient(PL, ("NOTIFY=NEVER",)), EnvelopeRecipient(CLIENT)))
-    assert envelope.addresses == [PL, CLIENT] and envelope.direction == "outbound"
+    assert envelope.addresses == [PL, CLIENT]
 
 
 def test_inbound_sharing_adds_to_the_envelope_only_and_observe_mode_adds_nothing():

@@ -254,7 +254,7 @@ class MilterSession:
         if message.header_octets > policy.limits.max_message_size:
             return [self._refuse(replies.MESSAGE_TOO_BIG, f"header of {message.header_octets} octets", fields)]
         headers = parse_header_block(b"".join(message.fields) + b"\r\n")
-        envelope = self._envelope(message, client)
+        envelope = self._envelope(message)
         try:
             stamp = policy.check(headers, self.log)
         except SMTPReply as exc:
@@ -316,14 +316,13 @@ class MilterSession:
             tls_cipher=cipher or None,
         )
 
-    def _envelope(self, message: _Message, client: ClientInfo) -> Envelope:
+    @staticmethod
+    def _envelope(message: _Message) -> Envelope:
         return Envelope(
             mail_from=_parse(message.mail[0]) if message.mail else None,
             recipients=tuple(EnvelopeRecipient(r.address, r.params) for r in message.recipients
                              if r.address is not None),
             mail_params=message.mail[1:],
-            client=client,
-            direction=self.settings.policy.direction,
         )
 
     def _apply(self, message: _Message, decision: LinkDecision, stamp: StampCheck) -> tuple[list[bytes], list]:

@@ -395,7 +395,6 @@ class Transaction:
             recipients=tuple(EnvelopeRecipient(r.address, tuple(str(p) for p in r.params.values()))
                              for r in self.recipients),
             mail_params=tuple(str(p) for p in self.mail_params.values()),
-            client=self.client,
         )
 
     def _log_relayed(self, decision: LinkDecision, upstream: str | None, verdict: Verdict, **extra) -> None:
