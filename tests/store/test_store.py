@@ -149,6 +149,14 @@ async def test_the_sequence_starts_at_a_raised_first_number(store_url, tmp_path)
     await low.close()
 
 
+async def test_a_local_allocator_without_a_first_number_starts_at_900000(store_url, tmp_path):  # noqa: F811
+    s = await open_store(store_url, base_dir=tmp_path, allocator=LocalAllocator())
+    try:
+        assert await s.get_or_create_link("101203-T", UK, target(), CTX) == LinkOutcome("900000-T", created=True)
+    finally:
+        await s.close()
+
+
 async def test_the_local_allocator_skips_references_the_store_knows(store):
     await store.record_activity("900000-T", DE)
     await store.record_link("5-T", UK, "900001-T", DE, None)
@@ -177,8 +185,9 @@ async def test_a_template_that_gives_only_known_references_fails_without_writing
 async def test_no_allocator_means_no_new_links(store_url, tmp_path):  # noqa: F811
     s = await open_store(store_url, base_dir=tmp_path)
     try:
-        with pytest.raises(AllocationError):
+        with pytest.raises(AllocationError) as caught:
             await s.get_or_create_link("101203-T", UK, target(), CTX)
+        assert str(caught.value) == "allocator: none configured; cannot create a linked activity"
         assert await s.get_or_create_link("101203-T", UK, target(allow_create=False), CTX) is None
     finally:
         await s.close()
@@ -218,7 +227,8 @@ async def test_show_lists_links_and_messages(store):
     view = await store.show("101203-T")
     assert view.reference == "101203-T"
     assert view.mailbox == UK
-    assert [(link.reference, link.mailbox) for link in view.links] == [("900000-T", PL), ("5512-C", DE)]
+    assert [(link.reference, link.mailbox, link.message_id) for link in view.links] == [
+        ("900000-T", PL, "<m1@corp.example>"), ("5512-C", DE, "<b@x>")]
     assert all(link.created_at.tzinfo is not None for link in view.links)
     assert [m.subject for m in view.messages] == ["Payroll 101203-T"]
     assert await store.show("999-T") is None

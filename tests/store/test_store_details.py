@@ -1,7 +1,8 @@
 """The stores' finer points:
 the owners a store remembers, the bounds of links_of, the rows list_links gives,
 an owner that a repeated link fills in, record_message without the
-linger, and the UTC helpers in a zone other than UTC."""
+linger, the UTC helpers in a zone other than UTC, and a link another node
+makes while get-or-create waits for the lock of its (source, mailbox) pair."""
 
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from smtpgate.store import AllocationContext, LinkTarget, MessageRecord, StoreError, open_store
+from smtpgate.store import AllocationContext, LinkOutcome, LinkTarget, MessageRecord, StoreError, open_store
 from smtpgate.store import sql as sql_module
 from smtpgate.store.allocation import LocalAllocator
 from smtpgate.store.base import as_utc, iso_utc, utcnow
-from tests.store_helpers import pg_database, store_url  # noqa: F401  (fixtures)
+from tests.store_helpers import pg_database, pg_store_url, store_url  # noqa: F401  (fixtures)
 
 UK = "uk-payroll@corp.example"
 PL = "pl-payroll@corp.example"
@@ -178,3 +179,45 @@ async def test_the_export_gives_each_activity_its_creation_time(store):
     assert [(a.reference, a.mailbox) for a in activities] == [("1-T", UK), ("2-T", PL)]
     assert all(before - timedelta(seconds=1) <= a.created_at <= utcnow() for a in activities)
     assert [(link.source_reference, link.target_reference) for link in links] == [("1-T", "2-T")]
+
+
+async def waiting_for_an_advisory_lock_or_done(conn, task: asyncio.Task, timeout: float = 20.0) -> None:
+    """Until a session of this database waits for an advisory lock (read from pg_locks), or task is done."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not task.done():
+        if await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))"
+        ):
+            return
+        assert loop.time() < deadline, "nobody waited for the lock"
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.postgres
+async def test_a_link_another_node_makes_while_get_or_create_waits_for_the_pair_is_the_answer(
+        pg_store_url, tmp_path):  # noqa: F811
+    """Get-or-create finds no link, then waits for the lock of (source, mailbox), which another
+    writer holds; a link of that pair committed meanwhile (a second node) is what it answers, reused."""
+    import asyncpg
+
+    one = await open_store(pg_store_url, base_dir=tmp_path, allocator=LocalAllocator(900000))
+    two = await open_store(pg_store_url, base_dir=tmp_path, allocator=LocalAllocator(900000))
+    holder = await asyncpg.connect(pg_store_url)
+    try:
+        held = holder.transaction()
+        await held.start()
+        await holder.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                             sql_module.link_lock_key("101203-T", PL))
+        task = asyncio.create_task(one.get_or_create_link("101203-T", UK, LinkTarget(PL, "Team B", "{n}-T", True), CTX))
+        await waiting_for_an_advisory_lock_or_done(holder, task)
+        assert await two.record_link("101203-T", UK, "5512-C", PL, "<m0@corp.example>") is True
+        await held.rollback()
+        assert await task == LinkOutcome("5512-C", created=False)
+        assert [(r.source_reference, r.target_reference) for r in await one.list_links()] == [("101203-T", "5512-C")]
+        assert await one.activity_mailbox("900000-T") is None  # no number was used
+    finally:
+        await holder.close()
+        await one.close()
+        await two.close()

@@ -189,6 +189,21 @@ async def test_guard_never_lowers_and_follows_every_template(store_url, tmp_path
         await store.close()
 
 
+async def test_a_known_reference_at_the_first_number_moves_the_sequence_one_past_it(store_url, tmp_path):  # noqa: F811
+    """900000-T, seeded by hand into a store whose sequence never moved: the next number is 900001."""
+    store = await open_store(store_url, base_dir=tmp_path, allocator=LocalAllocator(900000))
+    try:
+        await store.add_link("1-C", "900000-T", PL, by="restore")
+        with capture_logs() as logs:
+            assert await store.raise_sequence(["{n}-T"], 900000) == 900001
+            assert await store.raise_sequence(["{n}-T"], 900000) is None  # moved already
+        assert [e for e in logs if e["event"] == "allocator.sequence_raised"] == [
+            {"event": "allocator.sequence_raised", "log_level": "warning", "next_number": 900001,
+             "previous_next_number": 900000, "highest_reference": "900000-T"}]
+    finally:
+        await store.close()
+
+
 @pytest.mark.parametrize(("template", "affixes"), [
     ("{n}-T", ("", "-T")),
     ("T-{n}", ("T-", "")),
