@@ -104,23 +104,35 @@ async def test_the_allocator_asks_for_json(store, service):
     assert await store.get_or_create_link("101203-T", UK, TARGET, CTX) == LinkOutcome("5512-C", created=True)
 
 
+LONG = "9" * 100 + "-T"  # too long for the pattern; the error shows its repr cut to 80 characters
+
+
 @pytest.mark.parametrize(
-    "answer",
+    ("answer", "said"),
     [
-        pytest.param(lambda: web.json_response({"error": "no"}, status=403), id="refusal"),
-        pytest.param(lambda: web.json_response({"reference": "T-5512"}), id="pattern-mismatch"),
-        pytest.param(lambda: web.json_response({"reference": "5512-C trailing"}), id="partial-match"),
-        pytest.param(lambda: web.json_response({"reference": 5512}), id="not-a-string"),
-        pytest.param(lambda: web.Response(text="<html>ok</html>"), id="not-json"),
-        pytest.param(lambda: web.json_response(["5512-C"]), id="not-an-object"),
-        pytest.param(lambda: web.Response(status=500), id="server-error"),
+        pytest.param(lambda: web.json_response({"error": "no"}, status=403), "answered HTTP 403", id="refusal"),
+        pytest.param(lambda: web.json_response({"reference": "T-5512"}),
+                     "answered reference 'T-5512', which does not match references.pattern", id="pattern-mismatch"),
+        pytest.param(lambda: web.json_response({"reference": "5512-C trailing"}),
+                     "answered reference '5512-C trailing', which does not match references.pattern",
+                     id="partial-match"),
+        pytest.param(lambda: web.json_response({"reference": LONG}),
+                     f"answered reference '{LONG[:79]}, which does not match references.pattern", id="long"),
+        pytest.param(lambda: web.json_response({"reference": 5512}),
+                     "answered reference 5512, which does not match references.pattern", id="not-a-string"),
+        pytest.param(lambda: web.Response(text="<html>ok</html>"), "answered something that is not JSON",
+                     id="not-json"),
+        pytest.param(lambda: web.json_response(["5512-C"]),
+                     "answered reference None, which does not match references.pattern", id="not-an-object"),
+        pytest.param(lambda: web.Response(status=500), "answered HTTP 500", id="server-error"),
     ],
 )
-async def test_a_bad_answer_fails_and_writes_nothing(store, service, answer):
+async def test_a_bad_answer_fails_saying_what_was_answered_and_writes_nothing(store, service, answer, said):
     service.answer = answer()
     with pytest.raises(AllocationError) as caught:
         await store.get_or_create_link("101203-T", UK, TARGET, CTX)
     assert isinstance(caught.value, StoreError)
+    assert str(caught.value) == f"allocator: {service.url}: {said}"
     assert "s3cret-token" not in str(caught.value)
     await assert_nothing_written(store)
 
