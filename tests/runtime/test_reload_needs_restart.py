@@ -1,6 +1,7 @@
 """What a reload cannot change (smtpgate/runtime/gate.py `Gate.reload`): the
 config.reloaded line names the file and each setting that waits for a restart,
-compared with what is serving; and what it keeps: the pool of an upstream it leaves unchanged."""
+compared with what is serving (a listener the file turns to TLS included); and what it keeps:
+the pool of an upstream it leaves unchanged."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from smtpgate.config import load_config
 from tests.conftest import BASE_CONFIG, write_config
 from tests.frontends.smtp.test_tls_auth import relay_one
+from tests.runtime.test_reload import ehlo_keywords
 from tests.support.sink import make_test_cert
 
 
@@ -45,6 +47,22 @@ async def test_needs_restart_names_a_listener_address_and_the_admin_certificate(
     assert reloaded(log_lines)["needs_restart"] == ["listeners", "admin.tls_cert"]
     gate.reload(config_for(upstream, "mode: observe\n"))  # mode applies to new sessions
     assert reloaded(log_lines)["needs_restart"] is None
+
+
+async def test_a_listener_the_file_turns_to_tls_waits_for_a_restart_and_the_reload_applies(
+        sink, config_for, start_gate, log_lines, tmp_path: Path):
+    upstream = f"smtp://127.0.0.1:{sink.port}"
+    gate, port = await start_gate(config_for(upstream))
+    cert, key = make_test_cert(tmp_path / "tls")
+    text = BASE_CONFIG.format(upstream=upstream, store=f"sqlite:{tmp_path}/smtpgate.db")
+    plain = "    relay_networks: [127.0.0.1/32]\n"
+    assert plain in text
+    tls = text.replace(plain, plain + f"    tls: starttls\n    tls_cert: {cert}\n    tls_key: {key}\n")
+    changed = load_config(write_config(tmp_path, tls, name="tls.yaml"))
+    gate.reload(changed)
+    line = reloaded(log_lines)
+    assert line["path"] == str(changed.path) and line["needs_restart"] == ["listeners"]
+    assert "STARTTLS" not in await ehlo_keywords(port)  # the listener serves as it was opened
 
 
 async def test_a_reload_that_keeps_the_upstream_keeps_its_pooled_connection(sink, config_for, start_gate, log_lines):

@@ -182,6 +182,38 @@ async def test_good_reload_applies_to_new_sessions(tmp_path):
         assert await asyncio.wait_for(served.proc.wait(), 30) == 0
 
 
+async def test_a_reload_naming_a_certificate_that_does_not_load_is_refused_naming_the_file(tmp_path):
+    """The listener serves STARTTLS; the file now names, for it, a certificate and key that do not load
+    (the file's own checks read them only for tls: starttls or implicit, and this file says none).
+    SIGHUP refuses the reload: config.rejected names the file and why; the listener serves on as before."""
+    from tests.support.sink import make_test_cert
+
+    port = free_port()
+    cert, key = make_test_cert(tmp_path / "tls")
+    broken = tmp_path / "tls" / "broken.pem"
+    broken.write_text("not a certificate\n")
+    listener = "    relay_networks: [127.0.0.0/8]\n"
+    text = config_text(port)
+    assert listener in text
+    config = write_config(tmp_path, text.replace(
+        listener, listener + f"    tls: starttls\n    tls_cert: {cert}\n    tls_key: {key}\n"))
+    served = await start_serve(config)
+    try:
+        await served.wait_event("smtpgate.ready")
+        config.write_text(text.replace(listener, listener + f"    tls_cert: {broken}\n    tls_key: {broken}\n"))
+        served.proc.send_signal(signal.SIGHUP)
+        rejected = await served.wait_event("config.rejected")
+        assert rejected["path"] == str(config)
+        [error] = rejected["errors"]
+        assert error.startswith(f"listener submission: tls_cert/tls_key {broken}: ")
+        wire, _ = await Wire.open(port)
+        assert "250-STARTTLS" in (await wire.cmd("EHLO client.test")).split("\n")
+        await wire.cmd("QUIT")
+    finally:
+        served.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(served.proc.wait(), 30) == 0
+
+
 async def test_serve_refuses_bad_config(tmp_path):
     config = write_config(tmp_path, config_text(free_port(), "workers: lots\n"))
     served = await start_serve(config)

@@ -672,13 +672,17 @@ async def test_a_socket_left_by_an_earlier_run_is_replaced(milter_config, start_
     await client.close()
 
 
-async def test_a_listener_on_a_fixed_port_listens_on_that_port(milter_config, start_gate, log_lines):
+async def test_a_listener_on_a_fixed_port_listens_on_that_port_and_says_so(milter_config, start_gate, log_lines):
     port = free_port()
     gate, bound = await start_gate(milter_config(address=f"127.0.0.1:{port}"))
     assert gate.bound == [("127.0.0.1", port)] and bound == port
     m = Milter(gate, port, log_lines)
     assert await m.send("jane@corp.example", ["client@supplier.example"],
                         b"From: jane@corp.example\r\nMessage-ID: <fixed@x>\r\n\r\n") == [("ACCEPT",)]
+    [started] = m.events("listener.started")
+    assert {k: v for k, v in started.items() if k not in ("timestamp", "host", "version")} == {
+        "event": "listener.started", "level": "info", "listener": "milter", "kind": "milter",
+        "address": f"127.0.0.1:{port}", "mode": "enforce"}
 
 
 async def test_a_listening_socket_bound_before_start_is_served(milter_config, log_lines):
