@@ -210,7 +210,8 @@ async def test_a_link_another_node_makes_while_get_or_create_waits_for_the_pair_
         await held.start()
         await holder.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
                              sql_module.link_lock_key("101203-T", PL))
-        task = asyncio.create_task(one.get_or_create_link("101203-T", UK, LinkTarget(PL, "Team B", "{n}-T", True), CTX))
+        pl = LinkTarget(PL, "Team B", "{n}-T", True)
+        task = asyncio.create_task(one.get_or_create_link("101203-T", UK, pl, CTX))
         await waiting_for_an_advisory_lock_or_done(holder, task)
         assert await two.record_link("101203-T", UK, "5512-C", PL, "<m0@corp.example>") is True
         await held.rollback()
