@@ -22,6 +22,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -173,6 +174,21 @@ def _mutmut(folder: Path, args: list[str], deadline: float, log: str) -> bool:
     return True
 
 
+def _kill_leftovers(folder: Path) -> None:
+    """Kill what the module's tests started and left running: a test mutmut stopped (its time
+    limit) leaves its `smtpgate serve` children behind, holding their ports. They are the
+    processes started with the mutated tree on their PYTHONPATH (tests/support/mutate_children.py)."""
+    mark = str(folder / "mutants").encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if mark in (entry / "environ").read_bytes():
+                os.kill(int(entry.name), signal.SIGKILL)
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+
+
 def _statuses(folder: Path) -> dict[str, str]:
     """Every mutant of the folder's module and mutmut's word for it ("killed", "not checked", ...)."""
     mutmut = str(Path(sys.executable).with_name("mutmut"))
@@ -198,10 +214,12 @@ def run(module: str, seconds: float, children: int, sample: int = 0) -> str:
     if sample:
         # mutmut makes the mutants and runs its stats, then finds no mutant of this name and stops.
         _mutmut(folder, ["run", "--max-children", str(children), "smtpgate.no-such-mutant"], deadline, "mutants-stats.log")
+        _kill_leftovers(folder)
         chosen = sampled(list(_statuses(folder)), sample, seed=f"{module}:{os.environ.get('MUTATE_SEED', '')}")
         if not chosen:
             return f"{module}: no mutant made (mutants-io/{folder.name}/mutants-stats.log says why)"
     finished = _mutmut(folder, ["run", "--max-children", str(children), *chosen], deadline, "mutants.log")
+    _kill_leftovers(folder)
     note = "" if finished else f" (stopped after {seconds:g}s)"
     statuses = _statuses(folder)
     (folder / "survivors.txt").write_text("".join(f"{name}: {status}\n" for name, status in statuses.items()
