@@ -9,6 +9,7 @@ from structlog.testing import capture_logs
 from smtpgate.linking.decision import Envelope, EnvelopeRecipient
 from smtpgate.linking.plan import CoreSettings, Directory, MailboxInfo
 from smtpgate.linking.service import LinkService, LinkUnavailable
+from smtpgate.log import _OUTAGES
 from smtpgate.mail.addresses import parse_path
 from smtpgate.mail.headers import parse_header_block
 from smtpgate.mail.rewrite import rewrite_headers
@@ -172,3 +173,97 @@ async def test_a_missing_message_id_is_made_once(service):
     assert decision.message_id_added and decision.message_id.endswith("@relay.test.example>")
     given = await decide(service, "jane@corp.example", [PL], b"Message-ID: <a@b> (comment)\r\n\r\n")
     assert (given.message_id, given.message_id_added) == ("<a@b>", False)
+
+
+async def test_a_thread_reply_keeps_the_reference_its_thread_used_over_a_newer_link(service):
+    first = await decide(service, "uk-payroll+101203-T@corp.example", ["client@supplier.example", PL], STEP1)
+    await service.record(first, first.targets())
+    await service.store.add_link("101203-T", "777-T", PL, by="admin@corp.example")
+    assert await service.store.find_link("101203-T", PL) == "777-T"  # the newest link
+    reply = (b"From: client@supplier.example\r\nTo: uk-payroll@corp.example\r\nCc: pl-payroll@corp.example\r\n"
+             b"In-Reply-To: <m1@corp.example>\r\nSubject: RE: Invoice 4411\r\n\r\nthanks\r\n")
+    threaded = await decide(service, "client@supplier.example", [UK, PL], reply)
+    assert threaded.source.found_in == "thread"
+    assert [str(t) for t in threaded.targets()] == ["uk-payroll+101203-T@corp.example",
+                                                    f"pl-payroll+{NEW}@corp.example"]
+    assert threaded.source.references[PL] == NEW and threaded.source.reused == ()
+
+
+async def test_the_from_tag_names_the_owner_before_a_recipient_tagged_with_the_same_reference(service):
+    """Jane sends as Team A (tagged From:) from her own envelope sender; a mistyped copy tags
+    Team B with Team A's reference: the From: tag is the evidence."""
+    raw = (b"From: Team A <uk-payroll+101203-T@corp.example>\r\nTo: client@supplier.example\r\n"
+           b"Cc: pl-payroll+101203-T@corp.example\r\nSubject: Invoice 4411\r\n\r\nx\r\n")
+    decision = await decide(service, "jane@corp.example",
+                            ["pl-payroll+101203-T@corp.example", "client@supplier.example"], raw)
+    assert (decision.source.reference, decision.source.found_in) == ("101203-T", "from")
+    assert await service.store.activity_mailbox("101203-T") == UK
+
+
+async def test_a_recipient_tagged_with_the_subject_reference_names_the_owner(service):
+    raw = (b"From: jane@corp.example\r\nTo: Team A <uk-payroll+101203-T@corp.example>\r\n"
+           b"Subject: RE: Invoice 4411 [101203-T]\r\n\r\nx\r\n")
+    decision = await decide(service, "jane@corp.example", ["uk-payroll+101203-T@corp.example"], raw)
+    assert (decision.source.found_in, decision.source.mailbox) == ("subject", UK)
+    assert await service.store.activity_mailbox("101203-T") == UK
+
+
+EXPLICIT = (b"From: uk-payroll+101203-T@corp.example\r\nTo: pl-payroll+5512-C@corp.example\r\n"
+            b"Subject: case\r\nMessage-ID: <explicit@corp.example>\r\n\r\nx\r\n")
+
+
+async def test_observe_tells_a_new_explicit_link_from_a_known_one(service):
+    before = await decide(service, "uk-payroll+101203-T@corp.example", ["pl-payroll+5512-C@corp.example"],
+                          EXPLICIT, observe=True)
+    assert (before.source.created, before.source.reused) == (("5512-C",), ())
+    assert await service.store.find_link("101203-T", PL) is None
+    await decide(service, "uk-payroll+101203-T@corp.example", ["pl-payroll+5512-C@corp.example"], EXPLICIT)
+    after = await decide(service, "uk-payroll+101203-T@corp.example", ["pl-payroll+5512-C@corp.example"],
+                         EXPLICIT, observe=True)
+    assert (after.source.created, after.source.reused) == ((), ("5512-C",))
+
+
+async def test_an_explicit_link_keeps_the_message_that_made_it(service):
+    with capture_logs() as logs:
+        decision = await decide(service, "uk-payroll+101203-T@corp.example",
+                                ["pl-payroll+5512-C@corp.example"], EXPLICIT)
+    assert decision.source.created == ("5512-C",)
+    assert [e for e in logs if e["event"] == "link.created"] == [
+        {"event": "link.created", "log_level": "info", "source_reference": "101203-T", "reference": "5512-C",
+         "mailbox": PL, "message_id": "<explicit@corp.example>"}]
+    [row] = await service.store.list_links()
+    assert (row.source_reference, row.source_mailbox, row.target_reference, row.target_mailbox, row.message_id) == (
+        "101203-T", UK, "5512-C", PL, "<explicit@corp.example>")
+
+
+INBOUND_REPLY = (b"From: client@supplier.example\r\nTo: jane@corp.example\r\nSubject: RE: Invoice 4411\r\n"
+                 b"In-Reply-To: <jane.1@corp.example>\r\nMessage-ID: <reply.1@supplier.example>\r\n\r\nx\r\n")
+
+
+async def test_a_successful_inbound_look_up_ends_a_store_outage(service, tmp_path):
+    _OUTAGES.clear()  # the outage records are the process's
+    closed = await open_store(f"sqlite:{tmp_path}/closed.db", base_dir=tmp_path, allocator=LocalAllocator(FIRST))
+    await closed.close()
+    failing = LinkService(closed, Directory(SETTINGS), hostname="relay.test.example")
+    with capture_logs() as logs:
+        with pytest.raises(LinkUnavailable):
+            await failing.retag(envelope("client@supplier.example", "jane@corp.example"),
+                                parse_header_block(INBOUND_REPLY))
+        await service.retag(envelope("client@supplier.example", "jane@corp.example"),
+                            parse_header_block(INBOUND_REPLY))
+    assert [(e["event"], e["component"]) for e in logs if e["event"].startswith("component.")] == [
+        ("component.failed", "store"), ("component.recovered", "store")]
+
+
+async def test_sharing_adds_the_source_mailbox_the_thread_message_did_not_name(service):
+    await decide(service, "uk-payroll+101203-T@corp.example", ["client@supplier.example", PL], STEP1)  # owner UK
+    # Jane answers from her own address, the reference in the subject: Team A is not a party.
+    jane = (b"From: jane@corp.example\r\nTo: client@supplier.example\r\nCc: pl-payroll@corp.example\r\n"
+            b"Subject: RE: Invoice 4411 [101203-T]\r\nMessage-ID: <jane.1@corp.example>\r\n\r\nx\r\n")
+    thread = await decide(service, "jane@corp.example", ["client@supplier.example", PL], jane)
+    assert [str(t) for t in thread.targets()] == ["client@supplier.example", f"pl-payroll+{NEW}@corp.example"]
+    await service.record(thread, thread.targets())
+    decision = await service.retag(envelope("client@supplier.example", "jane@corp.example"),
+                                   parse_header_block(INBOUND_REPLY), share=True)
+    assert decision.share.reason == "shared"
+    assert [str(a) for a in decision.added] == [f"pl-payroll+{NEW}@corp.example", "uk-payroll+101203-T@corp.example"]
