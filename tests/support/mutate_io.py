@@ -40,7 +40,7 @@ _STORE = ["tests/store/test_store.py", "tests/store/test_store_model.py", "tests
           "tests/store/test_record_durability.py"]
 MODULES: dict[str, list[str]] = {
     "smtpgate/metrics.py": ["tests/test_metrics.py", "tests/test_metrics_counters.py"],
-    "smtpgate/linking/service.py": ["tests/linking/test_link_service.py", "tests/test_mission.py", "tests/test_inbound.py",
+    "smtpgate/linking/service.py": ["tests/linking/test_link_service.py", "tests/linking/test_link_edges.py", "tests/test_mission.py", "tests/test_inbound.py",
                                     "tests/frontends/smtp/test_early_tag.py", "tests/test_inbound_share.py",
                                     "tests/frontends/smtp/test_relay_faults.py", "tests/frontends/smtp/test_connector.py",
                                     "tests/frontends/milter/test_milter_faults.py", "tests/runtime/test_outages.py"],
