@@ -3,9 +3,11 @@
 It answers the way Microsoft's identity platform does for a confidential
 client: form fields grant_type, client_id, client_secret and scope in, a JSON
 object with token_type, expires_in and access_token out; errors as RFC 6749
-5.2 JSON. Each token it issues is a fresh random string, kept in `valid`
-until the test revokes it, so an SMTP sink can accept exactly the tokens that
-are live (`TokenEndpoint.accepts`).
+5.2 JSON. A request whose Accept header does not name application/json gets
+406 Not Acceptable, as from a server that answers JSON only to those who ask
+for it. Each token it issues is a fresh random string, kept in `valid` until
+the test revokes it, so an SMTP sink can accept exactly the tokens that are
+live (`TokenEndpoint.accepts`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ from typing import Any
 from aiohttp import web
 
 __all__ = ["TokenEndpoint"]
+
+
+def accepts_json(accept: str) -> bool:
+    """Whether an Accept header names JSON itself (media types ignore case; `*/*` is not enough)."""
+    return any(part.split(";")[0].strip().lower() == "application/json" for part in accept.split(","))
 
 
 class TokenEndpoint:
@@ -108,6 +115,8 @@ class TokenEndpoint:
         self._changed()
         if self.hold is not None:
             await self.hold.wait()
+        if not accepts_json(request.headers.get("Accept", "")):
+            return web.Response(status=406, text="Not Acceptable: this endpoint answers application/json")
         if self.raw is not None:
             status, body = self.raw
             return web.Response(status=status, body=body, content_type="application/json")
