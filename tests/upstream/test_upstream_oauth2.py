@@ -97,6 +97,7 @@ async def test_failed_background_refresh_is_logged_and_the_valid_token_kept(sour
     await source.settle()
     [failed] = [e for e in log_lines() if e["event"] == "upstream.auth_failed"]
     assert failed["stage"] == "token_refresh" and failed["valid_for_s"] == 3599 - 30 - 3400
+    assert failed["token_url"] == endpoint.url
     assert "HTTP 503: temporarily_unavailable: try later" in failed["reason"]
     endpoint.failure = None
     assert (await source.token()).value == first.value  # still valid; this call starts the next refresh
@@ -176,6 +177,46 @@ async def test_close_while_a_refresh_is_in_flight(source, endpoint):
     with pytest.raises(TokenError, match="being closed"):
         await source.token()
     endpoint.hold.set()
+
+
+async def test_a_closed_source_says_why_it_has_no_token(source, endpoint):
+    await source.token()
+    await source.close()
+    with pytest.raises(TokenError) as info:
+        await source.token()
+    assert info.value.reason == "no token: the upstream connections are being closed (reload or stop)"
+    assert len(endpoint.requests) == 1
+
+
+async def test_a_token_endpoint_that_never_answers_fails_within_the_timeout(tmp_path, endpoint):
+    endpoint.hold = asyncio.Event()  # the request arrives; the answer never comes
+    secret_file = tmp_path / "oauth.secret"
+    secret_file.write_text(SECRET)
+    settings = OAuth2(token_url=endpoint.url, client_id=CLIENT_ID, client_secret_file=secret_file,
+                      scope="https://outlook.office365.com/.default")
+    source = TokenSource(settings, timeout=0.2, clock=Clock())
+    try:
+        # Far beyond the 0.2 s it is given: only a source that ignores its timeout gets here.
+        async with asyncio.timeout(10):
+            with pytest.raises(TokenError) as info:
+                await source.token()
+        assert info.value.reason.startswith(f"token endpoint {endpoint.url} not reachable: TimeoutError")
+        assert len(endpoint.requests) == 1
+    finally:
+        await source.close()
+        endpoint.hold.set()
+
+
+async def test_a_finished_fetch_leaves_the_event_loop_nothing_to_report(source, endpoint, caplog):
+    """Neither a first fetch that fails (no token to fall back on) nor one that succeeds
+    makes the refresh's completion raise, which asyncio would log as an error."""
+    endpoint.failure = (500, {"error": "temporarily_unavailable"})
+    with pytest.raises(TokenError):
+        await source.token()
+    endpoint.failure = None
+    assert (await source.token()).value == endpoint.issued[0]
+    await source.settle()
+    assert [record.getMessage() for record in caplog.records if record.name == "asyncio"] == []
 
 
 async def test_redirects_are_not_followed(source, endpoint):
