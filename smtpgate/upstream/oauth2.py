@@ -202,6 +202,8 @@ def _parse(status: int, body: bytes, url: str, secret: str) -> tuple[str, float]
         lifetime = float(expires_in)
     except (TypeError, ValueError):
         raise TokenError(f"token endpoint {url} gave expires_in {str(expires_in)[:40]!r}, not a number") from None
+    except OverflowError:  # an integer beyond any float: a long lifetime, capped like any other
+        lifetime = MAX_LIFETIME
     if not lifetime > 0:
         raise TokenError(f"token endpoint {url} gave a token that has already expired")
     return value, min(lifetime, MAX_LIFETIME)

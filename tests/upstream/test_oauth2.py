@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from smtpgate.upstream.oauth2 import MAX_RESPONSE, TokenError, _parse
+from smtpgate.upstream.oauth2 import MAX_LIFETIME, MAX_RESPONSE, TokenError, _parse
 
 URL = "https://login.example/token"
 
@@ -56,3 +56,7 @@ def test_an_error_quotes_200_characters_of_its_description_without_the_secret():
     reason = refusal({"error": "invalid_client", "error_description": "bad secret s3cret"}, status=401)
     assert reason == f"token endpoint {URL} answered HTTP 401: invalid_client: bad secret [secret]"
     assert refusal({"error": "x"}, status=500, secret="") == f"token endpoint {URL} answered HTTP 500: x"
+
+
+def test_a_lifetime_beyond_any_float_is_a_long_one_capped_as_any_other():
+    assert answer({"access_token": "tok", "expires_in": 10 ** 400}) == ("tok", MAX_LIFETIME)
