@@ -61,6 +61,20 @@ async def test_an_envelope_that_cannot_be_written_leaves_no_message(tmp_path):
     assert list((tmp_path / "tmp").iterdir()) == []  # nothing of it left behind
 
 
+
+async def test_a_message_that_cannot_be_moved_into_new_leaves_no_envelope(tmp_path):
+    session = MaildirSession(root=tmp_path)
+    await session.mail("a@corp.example", [])
+    await session.rcpt("b@x.example", [])
+    await session.open_data(HEAD)
+    (tmp_path / "new").rmdir()
+    (tmp_path / "new").write_text("in the way\n")
+    with pytest.raises(UpstreamError) as info:
+        await session.end_data(b"body\r\n")
+    assert info.value.reason.startswith("maildir write failed: [Errno ")
+    assert list((tmp_path / "envelopes").iterdir()) == []  # its envelope was written, and is gone again
+    assert list((tmp_path / "tmp").iterdir()) == []
+
 # A process whose files may not grow past 64 KiB (RLIMIT_FSIZE), as on a disk that fills up
 # under a message: the write fails with EFBIG rather than the signal that would end the process.
 FULL_DISK = """\
