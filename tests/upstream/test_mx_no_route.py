@@ -98,3 +98,16 @@ def test_the_resolver_settings():
 def test_without_upstream_resolver_the_systems_resolvers_are_asked():
     mx = MxRoute("corp.example", port=25, resolver=None, lifetime=10)
     assert mx.resolver is not None and mx.resolver.nameservers == dns.resolver.Resolver().nameservers
+
+
+async def test_a_machine_without_resolver_configuration_has_no_route_and_says_why(monkeypatch):
+    def no_configuration(self, *args, **kwargs):  # dnspython finding no /etc/resolv.conf
+        raise dns.resolver.NoResolverConfiguration("no nameservers")
+
+    monkeypatch.setattr(dns.resolver.BaseResolver, "read_resolv_conf", no_configuration)
+    mx = MxRoute("corp.example", port=25, resolver=None, lifetime=2)
+    assert mx.resolver is None
+    with pytest.raises(RouteError) as failed:
+        await mx.targets()
+    assert (failed.value.reason, failed.value.reply) == ("no DNS resolver: no nameservers",
+                                                         replies.UPSTREAM_DNS_FAILURE)
