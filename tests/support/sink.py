@@ -150,6 +150,11 @@ class SinkSMTP(SMTP):
                 self.transport.close()
             return
         await super().push(status)
+        if stage == "DATA" and status.startswith("354") and "body" in sink.stall:
+            # The message is never read: the sink's receive window fills, then the sender's.
+            sink.stalled.append("body")
+            sink._changed()
+            await asyncio.get_running_loop().create_future()
 
     async def smtp_DATA(self, arg: str) -> None:
         reply = self.sink.data_command_reply
@@ -497,7 +502,8 @@ class Sink:
     Faults: `greeting` (a line sent instead of the 220 greeting; a non-2xx one
     then closes), `data_command_reply` (the answer to DATA instead of 354),
     `stall` (stages never answered: "greeting", a command verb such as
-    "MAIL", "RCPT", "DATA", or "dot" for the final dot; each stall is noted in
+    "MAIL", "RCPT", "DATA", or "dot" for the final dot, and "body": DATA
+    answered 354, the message after it never read; each stall is noted in
     `stalled`), `hold` (stage to an event: that stage is answered only once
     the test sets it, each wait noted in `held`: an upstream slow at a chosen
     stage), and `raw_replies` (stage to bytes written verbatim instead of
