@@ -120,7 +120,7 @@ class SinkSMTP(SMTP):
         if self._last_command == "DATA":
             self.sink.abandoned_data.append(bytes(self._after_data))
             self.sink.closed_after_data += 1
-            self.sink._changed()
+        self.sink._changed()
 
     # -- fault knobs: greeting, stall, raw_replies ------------------------
     async def push(self, status: Any) -> None:
@@ -513,8 +513,9 @@ class Sink:
     Records: `messages` (accepted with a 2xx to the dot), `received` (every
     message whose dot arrived, whatever the answer), `commands` (each command
     line, verb upper-cased, AUTH credentials masked), `connections`,
-    `closed_after_data` (connections the client closed after DATA and before
-    a final dot: a transaction given up mid-data), `abandoned_data` (for each
+    `open_connections` (those open now), `closed_after_data` (connections
+    the client closed after DATA and before a final dot: a transaction given
+    up mid-data), `abandoned_data` (for each
     of those, the octets the client wrote after DATA),
     `auth_tokens` (each XOAUTH2 bearer token presented, accepted or not).
     """
@@ -609,6 +610,11 @@ class Sink:
         await self.drop_connections()
         await self._server.wait_closed()
         self._server = None
+
+    @property
+    def open_connections(self) -> int:
+        """Connections open now: accepted and not yet closed by either side."""
+        return len(self._protocols)
 
     async def drop_connections(self) -> int:
         """Cut every open session without a reply (the sink keeps listening); return how many."""
