@@ -120,7 +120,7 @@ class SinkSMTP(SMTP):
         if self._last_command == "DATA":
             self.sink.abandoned_data.append(bytes(self._after_data))
             self.sink.closed_after_data += 1
-            self.sink._changed()
+        self.sink._changed()
 
     # -- fault knobs: greeting, stall, raw_replies ------------------------
     async def push(self, status: Any) -> None:
@@ -150,6 +150,11 @@ class SinkSMTP(SMTP):
                 self.transport.close()
             return
         await super().push(status)
+        if stage == "DATA" and status.startswith("354") and "body" in sink.stall:
+            # The message is never read: the sink's receive window fills, then the sender's.
+            sink.stalled.append("body")
+            sink._changed()
+            await asyncio.get_running_loop().create_future()
 
     async def smtp_DATA(self, arg: str) -> None:
         reply = self.sink.data_command_reply
@@ -497,7 +502,8 @@ class Sink:
     Faults: `greeting` (a line sent instead of the 220 greeting; a non-2xx one
     then closes), `data_command_reply` (the answer to DATA instead of 354),
     `stall` (stages never answered: "greeting", a command verb such as
-    "MAIL", "RCPT", "DATA", or "dot" for the final dot; each stall is noted in
+    "MAIL", "RCPT", "DATA", or "dot" for the final dot, and "body": DATA
+    answered 354, the message after it never read; each stall is noted in
     `stalled`), `hold` (stage to an event: that stage is answered only once
     the test sets it, each wait noted in `held`: an upstream slow at a chosen
     stage), and `raw_replies` (stage to bytes written verbatim instead of
@@ -507,8 +513,9 @@ class Sink:
     Records: `messages` (accepted with a 2xx to the dot), `received` (every
     message whose dot arrived, whatever the answer), `commands` (each command
     line, verb upper-cased, AUTH credentials masked), `connections`,
-    `closed_after_data` (connections the client closed after DATA and before
-    a final dot: a transaction given up mid-data), `abandoned_data` (for each
+    `open_connections` (those open now), `closed_after_data` (connections
+    the client closed after DATA and before a final dot: a transaction given
+    up mid-data), `abandoned_data` (for each
     of those, the octets the client wrote after DATA),
     `auth_tokens` (each XOAUTH2 bearer token presented, accepted or not).
     """
@@ -603,6 +610,11 @@ class Sink:
         await self.drop_connections()
         await self._server.wait_closed()
         self._server = None
+
+    @property
+    def open_connections(self) -> int:
+        """Connections open now: accepted and not yet closed by either side."""
+        return len(self._protocols)
 
     async def drop_connections(self) -> int:
         """Cut every open session without a reply (the sink keeps listening); return how many."""

@@ -59,6 +59,34 @@ async def test_a_pooled_connection_dropped_while_idle_is_replaced(relay, sink, l
     assert not events(log_lines, "upstream.error")
 
 
+async def test_the_upstream_is_greeted_with_smtpgates_hostname(relay, sink):
+    gate, port = relay
+    assert (await relay_message(port)).startswith("250")
+    [msg] = sink.messages
+    assert msg.helo == "relay.test.example"
+    assert {c for c in sink.commands if c.startswith("EHLO")} == {"EHLO relay.test.example"}
+
+
+async def test_a_connection_that_got_a_garbled_reply_is_closed_without_quit(relay, sink, log_lines):
+    """After a reply smtpgate cannot read, a QUIT's answer could be the late one: the
+    connection is only closed, not pooled, and the next transaction gets a new one."""
+    gate, port = relay
+    sink.raw_replies = {"RCPT": b"this is no reply\r\n"}
+    wire = await session(port)
+    assert (await wire.cmd("MAIL FROM:<jane@corp.example>")).startswith("250")
+    assert (await wire.cmd("RCPT TO:<client@supplier.example>")).startswith("451 4.4.2")
+    assert (await wire.cmd("RSET")).startswith("250")
+    await sink.wait_for(lambda: sink.open_connections == 0, what="the connection closed")
+    assert "QUIT" not in sink.commands
+    assert gate.snapshot.pool.idle == [] and gate.snapshot.pool.open_connections == 0
+    [error] = events(log_lines, "upstream.error")
+    assert error["reason"].startswith("RCPT: SMTPResponseException: ")
+    sink.raw_replies = {}
+    assert (await wire.cmd("MAIL FROM:<jane@corp.example>")).startswith("250")
+    await wire.cmd("QUIT")
+    assert sink.connections == 2
+
+
 async def test_a_pooled_connection_idle_too_long_is_closed_unused(relay, sink):
     gate, port = relay
     assert (await relay_message(port)).startswith("250")

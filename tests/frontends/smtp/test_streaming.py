@@ -421,9 +421,10 @@ async def test_the_upstream_gone_between_two_parts_of_the_body_gives_451_at_the_
     await wire.send(dot_stuff(body(200_000)) + b".\r\n")
     reply = await wire.reply()
     assert reply.startswith("451 4.4.2"), reply
+    lost = "DATA: connection lost while the message was sent"
     [rejected] = [e for e in log_lines() if e["event"] == "message.rejected"]
-    assert (rejected["code"], rejected["stage"]) == (451, "data")
-    assert [e["stage"] for e in log_lines() if e["event"] == "upstream.error"] == ["data"]
+    assert (rejected["code"], rejected["stage"], rejected["reason"]) == (451, "data", lost)
+    assert [(e["stage"], e["reason"]) for e in log_lines() if e["event"] == "upstream.error"] == [("data", lost)]
     assert sink.received == []
     sink.drop_mid_data = None
     assert code(await wire.cmd("MAIL FROM:<a@corp.example>")) == 250

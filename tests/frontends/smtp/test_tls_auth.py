@@ -186,6 +186,30 @@ async def test_upstream_certificate_verified_by_default(tmp_path, start_gate, lo
         assert "CERTIFICATE_VERIFY_FAILED" in error["reason"], error
 
 
+async def test_upstream_certificate_not_verified_with_verify_tls_false(tmp_path, start_gate, log_lines):
+    """verify_tls: false: a self-signed certificate for another name is accepted; the
+    connection is still encrypted."""
+    context, _ = make_test_tls(tmp_path / "up")  # names localhost, signed by no CA smtpgate trusts
+    async with Sink(implicit_tls=context) as up:
+        gate, port = await start_gate(await upstream_config(tmp_path, f"smtps://127.0.0.1:{up.port}",
+                                                            "  verify_tls: false\n"))
+        assert (await relay_one(port))[0] == 250
+        [msg] = up.messages
+        assert msg.tls
+
+
+async def test_upstream_starttls_not_offered_is_refused(tmp_path, start_gate, log_lines):
+    """smtp+starttls:// to a server without STARTTLS: nothing is sent in clear after EHLO."""
+    async with Sink() as up:
+        gate, port = await start_gate(await upstream_config(tmp_path, f"smtp+starttls://localhost:{up.port}",
+                                                            "  timeout: 3\n"))
+        code_, text = await relay_one(port)
+        assert code_ == 451 and text.startswith("4.4.1")
+        assert up.messages == [] and {c.split()[0] for c in up.commands} == {"EHLO"}
+        [error] = [e for e in log_lines() if e["event"] == "upstream.error" and e["stage"] == "connect"]
+        assert error["reason"] == "localhost: STARTTLS not offered and TLS is required"
+
+
 async def test_upstream_login_refused_is_temporary(tmp_path, start_gate, log_lines):
     (tmp_path / "up.secret").write_text("wrong\n")
     async with Sink(auth={"relay@corp.example": "relay-pw"}, require_auth=True) as up:
