@@ -98,7 +98,7 @@ MODULES: dict[str, list[str]] = {
     "smtpgate/upstream/passthrough.py": ["tests/upstream/test_auth_upstream.py", "tests/upstream/test_upstream_source.py"],
     "smtpgate/upstream/session.py": ["tests/upstream/test_upstream_source.py", "tests/upstream/test_upstream_pool.py",
                                      "tests/upstream/test_auth_upstream.py", "tests/upstream/test_upstream_limits.py"],
-    "smtpgate/upstream/wire.py": ["tests/upstream/test_upstream_pool.py", "tests/frontends/smtp/test_streaming.py"],
+    "smtpgate/upstream/wire.py": ["tests/upstream/test_wire.py", "tests/upstream/test_upstream_pool.py", "tests/frontends/smtp/test_streaming.py"],
     "smtpgate/upstream/maildir.py": ["tests/upstream/test_maildir_upstream.py", "tests/upstream/test_upstream_source.py",
                                      "tests/frontends/smtp/test_streaming.py"],
     "smtpgate/runtime/gate.py": ["tests/runtime/test_reload_needs_restart.py", "tests/runtime/test_serve.py",
