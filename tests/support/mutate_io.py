@@ -121,7 +121,7 @@ MODULES: dict[str, list[str]] = {
     "smtpgate/store/sql.py": _STORE,
     "smtpgate/store/sqlite.py": _STORE + ["tests/store/test_sqlite.py", "tests/store/test_listing.py",
                                           "tests/store/test_sqlite_open.py"],
-    "smtpgate/store/postgres.py": _STORE + ["tests/store/test_store_concurrency.py"],
+    "smtpgate/store/postgres.py": _STORE + ["tests/store/test_store_concurrency.py", "tests/store/test_postgres_store.py"],
     "smtpgate/store/records.py": _STORE + ["tests/store/test_records.py"],
     "smtpgate/store/group.py": ["tests/store/test_store_group.py"],
     "smtpgate/store/allocation.py": ["tests/store/test_allocator_adapter.py", "tests/store/test_allocator_http.py",
