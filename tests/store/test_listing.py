@@ -48,3 +48,9 @@ async def test_a_search_ignores_the_case_of_letters_beyond_ascii(store):
     await with_subjects(store, "ŻÓŁW i Ärger", "Zolw und Arger")
     assert await found(store, "żółw") == ["1-T"]
     assert await found(store, "ÄRGER") == ["1-T"]
+
+
+async def test_a_whole_message_id_finds_its_message_not_a_subject_quoting_it(store):
+    await with_subjects(store, "Invoice", "Re: <m1@corp.example>")
+    assert await found(store, "<m1@corp.example>") == ["1-T"]
+    assert await found(store, "m1@corp.example") == ["1-T", "2-T"]  # text: in a subject too

@@ -361,3 +361,39 @@ async def test_closing_waits_at_most_the_timeout_for_a_transaction_in_progress(
         assert await check.list_links() == []
     finally:
         await check.close()
+
+
+# --------------------------------------------------------------------------- the activities list
+
+
+async def test_a_whole_message_id_stored_exactly_few_times_finds_only_its_messages(
+        pg_store_url, tmp_path):  # noqa: F811
+    """The search starts from the Message-ID's own messages while the planner expects at
+    most listing.FEW of them (here exactly that many, its statistics up to date): a
+    message whose subject merely quotes the Message-ID is not found."""
+    import asyncpg
+
+    from smtpgate.store.base import ActivityQuery
+    from smtpgate.store.listing import FEW
+
+    store = await opened(pg_store_url, tmp_path)
+    admin = await asyncpg.connect(pg_store_url)
+
+    def sent(message_id: str, source: str, subject: str) -> MessageRecord:
+        return MessageRecord(message_id=message_id, date=None, from_="anna@corp.example", subject=subject,
+                             source_reference=source, recipients=[], mapping={},
+                             relayed_at=datetime.now(timezone.utc))
+
+    try:
+        await store.record_activity("1-T", UK)
+        await store.record_activity("2-T", UK)
+        await asyncio.gather(store.record_message(sent("<dup@corp.example>", "1-T", "Invoice")),
+                             *(store.record_message(sent("<dup@corp.example>", f"{n}-S", "Invoice"))
+                               for n in range(1, FEW)))
+        await store.record_message(sent("<m2@corp.example>", "2-T", "Re: <dup@corp.example>"))
+        await admin.execute("ANALYZE messages")
+        rows, _ = await store.list_activities(ActivityQuery(own=(UK,), q="<dup@corp.example>"))
+        assert [r.reference for r in rows] == ["1-T"]
+    finally:
+        await admin.close()
+        await store.close()
