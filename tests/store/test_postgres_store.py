@@ -12,7 +12,7 @@ import pytest
 
 from smtpgate.store import AllocationContext, LinkTarget, MessageRecord, StoreError, open_store
 from smtpgate.store.allocation import LocalAllocator
-from smtpgate.store.postgres import LINKS_CHANNEL, LOOKUPS_APPLICATION, LOOKUPS_RETRY_SECONDS, RECORDS_APPLICATION
+from smtpgate.store.postgres import LINKS_CHANNEL, LOOKUPS_APPLICATION, RECORDS_APPLICATION
 from tests.store_helpers import pg_database, pg_store_url  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.postgres
@@ -192,31 +192,6 @@ async def test_an_answer_cut_short_by_a_limit_is_not_remembered(pg_store_url, tm
 
 
 # --------------------------------------------------------------------------- the look-up connection
-
-
-async def test_a_lost_look_up_connection_is_replaced_after_the_retry_wait(pg_store_url, tmp_path):  # noqa: F811
-    """Look-ups go on on the read pool meanwhile; a server that keeps refusing is not
-    asked for a new connection at every look-up."""
-    import asyncpg
-
-    store = await opened(pg_store_url, tmp_path)
-    admin = await asyncpg.connect(pg_store_url)
-    loop = asyncio.get_running_loop()
-    try:
-        [first] = await backends(admin, LOOKUPS_APPLICATION)
-        cut = loop.time()
-        await admin.fetchval("SELECT pg_terminate_backend($1)", first)
-        while not await backends(admin, LOOKUPS_APPLICATION) - {first}:
-            try:
-                assert await store.find_link("101203-T", PL) is None
-            except StoreError:
-                pass  # the one look-up that met the cut
-            assert loop.time() - cut < 20, "no new look-up connection"
-            await asyncio.sleep(0.05)
-        assert loop.time() - cut >= LOOKUPS_RETRY_SECONDS
-    finally:
-        await admin.close()
-        await store.close()
 
 
 async def test_a_busy_look_up_connection_is_not_replaced(pg_store_url, tmp_path):  # noqa: F811
