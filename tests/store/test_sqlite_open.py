@@ -13,23 +13,13 @@ import os
 import sqlite3
 import struct
 import threading
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
 from smtpgate.store import MessageRecord, StoreError, open_store
 from smtpgate.store.sqlite import SqliteStore
-from tests.store.test_sqlite import still_running
-
-UK = "uk-payroll@corp.example"
-PL = "pl-payroll@corp.example"
-WHEN = datetime(2026, 1, 15, 9, 30, 5, 123456, tzinfo=timezone.utc)
-
-
-@pytest.fixture
-def path(tmp_path: Path) -> Path:
-    return tmp_path / "smtpgate.db"
+from tests.store.test_sqlite import PL, UK, WHEN, path, still_running  # noqa: F401 (path: a fixture)
 
 
 def message(message_id: str) -> MessageRecord:

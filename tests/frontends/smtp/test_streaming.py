@@ -381,6 +381,14 @@ def tagged(message: bytes, log_lines) -> bytes:
     return message.replace(b"pl-payroll@", f"pl-payroll+{created['reference']}@".encode())
 
 
+def relayed_with_its_received_field_only(sink, message: bytes, log_lines) -> None:
+    """The one message the upstream got is ``message`` as tagged, below smtpgate's Received field alone."""
+    [msg] = sink.messages
+    added, relayed = strip_trace(msg.data)
+    assert [a.split(b":")[0] for a in added] == [b"Received"]
+    assert relayed == tagged(message, log_lines)
+
+
 async def test_a_header_block_with_dot_stuffed_lines_is_decided_whole_and_relayed_unstuffed(gate, sink, log_lines):
     """The first line arrives on its own (the reader reads a line that starts with a period
     alone): the header block is decided once its empty line is in, every line without its
@@ -390,10 +398,7 @@ async def test_a_header_block_with_dot_stuffed_lines_is_decided_whole_and_relaye
     wire = await open_transaction(port)
     await wire.send(dot_stuff(message) + b".\r\n")
     assert code(await wire.reply()) == 250
-    [msg] = sink.messages
-    added, relayed = strip_trace(msg.data)
-    assert [a.split(b":")[0] for a in added] == [b"Received"]
-    assert relayed == tagged(message, log_lines)
+    relayed_with_its_received_field_only(sink, message, log_lines)
 
 
 async def test_a_message_that_is_all_header_block_is_relayed(gate, sink, log_lines):
@@ -403,10 +408,7 @@ async def test_a_message_that_is_all_header_block_is_relayed(gate, sink, log_lin
     wire = await open_transaction(port)
     await wire.send(dot_stuff(message) + b".\r\n")
     assert code(await wire.reply()) == 250
-    [msg] = sink.messages
-    added, relayed = strip_trace(msg.data)
-    assert [a.split(b":")[0] for a in added] == [b"Received"]
-    assert relayed == tagged(message, log_lines)
+    relayed_with_its_received_field_only(sink, message, log_lines)
 
 
 async def test_the_upstream_gone_between_two_parts_of_the_body_gives_451_at_the_dot(gate, sink, log_lines):
