@@ -124,7 +124,7 @@ MODULES: dict[str, list[str]] = {
     "smtpgate/store/postgres.py": _STORE + ["tests/store/test_store_concurrency.py", "tests/store/test_postgres_store.py",
                                             "tests/store/test_listing.py"],
     "smtpgate/store/records.py": _STORE + ["tests/store/test_records.py"],
-    "smtpgate/store/group.py": ["tests/store/test_store_group.py"],
+    "smtpgate/store/group.py": ["tests/store/test_store_group.py", "tests/store/test_records.py"],
     "smtpgate/store/allocation.py": ["tests/store/test_allocator_adapter.py", "tests/store/test_allocator_http.py",
                                      "tests/store/test_store.py", "tests/store/test_store_model.py",
                                      "tests/runtime/test_outages.py"],
