@@ -535,3 +535,81 @@ async def test_an_item_added_after_the_hurry_lingers_again():
     group._flusher.cancel()  # a cancelled flusher gives up what it held: the futures say so
     await loop_turns()
     assert later.cancelled()
+
+
+async def test_without_a_linger_each_item_is_written_as_soon_as_the_writer_runs():
+    written, write = batches_kept()
+    group = GroupCommit(write)
+    first = group.add(1)
+    await asyncio.sleep(0)  # one turn of the loop: the writer takes the item up and writes it
+    assert written == [[1]] and first.done()
+    second = group.add(2)
+    await asyncio.sleep(0)
+    assert written == [[1], [2]] and second.done()
+    assert (group.batches, group.items) == (2, 2)
+
+
+async def test_a_linger_nobody_cuts_short_ends_by_itself():
+    written, write = batches_kept()
+    group = GroupCommit(write, linger=0.01)
+    item = group.add(1)
+    await asyncio.wait_for(item, 10)
+    assert written == [[1]]
+
+
+async def test_a_batch_filled_while_it_lingers_is_written_at_once():
+    written, write = batches_kept()
+    group = GroupCommit(write, max_batch=2, linger=HOUR)
+    first = group.add(1)
+    await loop_turns()
+    assert written == [] and not first.done()  # lingering
+    second = group.add(2)  # max_batch items pending: the batch is full
+    await asyncio.wait_for(asyncio.gather(first, second), 10)
+    assert written == [[1, 2]]
+
+
+async def test_a_failed_write_reaches_its_callers_as_a_store_error_naming_the_failure():
+    async def fail(batch: list[Exception]) -> None:
+        raise batch[0]
+
+    group = GroupCommit(fail, max_batch=1)
+    cause = ValueError("no such column: tag")
+    outcomes = await asyncio.wait_for(
+        asyncio.gather(group.add(cause), group.add(StoreError("database is locked")), return_exceptions=True), 10)
+    assert [type(o) for o in outcomes] == [StoreError, StoreError]
+    # Another exception is named with its type; a StoreError's own text is kept as it is.
+    assert [str(o) for o in outcomes] == ["ValueError: no such column: tag", "database is locked"]
+    assert outcomes[0].__cause__ is cause
+    assert (group.batches, group.items) == (0, 0)  # nothing committed
+
+
+async def test_a_reader_waiting_for_a_failed_batch_and_the_next_one_is_released():
+    written, keep = batches_kept()
+
+    async def write(batch: list[int]) -> None:
+        if 1 in batch:
+            raise StoreError("database is locked")
+        await keep(batch)
+
+    group = GroupCommit(write, max_batch=1, linger=HOUR)
+    failing = group.add(1)
+    later = group.add(2)
+    await asyncio.wait_for(group.settled(), 10)
+    assert isinstance(failing.exception(), StoreError)
+    assert later.done() and written == [[2]]
+    assert (group.batches, group.items) == (1, 1)
+
+
+async def test_a_reader_is_released_when_closing_gives_up_on_a_write_that_hangs():
+    async def hang(batch: list[int]) -> None:
+        await asyncio.Event().wait()
+
+    group = GroupCommit(hang)
+    item = group.add(1)
+    reader = asyncio.create_task(group.settled())
+    await loop_turns()
+    assert not reader.done()
+    await group.close(timeout=0.05)  # the write never ends: closing gives it up
+    await asyncio.wait_for(reader, 10)
+    assert item.cancelled()
+    await asyncio.wait_for(group.settled(), 10)  # nothing is left to wait for
