@@ -73,6 +73,8 @@ async def test_the_back_off_doubles_up_to_its_cap_and_sigint_drains_every_worker
         live = [served.named("smtpgate.ready")[0]["workers"][0], pid]
         assert sorted(e["pid"] for e in served.named("shutdown.complete") if "pid" in e) == sorted(live)
         assert served.named("shutdown.complete", workers=2)[0]["clean"] is True
+        drained = served.named("worker.exited", exit_status=0)
+        assert sorted((e["worker"], e["pid"], e["level"]) for e in drained) == [(0, live[0], "info"), (1, pid, "info")]
     finally:
         await served.kill()
 
@@ -100,6 +102,9 @@ async def test_a_worker_that_crashes_says_why_and_the_start_fails(tmp_path):
         assert crashed["error"] == "LoopChoiceError" and "SMTPGATE_EVENT_LOOP" in crashed["reason"]
         exited = await served.event("worker.exited", pid=crashed["pid"])
         assert exited["exit_status"] == 70
+        # The first worker to exit names its slot (the one its worker.crashed was logged in).
+        first = await served.event("worker.exited", level="error")
+        assert first["worker"] == served.named("worker.crashed", pid=first["pid"])[0]["worker"]
         assert await asyncio.wait_for(served.proc.wait(), 30) == 1
         assert served.named("startup.failed") and not served.named("smtpgate.ready")
     finally:

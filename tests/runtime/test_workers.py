@@ -327,6 +327,7 @@ async def test_ready_reload_refused_by_supervisor_and_reload_in_every_worker(tmp
         # READY=1 comes from the supervisor, only once both workers listen.
         assert await notify.receive() == ("READY=1", served.proc.pid)
         ready = await served.event("smtpgate.ready")
+        assert ready["config"] == str(config)
         workers = set(ready["workers"])
         before_ready = served.events[:served.events.index(ready)]
         assert {e["pid"] for e in before_ready if e["event"] == "listener.started"} == workers
@@ -368,6 +369,27 @@ async def test_ready_reload_refused_by_supervisor_and_reload_in_every_worker(tmp
     finally:
         await served.kill()
         notify.sock.close()
+
+
+async def test_debug_level_reaches_the_log_from_every_worker(tmp_path):
+    port = free_port()
+    config = write_config(tmp_path, CONFIG.format(port=port, upstream="maildir:outbox", store="sqlite:smtpgate.db",
+                                                  extra="logging:\n  level: debug\n"))
+    served = await start(config)
+    try:
+        workers = set((await served.event("smtpgate.ready"))["workers"])
+        held = await one_session_per_worker(served, port, workers)
+        for wire in held.values():
+            assert code(await wire.cmd("NOOP")) == 250
+            await wire.cmd("QUIT")
+            await wire.close()
+            opened = served.named("session.opened", port=wire.writer.get_extra_info("sockname")[1])[0]
+            await served.event("session.closed", session=opened["session"])
+        commands = served.named("smtp.command", verb="NOOP")
+        assert sorted(e["pid"] for e in commands) == sorted(workers) and {e["level"] for e in commands} == {"debug"}
+        assert await served.stop() == 0
+    finally:
+        await served.kill()
 
 
 async def test_a_worker_dying_again_soon_waits_longer(tmp_path):
