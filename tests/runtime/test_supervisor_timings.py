@@ -15,13 +15,13 @@ from pathlib import Path
 
 from tests.conftest import write_config
 from tests.support.wire import free_port
-from tests.runtime.test_workers import CONFIG, Supervised
+from tests.runtime.test_workers import CONFIG, Supervised, one_session_per_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 async def supervise(tmp_path, *, backoff_first=0.05, backoff_max=0.1, stable_after=60.0, stop_margin=0.1,
-                    grace: int = 20, ready: bool = True, **environ: str) -> Supervised:
+                    grace: int = 20, ready: bool = True, sharing: str = "shared", **environ: str) -> Supervised:
     text = CONFIG.format(port=free_port(), upstream="maildir:outbox", store="sqlite:smtpgate.db", extra="")
     config = write_config(tmp_path, text.replace("shutdown_grace: 20", f"shutdown_grace: {grace}"))
     metrics = tmp_path / "metrics"
@@ -31,7 +31,7 @@ async def supervise(tmp_path, *, backoff_first=0.05, backoff_max=0.1, stable_aft
     env.pop("NOTIFY_SOCKET", None)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tests.support.supervised", str(config),
-        *(str(v) for v in (backoff_first, backoff_max, stable_after, stop_margin)),
+        *(str(v) for v in (backoff_first, backoff_max, stable_after, stop_margin)), sharing,
         stdout=asyncio.subprocess.PIPE, env=env, cwd=str(tmp_path))
     served = Supervised(proc)
     if ready:
@@ -107,5 +107,23 @@ async def test_a_worker_that_crashes_says_why_and_the_start_fails(tmp_path):
         assert first["worker"] == served.named("worker.crashed", pid=first["pid"])[0]["worker"]
         assert await asyncio.wait_for(served.proc.wait(), 30) == 1
         assert served.named("startup.failed") and not served.named("smtpgate.ready")
+    finally:
+        await served.kill()
+
+
+async def test_reuseport_sharing_gives_each_worker_its_own_socket_on_the_one_port(tmp_path):
+    served = await supervise(tmp_path, sharing="reuseport")
+    try:
+        ready = served.named("smtpgate.ready")[0]
+        [listener] = ready["listeners"]
+        port = int(listener.rsplit(":", 1)[1])
+        workers = set(ready["workers"])
+        assert {e["address"] for e in served.named("listener.started")} == {listener}
+        held = await one_session_per_worker(served, port, workers)
+        for wire in held.values():
+            await wire.cmd("QUIT")
+            await wire.close()
+        served.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(served.proc.wait(), 30) == 0
     finally:
         await served.kill()

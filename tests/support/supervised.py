@@ -1,6 +1,6 @@
 """`smtpgate serve` with `workers:` as tests run it: the supervisor's waits given on the command line.
 
-    python -m tests.support.supervised CONFIG BACKOFF_FIRST BACKOFF_MAX STABLE_AFTER STOP_MARGIN
+    python -m tests.support.supervised CONFIG BACKOFF_FIRST BACKOFF_MAX STABLE_AFTER STOP_MARGIN [SHARING]
 
 PROMETHEUS_MULTIPROC_DIR must be set by the caller (serve sets it with an exec).
 """
@@ -20,7 +20,8 @@ def main(argv: list[str]) -> int:
     config = load_config(path)
     setup_logging(config.logging.format, config.logging.level)
     timings = Timings(*(float(a) for a in argv[1:5]))
-    return Supervisor(path, config, timings=timings).run()
+    sharing = argv[5] if len(argv) > 5 else "shared"
+    return Supervisor(path, config, sharing=sharing, timings=timings).run()
 
 
 if __name__ == "__main__":
