@@ -1,4 +1,5 @@
-"""The supervisor's restart back-off, its cap and reset, SIGINT, and the SIGKILL past the shutdown grace.
+"""The supervisor's restart back-off, its cap and reset, SIGINT, the SIGKILL past the shutdown grace,
+reuseport sharing, and a fork that fails.
 
 Real processes, as tests/runtime/test_workers.py runs them, with the supervisor's waits
 made short through tests/support/supervised.py; each test asserts the events
@@ -8,9 +9,13 @@ made short through tests/support/supervised.py; each test asserts the events
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import errno
 import os
+import resource
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.conftest import write_config
@@ -21,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 async def supervise(tmp_path, *, backoff_first=0.05, backoff_max=0.1, stable_after=60.0, stop_margin=0.1,
-                    grace: int = 20, ready: bool = True, sharing: str = "shared", **environ: str) -> Supervised:
+                    grace: int = 20, ready: bool = True, sharing: str = "shared",
+                    preexec_fn: Callable[[], None] | None = None, **environ: str) -> Supervised:
     text = CONFIG.format(port=free_port(), upstream="maildir:outbox", store="sqlite:smtpgate.db", extra="")
     config = write_config(tmp_path, text.replace("shutdown_grace: 20", f"shutdown_grace: {grace}"))
     metrics = tmp_path / "metrics"
@@ -32,7 +38,7 @@ async def supervise(tmp_path, *, backoff_first=0.05, backoff_max=0.1, stable_aft
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tests.support.supervised", str(config),
         *(str(v) for v in (backoff_first, backoff_max, stable_after, stop_margin)), sharing,
-        stdout=asyncio.subprocess.PIPE, env=env, cwd=str(tmp_path))
+        stdout=asyncio.subprocess.PIPE, env=env, cwd=str(tmp_path), preexec_fn=preexec_fn)
     served = Supervised(proc)
     if ready:
         await served.event("smtpgate.ready")
@@ -125,5 +131,40 @@ async def test_reuseport_sharing_gives_each_worker_its_own_socket_on_the_one_por
             await wire.close()
         served.proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(served.proc.wait(), 30) == 0
+    finally:
+        await served.kill()
+
+
+NOBODY = 65534
+_PR_CAPBSET_DROP = 24  # prctl(2)
+_CAP_SYS_ADMIN, _CAP_SYS_RESOURCE = 21, 24  # capabilities(7): either lifts RLIMIT_NPROC
+
+
+def no_fork() -> None:
+    """In the supervisor's process before exec: every fork fails with EAGAIN (RLIMIT_NPROC 0).
+
+    Root's processes are exempt from the limit, so as root the process's real user
+    becomes nobody (the effective one stays root, which can read the files) and it
+    loses the two capabilities that lift the limit.
+    """
+    if os.getuid() == 0:
+        libc = ctypes.CDLL(None, use_errno=True)
+        for cap in (_CAP_SYS_ADMIN, _CAP_SYS_RESOURCE):
+            if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+        os.setresuid(NOBODY, 0, 0)
+    resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
+
+
+async def test_a_fork_that_fails_is_logged_with_its_error_and_tried_again(tmp_path):
+    served = await supervise(tmp_path, ready=False, preexec_fn=no_fork)
+    try:
+        failed = await served.until(lambda: len(served.named("worker.fork_failed", worker=0)) >= 2 and
+                                    served.named("worker.fork_failed", worker=0), "a second fork of worker 0")
+        assert {e["error"] for e in failed} == {f"[Errno {errno.EAGAIN}] {os.strerror(errno.EAGAIN)}"}
+        assert {e["level"] for e in failed} == {"error"}
+        assert served.named("worker.fork_failed", worker=1)
+        assert not served.named("worker.started") and not served.named("smtpgate.ready")
+        await served.stop()
     finally:
         await served.kill()
