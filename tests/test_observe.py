@@ -119,6 +119,12 @@ async def test_observe_relays_unchanged_writes_nothing_and_says_what_enforce_wou
     assert len(relayed) == 6
 
 
+async def test_each_listener_start_names_the_mode_it_serves_in(two):
+    *_, log_lines, _ = two
+    started = {e["listener"]: e["mode"] for e in log_lines() if e["event"] == "listener.started"}
+    assert started == {"submission": "enforce", "observer": "observe"}  # the file's (default), the listener's own
+
+
 def test_check_config_says_the_mode(tmp_path):
     import subprocess
     import sys

@@ -50,6 +50,12 @@ async def test_healthz_answers_without_a_token(admin_relay):
     assert headers["Content-Type"].startswith("application/json")
 
 
+async def test_the_admin_listener_start_is_logged_with_its_bound_address(admin_relay, log_lines):
+    host, port = admin_relay.gate.admin.bound[0]
+    [started] = [e for e in log_lines() if e["event"] == "listener.started" and e.get("listener") == "admin"]
+    assert (started["address"], started["tls"]) == (f"{host}:{port}", "none")
+
+
 async def test_readyz_follows_the_upstream_going_away_and_coming_back(admin_relay):
     url = admin_relay.admin_url + "/readyz"
     status, _, text = await get(url)

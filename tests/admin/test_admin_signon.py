@@ -288,6 +288,8 @@ async def test_https_serves_the_pages_and_marks_the_cookie_secure(sink, config_f
     cert, key = ca.server("localhost")
     relay = await start_admin_relay(sink, config_for, start_gate, tmp_path,
                                     ADMIN_YAML + f"  tls_cert: {cert}\n  tls_key: {key}\n", scheme="https")
+    [started] = [e for e in log_lines() if e["event"] == "listener.started" and e.get("listener") == "admin"]
+    assert started["tls"] == "https"
     trust = ssl.create_default_context(cafile=str(ca.cert))
     raw, _ = await sign_in(relay.admin_url, relay.tokens[TEAM_A], ssl_context=trust)
     [set_cookie] = raw

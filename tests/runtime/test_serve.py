@@ -97,7 +97,8 @@ async def test_ready_reload_and_drain(tmp_path):
         # SIGTERM with a transaction in flight: smtpgate stops accepting, and the
         # transaction may finish.
         served.proc.send_signal(signal.SIGTERM)
-        await served.wait_event("shutdown.started")
+        started = await served.wait_event("shutdown.started")
+        assert started["grace"] == 20  # the file's shutdown_grace
         # Handled after the drain began: the listeners were closed in the same step as that event.
         assert code(await wire.cmd("NOOP")) == 250
         with pytest.raises(ConnectionRefusedError):
@@ -106,6 +107,9 @@ async def test_ready_reload_and_drain(tmp_path):
         await wire.send(b"Subject: in flight\r\n\r\nbody\r\n.\r\n")
         assert code(await wire.reply()) == 250
         assert await asyncio.wait_for(served.proc.wait(), 30) == 0
+        # systemd heard of the refused reload (RELOADING, then READY again) and of the stop.
+        heard = [await asyncio.wait_for(loop.sock_recv(notify, 256), 5) for _ in range(3)]
+        assert heard == [b"RELOADING=1", b"READY=1", b"STOPPING=1"]
         delivered = list((tmp_path / "outbox" / "new").iterdir())
         assert len(delivered) == 1
         envelope = json.loads((tmp_path / "outbox" / "envelopes" / f"{delivered[0].name}.json").read_text())
@@ -126,6 +130,9 @@ async def test_a_store_locked_past_its_timeout_fails_the_start_and_the_process_e
     try:
         failed = await served.wait_event("startup.failed")
         assert failed["reason"] == f"sqlite {tmp_path / 'smtpgate.db'}: database is locked"
+        # What had started is wound down in order before the exit, although nothing was served.
+        complete = await served.wait_event("shutdown.complete")
+        assert complete["sessions_closed"] == 0
         assert await asyncio.wait_for(served.proc.wait(), 20) == 1
     finally:
         blocker.close()
