@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from smtpgate.config import load_config
+from smtpgate.runtime.gate import Gate
+from smtpgate.runtime.supervisor import bind_listener
 from tests.conftest import BASE_CONFIG, write_config
 from tests.frontends.smtp.test_tls_auth import relay_one
 from tests.runtime.test_reload import ehlo_keywords
@@ -47,6 +49,28 @@ async def test_needs_restart_names_a_listener_address_and_the_admin_certificate(
     assert reloaded(log_lines)["needs_restart"] == ["listeners", "admin.tls_cert"]
     gate.reload(config_for(upstream, "mode: observe\n"))  # mode applies to new sessions
     assert reloaded(log_lines)["needs_restart"] is None
+
+
+async def test_a_gate_on_sockets_bound_for_an_earlier_file_compares_a_reload_with_those(
+        sink, config_for, log_lines, tmp_path: Path):
+    """A worker forked after a reload starts with the newer file but serves the sockets the supervisor
+    bound for its first one (runtime/supervisor.py): a reload is compared with those listeners."""
+    upstream = f"smtp://127.0.0.1:{sink.port}"
+    first = config_for(upstream)
+    text = BASE_CONFIG.format(upstream=upstream, store=f"sqlite:{tmp_path}/smtpgate.db")
+    moved = load_config(write_config(tmp_path, text.replace("address: 127.0.0.1:0", "address: 127.0.0.1:2587"),
+                                     name="moved.yaml"))
+    [listener] = first.listeners
+    gate = Gate(moved)
+    try:
+        await gate.start([(listener, bind_listener(listener))], prune=False, admin=False)
+        assert "PIPELINING" in await ehlo_keywords(gate.bound[0][1])
+        gate.reload(moved)
+        assert reloaded(log_lines)["needs_restart"] == ["listeners"]
+        gate.reload(first)
+        assert reloaded(log_lines)["needs_restart"] is None
+    finally:
+        await gate.drain(0)
 
 
 async def test_a_listener_the_file_turns_to_tls_waits_for_a_restart_and_the_reload_applies(
