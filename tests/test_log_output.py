@@ -38,8 +38,9 @@ async def test_stdout_is_only_json_lines_after_auth(tmp_path, sink):
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=str(tmp_path))
     try:
         async with asyncio.timeout(20):
-            while b"smtpgate.ready" not in await proc.stdout.readline():
-                pass
+            while b"smtpgate.ready" not in (line := await proc.stdout.readline()):
+                # at EOF readline returns at once, and the timeout would never fire
+                assert line, "smtpgate serve exited before it was ready"
         tls = client_tls_context(str(tmp_path / "tls" / "test-cert.pem"))
         for _ in range(2):
             result = await send("127.0.0.1", port, mail_from="jane@corp.example", rcpt_tos=["b@x.example"],

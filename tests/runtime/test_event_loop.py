@@ -76,8 +76,9 @@ async def test_serve_relays_on_either_loop(tmp_path, choice):
     proc, port = await serve(tmp_path, choice)
     try:
         async with asyncio.timeout(30):
-            while b"smtpgate.ready" not in await proc.stdout.readline():
-                pass
+            while b"smtpgate.ready" not in (line := await proc.stdout.readline()):
+                # at EOF readline returns at once, and the timeout would never fire
+                assert line, "smtpgate serve exited before it was ready"
         wire, greeting = await Wire.open(port)
         assert code(greeting) == 220
         assert code(await wire.cmd("EHLO client.test")) == 250
@@ -116,8 +117,9 @@ async def test_workers_run_on_the_chosen_loop_too(tmp_path, choice):
         stdout=asyncio.subprocess.PIPE, env=env, cwd=str(config.parent))
     try:
         async with asyncio.timeout(60):
-            while b"smtpgate.ready" not in await proc.stdout.readline():
-                pass
+            while b"smtpgate.ready" not in (line := await proc.stdout.readline()):
+                # at EOF readline returns at once, and the timeout would never fire
+                assert line, "smtpgate serve exited before it was ready"
         for n in range(4):  # connections spread over both workers
             wire, greeting = await Wire.open(port)
             assert code(greeting) == 220

@@ -322,8 +322,9 @@ async def test_spool_files_are_gone_after_kill_9_and_stale_ones_at_start(tmp_pat
                                                 stdout=asyncio.subprocess.PIPE, cwd=str(tmp_path))
     try:
         async with asyncio.timeout(30):
-            while b'"smtpgate.ready"' not in await proc.stdout.readline():
-                pass
+            while b'"smtpgate.ready"' not in (line := await proc.stdout.readline()):
+                # at EOF readline returns at once, and the timeout would never fire
+                assert line, "smtpgate serve exited before it was ready"
         assert os.listdir(spool) == []  # the stale one was removed at start
         sink.hold_354 = asyncio.Event()
         wire = await open_transaction(port)
