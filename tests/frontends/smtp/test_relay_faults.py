@@ -86,14 +86,20 @@ class FaultyStore(SqliteStore):
         raise KeyError("a bug in the store")
 
 
+async def opened(store_class, path, config):
+    """A store of ``store_class`` (a real SQLite store, one method made to fail or wait) at ``path``, upgraded."""
+    store = store_class(path, LocalAllocator(config.allocator.first_number))
+    await store.connect()
+    await store.upgrade()
+    return store
+
+
 async def test_an_internal_error_at_the_dot_is_451_logged_and_resets_the_upstream(sink, config_for, log_lines,
                                                                                  tmp_path):
     """STYLE: an internal fault is temporary (451 4.3.0), never aiosmtpd's 500; it is logged with
     its traceback, the upstream transaction is reset, and the session goes on."""
     config = config_for(f"smtp://127.0.0.1:{sink.port}")
-    store = FaultyStore(tmp_path / "faulty.db", LocalAllocator(config.allocator.first_number))
-    await store.connect()
-    await store.upgrade()
+    store = await opened(FaultyStore, tmp_path / "faulty.db", config)
     gate = Gate(config, store=store)
     await gate.start()
     try:
@@ -134,9 +140,7 @@ async def test_an_internal_error_while_the_body_arrives_is_logged_once_with_its_
     the decision's fault is logged when it happens, with its traceback, and the client hears
     451 4.3.0 once its final dot is in."""
     config = config_for(f"smtp://127.0.0.1:{sink.port}")
-    store = FaultyStoreTelling(tmp_path / "faulty.db", LocalAllocator(config.allocator.first_number))
-    await store.connect()
-    await store.upgrade()
+    store = await opened(FaultyStoreTelling, tmp_path / "faulty.db", config)
     gate = Gate(config, store=store)
     await gate.start()
     try:
@@ -208,9 +212,7 @@ async def test_a_store_failing_at_mail_is_not_asked_again_at_rcpt(sink, config_f
     """The look-up at MAIL failed: the RCPTs relay untagged without asking a failing store
     again (each would wait for it), and the end of DATA decides: a replay, and the tag."""
     config = config_for(f"smtp://127.0.0.1:{sink.port}")
-    store = LinksOfFails(tmp_path / "links-of.db", LocalAllocator(config.allocator.first_number))
-    await store.connect()
-    await store.upgrade()
+    store = await opened(LinksOfFails, tmp_path / "links-of.db", config)
     made = await store.record_link("101203-T", "uk-payroll@corp.example", "5512-C", "pl-payroll@corp.example", None)
     assert made
     gate = Gate(config, store=store)
@@ -247,9 +249,7 @@ async def test_a_tag_late_at_rcpt_is_logged_with_the_wait_and_the_end_of_data_ta
     text = BASE_CONFIG.format(upstream=f"smtp://127.0.0.1:{sink.port}", store=f"sqlite:{tmp_path}/smtpgate.db")
     config = load_config(write_config(tmp_path, text.replace("  timeout: 10\n",
                                                                "  timeout: 10\n  timeouts:\n    command: 1\n")))
-    store = LinksOfHeld(tmp_path / "held.db", LocalAllocator(config.allocator.first_number))
-    await store.connect()
-    await store.upgrade()
+    store = await opened(LinksOfHeld, tmp_path / "held.db", config)
     assert await store.record_link("101203-T", "uk-payroll@corp.example", "5512-C", "pl-payroll@corp.example", None)
     gate = Gate(config, store=store)
     await gate.start()
