@@ -355,15 +355,15 @@ class PrototypeSMTP(SMTP):
             prototype = prototypes.get(key)
         except TypeError:  # a setting that cannot be a key: the stock way
             super().__init__(handler, **kwargs)
-            self._own_command_limits()
-            return
-        if prototype is None:
-            instance = object.__new__(type(self))
-            SMTP.__init__(instance, handler, **kwargs)
-            if len(prototypes) >= _PROTOTYPES_PER_HANDLER:
-                del prototypes[next(iter(prototypes))]
-            prototype = prototypes[key] = _Prototype(instance)
-        self._adopt(prototype)
+        else:
+            if prototype is None:
+                instance = object.__new__(type(self))
+                SMTP.__init__(instance, handler, **kwargs)
+                if len(prototypes) >= _PROTOTYPES_PER_HANDLER:
+                    del prototypes[next(iter(prototypes))]
+                prototype = prototypes[key] = _Prototype(instance)
+            self._adopt(prototype)
+        self._own_command_limits()
 
     def _own_command_limits(self) -> None:
         """Command line limits of this session alone.
@@ -385,7 +385,6 @@ class PrototypeSMTP(SMTP):
         for name, value in prototype.own:
             if name not in mine:
                 mine[name] = _rebound(value, old, self)
-        self._own_command_limits()
         # A fresh stream reader and protocol state, as StreamReaderProtocol.__init__ makes them.
         asyncio.StreamReaderProtocol.__init__(
             self,
