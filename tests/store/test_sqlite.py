@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 
 from smtpgate.store import MessageRecord, StoreError, open_store
 from smtpgate.store.base import ActivityQuery
+from tests.store.test_store_details import warsaw  # noqa: F401 (a fixture)
 
 UK = "uk-payroll@corp.example"
 PL = "pl-payroll@corp.example"
@@ -128,16 +128,6 @@ async def test_recording_into_a_closed_store_says_it_is_closed(path):
     await store.close()
     with pytest.raises(StoreError, match="closed"):
         await store.record_message(message("<late@corp.example>"))
-
-
-@pytest.fixture
-def warsaw(monkeypatch):
-    """The process's local time zone is not UTC."""
-    monkeypatch.setenv("TZ", "Europe/Warsaw")
-    time.tzset()
-    yield
-    monkeypatch.undo()
-    time.tzset()
 
 
 async def test_time_stamps_are_stored_in_utc_whatever_the_local_zone(path, warsaw):
